@@ -1,0 +1,9 @@
+import type { Command } from 'commander';
+
+/**
+ * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
+ * Every bench prints one figure per line and ends with a machine-readable last line.
+ */
+export function registerBench(program: Command): Command {
+  return program.command('bench').description('measure speed and memory of one stage (prints figures, never asserts)');
+}

@@ -1,0 +1,50 @@
+import type { Command } from 'commander';
+import { COMPONENTS } from '../conform/index.ts';
+import type { CaseResult } from '../conform/types.ts';
+import type { Device } from '../graph/session.ts';
+import { EXIT_FAILED, UsageError } from './errors.ts';
+import fs from 'node:fs';
+
+function fmt(x: number): string {
+  return Number.isFinite(x) ? x.toExponential(2) : String(x);
+}
+
+export function registerConform(program: Command): void {
+  program
+    .command('conform')
+    .description('run every golden case under DIR (laid out like shared/golden) and compare with the reference numbers')
+    .argument('<dir>', 'golden folder')
+    .option('--component <name>', `only one component: ${COMPONENTS.map((c) => c.name).join(', ')}`)
+    .option('--device <device>', 'execution provider: cpu or webgpu', 'cpu')
+    .option('--json', 'print one JSON object per case')
+    .action(async (dir: string, opts: { component?: string; device: string; json?: boolean }) => {
+      if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`golden folder not found: ${dir}`);
+      const comps = opts.component ? COMPONENTS.filter((c) => c.name === opts.component) : COMPONENTS;
+      if (comps.length === 0) throw new UsageError(`unknown component "${opts.component}"; known: ${COMPONENTS.map((c) => c.name).join(', ')}`);
+      let passed = 0;
+      let failed = 0;
+      for (const comp of comps) {
+        for await (const r of comp.run(dir, { device: opts.device as Device })) {
+          report(r, opts.json);
+          if (r.passed) passed++;
+          else failed++;
+        }
+      }
+      if (passed + failed === 0) {
+        console.log(`no golden case found under ${dir}${opts.component ? ` for ${opts.component}` : ''}`);
+        failed = 1;
+      }
+      console.log(`${passed} passed, ${failed} failed`);
+      if (failed > 0) process.exitCode = EXIT_FAILED;
+    });
+}
+
+function report(r: CaseResult, json?: boolean): void {
+  if (json) {
+    console.log(JSON.stringify(r));
+    return;
+  }
+  const status = r.passed ? 'PASS' : 'FAIL';
+  const nums = Number.isNaN(r.maxAbsErr) ? '' : ` max_abs_err=${fmt(r.maxAbsErr)} tol=${fmt(r.tolerance)}`;
+  console.log(`${status} ${r.name}${nums}${r.error ? ` (${r.error})` : ''}`);
+}

@@ -1,0 +1,139 @@
+// Runtime sessions: compiled graphs are cached on disk beside the weights they reference and opened with
+// onnxruntime-node. The cache key covers the graph's config, the weight files' identity and the runtime version,
+// so a second start reuses the file and a changed checkpoint or upgrade rebuilds it.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import ort from 'onnxruntime-node';
+import type { Graph } from './onnx-graph.ts';
+
+export { ort };
+
+/** Bump when graph-building code changes in a way the config key does not capture. */
+export const GRAPH_FORMAT_VERSION = 1;
+
+export type Device = 'cpu' | 'webgpu' | 'cuda';
+
+export interface SessionConfig {
+  device?: Device;
+  /** Intra-op threads; default: all cores. */
+  threads?: number;
+  /**
+   * Large models turn ORT's arena and memory patterns off: with them on, RSS grows by a copy of every
+   * activation buffer per run (measured 5.3 GiB vs 1.1 GiB for a 1 GiB bf16 weight).
+   */
+  lowMemory?: boolean;
+  /** Where ORT writes its optimised graph, for inspection (debugging only). */
+  optimizedModelPath?: string;
+}
+
+export interface CompiledGraph {
+  /** Path of the .onnx file. */
+  file: string;
+  /** True when the file came from the cache and the graph was not rebuilt. */
+  cached: boolean;
+}
+
+function fileIdentity(f: string): string {
+  const st = fs.statSync(f);
+  return `${fs.realpathSync(f)}:${st.size}:${Math.floor(st.mtimeMs)}`;
+}
+
+/** The deepest folder holding every file (ORT resolves external data only below the model file's folder). */
+export function commonFolder(files: string[]): string {
+  const dirs = files.map((f) => path.dirname(fs.realpathSync(f)).split(path.sep));
+  const first = dirs[0];
+  let n = first.length;
+  for (const d of dirs.slice(1)) {
+    let i = 0;
+    while (i < n && i < d.length && d[i] === first[i]) i++;
+    n = i;
+  }
+  return first.slice(0, n).join(path.sep) || path.sep;
+}
+
+function writable(dir: string): boolean {
+  try {
+    fs.accessSync(dir, fs.constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Returns the .onnx file for `key`, building it with `build()` only when no cached file exists. `weightFiles`
+ * are the checkpoint files the graph will reference; the graph is written in their common folder. If that
+ * folder is read-only, the graph goes into `$KLEIN_CACHE_DIR/graphs/<hash>/` with hard links to the weights
+ * (no copy; ORT refuses symlinks that leave the model's folder).
+ */
+export function compileGraph(name: string, key: unknown, weightFiles: string[], build: () => Graph): CompiledGraph {
+  if (weightFiles.length === 0) throw new Error(`graph ${name}: no weight files`);
+  const hash = crypto
+    .createHash('sha256')
+    .update(JSON.stringify({ key, weights: weightFiles.map(fileIdentity).sort(), ort: ort.env.versions.common, v: GRAPH_FORMAT_VERSION }))
+    .digest('hex')
+    .slice(0, 16);
+  let dir = commonFolder(weightFiles);
+  if (!writable(dir)) {
+    const cacheRoot = process.env.KLEIN_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'klein');
+    const linked = path.join(cacheRoot, 'graphs', `${name}-${hash}`);
+    fs.mkdirSync(linked, { recursive: true });
+    for (const f of weightFiles) {
+      const target = path.join(linked, path.relative(dir, fs.realpathSync(f)));
+      if (!fs.existsSync(target)) {
+        fs.mkdirSync(path.dirname(target), { recursive: true });
+        try {
+          fs.linkSync(fs.realpathSync(f), target);
+        } catch (e) {
+          throw new Error(`cannot write the compiled graph beside ${f} (read-only) nor hard-link it into ${linked}: ${(e as Error).message}. Make the model folder writable.`);
+        }
+      }
+    }
+    dir = linked;
+  }
+  const file = path.join(dir, `.klein-${name}-${hash}.onnx`);
+  if (fs.existsSync(file)) return { file, cached: true };
+  const graph = build();
+  const bytes = graph.serialize(dir);
+  const tmp = `${file}.tmp-${process.pid}`;
+  fs.writeFileSync(tmp, bytes);
+  fs.renameSync(tmp, file); // atomic: a concurrent reader sees either no file or a whole one
+  return { file, cached: false };
+}
+
+export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.SessionOptions {
+  const threads = cfg.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
+  const opts: ort.InferenceSession.SessionOptions = {
+    executionProviders: [cfg.device ?? 'cpu'],
+    graphOptimizationLevel: 'all',
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    executionMode: 'sequential',
+  };
+  if (cfg.lowMemory) {
+    opts.enableCpuMemArena = false;
+    opts.enableMemPattern = false;
+  }
+  if (cfg.optimizedModelPath) opts.optimizedModelFilePath = cfg.optimizedModelPath;
+  return opts;
+}
+
+export async function openSession(file: string, cfg: SessionConfig = {}): Promise<ort.InferenceSession> {
+  return ort.InferenceSession.create(file, sessionOptions(cfg));
+}
+
+/** Compiles (or reuses) a graph and opens a session on it. */
+export async function loadGraph(name: string, key: unknown, weightFiles: string[], build: () => Graph, cfg: SessionConfig = {}): Promise<{ session: ort.InferenceSession } & CompiledGraph> {
+  const compiled = compileGraph(name, key, weightFiles, build);
+  return { ...compiled, session: await openSession(compiled.file, cfg) };
+}
+
+export function f32(data: Float32Array, dims: readonly number[]): ort.Tensor {
+  return new ort.Tensor('float32', data, dims);
+}
+
+export function i64(data: BigInt64Array, dims: readonly number[]): ort.Tensor {
+  return new ort.Tensor('int64', data, dims);
+}

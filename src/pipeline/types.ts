@@ -1,0 +1,57 @@
+// The contract between the engine pipeline and its users (CLI, service, workers). The pipeline owns it.
+export type OutputFormat = 'png' | 'jpeg' | 'webp';
+
+export interface GenerateRequest {
+  prompt: string;
+  width: number;
+  height: number;
+  seed: number;
+  /** 1–4 images in one batch. */
+  numImages: number;
+  /** Default: the model variant's (4 for klein, 50 for klein base). */
+  steps?: number;
+  /** CFG scale; only used by the base (undistilled) variants. */
+  guidance?: number;
+  outputFormat: OutputFormat;
+  /** 1–100 for jpeg/webp. */
+  quality?: number;
+  /** Reference images for editing, as encoded bytes (PNG/JPEG/WebP), at most 4. */
+  referenceImages?: Uint8Array[];
+}
+
+export type Stage = 'load' | 'text' | 'reference' | 'denoise' | 'decode' | 'output';
+
+export interface ProgressEvent {
+  stage: Stage;
+  /** For `denoise`: the step just finished (1-based) and the total. */
+  step?: number;
+  total?: number;
+  message?: string;
+}
+
+export interface GeneratedImage {
+  data: Uint8Array;
+  width: number;
+  height: number;
+  contentType: 'image/png' | 'image/jpeg' | 'image/webp';
+}
+
+export interface GenerateResult {
+  images: GeneratedImage[];
+  seed: number;
+  /** Seconds per stage and in total. */
+  timings: Record<string, number>;
+  /** Set when the prompt was longer than the text encoder's 512-token window. */
+  promptTruncated?: boolean;
+}
+
+export interface GenerateOptions {
+  onProgress?: (e: ProgressEvent) => void;
+  /** Cancellation, honoured between steps. */
+  signal?: AbortSignal;
+}
+
+export interface ImagePipeline {
+  generate(req: GenerateRequest, opts?: GenerateOptions): Promise<GenerateResult>;
+  close(): Promise<void>;
+}
