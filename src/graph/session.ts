@@ -56,10 +56,12 @@ export function commonFolder(files: string[]): string {
 function writable(dir: string): boolean {
   try {
     fs.accessSync(dir, fs.constants.W_OK);
-    return true;
   } catch {
     return false;
   }
+  // access() says yes to root even on a read-only (r-x) folder such as a shared golden or model store; a folder
+  // without any write bit is treated as read-only so klein never writes into it.
+  return (fs.statSync(dir).mode & 0o222) !== 0;
 }
 
 /**
