@@ -3,6 +3,7 @@ import { Command, CommanderError } from 'commander';
 import { EXIT_INTERNAL, EXIT_USAGE, UsageError } from './errors.ts';
 import { registerConform } from './conform.ts';
 import { registerBench } from './bench.ts';
+import { registerDevices } from './devices.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -11,6 +12,7 @@ export function buildProgram(): Command {
     .showHelpAfterError()
     .exitOverride();
   registerConform(program);
+  registerDevices(program);
   const bench = registerBench(program);
   void bench;
   return program;

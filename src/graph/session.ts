@@ -7,16 +7,18 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import type { Graph } from './onnx-graph.ts';
+import { executionProviders, resolveDevice, type Device, type DeviceRequest } from './device.ts';
 
 export { ort };
 
 /** Bump when graph-building code changes in a way the config key does not capture. */
 export const GRAPH_FORMAT_VERSION = 1;
 
-export type Device = 'cpu' | 'webgpu' | 'cuda';
+export type { Device, DeviceRequest } from './device.ts';
 
 export interface SessionConfig {
-  device?: Device;
+  /** Default cpu; `auto` and GPU devices are checked (and resolved) by openSession, see device.ts. */
+  device?: DeviceRequest;
   /** Intra-op threads; default: all cores. */
   threads?: number;
   /**
@@ -108,7 +110,7 @@ export function compileGraph(name: string, key: unknown, weightFiles: string[], 
 export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.SessionOptions {
   const threads = cfg.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
   const opts: ort.InferenceSession.SessionOptions = {
-    executionProviders: [cfg.device ?? 'cpu'],
+    executionProviders: executionProviders(concreteDevice(cfg.device)),
     graphOptimizationLevel: 'all',
     intraOpNumThreads: threads,
     interOpNumThreads: 1,
@@ -122,8 +124,15 @@ export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.Se
   return opts;
 }
 
+function concreteDevice(d: DeviceRequest | undefined): Device {
+  if (d === 'auto') throw new Error("sessionOptions needs a concrete device: resolve 'auto' with resolveDevice() first (openSession does)");
+  return d ?? 'cpu';
+}
+
 export async function openSession(file: string, cfg: SessionConfig = {}): Promise<ort.InferenceSession> {
-  return ort.InferenceSession.create(file, sessionOptions(cfg));
+  // Resolving first turns ORT's bare "Failed to load shared library" into an error that says how to get the device.
+  const device = await resolveDevice(cfg.device ?? 'cpu');
+  return ort.InferenceSession.create(file, sessionOptions({ ...cfg, device }));
 }
 
 /** Compiles (or reuses) a graph and opens a session on it. */
