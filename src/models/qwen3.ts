@@ -1,0 +1,355 @@
+// Qwen3 (HF `Qwen3ForCausalLM` weights) as an ONNX graph, used as the FLUX.2 [klein] text encoder: it runs only the
+// decoder layers up to the deepest hidden state klein needs (27 of 36) and outputs the per-token concatenation of
+// hidden_states[9] ‖ hidden_states[18] ‖ hidden_states[27] (spec §4; HF indexing: 0 = embeddings, k = raw output of
+// decoder layer k, the last index = after the final norm).
+import fs from 'node:fs';
+import path from 'node:path';
+import { Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
+import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
+import { loadGraph, i64, type SessionConfig, ort } from '../graph/session.ts';
+import { Checkpoint, type TensorInfo } from '../weights/safetensors.ts';
+
+/** The hidden states FLUX.2 [klein] stacks into its text context. */
+export const KLEIN_OUTPUT_LAYERS = [9, 18, 27] as const;
+
+export interface Qwen3Config {
+  hiddenSize: number;
+  intermediateSize: number;
+  numHiddenLayers: number;
+  numAttentionHeads: number;
+  numKeyValueHeads: number;
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  vocabSize: number;
+  tieWordEmbeddings: boolean;
+  attentionBias: boolean;
+}
+
+export class Qwen3ConfigError extends Error {
+  override name = 'Qwen3ConfigError';
+}
+
+function num(raw: Record<string, unknown>, key: string, fallback?: number): number {
+  const v = raw[key] ?? fallback;
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw new Qwen3ConfigError(`config.json: ${key} must be a number, got ${JSON.stringify(raw[key])}`);
+  return v;
+}
+
+/** Reads an HF `Qwen3Config` (config.json as a parsed object). */
+export function parseQwen3Config(raw: Record<string, unknown>): Qwen3Config {
+  if (raw.model_type !== undefined && raw.model_type !== 'qwen3') {
+    throw new Qwen3ConfigError(`config.json: model_type is ${JSON.stringify(raw.model_type)}, expected "qwen3" (FLUX.2 [klein] uses Qwen3-4B / Qwen3-8B)`);
+  }
+  const hiddenSize = num(raw, 'hidden_size');
+  const numAttentionHeads = num(raw, 'num_attention_heads');
+  // newer transformers configs move rope settings into rope_parameters
+  const ropeParams = (raw.rope_parameters ?? null) as Record<string, unknown> | null;
+  const ropeScaling = (raw.rope_scaling ?? null) as Record<string, unknown> | null;
+  const ropeType = ropeScaling?.rope_type ?? ropeScaling?.type ?? ropeParams?.rope_type ?? 'default';
+  if (ropeType !== 'default') throw new Qwen3ConfigError(`config.json: rope scaling ${JSON.stringify(ropeType)} is not supported (Qwen3-4B/8B use plain RoPE)`);
+  const ropeTheta = typeof raw.rope_theta === 'number' ? raw.rope_theta : num(ropeParams ?? {}, 'rope_theta', 1e6);
+  if (raw.hidden_act !== undefined && raw.hidden_act !== 'silu') throw new Qwen3ConfigError(`config.json: hidden_act ${JSON.stringify(raw.hidden_act)} is not supported (Qwen3 uses silu)`);
+  const cfg: Qwen3Config = {
+    hiddenSize,
+    intermediateSize: num(raw, 'intermediate_size'),
+    numHiddenLayers: num(raw, 'num_hidden_layers'),
+    numAttentionHeads,
+    numKeyValueHeads: num(raw, 'num_key_value_heads', numAttentionHeads),
+    headDim: num(raw, 'head_dim', hiddenSize / numAttentionHeads),
+    rmsNormEps: num(raw, 'rms_norm_eps', 1e-6),
+    ropeTheta,
+    vocabSize: num(raw, 'vocab_size'),
+    tieWordEmbeddings: raw.tie_word_embeddings !== false,
+    attentionBias: raw.attention_bias === true,
+  };
+  for (const k of ['hiddenSize', 'intermediateSize', 'numHiddenLayers', 'numAttentionHeads', 'numKeyValueHeads', 'headDim', 'vocabSize'] as const) {
+    if (!Number.isInteger(cfg[k]) || cfg[k] < 1) throw new Qwen3ConfigError(`config.json: ${k} must be a positive integer, got ${cfg[k]}`);
+  }
+  if (cfg.numAttentionHeads % cfg.numKeyValueHeads !== 0) {
+    throw new Qwen3ConfigError(`config.json: num_attention_heads ${cfg.numAttentionHeads} is not a multiple of num_key_value_heads ${cfg.numKeyValueHeads}`);
+  }
+  if (cfg.headDim % 2 !== 0) throw new Qwen3ConfigError(`config.json: head_dim ${cfg.headDim} must be even for RoPE`);
+  return cfg;
+}
+
+export function readQwen3Config(folder: string): Qwen3Config {
+  const file = path.join(folder, 'config.json');
+  let raw: Record<string, unknown>;
+  try {
+    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (e) {
+    throw new Qwen3ConfigError(`cannot read ${file}: ${(e as Error).message}`);
+  }
+  return parseQwen3Config(raw);
+}
+
+export interface Qwen3GraphOptions {
+  /** Hidden-state indices concatenated (in this order) into the `context` output. */
+  outputLayers: readonly number[];
+  /** Extra hidden states to output as `hidden_states.k` (conformance, debugging). */
+  hiddenStates?: readonly number[];
+  /** Longest sequence the RoPE table covers. */
+  maxPositions: number;
+}
+
+/**
+ * RoPE cos/sin tables `[maxPositions, headDim]` as HF computes them in float32: `inv_freq = 1 / theta^(2i/d)`,
+ * angle = `inv_freq * position` (both rounded to float32), halves duplicated (`cat(freqs, freqs)`).
+ */
+export function ropeTables(headDim: number, theta: number, maxPositions: number): { cos: Float32Array; sin: Float32Array } {
+  const half = headDim / 2;
+  const inv = new Float32Array(half);
+  for (let i = 0; i < half; i++) inv[i] = 1 / Math.fround(theta ** Math.fround((2 * i) / headDim));
+  const cos = new Float32Array(maxPositions * headDim);
+  const sin = new Float32Array(maxPositions * headDim);
+  for (let p = 0; p < maxPositions; p++) {
+    for (let i = 0; i < half; i++) {
+      const a = Math.fround(inv[i] * p);
+      const c = Math.cos(a);
+      const s = Math.sin(a);
+      cos[p * headDim + i] = c;
+      cos[p * headDim + half + i] = c;
+      sin[p * headDim + i] = s;
+      sin[p * headDim + half + i] = s;
+    }
+  }
+  return { cos, sin };
+}
+
+/** HF key prefix of the decoder: `model.` for Qwen3ForCausalLM checkpoints, none for bare Qwen3Model ones. */
+function keyPrefix(ck: Checkpoint): string {
+  if (ck.has('model.embed_tokens.weight')) return 'model.';
+  if (ck.has('embed_tokens.weight')) return '';
+  throw new Qwen3ConfigError('checkpoint has no embed_tokens.weight (expected HF Qwen3 key names such as model.embed_tokens.weight)');
+}
+
+/** The tensors the graph needs, checked against the config so a wrong checkpoint fails before ORT does. */
+function checkShapes(ck: Checkpoint, cfg: Qwen3Config, prefix: string, layers: number): void {
+  const H = cfg.hiddenSize;
+  const q = cfg.numAttentionHeads * cfg.headDim;
+  const kv = cfg.numKeyValueHeads * cfg.headDim;
+  const want: Array<[string, number[]]> = [[`${prefix}embed_tokens.weight`, [cfg.vocabSize, H]]];
+  for (let i = 0; i < layers; i++) {
+    const p = `${prefix}layers.${i}.`;
+    want.push(
+      [`${p}input_layernorm.weight`, [H]], [`${p}post_attention_layernorm.weight`, [H]],
+      [`${p}self_attn.q_proj.weight`, [q, H]], [`${p}self_attn.k_proj.weight`, [kv, H]], [`${p}self_attn.v_proj.weight`, [kv, H]],
+      [`${p}self_attn.o_proj.weight`, [H, q]], [`${p}self_attn.q_norm.weight`, [cfg.headDim]], [`${p}self_attn.k_norm.weight`, [cfg.headDim]],
+      [`${p}mlp.gate_proj.weight`, [cfg.intermediateSize, H]], [`${p}mlp.up_proj.weight`, [cfg.intermediateSize, H]], [`${p}mlp.down_proj.weight`, [H, cfg.intermediateSize]],
+    );
+  }
+  if (layers === cfg.numHiddenLayers) want.push([`${prefix}norm.weight`, [H]]);
+  for (const [name, shape] of want) {
+    if (!ck.has(name)) throw new Qwen3ConfigError(`checkpoint is missing ${name}`);
+    const got = ck.info(name).shape;
+    if (got.join(',') !== shape.join(',')) throw new Qwen3ConfigError(`${name} has shape [${got}], config.json implies [${shape}]`);
+  }
+}
+
+/** Deepest decoder layer (1-based count) the requested hidden states need. */
+export function layersNeeded(opts: Pick<Qwen3GraphOptions, 'outputLayers' | 'hiddenStates'>): number {
+  return Math.max(0, ...opts.outputLayers, ...(opts.hiddenStates ?? []));
+}
+
+/**
+ * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`); output `context`
+ * `[batch, seq, outputLayers.length · hidden]` and `hidden_states.k` `[batch, seq, hidden]` per extra state.
+ */
+export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions): Graph {
+  const prefix = keyPrefix(ck);
+  const depth = layersNeeded(opts);
+  const wanted = [...opts.outputLayers, ...(opts.hiddenStates ?? [])];
+  for (const k of wanted) {
+    if (!Number.isInteger(k) || k < 0 || k > cfg.numHiddenLayers) throw new Qwen3ConfigError(`hidden state ${k} does not exist (0..${cfg.numHiddenLayers})`);
+  }
+  if (opts.outputLayers.length === 0) throw new Qwen3ConfigError('at least one output layer is needed');
+  checkShapes(ck, cfg, prefix, depth);
+
+  const H = cfg.hiddenSize;
+  const hd = cfg.headDim;
+  const nh = cfg.numAttentionHeads;
+  const nkv = cfg.numKeyValueHeads;
+  const groups = nh / nkv;
+  const W = (name: string): TensorInfo => ck.info(prefix + name);
+  const g = new Graph('qwen3');
+  const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
+  const am = g.input('attention_mask', 'int64', ['batch', 'seq']);
+
+  // Activations stay 2-D [batch·seq, features] so every projection is one Gemm with transB: ORT folds the
+  // bf16→fp32 Cast at load and pre-packs the weight, with no transpose node in the way.
+  const proj = (x: Value, name: string, biasName?: string): Value => {
+    const inputs: Value[] = [x, g.weight(W(name), 'float32')];
+    if (biasName && ck.has(prefix + biasName)) inputs.push(g.weight(W(biasName), 'float32'));
+    return g.op('Gemm', inputs, { transB: 1 }, { hint: name.split('.').slice(-2, -1)[0] });
+  };
+  const normW = (name: string): Value => g.weight(W(name), 'float32');
+
+  const shapeBL = g.op('Shape', [ids], {}, { hint: 'shape_bl' });
+  const seqLen = g.op('Slice', [shapeBL, g.constI64([1]), g.constI64([2])], {}, { hint: 'seq_len' });
+  const shapeOf = (tail: number[]): Value => concat(g, [shapeBL, g.constI64(tail)], 0);
+  const qShape = shapeOf([nh, hd]);
+  const kvShape = shapeOf([nkv, hd]);
+  const groupedShape = shapeOf([nkv, groups, hd]);
+
+  // Embedding lookup on the stored table (bf16 in real checkpoints): gather rows first, then cast, so the
+  // 151936×2560 table is never converted as a whole.
+  let x = g.within('embed_tokens', () => {
+    const table = g.weight(W('embed_tokens.weight'));
+    let e = g.op('Gather', [table, ids], { axis: 0 });
+    if (ck.info(prefix + 'embed_tokens.weight').dtype !== 'F32') e = g.op('Cast', [e], { to: ONNX_ELEM.float32 });
+    return g.op('Reshape', [e, g.constI64([-1, H])]);
+  });
+
+  // Additive mask [batch, 1, 1, seq, seq]: key j is visible to query i when j ≤ i and j is a real token. Masked
+  // entries get float32's lowest value like HF's eager path, so a row with every key masked (never the case with
+  // right padding, where pad queries still see the prompt) becomes a uniform average, not NaN.
+  const bias = g.within('mask', () => {
+    const pos = g.op('Range', [g.constI64([0], [], 'zero'), g.op('Squeeze', [seqLen, g.constI64([0])]), g.constI64([1], [], 'one')]);
+    const causal = g.op('LessOrEqual', [g.op('Unsqueeze', [pos, g.constI64([0])]), g.op('Unsqueeze', [pos, g.constI64([1])])]);
+    const keyOk = g.op('Unsqueeze', [g.op('Cast', [am], { to: ONNX_ELEM.bool }), g.constI64([1, 2])]);
+    const allowed = g.op('And', [causal, keyOk]);
+    const b = g.op('Where', [allowed, g.scalarF32(0), g.scalarF32(-3.4028234663852886e38)]);
+    return g.op('Unsqueeze', [b, g.constI64([2])]);
+  });
+
+  const maxPos = opts.maxPositions;
+  const rope = ropeTables(hd, cfg.ropeTheta, maxPos);
+  const sliceSeq = (t: Value): Value => g.op('Slice', [t, g.constI64([0]), seqLen, g.constI64([0])]);
+  const cos = sliceSeq(g.constF32(rope.cos, [maxPos, 1, hd], 'rope_cos'));
+  const sin = sliceSeq(g.constF32(rope.sin, [maxPos, 1, hd], 'rope_sin'));
+  const applyRope = (t: Value): Value => {
+    const [a, b] = splitLast(g, t, [hd / 2, hd / 2]);
+    const rot = concat(g, [g.op('Neg', [b]), a], -1);
+    return g.op('Add', [g.op('Mul', [t, cos]), g.op('Mul', [rot, sin])], {}, { hint: 'rope' });
+  };
+  const scale = g.scalarF32(1 / Math.sqrt(hd));
+
+  const hidden = new Map<number, Value>([[0, x]]);
+  for (let i = 0; i < depth; i++) {
+    const p = `layers.${i}.`;
+    x = g.within(`layers.${i}`, () => {
+      const attnOut = g.within('self_attn', () => {
+        const h = rmsNorm(g, x, normW(`${p}input_layernorm.weight`), cfg.rmsNormEps);
+        let q = g.op('Reshape', [proj(h, `${p}self_attn.q_proj.weight`, `${p}self_attn.q_proj.bias`), qShape]);
+        let k = g.op('Reshape', [proj(h, `${p}self_attn.k_proj.weight`, `${p}self_attn.k_proj.bias`), kvShape]);
+        const v = g.op('Reshape', [proj(h, `${p}self_attn.v_proj.weight`, `${p}self_attn.v_proj.bias`), kvShape]);
+        q = applyRope(rmsNorm(g, q, normW(`${p}self_attn.q_norm.weight`), cfg.rmsNormEps)); // [B, L, nh, hd]
+        k = applyRope(rmsNorm(g, k, normW(`${p}self_attn.k_norm.weight`), cfg.rmsNormEps)); // [B, L, nkv, hd]
+        // GQA without repeating K/V: query head h = kv·groups + r, so group the queries under their KV head
+        // and let MatMul broadcast K/V over the group axis.
+        const qg = g.op('Transpose', [g.op('Reshape', [q, groupedShape])], { perm: [0, 2, 3, 1, 4] }); // [B, nkv, g, L, hd]
+        const kt = g.op('Unsqueeze', [g.op('Transpose', [k], { perm: [0, 2, 3, 1] }), g.constI64([2])]); // [B, nkv, 1, hd, L]
+        const vv = g.op('Unsqueeze', [g.op('Transpose', [v], { perm: [0, 2, 1, 3] }), g.constI64([2])]); // [B, nkv, 1, L, hd]
+        const scores = g.op('Add', [g.op('Mul', [g.op('MatMul', [qg, kt]), scale]), bias]);
+        const probs = g.op('Softmax', [scores], { axis: -1 });
+        const ctx = g.op('Transpose', [g.op('MatMul', [probs, vv])], { perm: [0, 3, 1, 2, 4] }); // [B, L, nkv, g, hd]
+        return proj(g.op('Reshape', [ctx, g.constI64([-1, nh * hd])]), `${p}self_attn.o_proj.weight`, `${p}self_attn.o_proj.bias`);
+      });
+      const x1 = g.op('Add', [x, attnOut], {}, { hint: 'residual' });
+      const mlpOut = g.within('mlp', () => {
+        const h = rmsNorm(g, x1, normW(`${p}post_attention_layernorm.weight`), cfg.rmsNormEps);
+        const act = g.op('Mul', [silu(g, proj(h, `${p}mlp.gate_proj.weight`)), proj(h, `${p}mlp.up_proj.weight`)]);
+        return proj(act, `${p}mlp.down_proj.weight`);
+      });
+      return g.op('Add', [x1, mlpOut], {}, { hint: 'residual' });
+    });
+    // HF's last hidden state is the final-normed one; every earlier index is the raw residual stream
+    hidden.set(i + 1, i + 1 === cfg.numHiddenLayers ? rmsNorm(g, x, normW('norm.weight'), cfg.rmsNormEps) : x);
+  }
+
+  const toBLD = (v: Value, d: number): Value => g.op('Reshape', [v, shapeOf([d])]);
+  const ctx = concat(g, opts.outputLayers.map((k) => hidden.get(k)!), -1);
+  g.output(toBLD(ctx, opts.outputLayers.length * H), 'context', 'float32', ['batch', 'seq', opts.outputLayers.length * H]);
+  for (const k of new Set(opts.hiddenStates ?? [])) g.output(toBLD(hidden.get(k)!, H), `hidden_states.${k}`, 'float32', ['batch', 'seq', H]);
+  return g;
+}
+
+/**
+ * The checkpoint inside an HF model folder: the sharded index or `model.safetensors` when present (the folder may
+ * hold other .safetensors files, e.g. golden cases), else whatever `Checkpoint.open` finds.
+ */
+export function weightsPath(dir: string): string {
+  for (const f of ['model.safetensors.index.json', 'model.safetensors']) {
+    if (fs.existsSync(path.join(dir, f))) return path.join(dir, f);
+  }
+  return dir;
+}
+
+export interface Qwen3LoadOptions {
+  session?: SessionConfig;
+  outputLayers?: readonly number[];
+  hiddenStates?: readonly number[];
+  /** Longest sequence accepted (RoPE table size); klein uses 512. */
+  maxPositions?: number;
+}
+
+export interface Qwen3Output {
+  /** `[batch, seq, outputLayers.length · hidden]` */
+  context: Float32Array;
+  hiddenStates: Map<number, Float32Array>;
+}
+
+/** The text encoder at run time: one ORT session over the graph above. */
+export class Qwen3TextEncoder {
+  private constructor(
+    readonly folder: string,
+    readonly config: Qwen3Config,
+    readonly outputLayers: readonly number[],
+    readonly hiddenStates: readonly number[],
+    readonly maxPositions: number,
+    private readonly session: ort.InferenceSession,
+    /** Weight files the graph references (the prompt cache keys on their identity). */
+    readonly weightFiles: string[],
+  ) {}
+
+  /** Width of one context token: `outputLayers.length · hidden` (7680 for Qwen3-4B). */
+  get contextDim(): number {
+    return this.outputLayers.length * this.config.hiddenSize;
+  }
+
+  /** Opens an HF Qwen3 folder (`config.json` + `model.safetensors` or a sharded index). */
+  static async load(folder: string, opts: Qwen3LoadOptions = {}): Promise<Qwen3TextEncoder> {
+    const dir = path.resolve(folder);
+    const cfg = readQwen3Config(dir);
+    const ck = Checkpoint.open(weightsPath(dir));
+    const outputLayers = opts.outputLayers ?? KLEIN_OUTPUT_LAYERS;
+    const hiddenStates = opts.hiddenStates ?? [];
+    const maxPositions = opts.maxPositions ?? 512;
+    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions };
+    // only the files holding tensors of the layers we run are referenced (a 36-layer checkpoint may put the
+    // unused tail in a shard of its own)
+    let files: string[] = [];
+    const build = (): Graph => buildQwen3Graph(ck, cfg, graphOpts);
+    const probe = build();
+    files = probe.weightFiles;
+    const { session } = await loadGraph('qwen3', { cfg, graphOpts }, files, () => probe, { lowMemory: true, ...opts.session });
+    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, files);
+  }
+
+  /** Runs the encoder; ids and mask are `[batch, seq]` row-major. */
+  async run(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Qwen3Output> {
+    if (!Number.isInteger(batch) || batch < 1) throw new Error(`batch must be a positive integer, got ${batch}`);
+    if (inputIds.length % batch !== 0 || attentionMask.length !== inputIds.length) {
+      throw new Error(`input_ids (${inputIds.length}) and attention_mask (${attentionMask.length}) must both hold batch × seq = ${batch} × seq values`);
+    }
+    const seq = inputIds.length / batch;
+    if (seq > this.maxPositions) throw new Error(`sequence length ${seq} exceeds the encoder's ${this.maxPositions} positions`);
+    for (const id of inputIds) {
+      if (id < 0n || id >= BigInt(this.config.vocabSize)) throw new Error(`token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
+    }
+    const out = await this.session.run({ input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) });
+    const hiddenStates = new Map<number, Float32Array>();
+    for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
+    return { context: out.context.data as Float32Array, hiddenStates };
+  }
+
+  /** The stacked text context `[batch, seq, contextDim]` the transformer consumes. */
+  async embed(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Float32Array> {
+    return (await this.run(inputIds, attentionMask, batch)).context;
+  }
+
+  async close(): Promise<void> {
+    await this.session.release();
+  }
+}
