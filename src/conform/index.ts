@@ -2,14 +2,17 @@
 import type { ConformComponent } from './types.ts';
 import { notImplemented } from './not-implemented.ts';
 import { vaeComponent } from './vae.ts';
+import { tokenizerComponent } from './tokenizer.ts';
+import { textEncoderComponent } from './text-encoder.ts';
 import { samplerComponent } from './sampler.ts';
+import { birefnetComponent } from './birefnet.ts';
 
 export const COMPONENTS: ConformComponent[] = [
-  notImplemented('tokenizer', 'tokenizer'),
-  notImplemented('text-encoder', 'text_encoder'),
+  tokenizerComponent,
+  textEncoderComponent,
   notImplemented('transformer', 'transformer'),
   vaeComponent,
   samplerComponent,
   notImplemented('pipeline', 'pipeline'),
-  notImplemented('birefnet', 'birefnet'),
+  birefnetComponent,
 ];

@@ -1,0 +1,45 @@
+// Conformance of the Qwen3 text encoder against `text_encoder/case*.safetensors`: the stacked klein context
+// `prompt_embeds` (B, 512, 3·hidden) for the stored input_ids/attention_mask, and every `hidden_states.k` a case
+// stores (HF indexing), with the weights and config.json of the same folder.
+import path from 'node:path';
+import { Qwen3TextEncoder } from '../models/qwen3.ts';
+import { errorResult, findCases, GoldenCase, relResult } from './golden.ts';
+import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
+
+const NAME = 'text-encoder';
+
+export const textEncoderComponent: ConformComponent = {
+  name: NAME,
+  async *run(goldenDir: string, opts: ConformOptions): AsyncIterable<CaseResult> {
+    const dir = path.join(goldenDir, 'text_encoder');
+    const files = findCases(dir, /^case.*\.safetensors$/);
+    if (files.length === 0) return;
+    const cases = files.map((f) => new GoldenCase(f));
+    // one session serves every case: it outputs the union of the hidden states the cases store
+    const hiddenStates = [...new Set(cases.flatMap((c) => c.file.names.flatMap((n) => (/^hidden_states\.\d+$/.test(n) ? [Number(n.split('.')[1])] : []))))].sort((a, b) => a - b);
+    let enc: Qwen3TextEncoder;
+    try {
+      enc = await Qwen3TextEncoder.load(dir, { hiddenStates, session: { device: opts.device } });
+    } catch (e) {
+      for (const c of cases) yield errorResult(NAME, `text_encoder/${c.name}`, e);
+      return;
+    }
+    try {
+      for (const c of cases) {
+        const label = `text_encoder/${c.name}`;
+        try {
+          const [batch] = c.shape('input_ids');
+          const r = await enc.run(c.i64('input_ids'), c.i64('attention_mask'), batch);
+          yield relResult(NAME, `${label} prompt_embeds`, r.context, c.f32('prompt_embeds'));
+          for (const k of hiddenStates) {
+            if (c.has(`hidden_states.${k}`)) yield relResult(NAME, `${label} hidden_states.${k}`, r.hiddenStates.get(k)!, c.f32(`hidden_states.${k}`));
+          }
+        } catch (e) {
+          yield errorResult(NAME, label, e);
+        }
+      }
+    } finally {
+      await enc.close();
+    }
+  },
+};
