@@ -4,6 +4,7 @@ import { EXIT_INTERNAL, EXIT_USAGE, UsageError } from './errors.ts';
 import { registerConform } from './conform.ts';
 import { registerBench } from './bench.ts';
 import { registerDevices } from './devices.ts';
+import { registerPull } from './pull.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -13,6 +14,7 @@ export function buildProgram(): Command {
     .exitOverride();
   registerConform(program);
   registerDevices(program);
+  registerPull(program);
   const bench = registerBench(program);
   void bench;
   return program;

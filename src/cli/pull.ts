@@ -1,0 +1,81 @@
+// `klein pull [REPO]`: download a model from the Hugging Face Hub (or a mirror) into the model cache.
+import type { Command } from 'commander';
+import { DEFAULT_REPO, isRepoId, openModelFolder } from '../weights/model-folder.ts';
+import { PullError, pullModel } from '../weights/hub.ts';
+import { EXIT_FAILED, UsageError } from './errors.ts';
+import { fmtBytes, stageBar } from './progress-bars.ts';
+
+interface PullCliOptions {
+  revision: string;
+  hubUrl?: string;
+  dir?: string;
+  retries: string;
+  json?: boolean;
+  quiet?: boolean;
+}
+
+export function registerPull(program: Command): void {
+  program
+    .command('pull')
+    .description('download a FLUX.2 [klein] model from the Hugging Face Hub into the model cache (resumable, verified)')
+    .argument('[repo]', 'Hub repository (owner/name)', DEFAULT_REPO)
+    .option('--revision <rev>', 'branch, tag or commit', 'main')
+    .option('--hub-url <url>', 'Hub endpoint, for mirrors (default: $HF_ENDPOINT or https://huggingface.co)')
+    .option('--dir <folder>', 'download into this folder instead of the cache ($KLEIN_HOME/models/<owner>--<name>)')
+    .option('--retries <n>', 'automatic resumes per file after a broken connection', '5')
+    .option('--json', 'print the result as JSON on stdout')
+    .option('-q, --quiet', 'no progress output')
+    .addHelpText('after', '\nThe token for gated repositories comes from $HF_TOKEN. An interrupted pull resumes where it stopped.')
+    .action(async (repo: string, opts: PullCliOptions) => {
+      if (!isRepoId(repo)) throw new UsageError(`"${repo}" is not a Hub repository id (owner/name)`);
+      if (opts.hubUrl && !/^https?:\/\//.test(opts.hubUrl)) throw new UsageError(`--hub-url must be an http(s) URL, got "${opts.hubUrl}"`);
+      const retries = Number(opts.retries);
+      if (!Number.isInteger(retries) || retries < 0) throw new UsageError(`--retries must be a whole number ≥ 0, got "${opts.retries}"`);
+      const bar = stageBar({ quiet: opts.quiet });
+      let current = '';
+      try {
+        const r = await pullModel({
+          repo,
+          revision: opts.revision,
+          hubUrl: opts.hubUrl,
+          dest: opts.dir,
+          retries,
+          onProgress: (p) => {
+            if (p.phase === 'list') bar.stage(`listing ${repo}`, 1);
+            if (p.phase === 'download' && p.file && p.file !== current) {
+              current = p.file;
+              bar.stage(p.file.length > 40 ? `…${p.file.slice(-39)}` : p.file, p.fileTotal ?? 0, 'bytes');
+              if (p.resumedFrom) process.stderr.write(opts.quiet ? '' : `klein: resuming ${p.file} at ${fmtBytes(p.resumedFrom)}\n`);
+            }
+            if (p.phase === 'download') bar.update(p.fileBytes ?? 0);
+          },
+        });
+        bar.stop();
+        let variant: string | undefined;
+        let problem: string | undefined;
+        try {
+          variant = openModelFolder(r.dir).variant.id;
+        } catch (e) {
+          problem = (e as Error).message;
+        }
+        if (opts.json) {
+          console.log(JSON.stringify({ repo: r.repo, revision: r.revision, dir: r.dir, bytes: r.bytes, variant, problem, files: r.files }));
+        } else {
+          const fresh = r.files.filter((f) => f.status !== 'present').length;
+          console.log(`${r.repo}@${r.revision}: ${r.files.length} files (${fmtBytes(r.bytes)}), ${fresh} downloaded, ${r.files.length - fresh} already present → ${r.dir}`);
+          if (variant) console.log(`model: ${variant}`);
+          if (problem) console.log(`warning: the folder is not usable yet:\n${problem}`);
+        }
+      } catch (e) {
+        bar.stop();
+        // 4xx (no such repo, no access) is the user's to fix: exit 2; a network or checksum failure: exit 1
+        if (e instanceof PullError && e.status !== undefined && e.status >= 400 && e.status < 500) throw new UsageError(e.message);
+        if (e instanceof PullError) {
+          console.error(`klein: ${e.message}`);
+          process.exitCode = EXIT_FAILED;
+          return;
+        }
+        throw e;
+      }
+    });
+}

@@ -1,0 +1,196 @@
+// `klein pull` against a fake Hub on 127.0.0.1 that speaks the two endpoints the real Hub serves for it: the
+// tree listing (`/api/models/{repo}/tree/{rev}?recursive=true`, with git blob ids and LFS sha256) and
+// `/{repo}/resolve/{rev}/{path}` with HTTP Range support.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import { writeSafetensors } from '../../src/weights/safetensors.ts';
+import { runKlein, tmpDir } from './helpers.ts';
+
+const REPO = 'acme/klein-tiny';
+const TOKEN = 'hf_test_token';
+
+interface Served {
+  body: Buffer;
+  lfs: boolean;
+}
+const files = new Map<string, Served>();
+const requests: Array<{ path: string; range?: string; auth?: string }> = [];
+/** path → bytes after which the next response for it is cut off (then the entry is removed). */
+const cutOnce = new Map<string, number>();
+/** path → cut every response after this many bytes. */
+const cutAlways = new Map<string, number>();
+/** path → serve these bytes instead of the listed ones. */
+const corrupt = new Map<string, Buffer>();
+let server: http.Server;
+let hubUrl: string;
+
+function blobSha1(b: Buffer): string {
+  return crypto.createHash('sha1').update(`blob ${b.length}\0`).update(b).digest('hex');
+}
+
+function listing(): unknown[] {
+  const dirs = new Set<string>();
+  const out: unknown[] = [];
+  for (const [p, f] of files) {
+    const parts = p.split('/');
+    for (let i = 1; i < parts.length; i++) dirs.add(parts.slice(0, i).join('/'));
+    const sha256 = crypto.createHash('sha256').update(f.body).digest('hex');
+    out.push(
+      f.lfs
+        ? { type: 'file', path: p, size: f.body.length, oid: crypto.randomBytes(20).toString('hex'), lfs: { oid: sha256, size: f.body.length, pointerSize: 134 } }
+        : { type: 'file', path: p, size: f.body.length, oid: blobSha1(f.body) },
+    );
+  }
+  for (const d of dirs) out.push({ type: 'directory', path: d, size: 0, oid: '0'.repeat(40) });
+  return out;
+}
+
+before(async () => {
+  const st = tmpDir('hub-src');
+  writeSafetensors(path.join(st, 'w.safetensors'), { w: { dtype: 'F32', shape: [256, 300], data: Float32Array.from({ length: 256 * 300 }, (_, i) => Math.sin(i)) } });
+  files.set('model_index.json', { body: Buffer.from(JSON.stringify({ _class_name: 'Flux2KleinPipeline', is_distilled: true })), lfs: false });
+  files.set('transformer/config.json', { body: Buffer.from('{"joint_attention_dim": 96}'), lfs: false });
+  files.set('transformer/diffusion_pytorch_model.safetensors', { body: fs.readFileSync(path.join(st, 'w.safetensors')), lfs: true });
+  files.set('tokenizer/tokenizer_config.json', { body: Buffer.from('{}'), lfs: false });
+  files.set('README.md', { body: Buffer.from('# not needed'), lfs: false });
+  files.set('flux-2-klein-4b.safetensors', { body: Buffer.alloc(5000, 7), lfs: true });
+
+  server = http.createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://x');
+    const auth = req.headers.authorization;
+    if (auth !== `Bearer ${TOKEN}`) {
+      res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Invalid credentials' }));
+      return;
+    }
+    const tree = new RegExp(`^/api/models/${REPO}/tree/([^/]+)$`).exec(url.pathname);
+    if (tree) {
+      if (tree[1] !== 'main') {
+        res.writeHead(404, { 'content-type': 'application/json', 'x-error-code': 'RevisionNotFound' }).end(JSON.stringify({ error: 'Revision Not Found' }));
+        return;
+      }
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(listing()));
+      return;
+    }
+    const resolve = new RegExp(`^/${REPO}/resolve/main/(.+)$`).exec(url.pathname);
+    const p = resolve ? decodeURIComponent(resolve[1]) : '';
+    const f = files.get(p);
+    if (!f) {
+      res.writeHead(404, { 'x-error-code': url.pathname.startsWith('/api/') ? 'RepoNotFound' : 'EntryNotFound', 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Not Found' }));
+      return;
+    }
+    requests.push({ path: p, range: req.headers.range, auth });
+    const body = corrupt.get(p) ?? f.body;
+    let start = 0;
+    const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
+    const headers: Record<string, string | number> = { etag: `"${blobSha1(body)}"`, 'x-repo-commit': 'c0ffee', 'accept-ranges': 'bytes' };
+    if (m) {
+      start = Number(m[1]);
+      if (start >= body.length) {
+        res.writeHead(416, { 'content-range': `bytes */${body.length}` }).end();
+        return;
+      }
+      res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${body.length - 1}/${body.length}`, 'content-length': body.length - start });
+    } else {
+      res.writeHead(200, { ...headers, 'content-length': body.length });
+    }
+    const cut = cutOnce.get(p) ?? cutAlways.get(p);
+    if (cut !== undefined && cut > start) {
+      cutOnce.delete(p);
+      // send part of the body, then drop the connection the way a flaky network would
+      res.write(body.subarray(start, cut), () => setTimeout(() => res.socket?.destroy(), 20));
+      return;
+    }
+    res.end(body.subarray(start));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  hubUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+});
+
+after(() => server.close());
+
+const BIG = 'transformer/diffusion_pytorch_model.safetensors';
+const env = { HF_TOKEN: TOKEN, HF_ENDPOINT: undefined };
+
+test('klein pull downloads only the model files, verifies them, and resumes a connection cut mid-file by itself', async () => {
+  const dest = tmpDir('pull');
+  requests.length = 0;
+  cutOnce.set(BIG, 100_000);
+  const r = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--json'], env);
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { files: Array<{ path: string; status: string }>; dir: string };
+  assert.deepEqual(out.files.map((f) => f.path).sort(), ['model_index.json', 'tokenizer/tokenizer_config.json', 'transformer/config.json', BIG]);
+  assert.equal(out.files.find((f) => f.path === BIG)?.status, 'resumed');
+  for (const [p, f] of files) {
+    const target = path.join(dest, p);
+    if (p === 'README.md' || p.startsWith('flux-2')) assert.equal(fs.existsSync(target), false, `${p} should not be pulled`);
+    else assert.ok(fs.readFileSync(target).equals(f.body), `${p} content`);
+  }
+  assert.equal(fs.existsSync(path.join(dest, `${BIG}.part`)), false);
+  const big = requests.filter((q) => q.path === BIG);
+  assert.equal(big.length, 2);
+  assert.equal(big[0].range, undefined);
+  assert.equal(big[1].range, 'bytes=100000-');
+  assert.ok(requests.every((q) => q.auth === `Bearer ${TOKEN}`));
+  // the incomplete folder is reported, not hidden
+  assert.match(r.stdout, /"problem":".*incomplete/);
+
+  // a second pull finds everything verified and downloads nothing
+  requests.length = 0;
+  const again = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--json'], env);
+  assert.equal(again.code, 0, again.stderr);
+  assert.ok((JSON.parse(again.stdout) as { files: Array<{ status: string }> }).files.every((f) => f.status === 'present'));
+  assert.equal(requests.length, 0);
+});
+
+test('an interrupted klein pull leaves a .part file and the next run continues from it with a Range request', async () => {
+  const dest = tmpDir('pull-resume');
+  cutAlways.set(BIG, 150_000);
+  const first = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--retries', '0'], env);
+  cutAlways.delete(BIG);
+  assert.equal(first.code, 1, first.stderr);
+  assert.match(first.stderr, /partial download is kept/);
+  assert.equal(fs.statSync(path.join(dest, `${BIG}.part`)).size, 150_000);
+  assert.equal(fs.existsSync(path.join(dest, BIG)), false);
+
+  requests.length = 0;
+  const second = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest], env);
+  assert.equal(second.code, 0, second.stderr);
+  assert.match(second.stderr, /resuming transformer\/diffusion_pytorch_model\.safetensors at 146\.5 KiB/);
+  const big = requests.filter((q) => q.path === BIG);
+  assert.deepEqual(big.map((q) => q.range), ['bytes=150000-']);
+  assert.ok(fs.readFileSync(path.join(dest, BIG)).equals(files.get(BIG)!.body));
+});
+
+test('a corrupted download fails the sha256 check, exits 1 and keeps nothing', async () => {
+  const dest = tmpDir('pull-bad');
+  const bad = Buffer.from(files.get(BIG)!.body);
+  bad[bad.length - 1] ^= 0xff;
+  corrupt.set(BIG, bad);
+  const r = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest], env);
+  corrupt.delete(BIG);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /checksum mismatch \(sha256 [0-9a-f]{64} ≠ listed [0-9a-f]{64}\)/);
+  assert.equal(fs.existsSync(path.join(dest, BIG)), false);
+  assert.equal(fs.existsSync(path.join(dest, `${BIG}.part`)), false);
+});
+
+test('klein pull: a missing token, an unknown revision and a bad repo id are errors the user can fix (exit 2)', async () => {
+  const dest = tmpDir('pull-err');
+  const noToken = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest], { HF_TOKEN: '' });
+  assert.equal(noToken.code, 2);
+  assert.match(noToken.stderr, /gated or private.*HF_TOKEN/);
+  const rev = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--revision', 'nope'], env);
+  assert.equal(rev.code, 2);
+  assert.match(rev.stderr, /no such repository or revision/);
+  const bad = await runKlein(['pull', 'not a repo', '--hub-url', hubUrl], env);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /not a Hub repository id/);
+  const url = await runKlein(['pull', REPO, '--hub-url', 'ftp://x'], env);
+  assert.equal(url.code, 2);
+  assert.match(url.stderr, /--hub-url must be an http/);
+});
