@@ -1,9 +1,12 @@
 import type { Command } from 'commander';
+import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
  * Every bench prints one figure per line and ends with a machine-readable last line.
  */
 export function registerBench(program: Command): Command {
-  return program.command('bench').description('measure speed and memory of one stage (prints figures, never asserts)');
+  const bench = program.command('bench').description('measure speed and memory of one stage (prints figures, never asserts)');
+  registerTextEncoderBench(bench);
+  return bench;
 }
