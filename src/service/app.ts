@@ -1,0 +1,158 @@
+// The service: wires the store, queue, callbacks and files to the HTTP routes. The pipeline is injected, so nothing
+// here knows how images are made.
+import type { AddressInfo } from 'node:net';
+import crypto from 'node:crypto';
+import { OpenAPIHono } from '@hono/zod-openapi';
+import { serve, type ServerType } from '@hono/node-server';
+import { HTTPException } from 'hono/http-exception';
+import type { Context } from 'hono';
+import type { Logger } from 'pino';
+import type { ImagePipeline } from '../pipeline/types.ts';
+import { authenticate, RateLimiter } from './auth.ts';
+import { Callbacks } from './callbacks.ts';
+import type { ServiceConfig } from './config.ts';
+import type { AppEnv, Deps } from './context.ts';
+import { ApiError, envelope, sendError, validation, zodIssues } from './errors.ts';
+import { FileStore } from './files.ts';
+import { createLogger } from './logger.ts';
+import { RunQueue } from './queue.ts';
+import { Store } from './store.ts';
+import { registerAccount } from './routes/account.ts';
+import { registerCallbacks } from './routes/callbacks.ts';
+import { registerDiscovery } from './routes/discovery.ts';
+import { registerFiles } from './routes/files.ts';
+import { registerRuns } from './routes/runs.ts';
+
+export interface CreateAppOptions {
+  pipeline: ImagePipeline;
+  config: ServiceConfig;
+  /** default: <data>/klein.db */
+  store?: Store;
+  logger?: Logger;
+  /** shown by /v1/health */
+  modelDir?: string;
+}
+
+export interface Service {
+  app: OpenAPIHono<AppEnv>;
+  store: Store;
+  queue: RunQueue;
+  callbacks: Callbacks;
+  files: FileStore;
+  config: ServiceConfig;
+  log: Logger;
+  /** Recover interrupted runs, start the workers and the callback poller, then listen. */
+  listen(port: number, host?: string): Promise<{ port: number; url: string }>;
+  /** Graceful: stop accepting, put running runs back in the queue, close the database. */
+  close(): Promise<void>;
+  /** Stop as a killed process would: no state written (restart tests). */
+  crash(): Promise<void>;
+}
+
+/** Routes that need no API key: discovery, health, and files (their URL signature is the credential). */
+const PUBLIC = [/^\/v1\/health$/, /^\/v1\/models(\/.*)?$/, /^\/v1\/files\//];
+
+export function createApp(opts: CreateAppOptions): Service {
+  const cfg = opts.config;
+  const log = opts.logger ?? createLogger();
+  const store = opts.store ?? Store.open(cfg.dataDir);
+  const files = new FileStore(cfg.dataDir, store, cfg.files.urlTtlS, cfg.files.retentionS);
+  let listenUrl = cfg.publicUrl ?? 'http://127.0.0.1';
+  const bgCtx = () => ({ files, baseUrl: cfg.publicUrl ?? listenUrl });
+  const callbacks = new Callbacks(store, cfg, log.child({ part: 'callbacks' }), bgCtx);
+  const queue = new RunQueue(store, opts.pipeline, files, callbacks, cfg, log.child({ part: 'queue' }), (id) => cfg.pricing[id]);
+  const limiter = new RateLimiter();
+  const deps: Deps = {
+    store, queue, callbacks, files, cfg, log, limiter, startedAt: Date.now(), modelDir: opts.modelDir ?? '',
+    baseUrl: (c: Context) => cfg.publicUrl ?? new URL(c.req.url).origin,
+  };
+
+  const app = new OpenAPIHono<AppEnv>({
+    defaultHook: (result) => {
+      if (!result.success) {
+        const where = result.target === 'json' ? 'body' : result.target === 'param' ? 'path' : result.target;
+        throw validation(`invalid ${where}`, zodIssues(where, result.error.issues));
+      }
+    },
+  });
+
+  app.use('*', async (c, next) => {
+    const id = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
+    c.set('requestId', id);
+    const t0 = performance.now();
+    await next();
+    c.header('X-Request-Id', id);
+    log.info({ req: id, method: c.req.method, path: c.req.path, status: c.res.status, ms: Math.round(performance.now() - t0) }, 'request');
+  });
+
+  app.use('/v1/*', async (c, next) => {
+    if (PUBLIC.some((re) => re.test(c.req.path)) && !(c.req.method === 'POST' && c.req.path.endsWith('/runs'))) return next();
+    const key = authenticate(store, c.req.header('authorization'));
+    const rl = limiter.take(`all:${key.id}`, cfg.rateLimit.requestsPerMinute);
+    if (!rl.ok) throw new ApiError(429, 'RATE_LIMITED', `Rate limit exceeded: ${cfg.rateLimit.requestsPerMinute} requests per minute for this key; retry in ${rl.retryAfterS} s`, null, { 'Retry-After': String(rl.retryAfterS) });
+    c.set('key', key);
+    return next();
+  });
+
+  registerDiscovery(app, deps);
+  registerRuns(app, deps);
+  registerCallbacks(app, deps);
+  registerAccount(app, deps);
+  registerFiles(app, deps);
+
+  app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
+  app.onError((e, c) => {
+    if (e instanceof ApiError) return sendError(c, e);
+    if (e instanceof HTTPException) {
+      const status = e.status;
+      return c.json(envelope(status === 401 ? 'UNAUTHENTICATED' : status >= 500 ? 'INTERNAL' : 'BAD_REQUEST', e.message || 'bad request'), status);
+    }
+    log.error({ err: e, path: c.req.path }, 'unhandled error');
+    return c.json(envelope('INTERNAL', 'internal error; see the server log', null), 500);
+  });
+
+  let server: ServerType | null = null;
+  let cleanupTimer: NodeJS.Timeout | null = null;
+
+  const stopServer = () =>
+    new Promise<void>((resolve) => {
+      if (!server) return resolve();
+      server.close(() => resolve());
+      (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+      server = null;
+    });
+
+  return {
+    app, store, queue, callbacks, files, config: cfg, log,
+    async listen(port, host = '127.0.0.1') {
+      queue.recover();
+      files.cleanup(store);
+      cleanupTimer = setInterval(() => files.cleanup(store), cfg.files.cleanupIntervalS * 1000);
+      cleanupTimer.unref();
+      await new Promise<void>((resolve) => {
+        server = serve({ fetch: app.fetch, port, hostname: host }, () => resolve());
+      });
+      const addr = server!.address() as AddressInfo;
+      const shownHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
+      listenUrl = `http://${shownHost.includes(':') ? `[${shownHost}]` : shownHost}:${addr.port}`;
+      queue.start();
+      callbacks.start();
+      log.info({ url: listenUrl }, 'listening');
+      return { port: addr.port, url: listenUrl };
+    },
+    async close() {
+      if (cleanupTimer) clearInterval(cleanupTimer);
+      callbacks.stop();
+      await stopServer();
+      await queue.stop();
+      store.close();
+    },
+    async crash() {
+      if (cleanupTimer) clearInterval(cleanupTimer);
+      callbacks.stop();
+      queue.crash();
+      await stopServer();
+      store.close();
+    },
+  };
+}

@@ -1,0 +1,89 @@
+// Service settings: defaults here, optional overrides from `<data>/config.json` (deep-merged), and the CLI flags.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { ModelPrice } from './pricing.ts';
+
+export interface ServiceConfig {
+  dataDir: string;
+  /** Origin put in file URLs and callbacks; default: the address the server listens on. */
+  publicUrl?: string;
+  /** Generations running at once (one pipeline; more only helps with several cores per run). */
+  workers: number;
+  /** Runs of one key running at once; the excess waits in `queued`. A key may override it. */
+  perKeyConcurrency: number;
+  rateLimit: {
+    /** Run creations per key per minute (a key may override it). */
+    createsPerMinute: number;
+    /** Every authenticated request per key per minute (polls included). */
+    requestsPerMinute: number;
+  };
+  /** Upper bound for `sync_mode` and `Prefer: wait=N`, in seconds. */
+  maxWaitS: number;
+  files: { urlTtlS: number; retentionS: number; cleanupIntervalS: number };
+  inputs: {
+    maxBytes: number;
+    timeoutMs: number;
+    maxRedirects: number;
+    /** Plain http:// input and callback URLs (https only by default). */
+    allowHttp: boolean;
+    /** Addresses or CIDR blocks that are allowed although private, loopback or link-local (SSRF guard). */
+    allowPrivate: string[];
+  };
+  callbacks: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; timeoutMs: number; pollMs: number };
+  /** Prices per served model id (`…/edit` included). */
+  pricing: Record<string, ModelPrice>;
+}
+
+const KLEIN_PRICE: ModelPrice = { firstMpUsd: 0.014, extraMpUsd: 0.001, inputMpUsd: 0.001 };
+
+export function defaultConfig(dataDir: string): ServiceConfig {
+  return {
+    dataDir,
+    workers: 1,
+    perKeyConcurrency: 2,
+    rateLimit: { createsPerMinute: 120, requestsPerMinute: 6000 },
+    maxWaitS: 300,
+    files: { urlTtlS: 24 * 3600, retentionS: 7 * 24 * 3600, cleanupIntervalS: 3600 },
+    inputs: { maxBytes: 20 * 1024 * 1024, timeoutMs: 15_000, maxRedirects: 3, allowHttp: false, allowPrivate: [] },
+    callbacks: { maxAttempts: 8, baseDelayMs: 2_000, maxDelayMs: 10 * 60_000, timeoutMs: 10_000, pollMs: 500 },
+    pricing: {
+      'black-forest-labs/flux-2-klein-4b': KLEIN_PRICE,
+      'black-forest-labs/flux-2-klein-4b/edit': KLEIN_PRICE,
+    },
+  };
+}
+
+export function defaultDataDir(): string {
+  return process.env.KLEIN_DATA_DIR ?? path.join(os.homedir(), '.klein');
+}
+
+type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unknown[] ? T[K] : DeepPartial<T[K]>) : T[K] };
+
+function merge<T>(base: T, over: DeepPartial<T> | undefined): T {
+  if (!over) return base;
+  const out: Record<string, unknown> = { ...(base as Record<string, unknown>) };
+  for (const [k, v] of Object.entries(over)) {
+    const b = out[k];
+    out[k] = v && typeof v === 'object' && !Array.isArray(v) && b && typeof b === 'object' && !Array.isArray(b) ? merge(b, v as never) : v;
+  }
+  return out as T;
+}
+
+/** Defaults ← `<data>/config.json` ← explicit overrides (tests, flags). */
+export function loadConfig(dataDir: string, overrides?: DeepPartial<ServiceConfig>): ServiceConfig {
+  let cfg = defaultConfig(dataDir);
+  const file = path.join(dataDir, 'config.json');
+  if (fs.existsSync(file)) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(fs.readFileSync(file, 'utf8'));
+    } catch (e) {
+      throw new Error(`${file} is not valid JSON: ${(e as Error).message}`);
+    }
+    cfg = merge(cfg, parsed as DeepPartial<ServiceConfig>);
+  }
+  return merge(cfg, overrides);
+}
+
+export type ConfigOverrides = DeepPartial<ServiceConfig>;

@@ -1,0 +1,167 @@
+// Texts for people and agents: the site llms.txt, one llms.txt per model (generated from its zod schema, so fields,
+// defaults and limits cannot drift from what the API validates), the agent skill (SKILL.md) and its index.
+import { z } from '@hono/zod-openapi';
+import type { ServiceConfig } from './config.ts';
+import { IMAGE_SIZE_PRESETS, LIMITS, MODELS, type ModelEntry } from './models.ts';
+import { priceLabel, priceRun, formatUsd } from './pricing.ts';
+import { sha256Hex } from './time.ts';
+
+interface JsonProp {
+  type?: string;
+  description?: string;
+  default?: unknown;
+  enum?: unknown[];
+  minimum?: number;
+  maximum?: number;
+  minItems?: number;
+  maxItems?: number;
+  anyOf?: JsonProp[];
+}
+
+function fields(m: ModelEntry): { name: string; required: boolean; p: JsonProp }[] {
+  const js = z.toJSONSchema(m.schema, { io: 'input', unrepresentable: 'any' }) as { properties: Record<string, JsonProp>; required?: string[] };
+  return Object.entries(js.properties).map(([name, p]) => ({ name, required: (js.required ?? []).includes(name), p }));
+}
+
+function typeOf(p: JsonProp): string {
+  if (p.anyOf) return p.anyOf.map(typeOf).join(' | ');
+  if (p.enum) return 'string';
+  return p.type ?? 'object';
+}
+
+export function modelCatalogue(cfg: ServiceConfig) {
+  return MODELS.map((m) => {
+    const price = cfg.pricing[m.id];
+    return {
+      id: m.id, aliases: m.aliases, kind: m.kind, title: m.title, description: m.description,
+      price_label: price ? priceLabel(price) : null,
+      price_unit: '$/megapixel',
+      example_cost_1mp: price ? formatUsd(priceRun(price, { width: 1024, height: 1024, count: 1 }, m.kind === 'edit' ? [{ width: 1024, height: 1024 }] : []).micros) : null,
+      llms_txt: `/v1/models/${m.id}/llms.txt`,
+      runs_endpoint: `/v1/models/${m.id}/runs`,
+    };
+  });
+}
+
+export function modelLlmsTxt(m: ModelEntry, cfg: ServiceConfig, base: string): string {
+  const price = cfg.pricing[m.id];
+  const out: string[] = [
+    `# ${m.title}`, '', `> ${m.description} Served by klein serve (self-hosted, Runflow-compatible runs API).`, '',
+    '## Overview', `- **Endpoint**: \`${base}/v1/models/${m.id}/runs\``, `- **Model ID**: \`${m.id}\` (also \`${m.aliases.join('`, `')}\`)`,
+    '- **Provider**: Black Forest Labs (weights), served locally', '- **Auth**: `Authorization: Bearer $KLEIN_API_KEY`', '',
+    '## Pricing',
+    ...(price ? [`- **Price**: ${priceLabel(price)}`, '- One megapixel = 1024×1024 pixels; each output image pays for its own megapixels.', '- Failed and cancelled runs are not billed.'] : ['- Not priced']),
+    '', '## Limits',
+    `- Sides: multiples of ${LIMITS.multiple}, at least ${LIMITS.minSide}; at most 4 MP (${LIMITS.maxPixels} pixels) per image`,
+    `- \`num_images\`: 1–${LIMITS.maxImages}; \`num_inference_steps\`: 1–${LIMITS.maxSteps}`,
+    ...(m.kind === 'edit' ? [`- \`image_urls\`: 1–${LIMITS.maxRefs} https URLs or data: URIs (PNG, JPEG, WebP); private and loopback addresses are refused`] : []),
+    `- Presets: ${Object.entries(IMAGE_SIZE_PRESETS).map(([k, v]) => `\`${k}\` ${v.width}×${v.height}`).join(', ')}`,
+    '', '## Input Schema',
+  ];
+  for (const f of fields(m)) {
+    out.push(`### \`${f.name}\` (${typeOf(f.p)}, ${f.required ? 'required' : 'optional'})`);
+    if (f.p.description) out.push(f.p.description);
+    if (f.p.default !== undefined) out.push(`- **Default**: \`${JSON.stringify(f.p.default)}\``);
+    if (f.p.minimum !== undefined) out.push(`- **Min**: ${f.p.minimum}`);
+    if (f.p.maximum !== undefined) out.push(`- **Max**: ${f.p.maximum}`);
+    if (f.p.minItems !== undefined) out.push(`- **Min items**: ${f.p.minItems}`);
+    if (f.p.maxItems !== undefined) out.push(`- **Max items**: ${f.p.maxItems}`);
+    if (f.p.enum) out.push(`- **Options**: ${f.p.enum.map((e) => `\`${e}\``).join(', ')}`);
+    out.push('');
+  }
+  const example = m.kind === 'edit'
+    ? { input: { prompt: 'make the sky orange', image_urls: ['https://example.com/photo.png'], image_size: { width: 1024, height: 1024 } } }
+    : { input: { prompt: 'a lighthouse at dusk, oil painting', image_size: 'square_hd', seed: 42 } };
+  out.push(
+    '## Output Schema',
+    '- `images[]`: `{url, width, height, content_type, file_size}`; `url` is signed and expires (GET the run again for a fresh one)',
+    '- `seed`, `prompt`, `timings` (seconds per stage), `prompt_truncated` when the prompt exceeded the text window',
+    '- No safety classifier runs, so there is no `has_nsfw_concepts` field.',
+    '', '## Usage Examples', '### cURL', '```bash',
+    `curl -s -X POST ${base}/v1/models/${m.id}/runs \\`, '  -H "Authorization: Bearer $KLEIN_API_KEY" -H "Content-Type: application/json" \\',
+    `  -d '${JSON.stringify(example)}'`,
+    `curl -s ${base}/v1/runs/RUN_ID -H "Authorization: Bearer $KLEIN_API_KEY"   # poll until status_code is succeeded`,
+    '```', '',
+    '## API Information', `- Run lifecycle: queued → running → succeeded | failed | cancelled`, `- Events: \`GET ${base}/v1/runs/RUN_ID/events\` (server-sent)`,
+    `- Cancel: \`POST ${base}/v1/runs/RUN_ID/cancellation\``, `- OpenAPI: ${base}/openapi.json`, '',
+  );
+  return out.join('\n');
+}
+
+export function siteLlmsTxt(cfg: ServiceConfig, base: string): string {
+  return [
+    '# klein serve', '',
+    '> A self-hosted FLUX.2 [klein] image generation API, compatible with Runflow\'s runs API: create a run, poll it or get a callback, download signed image URLs.', '',
+    '## Models',
+    ...modelCatalogue(cfg).map((m) => `- [${m.title}](${base}${m.llms_txt}): \`${m.id}\`, ${m.price_label}`),
+    '', '## API',
+    `- [OpenAPI document](${base}/openapi.json): every route with its schemas`,
+    `- [Interactive reference](${base}/docs)`,
+    `- [Agent skill](${base}/.well-known/agent-skills/klein/SKILL.md): how an agent should use this API`,
+    '', '## Essentials',
+    '- Auth: `Authorization: Bearer <key>` on every /v1 route except health, models and signed file URLs; `GET /v1/auth/me` checks a key.',
+    '- `POST /v1/models/{model_id}/runs` with `{input, callback_url?, metadata?, client_ref?}` → 201 Run (`status_code` queued).',
+    '- `GET /v1/runs/{id}` to poll; `GET /v1/runs/{id}/events` for server-sent progress; `sync_mode: true` or `Prefer: wait=N` to wait inline.',
+    '- `POST /v1/runs/{id}/cancellation` cancels queued or running runs (not billed).',
+    '- Callbacks are signed: `Runflow-Signature` = hex HMAC-SHA256(secret, raw body); secrets from `POST /v1/callback-secrets`.',
+    '- `Idempotency-Key` on creates: same body replays, different body → 409.',
+    '- Errors: `{code, message, errors}`; 429 `RATE_LIMITED` carries `Retry-After`.',
+    '- Usage and cost: `cost`/`cost_breakdown` on each run, `GET /v1/usage` per day.', '',
+  ].join('\n');
+}
+
+/** The skill text is constant (URLs via $KLEIN_URL), so its digest is stable across hosts and restarts. */
+export function skillMd(cfg: ServiceConfig): string {
+  const m = MODELS[0];
+  const price = cfg.pricing[m.id];
+  return `---
+name: klein
+description: Generate and edit images with a self-hosted FLUX.2 [klein] server through its Runflow-compatible runs API (create, poll or stream, download, cancel, signed callbacks).
+metadata:
+  version: "1.0.0"
+  api: runflow-compatible runs
+---
+# Using a klein serve API
+
+## When to use
+When the user asks for an image (text to image) or to change or combine images (edit, 1–4 references) and a klein
+server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
+
+## Quick reference
+- Auth header on every call: \`Authorization: Bearer $KLEIN_API_KEY\` (check it: \`GET $KLEIN_URL/v1/auth/me\`).
+- Models: \`GET $KLEIN_URL/v1/models\`. Text to image: \`black-forest-labs/flux-2-klein-4b\`; edit: \`black-forest-labs/flux-2-klein-4b/edit\`.
+- Price: ${price ? priceLabel(price) : 'see /v1/models'}. Failed or cancelled runs cost nothing.
+- Field details, defaults and limits: \`GET $KLEIN_URL/v1/models/{model_id}/llms.txt\`. Full schema: \`$KLEIN_URL/openapi.json\`.
+
+## Basic flow
+1. Create: \`POST $KLEIN_URL/v1/models/black-forest-labs/flux-2-klein-4b/runs\` with
+   \`{"input": {"prompt": "...", "image_size": "square_hd"}}\`. Add an \`Idempotency-Key\` header so a retry never
+   creates a second run.
+2. Wait: poll \`GET $KLEIN_URL/v1/runs/{id}\` every 1–2 s until \`status_code\` is \`succeeded\`, \`failed\` or
+   \`cancelled\`; or send \`Prefer: wait=60\` on the create to get the finished run in the response.
+3. Use \`output.images[].url\` (signed, expiring: download promptly or GET the run again for a fresh URL).
+4. On \`failed\`, read \`failure_code\` and \`failure_message\`; fix the input if the code is INPUT_*, otherwise retry.
+
+## Rules
+- Sizes: multiples of 16, at least 64, at most 4 MP. Presets: ${Object.keys(IMAGE_SIZE_PRESETS).join(', ')}.
+- \`num_images\` 1–4 (image i uses seed+i). Edits: \`image_urls\` 1–4, https or data: URIs.
+- 429 \`RATE_LIMITED\`: wait \`Retry-After\` seconds. 422: read \`errors[]\` (\`loc\` names the field).
+- Never invent safety fields: this server runs no safety classifier.
+- Cancel what you no longer need: \`POST $KLEIN_URL/v1/runs/{id}/cancellation\`.
+`;
+}
+
+export function skillIndex(cfg: ServiceConfig) {
+  return {
+    $schema: 'https://schemas.agentskills.io/discovery/0.2.0/schema.json',
+    skills: [
+      {
+        name: 'klein',
+        type: 'skill-md',
+        description: 'Generate and edit images with this FLUX.2 [klein] server (Runflow-compatible runs API).',
+        url: '/.well-known/agent-skills/klein/SKILL.md',
+        digest: `sha256:${sha256Hex(skillMd(cfg))}`,
+      },
+    ],
+  };
+}

@@ -1,0 +1,87 @@
+// Turning a validated model input into a pipeline request: sizes, seeds, and the reference images of an edit
+// (data URIs decoded, URLs fetched under the SSRF policy and size/time caps, every image checked by decoding it).
+import sharp, { type Metadata } from 'sharp';
+import type { GenerateRequest } from '../pipeline/types.ts';
+import type { ServiceConfig } from './config.ts';
+import { fieldError } from './errors.ts';
+import { checkUrl, FetchError, guardedRequest, parseDataUri } from './net.ts';
+import { type ModelInput, requestedSize, sizeFromReference } from './models.ts';
+
+export class InputError extends Error {
+  constructor(readonly code: string, message: string) {
+    super(message);
+  }
+}
+
+const IMAGE_FORMATS = new Set(['png', 'jpeg', 'webp']);
+const MAX_REF_PIXELS = 16 * 1024 * 1024;
+
+/** Creation-time checks of image_urls that need no network (scheme, data URI decoding, literal addresses). */
+export function precheckImageUrls(urls: string[], cfg: ServiceConfig): void {
+  urls.forEach((u, i) => {
+    const loc = ['body', 'input', 'image_urls', i];
+    if (u.startsWith('data:')) {
+      const d = parseDataUri(u);
+      if (!d || !/^image\/(png|jpeg|webp)$/.test(d.mime)) throw fieldError(loc, 'data URIs must be base64 PNG, JPEG or WebP images', 'invalid_image');
+      if (d.bytes.length > cfg.inputs.maxBytes) throw fieldError(loc, `image is ${d.bytes.length} bytes, the limit is ${cfg.inputs.maxBytes}`, 'too_large');
+      return;
+    }
+    try {
+      checkUrl(u, cfg.inputs);
+    } catch (e) {
+      if (e instanceof FetchError) throw fieldError(loc, e.message, e.code === 'BLOCKED' ? 'ssrf_blocked' : 'invalid_url');
+      throw e;
+    }
+  });
+}
+
+export interface Reference {
+  bytes: Uint8Array;
+  width: number;
+  height: number;
+}
+
+export async function loadReference(u: string, index: number, cfg: ServiceConfig): Promise<Reference> {
+  let bytes: Buffer;
+  const d = parseDataUri(u);
+  if (d) bytes = d.bytes;
+  else {
+    try {
+      const res = await guardedRequest(u, { timeoutMs: cfg.inputs.timeoutMs, maxBytes: cfg.inputs.maxBytes, maxRedirects: cfg.inputs.maxRedirects, policy: cfg.inputs });
+      if (res.status !== 200) throw new InputError('INPUT_FETCH_FAILED', `image_urls[${index}]: HTTP ${res.status}`);
+      bytes = res.body;
+    } catch (e) {
+      if (e instanceof InputError) throw e;
+      const code = e instanceof FetchError && e.code === 'BLOCKED' ? 'INPUT_URL_BLOCKED' : 'INPUT_FETCH_FAILED';
+      throw new InputError(code, `image_urls[${index}]: ${(e as Error).message}`);
+    }
+  }
+  let meta: Metadata;
+  try {
+    meta = await sharp(bytes).metadata();
+  } catch {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is not a decodable image`);
+  }
+  if (!meta.format || !IMAGE_FORMATS.has(meta.format) || !meta.width || !meta.height) {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] must be PNG, JPEG or WebP (got ${meta.format ?? 'unknown'})`);
+  }
+  if (meta.width * meta.height > MAX_REF_PIXELS) {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is ${meta.width}×${meta.height}; at most ${MAX_REF_PIXELS} pixels`);
+  }
+  return { bytes, width: meta.width, height: meta.height };
+}
+
+export function buildRequest(input: ModelInput, seed: number, refs: Reference[]): GenerateRequest {
+  const size = requestedSize(input) ?? sizeFromReference(refs[0].width, refs[0].height);
+  return {
+    prompt: input.prompt,
+    width: size.width,
+    height: size.height,
+    seed,
+    numImages: input.num_images,
+    steps: input.num_inference_steps,
+    guidance: input.guidance_scale,
+    outputFormat: input.output_format,
+    ...(refs.length ? { referenceImages: refs.map((r) => r.bytes) } : {}),
+  };
+}

@@ -1,0 +1,84 @@
+// BFL's list price for klein 4B: $0.014 for the first megapixel of each image, $0.001 per further megapixel (rounded
+// up), plus $0.001 per input megapixel for edits. Money is kept in integer micro-dollars so sums never drift.
+export interface ModelPrice {
+  firstMpUsd: number;
+  extraMpUsd: number;
+  inputMpUsd: number;
+}
+
+/** One megapixel = 2^20 pixels, so 1024×1024 (`square_hd`) is exactly 1 MP, as BFL bills it. */
+export const MP_PIXELS = 1024 * 1024;
+
+export interface CostLine {
+  image_index: number;
+  width: number;
+  height: number;
+  output_mp: number;
+  first_mp_usd: string;
+  extra_mp: number;
+  extra_mp_usd: string;
+  input_mp: number;
+  input_mp_usd: string;
+  total_usd: string;
+}
+
+export interface CostBreakdown {
+  currency: 'USD';
+  /** estimated: not billed yet · billed: charged (succeeded) · waived: failed or cancelled, not charged */
+  state: 'estimated' | 'billed' | 'waived';
+  unit: 'megapixel';
+  price: { first_mp_usd: string; extra_mp_usd: string; input_mp_usd: string };
+  images: CostLine[];
+  total_usd: string;
+}
+
+const micros = (usd: number) => Math.round(usd * 1e6);
+
+/** Micro-dollars as a decimal string with at least three places: 14000 → "0.014". */
+export function formatUsd(m: number): string {
+  const s = (m / 1e6).toFixed(6).replace(/0+$/, '');
+  const [i, f = ''] = s.split('.');
+  return `${i}.${f.padEnd(3, '0')}`;
+}
+
+export const megapixels = (w: number, h: number) => Math.ceil((w * h) / MP_PIXELS);
+
+/**
+ * The price of a run: every output image pays for its own megapixels and, for edits, for the reference images it
+ * was conditioned on (as N separate BFL requests would).
+ */
+export function priceRun(
+  price: ModelPrice,
+  output: { width: number; height: number; count: number },
+  inputs: { width: number; height: number }[] = [],
+): { micros: number; breakdown: CostBreakdown } {
+  const inputMp = inputs.reduce((s, i) => s + megapixels(i.width, i.height), 0);
+  const outMp = megapixels(output.width, output.height);
+  const lines: CostLine[] = [];
+  let total = 0;
+  for (let i = 0; i < output.count; i++) {
+    const first = micros(price.firstMpUsd);
+    const extra = (outMp - 1) * micros(price.extraMpUsd);
+    const inp = inputMp * micros(price.inputMpUsd);
+    const sum = first + extra + inp;
+    total += sum;
+    lines.push({
+      image_index: i, width: output.width, height: output.height, output_mp: outMp,
+      first_mp_usd: formatUsd(first), extra_mp: outMp - 1, extra_mp_usd: formatUsd(extra),
+      input_mp: inputMp, input_mp_usd: formatUsd(inp), total_usd: formatUsd(sum),
+    });
+  }
+  return {
+    micros: total,
+    breakdown: {
+      currency: 'USD', state: 'estimated', unit: 'megapixel',
+      price: { first_mp_usd: formatUsd(micros(price.firstMpUsd)), extra_mp_usd: formatUsd(micros(price.extraMpUsd)), input_mp_usd: formatUsd(micros(price.inputMpUsd)) },
+      images: lines, total_usd: formatUsd(total),
+    },
+  };
+}
+
+export function priceLabel(p: ModelPrice): string {
+  return `$${formatUsd(micros(p.firstMpUsd))} first megapixel + $${formatUsd(micros(p.extraMpUsd))} per further megapixel (rounded up)` +
+    (p.inputMpUsd > 0 ? `; edits + $${formatUsd(micros(p.inputMpUsd))} per input megapixel` : '');
+}

@@ -1,0 +1,74 @@
+// Public discovery routes: models, health, OpenAPI, docs, llms.txt, agent skills.
+import { createRoute, z } from '@hono/zod-openapi';
+import type { Context } from 'hono';
+import { type App, type Deps, route } from '../context.ts';
+import { requireModel } from '../models.ts';
+import { modelCatalogue, modelLlmsTxt, siteLlmsTxt, skillIndex, skillMd } from '../discovery.ts';
+import { DOCS_HTML } from '../docs-page.ts';
+import { errorResponses } from '../schemas.ts';
+
+const Model = z.object({
+  id: z.string(), aliases: z.array(z.string()), kind: z.enum(['text-to-image', 'edit']), title: z.string(), description: z.string(),
+  price_label: z.string().nullable(), price_unit: z.string(), example_cost_1mp: z.string().nullable(), llms_txt: z.string(), runs_endpoint: z.string(),
+}).openapi('Model');
+
+export const VERSION = '0.1.0';
+
+export function registerDiscovery(app: App, deps: Deps): void {
+  route(app, createRoute({
+    method: 'get', path: '/v1/health', tags: ['Discovery'], summary: 'Health and queue depth',
+    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string() }) } } } },
+  }), (c) => {
+    const counts = deps.store.countByStatus();
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir });
+  });
+
+  route(app, createRoute({
+    method: 'get', path: '/v1/models', tags: ['Discovery'], summary: 'Model catalogue with prices',
+    responses: { 200: { description: 'Models', content: { 'application/json': { schema: z.object({ data: z.array(Model) }) } } } },
+  }), (c) => c.json({ data: modelCatalogue(deps.cfg) }));
+
+  // greedy model paths, documented with a plain {model_id}
+  const llmsDoc = createRoute({
+    method: 'get', path: '/v1/models/{model_id}/llms.txt', tags: ['Discovery'], summary: "A model's fields, defaults, limits, prices and curl examples",
+    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: 'black-forest-labs/flux-2-klein-4b' }) }) },
+    responses: { 200: { description: 'Markdown', content: { 'text/plain': { schema: z.string() } } }, ...errorResponses(404) },
+  });
+  app.openAPIRegistry.registerPath(llmsDoc);
+  app.get('/v1/models/:model_id{.+}/llms.txt', (c) => c.text(modelLlmsTxt(requireModel(c.req.param('model_id')), deps.cfg, deps.baseUrl(c))));
+  const modelDoc = createRoute({
+    method: 'get', path: '/v1/models/{model_id}', tags: ['Discovery'], summary: 'One model',
+    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: 'flux-2-klein-4b' }) }) },
+    responses: { 200: { description: 'The model', content: { 'application/json': { schema: Model } } }, ...errorResponses(404) },
+  });
+  app.openAPIRegistry.registerPath(modelDoc);
+  app.get('/v1/models/:model_id{.+}', (c) => {
+    const m = requireModel(c.req.param('model_id'));
+    return c.json(modelCatalogue(deps.cfg).find((x) => x.id === m.id)!);
+  });
+
+  const text = (path: string, summary: string, type: string, body: (c: Context) => string) => {
+    app.openAPIRegistry.registerPath(createRoute({ method: 'get', path, tags: ['Discovery'], summary, responses: { 200: { description: summary, content: { [type]: { schema: z.string() } } } } }));
+    app.get(path, (c) => {
+      c.header('Content-Type', `${type}; charset=utf-8`);
+      return c.body(body(c));
+    });
+  };
+  text('/llms.txt', 'Site index for language models', 'text/plain', (c) => siteLlmsTxt(deps.cfg, deps.baseUrl(c)));
+  text('/.well-known/agent-skills/klein/SKILL.md', 'Agent skill: how to use this API', 'text/markdown', () => skillMd(deps.cfg));
+  text('/docs', 'Interactive API reference (self-contained)', 'text/html', () => DOCS_HTML);
+
+  route(app, createRoute({
+    method: 'get', path: '/.well-known/agent-skills/index.json', tags: ['Discovery'], summary: 'Agent skills index (with sha256 digests)',
+    responses: { 200: { description: 'Index', content: { 'application/json': { schema: z.object({ $schema: z.string(), skills: z.array(z.object({ name: z.string(), type: z.string(), description: z.string(), url: z.string(), digest: z.string() })) }) } } } },
+  }), (c) => c.json(skillIndex(deps.cfg)));
+
+  app.get('/openapi.json', (c) =>
+    c.json(app.getOpenAPI31Document({
+      openapi: '3.1.0',
+      info: { title: 'klein serve', version: VERSION, description: 'Self-hosted FLUX.2 [klein] runs API, compatible with Runflow. Errors are {code, message, errors}.' },
+      servers: [{ url: deps.baseUrl(c) }],
+    })),
+  );
+  app.openAPIRegistry.registerComponent('securitySchemes', 'bearer', { type: 'http', scheme: 'bearer', description: 'API key: klein keys create' });
+}
