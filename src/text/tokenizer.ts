@@ -1,6 +1,7 @@
 // The Qwen3 tokenizer as FLUX.2 [klein] uses it: chat-templated prompt, byte-level BPE (HF tokenizer.json through
 // @huggingface/tokenizers), truncated to the first 512 tokens and right-padded with <|endoftext|> — what
 // `tokenizer(text, padding="max_length", truncation=True, max_length=512)` does in the reference.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
@@ -56,6 +57,8 @@ export class KleinTokenizer {
   readonly padId: number;
   readonly padToken: string;
   private readonly render: (prompt: string) => string;
+  /** sha256 of the tokenizer files (set by fromFolder): part of the prompt cache's model identity. */
+  identity = '';
 
   constructor(private readonly tokenizer: Tokenizer, config: Record<string, unknown>, opts: KleinTokenizerOptions = {}) {
     this.maxLength = opts.maxLength ?? KLEIN_MAX_LENGTH;
@@ -97,7 +100,11 @@ export class KleinTokenizer {
     } catch (e) {
       throw new TokenizerError(`${tj}: not a usable tokenizer: ${(e as Error).message}`);
     }
-    return new KleinTokenizer(tok, config, opts);
+    const kt = new KleinTokenizer(tok, config, opts);
+    const h = crypto.createHash('sha256').update(fs.readFileSync(tj));
+    if (fs.existsSync(cfgFile)) h.update(fs.readFileSync(cfgFile));
+    kt.identity = h.update(String(kt.maxLength)).digest('hex');
+    return kt;
   }
 
   /** The text the model sees for `prompt` (chat template applied). */
