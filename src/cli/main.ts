@@ -5,6 +5,7 @@ import { registerConform } from './conform.ts';
 import { registerBench } from './bench.ts';
 import { registerDevices } from './devices.ts';
 import { registerPull } from './pull.ts';
+import { registerModels } from './models.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -15,6 +16,7 @@ export function buildProgram(): Command {
   registerConform(program);
   registerDevices(program);
   registerPull(program);
+  registerModels(program);
   const bench = registerBench(program);
   void bench;
   return program;
