@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
+import { registerMattingBench } from '../../bench/matting.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -8,5 +9,6 @@ import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
 export function registerBench(program: Command): Command {
   const bench = program.command('bench').description('measure speed and memory of one stage (prints figures, never asserts)');
   registerTextEncoderBench(bench);
+  registerMattingBench(bench);
   return bench;
 }
