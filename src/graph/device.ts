@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createRequire } from 'node:module';
+import onnxProto from 'onnx-proto';
 import ort from 'onnxruntime-node';
 import { UsageError } from '../cli/errors.ts';
 import { Graph } from './onnx-graph.ts';
@@ -53,16 +54,41 @@ export function parseDevice(s: string): DeviceRequest {
   throw new UsageError(`unknown device "${s}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
 }
 
-/** The providers list for a session on `device`. ORT places nodes the provider lacks on the CPU by itself. */
-export function executionProviders(device: Device): ort.InferenceSession.ExecutionProviderConfig[] {
+/**
+ * The providers list for a session on `device`. ORT places nodes the provider has no kernel for on the CPU by
+ * itself; `forceCpuNodeNames` (WebGPU only) adds nodes whose kernel exists but gives wrong numbers.
+ */
+export function executionProviders(device: Device, opts: { forceCpuNodeNames?: string[] } = {}): ort.InferenceSession.ExecutionProviderConfig[] {
   switch (device) {
     case 'cpu':
       return ['cpu'];
     case 'webgpu':
-      return [{ name: 'webgpu' }];
+      return [opts.forceCpuNodeNames?.length ? { name: 'webgpu', forceCpuNodeNames: opts.forceCpuNodeNames } : { name: 'webgpu' }];
     case 'cuda':
       return [{ name: 'cuda', deviceId: Number(process.env.KLEIN_CUDA_DEVICE ?? 0) }];
   }
+}
+
+/**
+ * Op types whose WebGPU kernel in onnxruntime-node 1.30 gave wrong results here, so they run on the CPU provider
+ * when the device is webgpu. MultiHeadAttention (com.microsoft): from 32 query positions on, its output is off by
+ * up to 40 % of its range on Mesa 25 lavapipe (exact below 32; every head count and head size 32–256 tried), while
+ * the same attention as MatMul/Softmax/MatMul matches the CPU to 1e-6. Override with KLEIN_WEBGPU_CPU_OPS
+ * (comma-separated op types; empty = none), e.g. to check a fixed ORT or another adapter.
+ */
+export const WEBGPU_CPU_OPS_DEFAULT: readonly string[] = ['MultiHeadAttention'];
+
+export function webgpuCpuOps(): string[] {
+  const env = process.env.KLEIN_WEBGPU_CPU_OPS;
+  if (env === undefined) return [...WEBGPU_CPU_OPS_DEFAULT];
+  return env.split(',').map((s) => s.trim()).filter(Boolean);
+}
+
+/** Names of the nodes in a compiled .onnx file whose op type is in `opTypes` (weights are external: the file is small). */
+export function nodesOfTypes(modelFile: string, opTypes: readonly string[]): string[] {
+  if (opTypes.length === 0) return [];
+  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(modelFile));
+  return (model.graph?.node ?? []).filter((n) => opTypes.includes(n.opType ?? '')).map((n) => n.name ?? '').filter(Boolean);
 }
 
 /** The folder holding onnxruntime-node's native libraries for this platform. */
