@@ -6,11 +6,12 @@ import { tokenizerComponent } from './tokenizer.ts';
 import { textEncoderComponent } from './text-encoder.ts';
 import { samplerComponent } from './sampler.ts';
 import { birefnetComponent } from './birefnet.ts';
+import { transformerComponent } from './transformer.ts';
 
 export const COMPONENTS: ConformComponent[] = [
   tokenizerComponent,
   textEncoderComponent,
-  notImplemented('transformer', 'transformer'),
+  transformerComponent,
   vaeComponent,
   samplerComponent,
   notImplemented('pipeline', 'pipeline'),

@@ -158,13 +158,15 @@ export class Graph {
 
   /**
    * Encodes the model. External data locations are written relative to `modelDir`, which must contain every
-   * weight file (ORT rejects absolute paths and paths that leave the model's folder).
+   * weight file (ORT rejects absolute paths and paths that leave the model's folder). `linked` maps a weight
+   * file's real path to another name for the same bytes inside `modelDir` (a hard link, for read-only folders).
    */
-  serialize(modelDir: string): Uint8Array {
+  serialize(modelDir: string, linked?: ReadonlyMap<string, string>): Uint8Array {
     const dir = fs.realpathSync(modelDir);
     const byName = new Map(this.initializers.map((t) => [t.name, t]));
     for (const { info, name } of this.external) {
-      const rel = path.relative(dir, fs.realpathSync(info.file));
+      const real = fs.realpathSync(info.file);
+      const rel = path.relative(dir, linked?.get(real) ?? real);
       if (rel.startsWith('..') || path.isAbsolute(rel)) throw new Error(`weight file ${info.file} is outside the model folder ${dir}`);
       byName.get(name)!.externalData = [
         { key: 'location', value: rel.split(path.sep).join('/') },

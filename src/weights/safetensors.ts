@@ -315,7 +315,8 @@ export type TensorData = Float32Array | BigInt64Array | Uint8Array | Uint16Array
 export interface TensorToWrite {
   dtype: DType;
   shape: number[];
-  data: TensorData;
+  /** The values, or a function producing them when the file is written (large checkpoints: one tensor at a time). */
+  data: TensorData | (() => TensorData);
 }
 
 /**
@@ -330,27 +331,39 @@ export function writeSafetensors(file: string, tensors: Record<string, TensorToW
   for (const name of order) {
     const t = tensors[name];
     const bytes = elementCount(t.shape) * DTYPE_SIZE[t.dtype];
-    if (t.data.byteLength !== bytes) throw new Error(`${name}: ${t.dtype}${JSON.stringify(t.shape)} needs ${bytes} bytes, got ${t.data.byteLength}`);
+    if (typeof t.data !== 'function' && t.data.byteLength !== bytes) throw new Error(`${name}: ${t.dtype}${JSON.stringify(t.shape)} needs ${bytes} bytes, got ${t.data.byteLength}`);
     header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
     offset += bytes;
   }
-  let json = JSON.stringify(header);
-  json += ' '.repeat((8 - (json.length % 8)) % 8);
-  const headerBuf = Buffer.from(json, 'utf8');
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  // pad the header with spaces so the data starts 8-byte aligned (padding counted in bytes, not UTF-16 units)
+  const headerBuf = Buffer.concat([json, Buffer.alloc((8 - (json.length % 8)) % 8, 0x20)]);
   const len = Buffer.alloc(8);
   len.writeBigUInt64LE(BigInt(headerBuf.length));
   fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
   const tmp = `${file}.tmp-${process.pid}`;
   const fd = fs.openSync(tmp, 'w');
   try {
-    fs.writeSync(fd, len);
-    fs.writeSync(fd, headerBuf);
+    writeAll(fd, len);
+    writeAll(fd, headerBuf);
     for (const name of order) {
-      const d = tensors[name].data;
-      fs.writeSync(fd, new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+      const t = tensors[name];
+      const d = typeof t.data === 'function' ? t.data() : t.data;
+      const bytes = elementCount(t.shape) * DTYPE_SIZE[t.dtype];
+      if (d.byteLength !== bytes) throw new Error(`${name}: ${t.dtype}${JSON.stringify(t.shape)} needs ${bytes} bytes, got ${d.byteLength}`);
+      writeAll(fd, new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
     }
-  } finally {
+  } catch (e) {
     fs.closeSync(fd);
+    fs.rmSync(tmp, { force: true });
+    throw e;
   }
+  fs.closeSync(fd);
   fs.renameSync(tmp, file);
+}
+
+/** fs.writeSync may write less than asked (large buffers, signals): loop until every byte is out. */
+function writeAll(fd: number, buf: Uint8Array): void {
+  let done = 0;
+  while (done < buf.byteLength) done += fs.writeSync(fd, buf, done, buf.byteLength - done);
 }

@@ -1,0 +1,79 @@
+// Conformance of the FLUX.2 transformer: every `transformer/case*.safetensors` of a golden folder, run on the
+// BFL-layout weights (`transformer/` with config.json + model.safetensors) and again on the diffusers layout
+// (`transformer/diffusers/`) when present. `output` (and `output_img`, the target-token part the sampler keeps)
+// must match within 1e-4 · max(1, max|ref|).
+import fs from 'node:fs';
+import path from 'node:path';
+import { Flux2Transformer } from '../models/flux2-transformer.ts';
+import { GoldenCase, errorResult, findCases, relResult } from './golden.ts';
+import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
+
+const COMPONENT = 'transformer';
+
+/** Weight folders to check, each with a label: the BFL layout first, then diffusers if the golden has it. */
+function modelFolders(dir: string): Array<{ label: string; folder: string }> {
+  const out: Array<{ label: string; folder: string }> = [];
+  if (fs.existsSync(path.join(dir, 'model.safetensors')) || fs.existsSync(path.join(dir, 'model.safetensors.index.json'))) out.push({ label: 'bfl', folder: dir });
+  const diff = path.join(dir, 'diffusers');
+  if (fs.existsSync(path.join(diff, 'config.json'))) out.push({ label: 'diffusers', folder: diff });
+  return out;
+}
+
+async function* runCase(model: Flux2Transformer, label: string, file: string): AsyncIterable<CaseResult> {
+  const gc = new GoldenCase(file);
+  const name = `${COMPONENT}/${gc.name} (${label})`;
+  try {
+    const [B, N] = gc.shape('x');
+    const L = gc.shape('ctx')[1];
+    const out = await model.forward({
+      x: gc.f32('x'),
+      xIds: gc.i64('x_ids'),
+      timesteps: gc.f32('timesteps'),
+      ctx: gc.f32('ctx'),
+      ctxIds: gc.i64('ctx_ids'),
+      guidance: gc.has('guidance') ? gc.f32('guidance') : undefined,
+      batch: B,
+      nTokens: N,
+      nCtx: L,
+    });
+    yield relResult(COMPONENT, `${name} output`, out, gc.f32('output'));
+    if (gc.has('output_img')) {
+      // the first n_img tokens of every sample: what the sampler keeps when references are appended
+      const nImg = gc.shape('output_img')[1];
+      const C = model.config.inChannels;
+      const img = new Float32Array(B * nImg * C);
+      for (let b = 0; b < B; b++) img.set(out.subarray(b * N * C, (b * N + nImg) * C), b * nImg * C);
+      yield relResult(COMPONENT, `${name} output_img`, img, gc.f32('output_img'));
+    }
+  } catch (e) {
+    yield errorResult(COMPONENT, name, e);
+  }
+}
+
+export const transformerComponent: ConformComponent = {
+  name: COMPONENT,
+  async *run(goldenDir: string, opts: ConformOptions): AsyncIterable<CaseResult> {
+    const dir = path.join(goldenDir, 'transformer');
+    const cases = findCases(dir, /^case.*\.safetensors$/).filter((f) => !/_intermediates\.safetensors$/.test(f));
+    if (cases.length === 0) return;
+    const folders = modelFolders(dir);
+    if (folders.length === 0) {
+      yield errorResult(COMPONENT, `${COMPONENT}/model`, new Error(`${dir} has cases but no model.safetensors (BFL) or diffusers/ weights`));
+      return;
+    }
+    for (const { label, folder } of folders) {
+      let model: Flux2Transformer;
+      try {
+        model = await Flux2Transformer.load(folder, { device: opts.device });
+      } catch (e) {
+        for (const c of cases) yield errorResult(COMPONENT, `${COMPONENT}/${path.basename(c, '.safetensors')} (${label})`, e);
+        continue;
+      }
+      try {
+        for (const c of cases) yield* runCase(model, label, c);
+      } finally {
+        await model.close();
+      }
+    }
+  },
+};

@@ -1,0 +1,422 @@
+// The FLUX.2 flow transformer (BFL `flux2.model.Flux2`) as an ONNX graph, following flux2-klein-spec.md §1–2.
+// Config-driven: klein 4B, klein 9B and FLUX.2 [dev] differ only in the numbers below (the golden tiny model too).
+// The graph is written against BFL weight names; src/weights/flux2-layouts.ts maps them onto BFL or diffusers files.
+// All sequence lengths are symbolic, so one compiled graph serves every image size, text length, reference count
+// and batch size.
+import type { Graph, Value } from '../graph/onnx-graph.ts';
+import { Graph as GraphBuilder } from '../graph/onnx-graph.ts';
+import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '../graph/nn.ts';
+import { f32ToBf16, f32ToF16, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
+import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
+import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
+
+// ───────────────────────── §1.1 hyperparameters ─────────────────────────
+
+export interface Flux2Config {
+  inChannels: number;
+  /** Width of the text context: 3 × the text encoder's hidden size. */
+  contextInDim: number;
+  hiddenSize: number;
+  numHeads: number;
+  /** Double-stream blocks. */
+  depth: number;
+  depthSingleBlocks: number;
+  /** RoPE dims per position axis (t, h, w, l); they sum to the head dim. */
+  axesDim: number[];
+  theta: number;
+  mlpRatio: number;
+  /** FLUX.2 [dev] embeds a guidance value; klein has no guidance embedder. */
+  useGuidanceEmbed: boolean;
+}
+
+export const KLEIN_4B: Flux2Config = { inChannels: 128, contextInDim: 7680, hiddenSize: 3072, numHeads: 24, depth: 5, depthSingleBlocks: 20, axesDim: [32, 32, 32, 32], theta: 2000, mlpRatio: 3, useGuidanceEmbed: false };
+export const KLEIN_9B: Flux2Config = { ...KLEIN_4B, contextInDim: 12288, hiddenSize: 4096, numHeads: 32, depth: 8, depthSingleBlocks: 24 };
+export const FLUX2_DEV: Flux2Config = { ...KLEIN_4B, contextInDim: 15360, hiddenSize: 6144, numHeads: 48, depth: 8, depthSingleBlocks: 48, useGuidanceEmbed: true };
+
+/** LayerNorm and QK-RMSNorm epsilon (spec §1.2). */
+const EPS = 1e-6;
+/** `timestep_embedding(t, 256)`: 256 dims, max_period 10000, t scaled by 1000 (spec §1.2). */
+const TIME_DIM = 256;
+const MAX_PERIOD = 10000;
+const TIME_FACTOR = 1000;
+
+export function headDim(c: Flux2Config): number {
+  return c.hiddenSize / c.numHeads;
+}
+
+export function mlpHidden(c: Flux2Config): number {
+  return Math.round(c.hiddenSize * c.mlpRatio);
+}
+
+/** The config of a checkpoint file or folder (BFL params JSON, diffusers config, or read off the tensor shapes). */
+export function readFlux2Config(pathOrFolder: string): Flux2Config {
+  return openFlux2Checkpoint(pathOrFolder).config;
+}
+
+// ───────────────────────── graph building ─────────────────────────
+
+/** Graph-building context: the builder, the weights by BFL name, and the config. */
+interface Ctx {
+  g: Graph;
+  w: Flux2Weights;
+  c: Flux2Config;
+}
+
+/** A BFL weight as one fp32 value: diffusers row blocks are concatenated in the graph (constant-folded by ORT). */
+function weight(cx: Ctx, name: string): Value {
+  const parts: TensorInfo[] = cx.w.get(name);
+  const vs = parts.map((p) => cx.g.weight(p, COMPUTE));
+  return vs.length === 1 ? vs[0] : concat(cx.g, vs, 0);
+}
+
+/** PyTorch `Linear(bias=False)`: `x Wᵀ` with W stored `[out, in]`. */
+function linear(cx: Ctx, x: Value, name: string): Value {
+  const { g } = cx;
+  return g.op('MatMul', [x, g.op('Transpose', [weight(cx, name)], { perm: [1, 0] }, { hint: 'wT' })], {}, { hint: name.replace(/\.weight$/, '') });
+}
+
+/** `[0, 0, …dims]` reshape keeping the leading (batch, sequence) dims. */
+function reshapeKeep2(g: Graph, x: Value, dims: number[]): Value {
+  return g.op('Reshape', [x, g.constI64([0, 0, ...dims])]);
+}
+
+/** §1.2 timestep embedding: `[cos | sin](1000·t · exp(−ln(10000)·k/128))`, k = 0..127, computed in fp32. */
+function timestepEmbedding(g: Graph, t: Value): Value {
+  const half = TIME_DIM / 2;
+  const freqs = Float32Array.from({ length: half }, (_, k) => Math.exp((-Math.log(MAX_PERIOD) * k) / half));
+  const tt = g.op('Unsqueeze', [g.op('Mul', [t, g.scalarF32(TIME_FACTOR)]), g.constI64([1])]); // [B, 1]
+  const args = g.op('Mul', [tt, g.constF32(freqs, [1, half], 'freqs')]); // [B, 128]
+  return concat(g, [g.op('Cos', [args]), g.op('Sin', [args])], -1);
+}
+
+/** `MLPEmbedder`: `out_layer(silu(in_layer(x)))`. */
+function mlpEmbedder(cx: Ctx, x: Value, prefix: string): Value {
+  return linear(cx, silu(cx.g, linear(cx, x, `${prefix}.in_layer.weight`)), `${prefix}.out_layer.weight`);
+}
+
+/** `Modulation`: `lin(silu(vec))` split into `n` vectors of [B, 1, H] (shift, scale, gate, …). Shared by all blocks. */
+function modulation(cx: Ctx, vec: Value, name: string, n: number): Value[] {
+  const m = linear(cx, silu(cx.g, vec), name);
+  return splitLast(cx.g, cx.g.op('Unsqueeze', [m, cx.g.constI64([1])]), Array(n).fill(cx.c.hiddenSize));
+}
+
+/** RoPE tables `(cos, sin)`, each [B, L, 1, head_dim/2, 1], for int64 positions `ids` [B, L, n_axes] (spec §2.1). */
+function ropeTables(cx: Ctx, ids: Value): { cos: Value; sin: Value } {
+  const { g, c } = cx;
+  const pairs = headDim(c) / 2;
+  // Angles = ids · F, where F[axis, j] = omega_j of that axis for the pairs the axis owns and 0 elsewhere: this
+  // writes the per-axis tables side by side (EmbedND's concatenation) as one MatMul. Done in float64 (as diffusers)
+  // so positions up to the 512 text tokens keep their angle exact to fp32 precision.
+  const F = new Float64Array(c.axesDim.length * pairs);
+  let j0 = 0;
+  c.axesDim.forEach((dim, axis) => {
+    for (let j = 0; j < dim / 2; j++) F[axis * pairs + j0 + j] = 1 / c.theta ** ((2 * j) / dim);
+    j0 += dim / 2;
+  });
+  const freqs = g.const({ type: 'float64', dims: [c.axesDim.length, pairs], data: new Uint8Array(F.buffer) }, 'rope_freqs');
+  const angles = g.op('MatMul', [g.op('Cast', [ids], { to: 11 }), freqs]); // [B, L, pairs] float64
+  const shape = g.constI64([0, 0, 1, pairs, 1]);
+  const table = (op: string) => g.op('Reshape', [g.op('Cast', [g.op(op, [angles])], { to: 1 }), shape]);
+  return { cos: table('Cos'), sin: table('Sin') };
+}
+
+/** `apply_rope`: rotate adjacent pairs `(x[2j], x[2j+1])` of x [B, L, heads, head_dim] by the angles (spec §2.1). */
+function applyRope(cx: Ctx, x: Value, pe: { cos: Value; sin: Value }): Value {
+  const { g, c } = cx;
+  const hd = headDim(c);
+  const pairs = g.op('Reshape', [x, g.constI64([0, 0, 0, hd / 2, 2])]);
+  const [x0, x1] = splitLast(g, pairs, [1, 1]);
+  const y0 = g.op('Sub', [g.op('Mul', [pe.cos, x0]), g.op('Mul', [pe.sin, x1])]);
+  const y1 = g.op('Add', [g.op('Mul', [pe.sin, x0]), g.op('Mul', [pe.cos, x1])]);
+  return g.op('Reshape', [concat(g, [y0, y1], -1), g.constI64([0, 0, 0, hd])], {}, { hint: 'rope' });
+}
+
+/** QK-norm: RMSNorm over each head's dims with a learned scale, eps 1e-6 (spec §1.2). */
+function qkNorm(cx: Ctx, x: Value, scaleName: string): Value {
+  const { g } = cx;
+  const ms = g.op('ReduceMean', [g.op('Mul', [x, x]), g.constI64([-1])], { keepdims: 1 });
+  const inv = g.op('Reciprocal', [g.op('Sqrt', [g.op('Add', [ms, g.scalarF32(EPS)])])]);
+  return g.op('Mul', [g.op('Mul', [x, inv]), weight(cx, scaleName)], {}, { hint: 'qk_norm' });
+}
+
+/** q/k/v [B, L, heads, head_dim] from a fused `[q | k | v]` projection [B, L, 3H], with QK-norm applied. */
+function splitQkv(cx: Ctx, qkv: Value, normPrefix: string): [Value, Value, Value] {
+  const { g, c } = cx;
+  const H = c.hiddenSize;
+  const [q, k, v] = splitLast(g, qkv, [H, H, H]).map((t) => reshapeKeep2(g, t, [c.numHeads, headDim(c)]));
+  return [qkNorm(cx, q, `${normPrefix}.query_norm.scale`), qkNorm(cx, k, `${normPrefix}.key_norm.scale`), v];
+}
+
+/**
+ * Joint attention over the whole sequence: RoPE on q and k, then `softmax(q kᵀ / √d) v` per head, no mask.
+ * q, k, v: [B, L, heads, head_dim]; returns [B, L, H] with heads merged `B L (H D)`.
+ */
+function attention(cx: Ctx, q: Value, k: Value, v: Value, pe: { cos: Value; sin: Value }): Value {
+  const { g, c } = cx;
+  const hd = headDim(c);
+  const qr = applyRope(cx, q, pe);
+  const kr = applyRope(cx, k, pe);
+  const qh = g.op('Transpose', [qr], { perm: [0, 2, 1, 3] }); // [B, heads, L, D]
+  const kh = g.op('Transpose', [kr], { perm: [0, 2, 3, 1] }); // [B, heads, D, L]
+  const vh = g.op('Transpose', [v], { perm: [0, 2, 1, 3] });
+  const scores = g.op('Mul', [g.op('MatMul', [qh, kh]), g.scalarF32(1 / Math.sqrt(hd))]);
+  const o = g.op('MatMul', [g.op('Softmax', [scores], { axis: -1 }), vh]);
+  return reshapeKeep2(g, g.op('Transpose', [o], { perm: [0, 2, 1, 3] }), [c.hiddenSize]);
+}
+
+/** SwiGLU: `silu(first half) * second half` (the first half is the gate, spec §1.2). */
+function swiglu(cx: Ctx, x: Value, mlp: number): Value {
+  const [gate, up] = splitLast(cx.g, x, [mlp, mlp]);
+  return cx.g.op('Mul', [silu(cx.g, gate), up], {}, { hint: 'swiglu' });
+}
+
+/** Sequence length of x [B, L, …] as a 1-D int64 tensor, for splitting the joint sequence back. */
+function seqLen(g: Graph, x: Value): Value {
+  return g.op('Shape', [x], { start: 1, end: 2 });
+}
+
+type Mod = Value[]; // shift1, scale1, gate1, shift2, scale2, gate2
+
+/** DoubleStreamBlock (spec §1.3): separate weights per stream, one joint attention, text first. */
+function doubleBlock(cx: Ctx, i: number, img: Value, txt: Value, pe: { cos: Value; sin: Value }, mImg: Mod, mTxt: Mod): [Value, Value] {
+  const { g, c } = cx;
+  const H = c.hiddenSize;
+  const p = `double_blocks.${i}`;
+  return g.within(p, () => {
+    const [qi, ki, vi] = splitQkv(cx, linear(cx, modulate(g, layerNormNoAffine(g, img, H, EPS), mImg[0], mImg[1]), `${p}.img_attn.qkv.weight`), `${p}.img_attn.norm`);
+    const [qt, kt, vt] = splitQkv(cx, linear(cx, modulate(g, layerNormNoAffine(g, txt, H, EPS), mTxt[0], mTxt[1]), `${p}.txt_attn.qkv.weight`), `${p}.txt_attn.norm`);
+    const o = attention(cx, concat(g, [qt, qi], 1), concat(g, [kt, ki], 1), concat(g, [vt, vi], 1), pe);
+    const [ot, oi] = g.opN('Split', [o, concat(g, [seqLen(g, txt), seqLen(g, img)], 0)], 2, { axis: 1 });
+    const stream = (x: Value, attnOut: Value, m: Mod, s: 'img' | 'txt'): Value => {
+      x = g.op('Add', [x, g.op('Mul', [m[2], linear(cx, attnOut, `${p}.${s}_attn.proj.weight`)])]);
+      const h = linear(cx, modulate(g, layerNormNoAffine(g, x, H, EPS), m[3], m[4]), `${p}.${s}_mlp.0.weight`);
+      return g.op('Add', [x, g.op('Mul', [m[5], linear(cx, swiglu(cx, h, mlpHidden(c)), `${p}.${s}_mlp.2.weight`)])]);
+    };
+    return [stream(img, oi, mImg, 'img'), stream(txt, ot, mTxt, 'txt')];
+  });
+}
+
+/** SingleStreamBlock (spec §1.3): one fused projection to q|k|v|gate|up, attention and MLP in parallel. */
+function singleBlock(cx: Ctx, i: number, h: Value, pe: { cos: Value; sin: Value }, m: Value[]): Value {
+  const { g, c } = cx;
+  const H = c.hiddenSize;
+  const mlp = mlpHidden(c);
+  const p = `single_blocks.${i}`;
+  return g.within(p, () => {
+    const y = linear(cx, modulate(g, layerNormNoAffine(g, h, H, EPS), m[0], m[1]), `${p}.linear1.weight`);
+    const [qkv, mlpIn] = splitLast(g, y, [3 * H, 2 * mlp]);
+    const [q, k, v] = splitQkv(cx, qkv, `${p}.norm`);
+    const o = attention(cx, q, k, v, pe);
+    const out = linear(cx, concat(g, [o, swiglu(cx, mlpIn, mlp)], -1), `${p}.linear2.weight`);
+    return g.op('Add', [h, g.op('Mul', [m[2], out])]);
+  });
+}
+
+/** LastLayer: adaLN with BFL's (shift, scale) order, then the projection back to latent channels. */
+function finalLayer(cx: Ctx, img: Value, vec: Value): Value {
+  const { g, c } = cx;
+  return g.within('final_layer', () => {
+    const [shift, scale] = modulation(cx, vec, 'final_layer.adaLN_modulation.1.weight', 2);
+    return linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight');
+  });
+}
+
+/**
+ * The whole forward (spec §1.3). Inputs: `x` [B, N, in] (target tokens then reference tokens), `x_ids` [B, N, 4]
+ * int64, `timesteps` [B] (sigma in [0, 1]), `ctx` [B, L, context_in_dim], `ctx_ids` [B, L, 4] int64, and for
+ * guidance-embedding models `guidance` [B]. Output `output` [B, N, in].
+ */
+export function buildFlux2Graph(w: Flux2Weights): Graph {
+  const c = w.config;
+  const g = new GraphBuilder('flux2_transformer');
+  const cx: Ctx = { g, w, c };
+  const x = g.input('x', 'float32', ['batch', 'n_img', c.inChannels]);
+  const xIds = g.input('x_ids', 'int64', ['batch', 'n_img', c.axesDim.length]);
+  const t = g.input('timesteps', 'float32', ['batch']);
+  const ctx = g.input('ctx', 'float32', ['batch', 'n_txt', c.contextInDim]);
+  const ctxIds = g.input('ctx_ids', 'int64', ['batch', 'n_txt', c.axesDim.length]);
+
+  let vec = g.within('time_in', () => mlpEmbedder(cx, timestepEmbedding(g, t), 'time_in'));
+  if (c.useGuidanceEmbed) {
+    const guidance = g.input('guidance', 'float32', ['batch']);
+    vec = g.op('Add', [vec, g.within('guidance_in', () => mlpEmbedder(cx, timestepEmbedding(g, guidance), 'guidance_in'))]);
+  }
+  const mImg = modulation(cx, vec, 'double_stream_modulation_img.lin.weight', 6);
+  const mTxt = modulation(cx, vec, 'double_stream_modulation_txt.lin.weight', 6);
+  const mSingle = modulation(cx, vec, 'single_stream_modulation.lin.weight', 3);
+  let img = linear(cx, x, 'img_in.weight');
+  let txt = linear(cx, ctx, 'txt_in.weight');
+  // Positions of the joint sequence, text first, as every attention sees it.
+  const pe = g.within('pe', () => ropeTables(cx, concat(g, [ctxIds, xIds], 1)));
+
+  for (let i = 0; i < c.depth; i++) [img, txt] = doubleBlock(cx, i, img, txt, pe, mImg, mTxt);
+  let h = concat(g, [txt, img], 1);
+  for (let i = 0; i < c.depthSingleBlocks; i++) h = singleBlock(cx, i, h, pe, mSingle);
+  const imgOut = g.op('Slice', [h, seqLen(g, txt), g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([1])]);
+  g.output(finalLayer(cx, imgOut, vec), 'output', 'float32', ['batch', 'n_img', c.inChannels]);
+  return g;
+}
+
+// ───────────────────────── runtime ─────────────────────────
+
+export interface Flux2ForwardInput {
+  /** [batch, nTokens, inChannels]: target-image tokens followed by reference-image tokens. */
+  x: Float32Array;
+  /** [batch, nTokens, 4] positions (t, h, w, l). */
+  xIds: BigInt64Array;
+  /** [batch] sigma in [0, 1], one per sample. */
+  timesteps: Float32Array;
+  /** [batch, nCtx, contextInDim] text context. */
+  ctx: Float32Array;
+  /** [batch, nCtx, 4] text positions (0, 0, 0, l). */
+  ctxIds: BigInt64Array;
+  /** [batch] guidance values; only for guidance-embedding models (FLUX.2 [dev]). */
+  guidance?: Float32Array;
+  batch: number;
+  nTokens: number;
+  nCtx: number;
+}
+
+export interface Flux2LoadOptions extends SessionConfig {}
+
+/** A loaded FLUX.2 transformer: `forward` runs one model evaluation (one denoising step). */
+export class Flux2Transformer {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly config: Flux2Config,
+    readonly layout: Flux2Weights['layout'],
+    /** The compiled graph file and whether it came from the cache. */
+    readonly graphFile: string,
+    readonly graphCached: boolean,
+  ) {}
+
+  /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) and its compiled graph. */
+  static async load(pathOrFolder: string, opts: Flux2LoadOptions = {}): Promise<Flux2Transformer> {
+    const w = openFlux2Checkpoint(pathOrFolder);
+    const key = { model: 'flux2-transformer', config: w.config, layout: w.layout };
+    const { session, file, cached } = await loadGraph('flux2-transformer', key, w.files, () => buildFlux2Graph(w), { lowMemory: true, ...opts });
+    return new Flux2Transformer(session, w.config, w.layout, file, cached);
+  }
+
+  /** Velocity for every input token, [batch, nTokens, inChannels]. */
+  async forward(inp: Flux2ForwardInput): Promise<Float32Array> {
+    const c = this.config;
+    const { batch: B, nTokens: N, nCtx: L } = inp;
+    for (const [k, v] of Object.entries({ batch: B, nTokens: N, nCtx: L })) {
+      if (!Number.isInteger(v) || v < 1) throw new RangeError(`flux2 forward: ${k} must be a positive integer, got ${v}`);
+    }
+    const expect = (name: string, arr: { length: number } | undefined, n: number) => {
+      if (!arr) throw new RangeError(`flux2 forward: ${name} is required`);
+      if (arr.length !== n) throw new RangeError(`flux2 forward: ${name} has ${arr.length} values, expected ${n}`);
+    };
+    const nAxes = c.axesDim.length;
+    expect('x', inp.x, B * N * c.inChannels);
+    expect('xIds', inp.xIds, B * N * nAxes);
+    expect('timesteps', inp.timesteps, B);
+    expect('ctx', inp.ctx, B * L * c.contextInDim);
+    expect('ctxIds', inp.ctxIds, B * L * nAxes);
+    const feeds: Record<string, ort.Tensor> = {
+      x: f32(inp.x, [B, N, c.inChannels]),
+      x_ids: i64(inp.xIds, [B, N, nAxes]),
+      timesteps: f32(inp.timesteps, [B]),
+      ctx: f32(inp.ctx, [B, L, c.contextInDim]),
+      ctx_ids: i64(inp.ctxIds, [B, L, nAxes]),
+    };
+    if (c.useGuidanceEmbed) {
+      expect('guidance', inp.guidance, B);
+      feeds.guidance = f32(inp.guidance!, [B]);
+    }
+    const out = await this.session.run(feeds);
+    return out.output.data as Float32Array;
+  }
+
+  async close(): Promise<void> {
+    await this.session.release();
+  }
+}
+
+// ───────────────────────── random checkpoints (tests, benchmarks, tiny pipelines) ─────────────────────────
+
+export interface RandomFlux2Options {
+  /** Storage dtype; default BF16 like the real checkpoints. */
+  dtype?: 'BF16' | 'F16' | 'F32';
+  /** Key layout; default 'bfl'. The same seed gives the same weights in both layouts. */
+  layout?: Flux2Layout;
+  seed?: number;
+}
+
+/** FNV-1a of a string, to give every tensor its own reproducible random stream. */
+function hashName(s: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
+  return h >>> 0;
+}
+
+/**
+ * Deterministic random values for one BFL tensor: Linear weights uniform with std 1/√fan_in (activations keep their
+ * scale through the 25 blocks, so timings see realistic numbers, no NaN or denormal storms); norm scales 1 ± 0.1.
+ */
+function randomTensor(name: string, shape: number[], seed: number): Float32Array {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const out = new Float32Array(n);
+  const amp = name.endsWith('.scale') ? 0.2 : Math.sqrt(3 / shape[shape.length - 1]) * 2;
+  const offset = name.endsWith('.scale') ? 1 : 0;
+  let x = (hashName(name) ^ Math.imul(seed + 1, 0x9e3779b1)) >>> 0 || 1;
+  const bits = new Uint32Array(1);
+  const f = new Float32Array(bits.buffer);
+  for (let i = 0; i < n; i++) {
+    // xorshift32, then 23 random mantissa bits → uniform in [1, 2)
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    bits[0] = 0x3f800000 | (x >>> 9);
+    out[i] = offset + (f[0] - 1.5) * amp;
+  }
+  return out;
+}
+
+/**
+ * Writes a random-weight FLUX.2 transformer checkpoint to `file` (a `.safetensors` path) with the real key names
+ * and shapes of `config`, in the BFL or diffusers layout (diffusers: q/k/v split, final adaLN halves swapped, as
+ * the official converter does). Tensors are generated one at a time, so a full-size klein 4B never sits in memory.
+ * The config is also stored in the file's metadata (`flux2_config`); config.json files are the caller's business.
+ */
+export function writeRandomFlux2Checkpoint(file: string, config: Flux2Config, opts: RandomFlux2Options = {}): void {
+  const dtype = opts.dtype ?? 'BF16';
+  const layout = opts.layout ?? 'bfl';
+  const seed = opts.seed ?? 0;
+  const encode = (a: Float32Array) => (dtype === 'F32' ? a : dtype === 'BF16' ? f32ToBf16(a) : f32ToF16(a));
+  const tensors: Record<string, TensorToWrite> = {};
+  // diffusers splits one BFL tensor into several: generate it once, hand out its row blocks in order
+  let cache: { name: string; data: Float32Array } | undefined;
+  const bflData = (name: string, shape: number[]) => {
+    if (cache?.name !== name) cache = { name, data: randomTensor(name, shape, seed) };
+    return cache.data;
+  };
+  for (const { name, shape } of flux2BflShapes(config)) {
+    if (layout === 'bfl') {
+      tensors[name] = { dtype, shape, data: () => encode(randomTensor(name, shape, seed)) };
+      continue;
+    }
+    const rowLen = shape.slice(1).reduce((a, b) => a * b, 1);
+    const src = diffusersSource(name);
+    if ('parts' in src) {
+      const rows = shape[0] / src.parts.length;
+      src.parts.forEach((part, k) => {
+        tensors[part] = { dtype, shape: [rows, ...shape.slice(1)], data: () => encode(bflData(name, shape).subarray(k * rows * rowLen, (k + 1) * rows * rowLen)) };
+      });
+    } else {
+      const half = (shape[0] / 2) * rowLen;
+      tensors[src.swapHalves] = {
+        dtype,
+        shape,
+        data: () => {
+          const d = bflData(name, shape);
+          const swapped = new Float32Array(d.length);
+          swapped.set(d.subarray(half), 0);
+          swapped.set(d.subarray(0, half), half);
+          return encode(swapped);
+        },
+      };
+    }
+  }
+  writeSafetensors(file, tensors, { format: 'pt', generator: 'klein writeRandomFlux2Checkpoint', flux2_config: JSON.stringify(config), seed: String(seed) });
+}
