@@ -6,6 +6,9 @@ import { registerBench } from './bench.ts';
 import { registerDevices } from './devices.ts';
 import { registerPull } from './pull.ts';
 import { registerModels } from './models.ts';
+import { registerGenerate } from './generate.ts';
+import { registerEdit } from './edit.ts';
+import { registerDev } from './dev.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -17,6 +20,9 @@ export function buildProgram(): Command {
   registerDevices(program);
   registerPull(program);
   registerModels(program);
+  registerGenerate(program);
+  registerEdit(program);
+  registerDev(program);
   const bench = registerBench(program);
   void bench;
   return program;
