@@ -5,6 +5,7 @@ import { vaeComponent } from './vae.ts';
 import { tokenizerComponent } from './tokenizer.ts';
 import { textEncoderComponent } from './text-encoder.ts';
 import { samplerComponent } from './sampler.ts';
+import { pipelineComponent } from './pipeline.ts';
 import { birefnetComponent } from './birefnet.ts';
 import { transformerComponent } from './transformer.ts';
 
@@ -14,6 +15,6 @@ export const COMPONENTS: ConformComponent[] = [
   transformerComponent,
   vaeComponent,
   samplerComponent,
-  notImplemented('pipeline', 'pipeline'),
+  pipelineComponent,
   birefnetComponent,
 ];
