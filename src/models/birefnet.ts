@@ -55,6 +55,8 @@ export const BIREFNET_CONFIGS = {
 export const DEFAULT_INPUT_SIZE = 1024;
 export const IMAGENET_MEAN = [0.485, 0.456, 0.406] as const;
 export const IMAGENET_STD = [0.229, 0.224, 0.225] as const;
+/** Bump when the graph built for a given config changes, so cached .onnx files are rebuilt. */
+const GRAPH_VERSION = 3;
 const LN_EPS = 1e-5;
 const BN_EPS = 1e-5;
 
@@ -217,6 +219,27 @@ interface Stage {
   heads: number;
 }
 
+/** Per-graph caches: one index constant per window size, one folded bias per block shared by both scales. */
+const graphCaches = new WeakMap<Graph, Map<string, Value>>();
+
+function cached(g: Graph, key: string, make: () => Value): Value {
+  let m = graphCaches.get(g);
+  if (!m) graphCaches.set(g, (m = new Map()));
+  let v = m.get(key);
+  if (!v) m.set(key, (v = make()));
+  return v;
+}
+
+/** `table[relative_position_index]` as `[1, h, N, N]`: a Gather on an initializer, which ORT folds at load. */
+function relativePositionBias(g: Graph, w: W, p: string, ws: number, h: number): Value {
+  const N = ws * ws;
+  return cached(g, `bias:${p}`, () => {
+    const index = cached(g, `index:${ws}`, () => g.constI64(relativePositionIndex(ws), [N * N], 'relative_position_index'));
+    const gathered = g.op('Gather', [wt(g, w, `${p}.relative_position_bias_table`), index], { axis: 0 });
+    return reshape(g, transpose(g, reshape(g, gathered, [N, N, h]), [2, 0, 1]), [1, h, N, N]);
+  });
+}
+
 function windowAttention(g: Graph, w: W, x: Value, p: string, st: Stage, ws: number, nW: number, mask: Value | null): Value {
   const N = ws * ws;
   const C = st.dim;
@@ -227,10 +250,7 @@ function windowAttention(g: Graph, w: W, x: Value, p: string, st: Stage, ws: num
   const q = g.op('Mul', [transpose(g, reshape(g, q0, [nW, N, h, d]), [0, 2, 1, 3]), g.scalarF32(d ** -0.5)]);
   const kT = transpose(g, reshape(g, k0, [nW, N, h, d]), [0, 2, 3, 1]);
   const v = transpose(g, reshape(g, v0, [nW, N, h, d]), [0, 2, 1, 3]);
-  // bias = table[relative_position_index] as [1, h, N, N]; a Gather on an initializer, folded by ORT at load
-  const table = wt(g, w, `${p}.relative_position_bias_table`);
-  const gathered = g.op('Gather', [table, g.constI64(relativePositionIndex(ws), [N * N])], { axis: 0 });
-  const bias = reshape(g, transpose(g, reshape(g, gathered, [N, N, h]), [2, 0, 1]), [1, h, N, N]);
+  const bias = relativePositionBias(g, w, p, ws, h);
   let attn = g.op('Add', [g.op('MatMul', [q, kT]), bias]);
   if (mask) attn = g.op('Add', [attn, mask]);
   attn = g.op('Softmax', [attn], { axis: -1 });
@@ -358,6 +378,22 @@ function gradientAttention(g: Graph, w: W, p: Value, level: number, tap: Tap): V
   return g.op('Mul', [p, g.op('Sigmoid', [a])]);
 }
 
+/**
+ * `conv_out1(cat(upsample(d1 → H×W), ipt))`, computed as `upsample(conv_a(d1)) + conv_b(ipt)`: the 1×1 conv and the
+ * bilinear upsample are both linear (and the upsample's weights sum to 1), so they commute. The reference form
+ * materialises d1 at full resolution (192 ch × 1024² = 805 MB for Swin-L, 3.2 GB at 2048²); this one upsamples a
+ * single channel.
+ */
+function outputHead(g: Graph, w: W, d1: Value, hw: [number, number], ipt: Value, H: number, Wd: number): Value {
+  const c1 = w.get('decoder.decoder_block1.conv_out.weight').shape[0];
+  const total = w.get('decoder.conv_out1.0.weight').shape[1];
+  const weight = wt(g, w, 'decoder.conv_out1.0.weight');
+  const part = (from: number, to: number) => g.op('Slice', [weight, g.constI64([from]), g.constI64([to]), g.constI64([1])], {}, { hint: 'conv_out1_part' });
+  const low = g.op('Conv', [d1, part(0, c1)], { kernel_shape: [1, 1] });
+  const high = g.op('Conv', [ipt, part(c1, total), wt(g, w, 'decoder.conv_out1.0.bias')], { kernel_shape: [1, 1] });
+  return g.op('Add', [resizeAC(g, low, hw, [H, Wd], 1), high], {}, { hint: 'logits' });
+}
+
 type Tap = (name: string, v: Value) => void;
 
 export interface BuildOptions {
@@ -417,9 +453,7 @@ export function buildBiRefNetGraph(w: BiRefNetWeights, cfg: BiRefNetConfig, H: n
     const up = g.op('Add', [resizeAC(g, p, phw, x1.hw, pc), conv(g, w, x1.v, 'decoder.lateral_block2.conv')]);
     const d1 = basicDecBlk(g, w, concat(g, [up, patchesAt(2, x1.hw)], 1), 'decoder.decoder_block1', x1.hw, tap);
     tap('dbg.decoder.decoder_block1', d1);
-    const c1 = w.get('decoder.decoder_block1.conv_out.weight').shape[0];
-    const head = concat(g, [resizeAC(g, d1, x1.hw, [H, Wd], c1), simpleConvs(g, w, x, 'decoder.ipt_blk1')], 1);
-    return conv(g, w, head, 'decoder.conv_out1.0');
+    return outputHead(g, w, d1, x1.hw, simpleConvs(g, w, x, 'decoder.ipt_blk1'), H, Wd);
   });
   g.output(logits, 'logits', 'float32', [1, 1, H, Wd]);
   g.output(g.op('Sigmoid', [logits]), 'alpha', 'float32', [1, 1, H, Wd]);
@@ -588,9 +622,11 @@ export interface BiRefNetOutput {
 }
 
 function defaultInputSize(p: string): InputSize {
-  const base = path.basename(path.resolve(p));
+  // the checkpoint's name is in its folder (HF repo) or its file name
+  const abs = path.resolve(p);
+  const base = `${path.basename(path.dirname(abs))}/${path.basename(abs)}`;
   if (/dynamic/i.test(base)) return 'dynamic';
-  if (/(^|[_\-.])HR([_\-.]|$)/.test(base)) return 2048;
+  if (/(^|[_\-./])HR([_\-./]|$)/.test(base)) return 2048;
   return DEFAULT_INPUT_SIZE;
 }
 
@@ -641,17 +677,18 @@ export class BiRefNet {
   static async load(folderOrFile: string, opts: BiRefNetLoadOptions = {}): Promise<BiRefNet> {
     let ckpt: Checkpoint;
     try {
-      ckpt = openWritable(Checkpoint.open(folderOrFile));
+      ckpt = Checkpoint.open(folderOrFile);
     } catch (e) {
       throw new BiRefNetError(`cannot open BiRefNet weights at ${folderOrFile}: ${(e as Error).message}`);
     }
-    const weights = new BiRefNetWeights(ckpt);
+    const config = inferBiRefNetConfig(new BiRefNetWeights(ckpt)); // fails fast on a foreign checkpoint
+    const weights = new BiRefNetWeights(openWritable(ckpt));
     const inputSize = opts.inputSize ?? defaultInputSize(folderOrFile);
     if (inputSize !== 'dynamic') {
       const [h, w] = typeof inputSize === 'number' ? [inputSize, inputSize] : inputSize;
       if (h % 32 || w % 32 || h <= 0 || w <= 0) throw new BiRefNetError(`BiRefNet input size must be a positive multiple of 32, got ${w}×${h}`);
     }
-    const model = new BiRefNet(weights, inferBiRefNetConfig(weights), inputSize, opts);
+    const model = new BiRefNet(weights, config, inputSize, opts);
     if (inputSize !== 'dynamic') await model.session(...model.modelSize(0, 0));
     return model;
   }
@@ -667,7 +704,7 @@ export class BiRefNet {
     let s = this.sessions.get(key);
     if (!s) {
       const debug = !!this.opts.debug;
-      s = loadGraph(`birefnet-${key}${debug ? '-debug' : ''}`, { model: 'birefnet', config: this.config, h, w, debug }, this.weights.files, () => buildBiRefNetGraph(this.weights, this.config, h, w, { debug }), this.opts.session).then((r) => r.session);
+      s = loadGraph(`birefnet-${key}${debug ? '-debug' : ''}`, { model: 'birefnet', graph: GRAPH_VERSION, config: this.config, h, w, debug }, this.weights.files, () => buildBiRefNetGraph(this.weights, this.config, h, w, { debug }), this.opts.session).then((r) => r.session);
       s.catch(() => this.sessions.delete(key));
       this.sessions.set(key, s);
     }
