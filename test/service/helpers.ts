@@ -8,6 +8,7 @@ import { createApp, type Service } from '../../src/service/app.ts';
 import { createKey } from '../../src/service/auth.ts';
 import { type ConfigOverrides, loadConfig } from '../../src/service/config.ts';
 import { createLogger } from '../../src/service/logger.ts';
+import { sha256Hex } from '../../src/service/time.ts';
 
 export function tempDir(prefix = 'klein-svc-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -29,13 +30,14 @@ export interface Harness {
   newKey: (opts?: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean }) => string;
 }
 
-export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides }): Promise<Harness> {
+/** `key`: use this existing key for `api` (a restarted service over the same data folder). */
+export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string }): Promise<Harness> {
   const dataDir = o.dataDir ?? tempDir();
   const cfg = loadConfig(dataDir, { ...TEST_CONFIG, ...(o.config ?? {}), callbacks: { ...TEST_CONFIG.callbacks, ...(o.config?.callbacks ?? {}) }, inputs: { ...TEST_CONFIG.inputs, ...(o.config?.inputs ?? {}) } });
   const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent') });
   const { url } = await svc.listen(0, '127.0.0.1');
   const newKey = (k: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean } = {}) => createKey(svc.store, { name: 'test', ...k }).key;
-  const first = createKey(svc.store, { name: 'test' });
+  const first = o.key ? { key: o.key, row: svc.store.keyByHash(sha256Hex(o.key))! } : createKey(svc.store, { name: 'test' });
   const api: Harness['api'] = async (method, p, body, headers = {}) => {
     const res = await fetch(url + p, {
       method,
@@ -71,8 +73,15 @@ export class StandInPipeline implements ImagePipeline {
   private gates: (() => void)[] = [];
   constructor(readonly opts: { stepMs?: number; manual?: boolean } = {}) {}
 
+  private credits = 0;
+
+  /** Let `n` steps finish (now, or as soon as they are reached). */
   release(n = 1): void {
-    for (let i = 0; i < n; i++) this.gates.shift()?.();
+    for (let i = 0; i < n; i++) {
+      const g = this.gates.shift();
+      if (g) g();
+      else this.credits++;
+    }
   }
 
   async generate(req: GenerateRequest, o: GenerateOptions = {}): Promise<GenerateResult> {
@@ -80,7 +89,14 @@ export class StandInPipeline implements ImagePipeline {
     const steps = req.steps ?? 4;
     o.onProgress?.({ stage: 'text' });
     for (let s = 1; s <= steps; s++) {
-      if (this.opts.manual) await new Promise<void>((res) => { this.gates.push(res); o.signal?.addEventListener('abort', () => res(), { once: true }); });
+      if (this.opts.manual && this.credits > 0) this.credits--;
+      else if (this.opts.manual) {
+        await new Promise<void>((res) => {
+          this.gates.push(res);
+          // an aborted step leaves the queue of gates, so a later release() reaches the next run
+          o.signal?.addEventListener('abort', () => { this.gates = this.gates.filter((g) => g !== res); res(); }, { once: true });
+        });
+      }
       else await new Promise((res) => setTimeout(res, this.opts.stepMs ?? 5));
       if (o.signal?.aborted) throw new DOMException('cancelled', 'AbortError');
       o.onProgress?.({ stage: 'denoise', step: s, total: steps });

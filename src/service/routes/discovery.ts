@@ -63,6 +63,7 @@ export function registerDiscovery(app: App, deps: Deps): void {
     responses: { 200: { description: 'Index', content: { 'application/json': { schema: z.object({ $schema: z.string(), skills: z.array(z.object({ name: z.string(), type: z.string(), description: z.string(), url: z.string(), digest: z.string() })) }) } } } },
   }), (c) => c.json(skillIndex(deps.cfg)));
 
+  app.openAPIRegistry.registerPath(createRoute({ method: 'get', path: '/openapi.json', tags: ['Discovery'], summary: 'This OpenAPI 3.1 document', responses: { 200: { description: 'OpenAPI document', content: { 'application/json': { schema: z.record(z.string(), z.unknown()) } } } } }));
   app.get('/openapi.json', (c) =>
     c.json(app.getOpenAPI31Document({
       openapi: '3.1.0',
