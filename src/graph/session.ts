@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import type { Graph } from './onnx-graph.ts';
-import { executionProviders, resolveDevice, type Device, type DeviceRequest } from './device.ts';
+import { executionProviders, nodesOfTypes, resolveDevice, webgpuCpuOps, type Device, type DeviceRequest } from './device.ts';
 
 export { ort };
 
@@ -26,6 +26,8 @@ export interface SessionConfig {
    * activation buffer per run (measured 5.3 GiB vs 1.1 GiB for a 1 GiB bf16 weight).
    */
   lowMemory?: boolean;
+  /** Nodes to run on the CPU although the device is webgpu (openSession fills it from device.ts's list). */
+  forceCpuNodeNames?: string[];
   /** Where ORT writes its optimised graph, for inspection (debugging only). */
   optimizedModelPath?: string;
 }
@@ -112,7 +114,7 @@ export function compileGraph(name: string, key: unknown, weightFiles: string[], 
 export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.SessionOptions {
   const threads = cfg.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
   const opts: ort.InferenceSession.SessionOptions = {
-    executionProviders: executionProviders(concreteDevice(cfg.device)),
+    executionProviders: executionProviders(concreteDevice(cfg.device), { forceCpuNodeNames: cfg.forceCpuNodeNames }),
     graphOptimizationLevel: 'all',
     intraOpNumThreads: threads,
     interOpNumThreads: 1,
@@ -134,7 +136,8 @@ function concreteDevice(d: DeviceRequest | undefined): Device {
 export async function openSession(file: string, cfg: SessionConfig = {}): Promise<ort.InferenceSession> {
   // Resolving first turns ORT's bare "Failed to load shared library" into an error that says how to get the device.
   const device = await resolveDevice(cfg.device ?? 'cpu');
-  return ort.InferenceSession.create(file, sessionOptions({ ...cfg, device }));
+  const forceCpuNodeNames = device === 'webgpu' ? [...(cfg.forceCpuNodeNames ?? []), ...nodesOfTypes(file, webgpuCpuOps())] : cfg.forceCpuNodeNames;
+  return ort.InferenceSession.create(file, sessionOptions({ ...cfg, device, forceCpuNodeNames }));
 }
 
 /** Compiles (or reuses) a graph and opens a session on it. */
