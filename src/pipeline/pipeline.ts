@@ -232,6 +232,16 @@ export class KleinPipeline implements ImagePipeline {
     return this.model.variant;
   }
 
+  /** Which large components are in memory now (for tests, health endpoints and memory reports). */
+  loadedComponents(): Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder'> {
+    const out: Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder'> = [];
+    if (this.text.loaded) out.push('text-encoder');
+    if (this.denoiser) out.push('transformer');
+    if (this.vaeEncoder) out.push('vae-encoder');
+    if (this.vaeDecoder) out.push('vae-decoder');
+    return out;
+  }
+
   /** Components stay resident on a GPU, or on request; on the CPU each is released after its stage. */
   private get resident(): boolean {
     return this.opts.keepLoaded === true || (this.opts.device !== undefined && this.opts.device !== 'cpu');
