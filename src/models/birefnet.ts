@@ -621,7 +621,8 @@ export interface BiRefNetOutput {
   debug: Record<string, Float32Array>;
 }
 
-function defaultInputSize(p: string): InputSize {
+/** The default model input for a checkpoint path: HR variants 2048², `_dynamic` the image's own size, else 1024². */
+export function defaultInputSize(p: string): InputSize {
   // the checkpoint's name is in its folder (HF repo) or its file name
   const abs = path.resolve(p);
   const base = `${path.basename(path.dirname(abs))}/${path.basename(abs)}`;

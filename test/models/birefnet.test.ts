@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import {
   BiRefNet, BiRefNetWeights, BIREFNET_CONFIGS, biRefNetStateDictShapes, inferBiRefNetConfig, relativePositionIndex,
-  shiftRegionIds, writeRandomBiRefNetCheckpoint, pilResize, resizeBilinearAlignCorners, type BiRefNetConfig,
+  shiftRegionIds, writeRandomBiRefNetCheckpoint, defaultInputSize, pilResize, resizeBilinearAlignCorners, type BiRefNetConfig,
 } from '../../src/models/birefnet.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { compareRelative } from '../../src/conform/compare.ts';
@@ -149,6 +149,14 @@ test('random tiny matting weights: real layout, deterministic, a soft non-consta
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test('the default input size follows the checkpoint name', () => {
+  assert.equal(defaultInputSize('/models/BiRefNet-matting/model.safetensors'), 1024);
+  assert.equal(defaultInputSize('/models/BiRefNet_HR-matting/model.safetensors'), 2048);
+  assert.equal(defaultInputSize('/models/birefnet/BiRefNet_HR.safetensors'), 2048);
+  assert.equal(defaultInputSize('/models/BiRefNet_dynamic'), 'dynamic');
+  assert.equal(defaultInputSize('/models/THREE/model.safetensors'), 1024);
 });
 
 test('dynamic input size follows the image, rounded to a multiple of 32', async () => {
