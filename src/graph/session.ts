@@ -125,6 +125,8 @@ export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.Se
     opts.enableMemPattern = false;
   }
   if (cfg.optimizedModelPath) opts.optimizedModelFilePath = cfg.optimizedModelPath;
+  // 0 = verbose: ORT then lists which nodes each provider got (how CPU fallbacks on webgpu/cuda were found).
+  if (process.env.KLEIN_ORT_LOG_LEVEL) opts.logSeverityLevel = Number(process.env.KLEIN_ORT_LOG_LEVEL) as 0 | 1 | 2 | 3 | 4;
   return opts;
 }
 
