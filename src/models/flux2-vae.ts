@@ -298,19 +298,24 @@ export interface VaeLoadOptions extends SessionConfig {
 
 export interface DecodeOptions {
   /**
-   * Tiled decoding: latent tiles of `tile` tokens per side overlapping by `overlap` tokens, blended linearly.
-   * `'auto'` (default) tiles only images above `autoTileAbove` pixels, where the plain decoder's full-resolution
-   * activations (128–256 channels × H × W × 4 bytes each) would no longer fit comfortably in memory.
+   * Tiled decoding: the latent is cut into overlapping tiles of at most `maxTile` tokens per side (overlap at
+   * least `overlap` tokens), each decoded alone and blended linearly. `'auto'` (default) tiles only outputs above
+   * AUTO_TILE_ABOVE_PIXELS, where the untiled decoder's full-resolution activations (128–256 channels × H × W ×
+   * 4 bytes each, several alive at once) would no longer fit comfortably in memory.
    */
   tiling?: 'auto' | 'always' | 'never';
-  tile?: number;
+  maxTile?: number;
   overlap?: number;
   /** Called after each tile with (done, total). */
   onTile?: (done: number, total: number) => void;
 }
 
-/** Above this many output pixels the decoder tiles by default (2048² untiled peaks ≈ 20 GiB; 1536² fits). */
+/** Above this many output pixels the decoder tiles by default (1536² untiled measured to fit; see benchmarks.md). */
 export const AUTO_TILE_ABOVE_PIXELS = 1536 * 1536;
+/** Default largest tile side in latent tokens (96 tokens = 1536 px). */
+export const DEFAULT_MAX_TILE = 96;
+/** Default least overlap between tiles in latent tokens (8 tokens = 128 px, beyond the decoder's 3×3 receptive growth). */
+export const DEFAULT_TILE_OVERLAP = 8;
 
 export interface EncodeResult {
   latent: Float32Array;
@@ -378,6 +383,11 @@ export class Flux2VAE {
     return this.decoderSession;
   }
 
+  /** Pixels per latent token side: 2^(levels − 1) from the downsamplers × 2 from the patch (16 for FLUX.2). */
+  get scale(): number {
+    return 2 ** (this.config.chMult.length - 1) * 2;
+  }
+
   /** BatchNorm running statistics (for pure-TS latent conversions). */
   bnStats(): { mean: Float32Array; var: Float32Array } {
     return { mean: readFloat32(this.ckpt.info('bn.running_mean')), var: readFloat32(this.ckpt.info('bn.running_var')) };
@@ -387,7 +397,7 @@ export class Flux2VAE {
   async encode(image: Float32Array, dims: readonly number[], opts: { withMoments?: boolean } = {}): Promise<EncodeResult> {
     const [b, c, hh, ww] = dims;
     if (dims.length !== 4 || c !== this.config.inChannels) throw new Error(`VAE encode expects [B, ${this.config.inChannels}, H, W], got [${dims.join(', ')}]`);
-    if (hh % VAE_SCALE || ww % VAE_SCALE || hh === 0 || ww === 0) throw new Error(`VAE encode needs H and W to be positive multiples of ${VAE_SCALE}, got ${hh}×${ww}`);
+    if (hh % this.scale || ww % this.scale || hh === 0 || ww === 0) throw new Error(`VAE encode needs H and W to be positive multiples of ${this.scale}, got ${hh}×${ww}`);
     if (image.length !== b * c * hh * ww) throw new Error(`image has ${image.length} values, dims [${dims.join(', ')}] need ${b * c * hh * ww}`);
     const s = await this.encoder();
     const r = await s.run({ image: f32(image, dims) });
@@ -404,17 +414,17 @@ export class Flux2VAE {
     const [b, c, h, w] = dims;
     if (dims.length !== 4 || c !== 4 * this.config.zChannels) throw new Error(`VAE decode expects [B, ${4 * this.config.zChannels}, h, w], got [${dims.join(', ')}]`);
     if (latent.length !== b * c * h * w) throw new Error(`latent has ${latent.length} values, dims [${dims.join(', ')}] need ${b * c * h * w}`);
-    const tile = opts.tile ?? 64;
-    const overlap = opts.overlap ?? 8;
+    const maxTile = opts.maxTile ?? DEFAULT_MAX_TILE;
+    const overlap = opts.overlap ?? DEFAULT_TILE_OVERLAP;
     const tiling = opts.tiling ?? 'auto';
-    const big = h * w * VAE_SCALE * VAE_SCALE > AUTO_TILE_ABOVE_PIXELS;
-    if (tiling === 'never' || (tiling === 'auto' && !big) || (h <= tile && w <= tile)) {
+    const big = h * w * this.scale * this.scale > AUTO_TILE_ABOVE_PIXELS;
+    if (tiling === 'never' || (tiling === 'auto' && !big) || (h <= maxTile && w <= maxTile)) {
       const s = await this.decoder();
       const r = await s.run({ latent: f32(latent, dims) });
       opts.onTile?.(1, 1);
       return { image: r.image.data as Float32Array, dims: r.image.dims as number[] };
     }
-    return decodeTiled((lat, d) => this.decodeUntiled(lat, d), latent, dims, { tile, overlap, scale: VAE_SCALE, outChannels: this.config.outChannels, onTile: opts.onTile });
+    return decodeTiled((lat, d) => this.decodeUntiled(lat, d), latent, dims, { maxTile, overlap, scale: this.scale, outChannels: this.config.outChannels, onTile: opts.onTile });
   }
 
   private async decodeUntiled(latent: Float32Array, dims: number[]): Promise<Float32Array> {
@@ -430,13 +440,17 @@ export class Flux2VAE {
   }
 }
 
-/** Start offsets of tiles of size `tile` with at least `overlap` shared cells covering [0, n). */
-export function tileStarts(n: number, tile: number, overlap: number): number[] {
-  if (n <= tile) return [0];
-  if (overlap >= tile) throw new Error(`tile overlap ${overlap} must be smaller than the tile size ${tile}`);
-  const count = Math.ceil((n - overlap) / (tile - overlap));
-  const stride = (n - tile) / (count - 1);
-  return Array.from({ length: count }, (_, i) => Math.round(i * stride));
+/**
+ * Tiles covering [0, n): as few as possible of at most `maxTile` cells, overlapping by at least `overlap`, all the
+ * same size and evenly spread (so no tile is a thin sliver with poor GroupNorm statistics).
+ */
+export function planTiles(n: number, maxTile: number, overlap: number): { starts: number[]; size: number } {
+  if (n <= maxTile) return { starts: [0], size: n };
+  if (overlap >= maxTile) throw new Error(`tile overlap ${overlap} must be smaller than the largest tile ${maxTile}`);
+  const count = Math.ceil((n - overlap) / (maxTile - overlap));
+  const size = Math.ceil((n + (count - 1) * overlap) / count);
+  const stride = (n - size) / (count - 1);
+  return { starts: Array.from({ length: count }, (_, i) => Math.round(i * stride)), size };
 }
 
 /**
@@ -448,7 +462,7 @@ export async function decodeTiled(
   run: (latent: Float32Array, dims: number[]) => Promise<Float32Array>,
   latent: Float32Array,
   dims: readonly number[],
-  o: { tile: number; overlap: number; scale: number; outChannels: number; onTile?: (done: number, total: number) => void },
+  o: { maxTile: number; overlap: number; scale: number; outChannels: number; onTile?: (done: number, total: number) => void },
 ): Promise<{ image: Float32Array; dims: number[] }> {
   const [B, C, h, w] = dims;
   const S = o.scale;
@@ -456,14 +470,16 @@ export async function decodeTiled(
   const W = w * S;
   const out = new Float32Array(B * o.outChannels * H * W);
   const weight = new Float32Array(H * W);
-  const ys = tileStarts(h, o.tile, o.overlap);
-  const xs = tileStarts(w, o.tile, o.overlap);
+  const py = planTiles(h, o.maxTile, o.overlap);
+  const px = planTiles(w, o.maxTile, o.overlap);
+  const ys = py.starts;
+  const xs = px.starts;
   const total = ys.length * xs.length;
   let done = 0;
   for (const y0 of ys) {
     for (const x0 of xs) {
-      const th = Math.min(o.tile, h - y0);
-      const tw = Math.min(o.tile, w - x0);
+      const th = py.size;
+      const tw = px.size;
       const part = new Float32Array(B * C * th * tw);
       for (let b = 0; b < B; b++)
         for (let c = 0; c < C; c++)
@@ -474,16 +490,19 @@ export async function decodeTiled(
       const img = await run(part, [B, C, th, tw]);
       const PH = th * S;
       const PW = tw * S;
-      // linear ramps over the overlap on sides that touch another tile
-      const ramp = (i: number, n: number, start: boolean, end: boolean) => {
-        const r = o.overlap * S;
+      // linear cross-fades over the exact overlap with each neighbour: the two weights sum to 1 there
+      const ramp = (i: number, n: number, before: number, after: number) => {
         let f = 1;
-        if (start) f = Math.min(f, (i + 0.5) / r);
-        if (end) f = Math.min(f, (n - i - 0.5) / r);
-        return Math.min(1, f);
+        if (before > 0) f = Math.min(f, (i + 0.5) / before);
+        if (after > 0) f = Math.min(f, (n - i - 0.5) / after);
+        return f;
       };
-      const wy = Float32Array.from({ length: PH }, (_, i) => ramp(i, PH, y0 > 0, y0 + th < h));
-      const wx = Float32Array.from({ length: PW }, (_, i) => ramp(i, PW, x0 > 0, x0 + tw < w));
+      const yi = ys.indexOf(y0);
+      const xi = xs.indexOf(x0);
+      const ovBefore = (starts: number[], k: number, size: number) => (k > 0 ? (starts[k - 1] + size - starts[k]) * S : 0);
+      const ovAfter = (starts: number[], k: number, size: number) => (k < starts.length - 1 ? (starts[k] + size - starts[k + 1]) * S : 0);
+      const wy = Float32Array.from({ length: PH }, (_, i) => ramp(i, PH, ovBefore(ys, yi, th), ovAfter(ys, yi, th)));
+      const wx = Float32Array.from({ length: PW }, (_, i) => ramp(i, PW, ovBefore(xs, xi, tw), ovAfter(xs, xi, tw)));
       for (let y = 0; y < PH; y++) {
         const Y = y0 * S + y;
         for (let x = 0; x < PW; x++) weight[Y * W + x0 * S + x] += wy[y] * wx[x];
