@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
 import { registerMattingBench } from '../../bench/matting.ts';
+import { registerVaeBench } from '../../bench/vae.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -10,5 +11,6 @@ export function registerBench(program: Command): Command {
   const bench = program.command('bench').description('measure speed and memory of one stage (prints figures, never asserts)');
   registerTextEncoderBench(bench);
   registerMattingBench(bench);
+  registerVaeBench(bench);
   return bench;
 }
