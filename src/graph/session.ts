@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import type { Graph } from './onnx-graph.ts';
-import { executionProviders, nodesOfTypes, resolveDevice, webgpuCpuOps, type Device, type DeviceRequest } from './device.ts';
+import { defaultDevice, executionProviders, nodesOfTypes, resolveDevice, webgpuCpuOps, type Device, type DeviceRequest } from './device.ts';
 
 export { ort };
 
@@ -17,7 +17,7 @@ export const GRAPH_FORMAT_VERSION = 1;
 export type { Device, DeviceRequest } from './device.ts';
 
 export interface SessionConfig {
-  /** Default cpu; `auto` and GPU devices are checked (and resolved) by openSession, see device.ts. */
+  /** Default $KLEIN_DEVICE, else cpu; `auto` and GPU devices are checked (and resolved) by openSession, see device.ts. */
   device?: DeviceRequest;
   /** Intra-op threads; default: all cores. */
   threads?: number;
@@ -131,13 +131,14 @@ export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.Se
 }
 
 function concreteDevice(d: DeviceRequest | undefined): Device {
-  if (d === 'auto') throw new Error("sessionOptions needs a concrete device: resolve 'auto' with resolveDevice() first (openSession does)");
-  return d ?? 'cpu';
+  const r = d ?? defaultDevice();
+  if (r === 'auto') throw new Error("sessionOptions needs a concrete device: resolve 'auto' with resolveDevice() first (openSession does)");
+  return r;
 }
 
 export async function openSession(file: string, cfg: SessionConfig = {}): Promise<ort.InferenceSession> {
   // Resolving first turns ORT's bare "Failed to load shared library" into an error that says how to get the device.
-  const device = await resolveDevice(cfg.device ?? 'cpu');
+  const device = await resolveDevice(cfg.device ?? defaultDevice());
   const forceCpuNodeNames = device === 'webgpu' ? [...(cfg.forceCpuNodeNames ?? []), ...nodesOfTypes(file, webgpuCpuOps())] : cfg.forceCpuNodeNames;
   return ort.InferenceSession.create(file, sessionOptions({ ...cfg, device, forceCpuNodeNames }));
 }
