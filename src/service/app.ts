@@ -22,6 +22,8 @@ import { registerCallbacks } from './routes/callbacks.ts';
 import { registerDiscovery } from './routes/discovery.ts';
 import { registerFiles } from './routes/files.ts';
 import { registerRuns } from './routes/runs.ts';
+import { openAIErrors, registerOpenAI } from './routes/openai.ts';
+import { registerMcp } from './mcp.ts';
 
 export interface CreateAppOptions {
   pipeline: ImagePipeline;
@@ -85,6 +87,7 @@ export function createApp(opts: CreateAppOptions): Service {
     log.info({ req: id, method: c.req.method, path: c.req.path, status: c.res.status, ms: Math.round(performance.now() - t0) }, 'request');
   });
 
+  app.use('/v1/images/*', openAIErrors); // before auth: its errors too get OpenAI's shape on these routes
   app.use('/v1/*', async (c, next) => {
     if (PUBLIC.some((re) => re.test(c.req.path)) && !(c.req.method === 'POST' && c.req.path.endsWith('/runs'))) return next();
     const key = authenticate(store, c.req.header('authorization'));
@@ -99,6 +102,8 @@ export function createApp(opts: CreateAppOptions): Service {
   registerCallbacks(app, deps);
   registerAccount(app, deps);
   registerFiles(app, deps);
+  registerOpenAI(app, deps);
+  registerMcp(app, deps);
 
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {
@@ -150,8 +155,9 @@ export function createApp(opts: CreateAppOptions): Service {
     async crash() {
       if (cleanupTimer) clearInterval(cleanupTimer);
       callbacks.stop();
-      queue.crash();
+      const settled = queue.crash(); // flags the queue at once, so nothing below is recorded
       await stopServer();
+      await settled;
       store.close();
     },
   };

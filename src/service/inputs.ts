@@ -82,6 +82,8 @@ export function buildRequest(input: ModelInput, seed: number, refs: Reference[])
     steps: input.num_inference_steps,
     guidance: input.guidance_scale,
     outputFormat: input.output_format,
+    // set by the OpenAI-compatible routes and MCP tools (output_compression); the Runflow schema has no such field
+    ...('output_quality' in input && typeof input.output_quality === 'number' ? { quality: input.output_quality } : {}),
     ...(refs.length ? { referenceImages: refs.map((r) => r.bytes) } : {}),
   };
 }

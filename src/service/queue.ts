@@ -3,6 +3,7 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { ImagePipeline, ProgressEvent } from '../pipeline/types.ts';
+import { PipelineInputError } from '../pipeline/request.ts';
 import type { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
 import type { FileStore, StoredImage } from './files.ts';
@@ -176,7 +177,10 @@ export class RunQueue extends EventEmitter {
     } catch (e) {
       if (this.gone(entry)) return this.settleInterrupted(run, entry);
       const err = e as Error;
-      const code = e instanceof InputError ? e.code : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
+      // the pipeline re-validates the request against the model variant; its rejections are the client's input
+      const inputFault = e instanceof InputError || e instanceof PipelineInputError;
+      if (e instanceof PipelineInputError) stage = 'preprocess';
+      const code = e instanceof InputError ? e.code : inputFault ? 'INPUT_VALIDATION_FAILED' : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
       log.warn({ err, code, stage }, 'run failed');
       this.finishUnbilled(run, 'failed', { failure_code: code, failure_stage: stage, failure_message: err.message });
       this.settled(run.id);
@@ -268,9 +272,11 @@ export class RunQueue extends EventEmitter {
   }
 
   /** Abandon everything without touching the store, as a killed process would (restart tests). */
-  crash(): void {
+  async crash(): Promise<void> {
     this.stopped = true;
     this.crashed = true;
     for (const a of this.active.values()) a.ac.abort(new Error('crashed'));
+    // the abandoned generations write nothing, but wait for them so the engine is free for the next service
+    await Promise.all([...this.active.values()].map((a) => a.done));
   }
 }

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { type Harness, pollUntil, StandInPipeline, startService, terminal } from './helpers.ts';
+import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { type Harness, pollUntil, realPipeline, startService, terminal } from './helpers.ts';
 
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
 
@@ -38,10 +39,15 @@ async function until<T>(f: () => T | undefined, timeoutMs = 10_000): Promise<T> 
 
 describe('callbacks', () => {
   let h: Harness;
+  let engine: ImagePipeline;
   before(async () => {
-    h = await startService({ pipeline: new StandInPipeline() });
+    engine = await realPipeline();
+    h = await startService({ pipeline: engine });
   });
-  after(async () => h.svc.close());
+  after(async () => {
+    await h.svc.close();
+    await engine.close();
+  });
 
   test('signed callback; a receiver failing twice gets retries with backoff; history; redelivery', async () => {
     const sec = await h.api('POST', '/v1/callback-secrets', { label: 'main' });
@@ -54,7 +60,7 @@ describe('callbacks', () => {
 
     const rx = await receiver([500, 503, 200]);
     const c = await h.api('POST', T2I, { input: { prompt: 'hook', image_size: { width: 64, height: 64 } }, callback_url: rx.url, metadata: { order: 42 } });
-    await pollUntil(h, c.json.id, terminal);
+    await pollUntil(h, c.json.id, terminal, 120_000);
     await until(() => rx.hits.length >= 3 || undefined);
     for (const hit of rx.hits) {
       assert.ok(verify(secret, hit.body, hit.headers['runflow-signature']), 'signature verifies over the raw body');
@@ -98,7 +104,7 @@ describe('callbacks', () => {
     const neu = await call('POST', '/v1/callback-secrets', { label: 'new' });
     const rx = await receiver([]);
     const run = await call('POST', T2I, { input: { prompt: 'rotate', image_size: { width: 64, height: 64 } }, callback_url: rx.url });
-    await until(() => rx.hits[0]);
+    await until(() => rx.hits[0], 60_000);
     const hit = rx.hits[0];
     assert.ok(verify(neu.plain_secret, hit.body, hit.headers['runflow-signature']));
     assert.ok(verify(old.plain_secret, hit.body, hit.headers['runflow-signature-previous']));

@@ -1,14 +1,20 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { type Harness, StandInPipeline, startService } from './helpers.ts';
+import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { type Harness, realPipeline, startService } from './helpers.ts';
 
 describe('discovery', () => {
   let h: Harness;
+  let engine: ImagePipeline;
   before(async () => {
-    h = await startService({ pipeline: new StandInPipeline() });
+    engine = await realPipeline();
+    h = await startService({ pipeline: engine });
   });
-  after(async () => h.svc.close());
+  after(async () => {
+    await h.svc.close();
+    await engine.close();
+  });
 
   test('the OpenAPI document is well-formed and lists every route the server answers', async () => {
     const res = await fetch(`${h.url}/openapi.json`);

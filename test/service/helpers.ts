@@ -1,9 +1,11 @@
 // Shared test harness: a real server on 127.0.0.1 (port 0) over a temp data folder, and a small HTTP client.
+import { spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import sharp from 'sharp';
-import type { GenerateRequest, GenerateOptions, GenerateResult, ImagePipeline } from '../../src/pipeline/types.ts';
+import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { openPipeline } from '../../src/pipeline/pipeline.ts';
 import { createApp, type Service } from '../../src/service/app.ts';
 import { createKey } from '../../src/service/auth.ts';
 import { type ConfigOverrides, loadConfig } from '../../src/service/config.ts';
@@ -12,6 +14,29 @@ import { sha256Hex } from '../../src/service/time.ts';
 
 export function tempDir(prefix = 'klein-svc-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+const ROOT = path.resolve(import.meta.dirname, '../..');
+
+/**
+ * The real pipeline on a tiny random model written by `klein dev make-tiny-model`. The folder is shared by the
+ * service test files (keyed by the generator's source, so a changed generator makes a new one), which keeps the
+ * compiled-graph cache beside it warm across files.
+ */
+export async function realPipeline(): Promise<ImagePipeline & { modelDir: string }> {
+  const hash = crypto.createHash('sha256');
+  for (const f of ['src/weights/tiny-model.ts', 'src/cli/dev.ts']) hash.update(fs.readFileSync(path.join(ROOT, f)));
+  const dir = path.join(os.tmpdir(), `klein-service-tests-${hash.digest('hex').slice(0, 12)}`);
+  const model = path.join(dir, 'model');
+  if (!fs.existsSync(path.join(dir, 'done'))) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    fs.mkdirSync(dir, { recursive: true });
+    const r = spawnSync(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'dev', 'make-tiny-model', model], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`klein dev make-tiny-model failed: ${r.stderr}`);
+    fs.writeFileSync(path.join(dir, 'done'), '');
+  }
+  const p = await openPipeline({ model, keepLoaded: true });
+  return Object.assign(p, { modelDir: model });
 }
 
 /** Test defaults: fast callback retries, loopback allowed for inputs and callbacks over plain http. */
@@ -62,53 +87,3 @@ export async function pollUntil(h: Harness, id: string, pred: (run: any) => bool
   }
 }
 export const terminal = (r: any) => ['succeeded', 'failed', 'cancelled'].includes(r.status_code);
-
-/**
- * A stand-in engine: really renders `numImages` images of the requested size and format with sharp, reports one
- * progress event per step, and honours the AbortSignal between steps, like the real pipeline's contract says.
- */
-export class StandInPipeline implements ImagePipeline {
-  calls: GenerateRequest[] = [];
-  /** resolves the current generate() steps one at a time when `manual` */
-  private gates: (() => void)[] = [];
-  constructor(readonly opts: { stepMs?: number; manual?: boolean } = {}) {}
-
-  private credits = 0;
-
-  /** Let `n` steps finish (now, or as soon as they are reached). */
-  release(n = 1): void {
-    for (let i = 0; i < n; i++) {
-      const g = this.gates.shift();
-      if (g) g();
-      else this.credits++;
-    }
-  }
-
-  async generate(req: GenerateRequest, o: GenerateOptions = {}): Promise<GenerateResult> {
-    this.calls.push(req);
-    const steps = req.steps ?? 4;
-    o.onProgress?.({ stage: 'text' });
-    for (let s = 1; s <= steps; s++) {
-      if (this.opts.manual && this.credits > 0) this.credits--;
-      else if (this.opts.manual) {
-        await new Promise<void>((res) => {
-          this.gates.push(res);
-          // an aborted step leaves the queue of gates, so a later release() reaches the next run
-          o.signal?.addEventListener('abort', () => { this.gates = this.gates.filter((g) => g !== res); res(); }, { once: true });
-        });
-      }
-      else await new Promise((res) => setTimeout(res, this.opts.stepMs ?? 5));
-      if (o.signal?.aborted) throw new DOMException('cancelled', 'AbortError');
-      o.onProgress?.({ stage: 'denoise', step: s, total: steps });
-    }
-    const images = [];
-    for (let i = 0; i < req.numImages; i++) {
-      const img = sharp({ create: { width: req.width, height: req.height, channels: 3, background: { r: (req.seed + i) % 256, g: 80, b: 160 } } });
-      const data = await (req.outputFormat === 'jpeg' ? img.jpeg() : req.outputFormat === 'webp' ? img.webp() : img.png()).toBuffer();
-      images.push({ data: new Uint8Array(data), width: req.width, height: req.height, contentType: `image/${req.outputFormat}` as const });
-    }
-    return { images, seed: req.seed, timings: { total: 0.01 } };
-  }
-
-  async close(): Promise<void> {}
-}

@@ -6,7 +6,8 @@ import os from 'node:os';
 import type { AddressInfo } from 'node:net';
 import sharp from 'sharp';
 import { addressAllowed, FetchError, guardedRequest } from '../../src/service/net.ts';
-import { type Harness, pollUntil, StandInPipeline, startService, terminal } from './helpers.ts';
+import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { type Harness, pollUntil, realPipeline, startService, terminal } from './helpers.ts';
 
 const EDIT = '/v1/models/black-forest-labs/flux-2-klein-4b/edit/runs';
 
@@ -34,7 +35,9 @@ describe('edit inputs and output files', () => {
   let server: http.Server;
   let base: string;
   let png: Buffer;
+  let engine: ImagePipeline;
   before(async () => {
+    engine = await realPipeline();
     png = await sharp({ create: { width: 96, height: 80, channels: 3, background: 'green' } }).png().toBuffer();
     server = http.createServer((req, res) => {
       if (req.url === '/ref.png') res.writeHead(200, { 'content-type': 'image/png' }).end(png);
@@ -46,20 +49,21 @@ describe('edit inputs and output files', () => {
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    h = await startService({ pipeline: new StandInPipeline(), config: { inputs: { maxBytes: 100_000, timeoutMs: 500 } } });
+    h = await startService({ pipeline: engine, config: { inputs: { maxBytes: 100_000, timeoutMs: 500 } } });
     // default policy: https only, nothing internal
-    strict = await startService({ pipeline: new StandInPipeline(), config: { inputs: { allowHttp: false, allowPrivate: [] } } });
+    strict = await startService({ pipeline: engine, config: { inputs: { allowHttp: false, allowPrivate: [] } } });
   });
   after(async () => {
     await h.svc.close();
     await strict.svc.close();
+    await engine.close();
     server.close();
   });
 
   test('an edit fetches its reference from an allowed URL (redirects followed) and defaults to its size (rounded to 16)', async () => {
     const c = await h.api('POST', EDIT, { input: { prompt: 'edit', image_urls: [`${base}/redirect`] } });
     assert.equal(c.status, 201);
-    const run = await pollUntil(h, c.json.id, terminal);
+    const run = await pollUntil(h, c.json.id, terminal, 120_000);
     assert.equal(run.status_code, 'succeeded', JSON.stringify(run));
     assert.deepEqual([run.output.images[0].width, run.output.images[0].height], [96, 80]);
   });
@@ -90,7 +94,7 @@ describe('edit inputs and output files', () => {
 
   test('file URLs are signed and expire; retention deletes files and the run says so', async () => {
     const c = await h.api('POST', '/v1/models/flux-2-klein-4b/runs', { input: { prompt: 'keep', image_size: { width: 64, height: 64 } } });
-    const run = await pollUntil(h, c.json.id, terminal);
+    const run = await pollUntil(h, c.json.id, terminal, 120_000);
     const url = new URL(run.output.images[0].url);
     assert.equal((await fetch(url)).status, 200);
     const tampered = new URL(url);

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import sharp from 'sharp';
 import { formatUsd, priceRun } from '../../src/service/pricing.ts';
 import { defaultConfig } from '../../src/service/config.ts';
-import { type Harness, pollUntil, StandInPipeline, startService, terminal } from './helpers.ts';
+import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { type Harness, pollUntil, realPipeline, startService, terminal } from './helpers.ts';
 
 const PRICE = defaultConfig('/tmp').pricing['black-forest-labs/flux-2-klein-4b'];
 
@@ -19,14 +20,20 @@ test('prices: $0.014 first MP, $0.001 per further MP rounded up, $0.001 per inpu
 
 describe('costs on runs and the usage ledger', () => {
   let h: Harness;
-  let engine: StandInPipeline;
+  let engine: ImagePipeline;
   before(async () => {
-    engine = new StandInPipeline({ manual: true });
+    engine = await realPipeline();
     h = await startService({ pipeline: engine });
   });
-  after(async () => h.svc.close());
+  after(async () => {
+    await h.svc.close();
+    await engine.close();
+  });
 
   test('quoted cost for 1 MP and 2 MP runs, billed only on success, ledger per day', async () => {
+    // a long run holds the only worker, so the priced runs below stay queued
+    const blocker = await h.api('POST', '/v1/models/flux-2-klein-4b/runs', { input: { prompt: 'x', image_size: { width: 64, height: 64 }, num_inference_steps: 50 } });
+    await pollUntil(h, blocker.json.id, (r) => r.status_code === 'running', 120_000);
     const one = await h.api('POST', '/v1/models/flux-2-klein-4b/runs', { input: { prompt: 'x', image_size: 'square_hd' } });
     assert.equal(one.json.cost, '0.014');
     assert.equal(one.json.cost_breakdown.state, 'estimated');
@@ -35,12 +42,10 @@ describe('costs on runs and the usage ledger', () => {
     assert.equal(two.json.cost, '0.030');
     assert.equal(two.json.cost_breakdown.images[1].extra_mp_usd, '0.001');
     // neither finishes: cancelled runs cost nothing
-    for (const r of [two, one]) assert.equal((await h.api('POST', `/v1/runs/${r.json.id}/cancellation`)).json.cost, '0.000');
+    for (const r of [two, one, blocker]) assert.equal((await h.api('POST', `/v1/runs/${r.json.id}/cancellation`)).json.cost, '0.000');
 
     const small = await h.api('POST', '/v1/models/flux-2-klein-4b/runs', { input: { prompt: 'x', image_size: { width: 64, height: 64 }, num_inference_steps: 1 } });
-    await pollUntil(h, small.json.id, (r) => r.status_code === 'running');
-    engine.release(1);
-    const done = await pollUntil(h, small.json.id, terminal);
+    const done = await pollUntil(h, small.json.id, terminal, 120_000);
     assert.equal(done.status_code, 'succeeded');
     assert.equal(done.cost, '0.014');
     assert.equal(done.cost_breakdown.state, 'billed');
@@ -51,9 +56,7 @@ describe('costs on runs and the usage ledger', () => {
     });
     assert.equal(edit.status, 201, JSON.stringify(edit.json));
     assert.equal(edit.json.model_id, 'black-forest-labs/flux-2-klein-4b/edit');
-    await pollUntil(h, edit.json.id, (r) => r.status_code === 'running');
-    engine.release(1);
-    const e = await pollUntil(h, edit.json.id, terminal);
+    const e = await pollUntil(h, edit.json.id, terminal, 120_000);
     assert.equal(e.status_code, 'succeeded', JSON.stringify(e));
     assert.equal(e.cost, '0.015');
     assert.equal(e.cost_breakdown.images[0].input_mp_usd, '0.001');
