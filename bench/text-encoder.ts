@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { writeSafetensors, type TensorToWrite } from '../src/weights/safetensors.ts';
-import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, Qwen3TextEncoder, type Qwen3Config } from '../src/models/qwen3.ts';
+import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, Qwen3TextEncoder, type Qwen3Config, type Qwen3WeightMode } from '../src/models/qwen3.ts';
 import { UsageError } from '../src/cli/errors.ts';
 
 /** HF config.json of Qwen/Qwen3-4B (the klein 4B text encoder). */
@@ -141,6 +141,7 @@ interface BenchOptions {
   batch: string;
   seq: string;
   threads?: string;
+  weights: string;
 }
 
 function peakRssGiB(): number {
@@ -166,10 +167,12 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     fs.writeFileSync(marker, '');
     console.log(`\n  written in ${((performance.now() - t) / 1000).toFixed(1)} s`);
   }
+  if (opts.weights !== 'runtime-cast' && opts.weights !== 'prepacked') throw new UsageError('--weights must be runtime-cast or prepacked');
+  const weights = opts.weights as Qwen3WeightMode;
   const session = opts.threads ? { threads: Number(opts.threads) } : {};
   let t = performance.now();
-  const enc = await Qwen3TextEncoder.load(dir, { session });
-  console.log(`load (graph + session, weights cast and pre-packed): ${((performance.now() - t) / 1000).toFixed(2)} s`);
+  const enc = await Qwen3TextEncoder.load(dir, { session, weights });
+  console.log(`load (graph + session, weights ${weights}): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / 2 ** 30).toFixed(2)} GiB`);
   const ids = new BigInt64Array(batch * seq);
   const mask = new BigInt64Array(batch * seq);
   const next = xorshift(7);
@@ -192,7 +195,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     console.log(`run ${r + 1}: ${s.toFixed(2)} s, ${(flops / s / 1e9).toFixed(1)} GFLOP/s`);
   }
   await enc.close();
-  console.log(`shape: Qwen3-4B, ${layers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run`);
+  console.log(`shape: Qwen3-4B, ${layers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run, weights ${weights}`);
   console.log(`seconds (best of ${runs}): ${best.toFixed(2)}`);
   console.log(`peak RSS: ${peakRssGiB().toFixed(2)} GiB`);
   console.log(`GFLOP/s: ${(flops / best / 1e9).toFixed(1)}`);
@@ -207,5 +210,6 @@ export function registerTextEncoderBench(bench: Command): void {
     .option('--batch <n>', 'prompts per run', '1')
     .option('--seq <n>', 'tokens per prompt', '512')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
+    .option('--weights <mode>', 'runtime-cast (bf16 kept, cast per run) or prepacked (fp32 folded at load, 4 bytes/parameter)', 'runtime-cast')
     .action((o: BenchOptions) => benchTextEncoder(o));
 }

@@ -6,9 +6,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
+import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
-import { loadGraph, i64, type SessionConfig, ort } from '../graph/session.ts';
+import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
+import { resolveDevice } from '../graph/device.ts';
 import { Checkpoint, type TensorInfo } from '../weights/safetensors.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
@@ -93,7 +94,17 @@ export interface Qwen3GraphOptions {
   hiddenStates?: readonly number[];
   /** Longest sequence the RoPE table covers. */
   maxPositions: number;
+  /** How bf16/f16 projection weights become fp32, see `Qwen3WeightMode`. Default `runtime-cast`. */
+  weights?: Qwen3WeightMode;
 }
+
+/**
+ * `runtime-cast`: weights stay bf16 (mmapped from the safetensors file) and each run casts them layer by layer:
+ * the session opens in seconds and holds ~1 GB beyond the page cache, at the price of the cast on every run.
+ * `prepacked`: ORT folds the casts at load and keeps pre-packed fp32 matrices (4 bytes per parameter: 10.9 GB for
+ * the 27 layers of Qwen3-4B) and several minutes of load time, for the fastest runs.
+ */
+export type Qwen3WeightMode = 'runtime-cast' | 'prepacked';
 
 /**
  * RoPE cos/sin tables `[maxPositions, headDim]` as HF computes them in float32: `inv_freq = 1 / theta^(2i/d)`,
@@ -180,8 +191,17 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
 
   // Activations stay 2-D [batch·seq, features] so every projection is one Gemm with transB: ORT folds the
   // bf16→fp32 Cast at load and pre-packs the weight, with no transpose node in the way.
+  const runtimeCast = (opts.weights ?? 'runtime-cast') === 'runtime-cast';
+  const matrix = (info: TensorInfo): Value => {
+    if (!runtimeCast || info.dtype === 'F32') return g.weight(info, 'float32');
+    // An initializer that is also a graph input may be overridden by a feed, so ORT does not constant-fold
+    // the Cast behind it: the weight stays bf16 in memory and is cast when the layer runs.
+    const raw = g.weight(info);
+    g.input(raw.name, elemTypeOf(info.dtype), info.shape);
+    return g.op('Cast', [raw], { to: ONNX_ELEM.float32 }, { hint: `${raw.name}_f32` });
+  };
   const proj = (x: Value, name: string, biasName?: string): Value => {
-    const inputs: Value[] = [x, g.weight(W(name), 'float32')];
+    const inputs: Value[] = [x, matrix(W(name))];
     if (biasName && ck.has(prefix + biasName)) inputs.push(g.weight(W(biasName), 'float32'));
     return g.op('Gemm', inputs, { transB: 1 }, { hint: name.split('.').slice(-2, -1)[0] });
   };
@@ -319,6 +339,7 @@ export interface Qwen3LoadOptions {
   hiddenStates?: readonly number[];
   /** Longest sequence accepted (RoPE table size); klein uses 512. */
   maxPositions?: number;
+  weights?: Qwen3WeightMode;
 }
 
 export interface Qwen3Output {
@@ -353,14 +374,18 @@ export class Qwen3TextEncoder {
     const outputLayers = opts.outputLayers ?? KLEIN_OUTPUT_LAYERS;
     const hiddenStates = opts.hiddenStates ?? [];
     const maxPositions = opts.maxPositions ?? 512;
-    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions };
+    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast' };
     // only the files holding tensors of the layers we run are referenced (a 36-layer checkpoint may put the
     // unused tail in a shard of its own)
     let files: string[] = [];
     const build = (): Graph => buildQwen3Graph(ck, cfg, graphOpts);
     const probe = build();
     files = probe.weightFiles;
-    const { session } = await loadGraph('qwen3', { cfg, graphOpts }, files, () => probe, { lowMemory: true, ...opts.session });
+    const { file } = compileGraph('qwen3', { cfg, graphOpts }, files, () => probe);
+    const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
+    const device = await resolveDevice(sessionCfg.device ?? 'cpu');
+    // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
+    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
     return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, files);
   }
 
