@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
 import { registerMattingBench } from '../../bench/matting.ts';
 import { registerVaeBench } from '../../bench/vae.ts';
+import { registerTransformerBench } from '../../bench/transformer.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -12,5 +13,6 @@ export function registerBench(program: Command): Command {
   registerTextEncoderBench(bench);
   registerMattingBench(bench);
   registerVaeBench(bench);
+  registerTransformerBench(bench);
   return bench;
 }

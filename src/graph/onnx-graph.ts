@@ -14,6 +14,8 @@ export const ONNX_ELEM: Record<ElemType, number> = {
   float32: 1, uint8: 2, int8: 3, int32: 6, int64: 7, bool: 9, float16: 10, float64: 11, bfloat16: 16,
 };
 
+const ELEM_SIZE: Record<ElemType, number> = { float32: 4, float16: 2, bfloat16: 2, float64: 8, int64: 8, int32: 4, int8: 1, uint8: 1, bool: 1 };
+
 const DTYPE_TO_ELEM: Partial<Record<DType, ElemType>> = {
   F32: 'float32', F16: 'float16', BF16: 'bfloat16', F64: 'float64', I64: 'int64', I32: 'int32', I8: 'int8', U8: 'uint8', BOOL: 'bool',
 };
@@ -111,6 +113,28 @@ export class Graph {
     if (as && as !== elem) v = this.op('Cast', [v], { to: ONNX_ELEM[as] }, { hint: `${name}_${as}` });
     this.weightValues.set(key, v);
     return v;
+  }
+
+  /**
+   * An initializer whose bytes the session receives in memory, from `location` in its `externalData` option
+   * (`InferenceSession.create(model, {externalData: [{path: location, data}]})`): weights converted at load time.
+   */
+  inMemoryWeight(name: string, type: ElemType, dims: number[], location: string, offset = 0): Value {
+    if (this.usedNames.has(name)) throw new Error(`initializer name ${name} is already used`);
+    this.usedNames.add(name);
+    const length = dims.reduce((a, b) => a * b, 1) * ELEM_SIZE[type];
+    this.initializers.push({
+      name,
+      dataType: ONNX_ELEM[type],
+      dims,
+      dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+      externalData: [
+        { key: 'location', value: location },
+        { key: 'offset', value: String(offset) },
+        { key: 'length', value: String(length) },
+      ],
+    });
+    return { name };
   }
 
   /** A small tensor embedded in the model (constants, RoPE tables, reshape targets). */

@@ -28,6 +28,11 @@ export interface SessionConfig {
   lowMemory?: boolean;
   /** Nodes to run on the CPU although the device is webgpu (openSession fills it from device.ts's list). */
   forceCpuNodeNames?: string[];
+  /**
+   * Bytes of initializers declared with `Graph.inMemoryWeight` (weights converted at load time), by location.
+   * ORT reads them while the session is created; they may be dropped afterwards.
+   */
+  externalData?: Array<{ path: string; data: Uint8Array }>;
   /** Where ORT writes its optimised graph, for inspection (debugging only). */
   optimizedModelPath?: string;
 }
@@ -125,6 +130,7 @@ export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.Se
     opts.enableMemPattern = false;
   }
   if (cfg.optimizedModelPath) opts.optimizedModelFilePath = cfg.optimizedModelPath;
+  if (cfg.externalData) opts.externalData = cfg.externalData;
   // 0 = verbose: ORT then lists which nodes each provider got (how CPU fallbacks on webgpu/cuda were found).
   if (process.env.KLEIN_ORT_LOG_LEVEL) opts.logSeverityLevel = Number(process.env.KLEIN_ORT_LOG_LEVEL) as 0 | 1 | 2 | 3 | 4;
   return opts;

@@ -4,9 +4,9 @@
 // All sequence lengths are symbolic, so one compiled graph serves every image size, text length, reference count
 // and batch size.
 import type { Graph, Value } from '../graph/onnx-graph.ts';
-import { Graph as GraphBuilder } from '../graph/onnx-graph.ts';
+import { Graph as GraphBuilder, MS_DOMAIN } from '../graph/onnx-graph.ts';
 import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '../graph/nn.ts';
-import { f32ToBf16, f32ToF16, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
+import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 
@@ -55,24 +55,45 @@ export function readFlux2Config(pathOrFolder: string): Flux2Config {
 
 // ───────────────────────── graph building ─────────────────────────
 
-/** Graph-building context: the builder, the weights by BFL name, and the config. */
+/**
+ * Graph-building context: the builder, the weights by BFL name, the config, and the weights this graph takes in
+ * memory (see `linear`).
+ */
 interface Ctx {
   g: Graph;
   w: Flux2Weights;
   c: Flux2Config;
+  weights: MemoryWeight[];
 }
 
-/** A BFL weight as one fp32 value: diffusers row blocks are concatenated in the graph (constant-folded by ORT). */
+/** A weight handed to ORT in memory as fp32: its stored row blocks, converted at load time. */
+export interface MemoryWeight {
+  /** ORT external-data location of the converted bytes. */
+  location: string;
+  parts: TensorInfo[];
+  shape: number[];
+}
+
+/**
+ * A BFL weight as an fp32 initializer [rows, …]. Every weight reaches ORT as fp32 bytes converted in JS (bf16 →
+ * fp32 is a 16-bit shift; diffusers' split q/k/v simply become consecutive rows), passed as in-memory external
+ * data: ORT cannot mix in-memory and on-disk external data in one session, and the in-place bf16 + Cast route
+ * made ORT constant-fold every weight at load (minutes for klein 4B, with a second fp32 copy at its peak).
+ */
 function weight(cx: Ctx, name: string): Value {
-  const parts: TensorInfo[] = cx.w.get(name);
-  const vs = parts.map((p) => cx.g.weight(p, COMPUTE));
-  return vs.length === 1 ? vs[0] : concat(cx.g, vs, 0);
+  const parts = cx.w.get(name);
+  const shape = [parts.reduce((n, p) => n + p.shape[0], 0), ...parts[0].shape.slice(1)];
+  const location = `flux2-mem/${name}`;
+  cx.weights.push({ location, parts, shape });
+  return cx.g.inMemoryWeight(name, COMPUTE, shape, location);
 }
 
-/** PyTorch `Linear(bias=False)`: `x Wᵀ` with W stored `[out, in]`. */
+/**
+ * PyTorch `Linear(bias=False)`: `x Wᵀ` with W stored `[out, in]`. `FusedMatMul(transB)` multiplies by the
+ * transpose directly, so ORT pre-packs the weight once at load with no Transpose node to fold.
+ */
 function linear(cx: Ctx, x: Value, name: string): Value {
-  const { g } = cx;
-  return g.op('MatMul', [x, g.op('Transpose', [weight(cx, name)], { perm: [1, 0] }, { hint: 'wT' })], {}, { hint: name.replace(/\.weight$/, '') });
+  return cx.g.op('FusedMatMul', [x, weight(cx, name)], { transB: 1 }, { domain: MS_DOMAIN, hint: name.replace(/\.weight$/, '') });
 }
 
 /** `[0, 0, …dims]` reshape keeping the leading (batch, sequence) dims. */
@@ -94,10 +115,9 @@ function mlpEmbedder(cx: Ctx, x: Value, prefix: string): Value {
   return linear(cx, silu(cx.g, linear(cx, x, `${prefix}.in_layer.weight`)), `${prefix}.out_layer.weight`);
 }
 
-/** `Modulation`: `lin(silu(vec))` split into `n` vectors of [B, 1, H] (shift, scale, gate, …). Shared by all blocks. */
-function modulation(cx: Ctx, vec: Value, name: string, n: number): Value[] {
-  const m = linear(cx, silu(cx.g, vec), name);
-  return splitLast(cx.g, cx.g.op('Unsqueeze', [m, cx.g.constI64([1])]), Array(n).fill(cx.c.hiddenSize));
+/** `Modulation`: `lin(silu(vec))` as [B, 1, n·H]; blocks split it into (shift, scale, gate, …) vectors. */
+function modulation(cx: Ctx, vec: Value, name: string): Value {
+  return cx.g.op('Unsqueeze', [linear(cx, silu(cx.g, vec), name), cx.g.constI64([1])]);
 }
 
 /** RoPE tables `(cos, sin)`, each [B, L, 1, head_dim/2, 1], for int64 positions `ids` [B, L, n_axes] (spec §2.1). */
@@ -213,48 +233,95 @@ function singleBlock(cx: Ctx, i: number, h: Value, pe: { cos: Value; sin: Value 
 }
 
 /** LastLayer: adaLN with BFL's (shift, scale) order, then the projection back to latent channels. */
-function finalLayer(cx: Ctx, img: Value, vec: Value): Value {
+function finalLayer(cx: Ctx, img: Value, shift: Value, scale: Value): Value {
   const { g, c } = cx;
-  return g.within('final_layer', () => {
-    const [shift, scale] = modulation(cx, vec, 'final_layer.adaLN_modulation.1.weight', 2);
-    return linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight');
-  });
+  return g.within('final_layer', () => linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight'));
 }
 
-/**
- * The whole forward (spec §1.3). Inputs: `x` [B, N, in] (target tokens then reference tokens), `x_ids` [B, N, 4]
- * int64, `timesteps` [B] (sigma in [0, 1]), `ctx` [B, L, context_in_dim], `ctx_ids` [B, L, 4] int64, and for
- * guidance-embedding models `guidance` [B]. Output `output` [B, N, in].
- */
-export function buildFlux2Graph(w: Flux2Weights): Graph {
+// The forward (spec §1.3) runs as a chain of ORT sessions, one per stage: the embeddings, each block, the final
+// layer. A session per block bounds the memory of loading to one block's weights at a time (ORT pre-packs each
+// weight into its own buffer; the converted fp32 bytes are dropped once the block's session exists), and the
+// activations passed between sessions are tiny next to the weights.
+
+/** One stage of the forward; `join` = the first single block, which concatenates txt and img (text first). */
+export type Flux2Stage =
+  | { kind: 'embed' }
+  | { kind: 'double'; index: number }
+  | { kind: 'single'; index: number; join: boolean }
+  | { kind: 'final'; fromJoint: boolean };
+
+export function flux2Stages(c: Flux2Config): Flux2Stage[] {
+  const stages: Flux2Stage[] = [{ kind: 'embed' }];
+  for (let i = 0; i < c.depth; i++) stages.push({ kind: 'double', index: i });
+  for (let i = 0; i < c.depthSingleBlocks; i++) stages.push({ kind: 'single', index: i, join: i === 0 });
+  stages.push({ kind: 'final', fromJoint: c.depthSingleBlocks > 0 });
+  return stages;
+}
+
+/** RoPE tables travel between sessions as two inputs. */
+function peInputs(g: Graph, c: Flux2Config): { cos: Value; sin: Value } {
+  const dims = ['batch', 'n_all', 1, headDim(c) / 2, 1];
+  return { cos: g.input('pe_cos', 'float32', dims), sin: g.input('pe_sin', 'float32', dims) };
+}
+
+/** Builds the graph of one stage; `weights` lists what its session needs in memory. */
+export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage): { graph: Graph; weights: MemoryWeight[] } {
   const c = w.config;
-  const g = new GraphBuilder('flux2_transformer');
-  const cx: Ctx = { g, w, c };
-  const x = g.input('x', 'float32', ['batch', 'n_img', c.inChannels]);
-  const xIds = g.input('x_ids', 'int64', ['batch', 'n_img', c.axesDim.length]);
-  const t = g.input('timesteps', 'float32', ['batch']);
-  const ctx = g.input('ctx', 'float32', ['batch', 'n_txt', c.contextInDim]);
-  const ctxIds = g.input('ctx_ids', 'int64', ['batch', 'n_txt', c.axesDim.length]);
+  const H = c.hiddenSize;
+  const g = new GraphBuilder(`flux2_${stage.kind}${'index' in stage ? `_${stage.index}` : ''}`);
+  const cx: Ctx = { g, w, c, weights: [] };
+  const nAxes = c.axesDim.length;
+  const hidden = (name: string, seq: string) => g.input(name, 'float32', ['batch', seq, H]);
+  const modIn = (name: string, n: number) => g.input(name, 'float32', ['batch', 1, n * H]);
+  const split = (m: Value, n: number) => splitLast(g, m, Array(n).fill(H));
 
-  let vec = g.within('time_in', () => mlpEmbedder(cx, timestepEmbedding(g, t), 'time_in'));
-  if (c.useGuidanceEmbed) {
-    const guidance = g.input('guidance', 'float32', ['batch']);
-    vec = g.op('Add', [vec, g.within('guidance_in', () => mlpEmbedder(cx, timestepEmbedding(g, guidance), 'guidance_in'))]);
+  if (stage.kind === 'embed') {
+    const x = g.input('x', 'float32', ['batch', 'n_img', c.inChannels]);
+    const xIds = g.input('x_ids', 'int64', ['batch', 'n_img', nAxes]);
+    const t = g.input('timesteps', 'float32', ['batch']);
+    const ctx = g.input('ctx', 'float32', ['batch', 'n_txt', c.contextInDim]);
+    const ctxIds = g.input('ctx_ids', 'int64', ['batch', 'n_txt', nAxes]);
+    let vec = g.within('time_in', () => mlpEmbedder(cx, timestepEmbedding(g, t), 'time_in'));
+    if (c.useGuidanceEmbed) {
+      const guidance = g.input('guidance', 'float32', ['batch']);
+      vec = g.op('Add', [vec, g.within('guidance_in', () => mlpEmbedder(cx, timestepEmbedding(g, guidance), 'guidance_in'))]);
+    }
+    // shared modulation: computed once from vec, reused by every block (spec §1.1)
+    g.output(modulation(cx, vec, 'double_stream_modulation_img.lin.weight'), 'mod_img');
+    g.output(modulation(cx, vec, 'double_stream_modulation_txt.lin.weight'), 'mod_txt');
+    g.output(modulation(cx, vec, 'single_stream_modulation.lin.weight'), 'mod_single');
+    g.output(g.within('final_layer', () => modulation(cx, vec, 'final_layer.adaLN_modulation.1.weight')), 'mod_final');
+    g.output(linear(cx, x, 'img_in.weight'), 'img');
+    g.output(linear(cx, ctx, 'txt_in.weight'), 'txt');
+    // positions of the joint sequence, text first, as every attention sees it
+    const pe = g.within('pe', () => ropeTables(cx, concat(g, [ctxIds, xIds], 1)));
+    g.output(pe.cos, 'pe_cos');
+    g.output(pe.sin, 'pe_sin');
+  } else if (stage.kind === 'double') {
+    const img = hidden('img', 'n_img');
+    const txt = hidden('txt', 'n_txt');
+    const mImg = split(modIn('mod_img', 6), 6);
+    const mTxt = split(modIn('mod_txt', 6), 6);
+    const [img2, txt2] = doubleBlock(cx, stage.index, img, txt, peInputs(g, c), mImg, mTxt);
+    g.output(img2, 'img_out');
+    g.output(txt2, 'txt_out');
+  } else if (stage.kind === 'single') {
+    const h = stage.join ? concat(g, [hidden('txt', 'n_txt'), hidden('img', 'n_img')], 1) : hidden('h', 'n_all');
+    g.output(singleBlock(cx, stage.index, h, peInputs(g, c), split(modIn('mod_single', 3), 3)), 'h_out');
+  } else {
+    let img: Value;
+    if (stage.fromJoint) {
+      // drop the text tokens: h[:, n_txt:]
+      const h = hidden('h', 'n_all');
+      const nTxt = g.input('n_txt', 'int64', [1]);
+      img = g.op('Slice', [h, nTxt, g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([1])]);
+    } else {
+      img = hidden('img', 'n_img');
+    }
+    const [shift, scale] = split(modIn('mod_final', 2), 2);
+    g.output(finalLayer(cx, img, shift, scale), 'output', 'float32', ['batch', 'n_img', c.inChannels]);
   }
-  const mImg = modulation(cx, vec, 'double_stream_modulation_img.lin.weight', 6);
-  const mTxt = modulation(cx, vec, 'double_stream_modulation_txt.lin.weight', 6);
-  const mSingle = modulation(cx, vec, 'single_stream_modulation.lin.weight', 3);
-  let img = linear(cx, x, 'img_in.weight');
-  let txt = linear(cx, ctx, 'txt_in.weight');
-  // Positions of the joint sequence, text first, as every attention sees it.
-  const pe = g.within('pe', () => ropeTables(cx, concat(g, [ctxIds, xIds], 1)));
-
-  for (let i = 0; i < c.depth; i++) [img, txt] = doubleBlock(cx, i, img, txt, pe, mImg, mTxt);
-  let h = concat(g, [txt, img], 1);
-  for (let i = 0; i < c.depthSingleBlocks; i++) h = singleBlock(cx, i, h, pe, mSingle);
-  const imgOut = g.op('Slice', [h, seqLen(g, txt), g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([1])]);
-  g.output(finalLayer(cx, imgOut, vec), 'output', 'float32', ['batch', 'n_img', c.inChannels]);
-  return g;
+  return { graph: g, weights: cx.weights };
 }
 
 // ───────────────────────── runtime ─────────────────────────
@@ -277,28 +344,79 @@ export interface Flux2ForwardInput {
   nCtx: number;
 }
 
-export interface Flux2LoadOptions extends SessionConfig {}
+export interface Flux2LoadOptions extends SessionConfig {
+  /** Called after each stage's session is ready (loading klein 4B converts 15 GB of weights). */
+  onProgress?: (done: number, total: number, stage: string) => void;
+}
+
+/** Bump when the graphs change in a way the config does not capture (the compiled-graph cache key). */
+const FLUX2_GRAPH_VERSION = 3;
+
+function stageName(s: Flux2Stage): string {
+  return 'index' in s ? `${s.kind}_${s.index}` : s.kind;
+}
+
+/** A weight as fp32 bytes: its row blocks read from the checkpoint and widened (bf16 → fp32). */
+export function readWeightF32(l: MemoryWeight): Float32Array {
+  const out = new Float32Array(l.shape.reduce((a, b) => a * b, 1));
+  let at = 0;
+  for (const p of l.parts) {
+    const raw = readRaw(p);
+    const n = p.byteLength / DTYPE_SIZE[p.dtype];
+    if (p.dtype === 'F32') out.set(new Float32Array(new Uint8Array(raw).buffer), at);
+    else if (p.dtype === 'BF16') {
+      // raw is a Buffer from the pool only when small; copy into an aligned view before reading 16-bit words
+      const u16 = raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, n) : new Uint16Array(new Uint8Array(raw).buffer);
+      const bits = new Uint32Array(out.buffer, at * 4, n);
+      for (let i = 0; i < n; i++) bits[i] = u16[i] << 16;
+    } else if (p.dtype === 'F16') out.set(f16ToF32(new Uint16Array(new Uint8Array(raw).buffer)), at);
+    else throw new Error(`${p.file} [${p.name}]: dtype ${p.dtype} is not supported for a FLUX.2 weight`);
+    at += n;
+  }
+  return out;
+}
+
+interface StageSession {
+  stage: Flux2Stage;
+  session: ort.InferenceSession;
+}
 
 /** A loaded FLUX.2 transformer: `forward` runs one model evaluation (one denoising step). */
 export class Flux2Transformer {
   private constructor(
-    private readonly session: ort.InferenceSession,
+    private readonly stages: StageSession[],
     readonly config: Flux2Config,
     readonly layout: Flux2Weights['layout'],
-    /** The compiled graph file and whether it came from the cache. */
-    readonly graphFile: string,
+    /** True when every stage's compiled graph came from the cache. */
     readonly graphCached: boolean,
   ) {}
 
-  /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) and its compiled graph. */
+  /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) and its compiled stage graphs. */
   static async load(pathOrFolder: string, opts: Flux2LoadOptions = {}): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
-    const key = { model: 'flux2-transformer', config: w.config, layout: w.layout };
-    const { session, file, cached } = await loadGraph('flux2-transformer', key, w.files, () => buildFlux2Graph(w), { lowMemory: true, ...opts });
-    return new Flux2Transformer(session, w.config, w.layout, file, cached);
+    const { onProgress, ...session } = opts;
+    const plan = flux2Stages(w.config);
+    const stages: StageSession[] = [];
+    let allCached = true;
+    try {
+      for (const [i, stage] of plan.entries()) {
+        const { graph, weights } = buildFlux2Stage(w, stage);
+        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage };
+        // The converted bytes live only until the session exists: ORT copies them (and packs the MatMul weights).
+        const externalData = weights.map((l) => ({ path: l.location, data: new Uint8Array(readWeightF32(l).buffer) }));
+        const r = await loadGraph(`flux2-${stageName(stage)}`, key, w.files, () => graph, { lowMemory: true, ...session, externalData });
+        stages.push({ stage, session: r.session });
+        allCached &&= r.cached;
+        onProgress?.(i + 1, plan.length, stageName(stage));
+      }
+    } catch (e) {
+      await Promise.all(stages.map((s) => s.session.release()));
+      throw e;
+    }
+    return new Flux2Transformer(stages, w.config, w.layout, allCached);
   }
 
-  /** Velocity for every input token, [batch, nTokens, inChannels]. */
+  /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3). */
   async forward(inp: Flux2ForwardInput): Promise<Float32Array> {
     const c = this.config;
     const { batch: B, nTokens: N, nCtx: L } = inp;
@@ -326,12 +444,29 @@ export class Flux2Transformer {
       expect('guidance', inp.guidance, B);
       feeds.guidance = f32(inp.guidance!, [B]);
     }
-    const out = await this.session.run(feeds);
-    return out.output.data as Float32Array;
+    // embeddings, shared modulation and RoPE tables, then the blocks in order, then the final layer
+    const e = await this.stages[0].session.run(feeds);
+    const pe = { pe_cos: e.pe_cos, pe_sin: e.pe_sin };
+    let img = e.img;
+    let txt = e.txt;
+    let h: ort.Tensor | undefined;
+    for (const { stage, session } of this.stages.slice(1)) {
+      if (stage.kind === 'double') {
+        const r = await session.run({ img, txt, mod_img: e.mod_img, mod_txt: e.mod_txt, ...pe });
+        [img, txt] = [r.img_out, r.txt_out];
+      } else if (stage.kind === 'single') {
+        const r = await session.run({ ...(stage.join ? { txt, img } : { h: h! }), mod_single: e.mod_single, ...pe });
+        h = r.h_out;
+      } else if (stage.kind === 'final') {
+        const r = await session.run(stage.fromJoint ? { h: h!, n_txt: i64(BigInt64Array.of(BigInt(L)), [1]), mod_final: e.mod_final } : { img, mod_final: e.mod_final });
+        return r.output.data as Float32Array;
+      }
+    }
+    throw new Error('flux2: the stage list has no final layer');
   }
 
   async close(): Promise<void> {
-    await this.session.release();
+    await Promise.all(this.stages.map((s) => s.session.release()));
   }
 }
 

@@ -1,0 +1,124 @@
+// `klein bench transformer`: one denoising step of the FLUX.2 transformer at the real klein 4B shapes with random
+// bf16 weights (BFL key names), optionally with fewer blocks. The checkpoint is written once into the bench cache.
+// Prints load time, seconds per step, GFLOP/s and peak RSS, one per line; the last line is `GFLOP/s: <number>`.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Command } from 'commander';
+import { Flux2Transformer, KLEIN_4B, headDim, mlpHidden, writeRandomFlux2Checkpoint, type Flux2Config } from '../src/models/flux2-transformer.ts';
+import { UsageError } from '../src/cli/errors.ts';
+import { GiB, benchCacheDir, peakRssBytes, resetPeakRss, seconds } from './util.ts';
+
+export interface TransformerBenchOptions {
+  doubleBlocks: number;
+  singleBlocks: number;
+  width: number;
+  height: number;
+  txtTokens: number;
+  threads?: number;
+  steps: number;
+}
+
+/**
+ * FLOPs of one forward: every token through the Linear weights it actually passes (2 per multiply-add: text tokens
+ * through txt_in and the text half of the double blocks, image tokens through img_in, the image half and the final
+ * projection, all through the single blocks) plus attention `4·T²·hidden` per block (QKᵀ and PV). The per-sample
+ * modulation vectors (one row each) are negligible and left out.
+ */
+export function flux2StepFlops(c: Flux2Config, nImg: number, nTxt: number): number {
+  const H = c.hiddenSize;
+  const mlp = mlpHidden(c);
+  const stream = 3 * H * H + H * H + 2 * mlp * H + mlp * H; // qkv, proj, mlp in, mlp out
+  const single = (3 * H + 2 * mlp) * H + H * (H + mlp);
+  const perTxt = c.contextInDim * H + c.depth * stream + c.depthSingleBlocks * single;
+  const perImg = c.inChannels * H + c.depth * stream + c.depthSingleBlocks * single + H * c.inChannels;
+  const T = nImg + nTxt;
+  return 2 * (perTxt * nTxt + perImg * nImg) + 4 * T * T * H * (c.depth + c.depthSingleBlocks);
+}
+
+/** The random checkpoint for a block count, written once (bf16, BFL names, klein 4B shapes). */
+export function benchCheckpoint(cfg: Flux2Config, log: (s: string) => void): string {
+  const dir = benchCacheDir(`flux2-klein4b-d${cfg.depth}-s${cfg.depthSingleBlocks}-bf16`);
+  const file = path.join(dir, 'model.safetensors');
+  if (!fs.existsSync(file)) {
+    log(`writing random bf16 checkpoint ${file} (once)…`);
+    writeRandomFlux2Checkpoint(file, cfg, { dtype: 'BF16', layout: 'bfl', seed: 1 });
+  }
+  return file;
+}
+
+/** Synthetic step inputs: a W/16 × H/16 latent grid and `nTxt` text tokens with the real position ids. */
+function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
+  const nImg = gw * gh;
+  let s = 12345;
+  const rnd = () => ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 2 ** 32) * 2 - 1;
+  const x = Float32Array.from({ length: nImg * cfg.inChannels }, rnd);
+  const ctx = Float32Array.from({ length: nTxt * cfg.contextInDim }, () => rnd() * 0.5);
+  const xIds = new BigInt64Array(nImg * 4);
+  for (let r = 0; r < gh; r++) for (let c = 0; c < gw; c++) { const i = (r * gw + c) * 4; xIds[i + 1] = BigInt(r); xIds[i + 2] = BigInt(c); }
+  const ctxIds = new BigInt64Array(nTxt * 4);
+  for (let l = 0; l < nTxt; l++) ctxIds[l * 4 + 3] = BigInt(l);
+  return { x, xIds, ctx, ctxIds, timesteps: Float32Array.of(0.9), batch: 1, nTokens: nImg, nCtx: nTxt };
+}
+
+export async function runTransformerBench(o: TransformerBenchOptions, log: (s: string) => void = console.log): Promise<number> {
+  const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
+  const file = benchCheckpoint(cfg, log);
+  const gw = o.width / 16;
+  const gh = o.height / 16;
+  const inp = inputs(cfg, gw, gh, o.txtTokens);
+  const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
+  resetPeakRss();
+  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads }));
+  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}`);
+  log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}`);
+  try {
+    const [firstS] = await seconds(() => model.forward(inp));
+    log(`first step seconds: ${firstS.toFixed(3)}`);
+    let best = Infinity;
+    for (let i = 0; i < o.steps; i++) best = Math.min(best, (await seconds(() => model.forward(inp)))[0]);
+    const flops = flux2StepFlops(cfg, inp.nTokens, o.txtTokens);
+    const peak = peakRssBytes();
+    const gflops = flops / best / 1e9;
+    log(`GFLOP per step: ${(flops / 1e9).toFixed(1)}`);
+    log(`seconds/step: ${best.toFixed(3)} (best of ${o.steps})`);
+    log(`peak RSS: ${(peak / GiB).toFixed(2)} GiB (${(peak / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB fp32 weights)`);
+    log(`GFLOP/s: ${gflops.toFixed(1)}`);
+    return gflops;
+  } finally {
+    await model.close();
+  }
+}
+
+function positiveInt(name: string, v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer, got "${v}"`);
+  return n;
+}
+
+export function registerTransformerBench(bench: Command): void {
+  bench
+    .command('transformer')
+    .description('one FLUX.2 transformer step at klein 4B shapes (random bf16 weights): seconds/step, GFLOP/s, peak RSS')
+    .option('--double-blocks <n>', 'double-stream blocks', '5')
+    .option('--single-blocks <n>', 'single-stream blocks', '20')
+    .option('--size <WxH>', 'image size in pixels (multiples of 16)', '512x512')
+    .option('--txt-tokens <n>', 'text tokens', '512')
+    .option('--threads <n>', 'intra-op threads (default: all cores)')
+    .option('--steps <n>', 'timed steps after the first (best is reported)', '2')
+    .action(async (opts: Record<string, string>) => {
+      const m = /^(\d+)x(\d+)$/.exec(opts.size);
+      if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
+      const o: TransformerBenchOptions = {
+        doubleBlocks: positiveInt('double-blocks', opts.doubleBlocks),
+        singleBlocks: positiveInt('single-blocks', opts.singleBlocks),
+        width: Number(m[1]),
+        height: Number(m[2]),
+        txtTokens: positiveInt('txt-tokens', opts.txtTokens),
+        threads: opts.threads === undefined ? undefined : positiveInt('threads', opts.threads),
+        steps: Math.max(1, positiveInt('steps', opts.steps)),
+      };
+      if (o.txtTokens < 1) throw new UsageError('--txt-tokens must be at least 1');
+      if (o.threads === 0) throw new UsageError('--threads must be at least 1');
+      await runTransformerBench(o);
+    });
+}
