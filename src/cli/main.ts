@@ -9,6 +9,8 @@ import { registerModels } from './models.ts';
 import { registerGenerate } from './generate.ts';
 import { registerEdit } from './edit.ts';
 import { registerDev } from './dev.ts';
+import { registerServe } from './serve.ts';
+import { registerKeys } from './keys.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -23,6 +25,8 @@ export function buildProgram(): Command {
   registerGenerate(program);
   registerEdit(program);
   registerDev(program);
+  registerServe(program);
+  registerKeys(program);
   const bench = registerBench(program);
   void bench;
   return program;

@@ -1,0 +1,95 @@
+// `klein serve`: the runs API on one machine — SQLite and files in a data folder, the pipeline in this process.
+import fs from 'node:fs';
+import path from 'node:path';
+import type { Command } from 'commander';
+import { KleinPipeline } from '../pipeline/pipeline.ts';
+import { parseDevice, resolveDevice } from '../graph/device.ts';
+import { ModelFolderError } from '../weights/model-folder.ts';
+import { createApp } from '../service/app.ts';
+import { ensureAdminKey } from '../service/auth.ts';
+import { defaultDataDir, loadConfig } from '../service/config.ts';
+import { createLogger } from '../service/logger.ts';
+import { UsageError } from './errors.ts';
+import { parseIntOption } from './generate.ts';
+
+interface ServeOptions {
+  model?: string;
+  data?: string;
+  port?: string;
+  host: string;
+  publicUrl?: string;
+  device: string;
+  threads?: string;
+  keepLoaded: boolean;
+}
+
+export function parsePort(v: string | undefined, name: string): number | undefined {
+  const n = parseIntOption(v, name);
+  if (n !== undefined && n > 65535) throw new UsageError(`${name} must be 0–65535, got ${n}`);
+  return n;
+}
+
+export function registerServe(program: Command): void {
+  program
+    .command('serve')
+    .description('run the HTTP API (Runflow-compatible runs, callbacks, keys, usage) with the model in this process')
+    .option('-m, --model <folder|repo>', 'model folder or Hub repo id (default: $KLEIN_MODEL_DIR, $KLEIN_MODEL or the pulled klein 4B)')
+    .option('--data <dir>', 'data folder: database, output images, config.json (default: $KLEIN_DATA_DIR or ~/.klein)')
+    .option('-p, --port <n>', 'port (default: $PORT or 8080; 0 picks a free one)')
+    .option('--host <addr>', 'address to listen on (0.0.0.0 for every interface)', '127.0.0.1')
+    .option('--public-url <url>', 'origin used in file URLs and callbacks (default: the listening address)')
+    .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
+    .option('--threads <n>', 'CPU threads (default: all cores)')
+    .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .action(async (o: ServeOptions) => {
+      const dataDir = path.resolve(o.data ?? defaultDataDir());
+      const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
+      const threads = parseIntOption(o.threads, '--threads');
+      if (threads === 0) throw new UsageError('--threads must be at least 1');
+      if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
+      fs.mkdirSync(dataDir, { recursive: true });
+      let config;
+      try {
+        config = loadConfig(dataDir, o.publicUrl ? { publicUrl: o.publicUrl.replace(/\/$/, '') } : {});
+      } catch (e) {
+        throw new UsageError((e as Error).message);
+      }
+      const device = await resolveDevice(parseDevice(o.device));
+      const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
+      let pipeline: KleinPipeline;
+      try {
+        pipeline = await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded });
+      } catch (e) {
+        if (e instanceof ModelFolderError) throw new UsageError(e.message);
+        throw e;
+      }
+      const log = createLogger();
+      const svc = createApp({ pipeline, config, logger: log, modelDir: pipeline.model.root });
+      const admin = ensureAdminKey(svc.store);
+      let listening;
+      try {
+        listening = await svc.listen(port, o.host);
+      } catch (e) {
+        await svc.close();
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') throw new UsageError(`cannot listen on ${o.host}:${port}: ${code}`);
+        throw e;
+      }
+      console.log(`klein serve: ${pipeline.variant.id} from ${pipeline.model.root}, data in ${dataDir}`);
+      console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
+      if (admin) {
+        console.log('klein serve: first start: an admin API key was created. It is shown only this once; keep it safe:');
+        console.log(admin.key);
+      }
+      await new Promise<void>((resolve) => {
+        const stop = () => {
+          console.log('klein serve: stopping (running runs go back to the queue)');
+          resolve();
+        };
+        process.once('SIGINT', stop);
+        process.once('SIGTERM', stop);
+      });
+      await svc.close();
+      await pipeline.close();
+    });
+}
