@@ -60,10 +60,13 @@ export const openAIErrors: MiddlewareHandler<AppEnv> = async (c, next) => {
   if (!body || typeof body.code !== 'string' || typeof body.message !== 'string') return;
   const status = res.status === 422 ? 400 : res.status;
   const code = CODE_OF[body.code] ?? body.code.toLowerCase();
+  const param = paramOf(body.errors);
+  // a klein schema's field error says more than its summary ("invalid input for …"); name the OpenAI field
+  const message = body.code === 'VALIDATION_ERROR' && body.errors?.[0] ? `Invalid '${param ?? 'body'}': ${body.errors[0].message}` : body.message;
   const headers = new Headers(res.headers);
   headers.delete('content-length');
   c.res = undefined as unknown as Response; // replace, not merge: Hono would copy the old headers back
-  c.res = new Response(JSON.stringify({ error: { message: body.message, type: openAIType(status), param: paramOf(body.errors), code } }), { status, headers });
+  c.res = new Response(JSON.stringify({ error: { message, type: openAIType(status), param, code } }), { status, headers });
 };
 
 function pickModel(name: string | null | undefined, kind: ModelEntry['kind']): ModelEntry {
