@@ -167,7 +167,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     fs.writeFileSync(marker, '');
     console.log(`\n  written in ${((performance.now() - t) / 1000).toFixed(1)} s`);
   }
-  if (opts.weights !== 'runtime-cast' && opts.weights !== 'prepacked') throw new UsageError('--weights must be runtime-cast or prepacked');
+  if (!['runtime-cast', 'converted', 'prepacked'].includes(opts.weights)) throw new UsageError('--weights must be runtime-cast, converted or prepacked');
   const weights = opts.weights as Qwen3WeightMode;
   const session = opts.threads ? { threads: Number(opts.threads) } : {};
   let t = performance.now();
@@ -210,6 +210,6 @@ export function registerTextEncoderBench(bench: Command): void {
     .option('--batch <n>', 'prompts per run', '1')
     .option('--seq <n>', 'tokens per prompt', '512')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
-    .option('--weights <mode>', 'runtime-cast (bf16 kept, cast per run) or prepacked (fp32 folded at load, 4 bytes/parameter)', 'runtime-cast')
+    .option('--weights <mode>', 'runtime-cast (bf16 kept, cast per run), converted (fp32 in memory, fed per run) or prepacked (folded by ORT at load)', 'runtime-cast')
     .action((o: BenchOptions) => benchTextEncoder(o));
 }

@@ -10,7 +10,7 @@ import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
 import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
 import { resolveDevice } from '../graph/device.ts';
-import { Checkpoint, type TensorInfo } from '../weights/safetensors.ts';
+import { Checkpoint, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
 export const KLEIN_OUTPUT_LAYERS = [9, 18, 27] as const;
@@ -99,12 +99,18 @@ export interface Qwen3GraphOptions {
 }
 
 /**
- * `runtime-cast`: weights stay bf16 (mmapped from the safetensors file) and each run casts them layer by layer:
- * the session opens in seconds and holds ~1 GB beyond the page cache, at the price of the cast on every run.
- * `prepacked`: ORT folds the casts at load and keeps pre-packed fp32 matrices (4 bytes per parameter: 10.9 GB for
- * the 27 layers of Qwen3-4B) and several minutes of load time, for the fastest runs.
+ * How bf16 (or f16) projection weights become fp32 for ORT's CPU MatMul:
+ * - `runtime-cast`: weights stay bf16, mmapped from the safetensors file, and each run casts them layer by layer:
+ *   the session opens in about a second and holds ~1 GB beyond the page cache; every run pays the casts.
+ * - `converted`: converted to fp32 once, in JS memory, at load (seconds) and fed to the graph as inputs on every
+ *   run (no copy): fastest runs, 4 bytes per parameter held (10.9 GB for the 27 layers of Qwen3-4B).
+ * - `prepacked`: ORT constant-folds the casts at load and keeps pre-packed fp32 matrices: same memory as
+ *   `converted`, runs as fast, but its load takes minutes at real size (ORT's folding round-trips every tensor).
  */
-export type Qwen3WeightMode = 'runtime-cast' | 'prepacked';
+export type Qwen3WeightMode = 'runtime-cast' | 'converted' | 'prepacked';
+
+/** Graph input name of a projection weight fed at run time (`converted` mode). */
+export const feedName = (tensor: string): string => `weight:${tensor}`;
 
 /**
  * RoPE cos/sin tables `[maxPositions, headDim]` as HF computes them in float32: `inv_freq = 1 / theta^(2i/d)`,
@@ -137,8 +143,8 @@ function keyPrefix(ck: Checkpoint): string {
   throw new Qwen3ConfigError('checkpoint has no embed_tokens.weight (expected HF Qwen3 key names such as model.embed_tokens.weight)');
 }
 
-/** The tensors the graph needs, checked against the config so a wrong checkpoint fails before ORT does. */
-function checkShapes(ck: Checkpoint, cfg: Qwen3Config, prefix: string, layers: number): void {
+/** Every tensor (name, shape implied by the config) the first `layers` decoder layers need. */
+function requiredTensors(cfg: Qwen3Config, prefix: string, layers: number): Array<[string, number[]]> {
   const H = cfg.hiddenSize;
   const q = cfg.numAttentionHeads * cfg.headDim;
   const kv = cfg.numKeyValueHeads * cfg.headDim;
@@ -153,7 +159,12 @@ function checkShapes(ck: Checkpoint, cfg: Qwen3Config, prefix: string, layers: n
     );
   }
   if (layers === cfg.numHiddenLayers) want.push([`${prefix}norm.weight`, [H]]);
-  for (const [name, shape] of want) {
+  return want;
+}
+
+/** The tensors the graph needs, checked against the config so a wrong checkpoint fails before ORT does. */
+function checkShapes(ck: Checkpoint, cfg: Qwen3Config, prefix: string, layers: number): void {
+  for (const [name, shape] of requiredTensors(cfg, prefix, layers)) {
     if (!ck.has(name)) throw new Qwen3ConfigError(`checkpoint is missing ${name}`);
     const got = ck.info(name).shape;
     if (got.join(',') !== shape.join(',')) throw new Qwen3ConfigError(`${name} has shape [${got}], config.json implies [${shape}]`);
@@ -191,9 +202,10 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
 
   // Activations stay 2-D [batch·seq, features] so every projection is one Gemm with transB: ORT folds the
   // bf16→fp32 Cast at load and pre-packs the weight, with no transpose node in the way.
-  const runtimeCast = (opts.weights ?? 'runtime-cast') === 'runtime-cast';
+  const mode = opts.weights ?? 'runtime-cast';
   const matrix = (info: TensorInfo): Value => {
-    if (!runtimeCast || info.dtype === 'F32') return g.weight(info, 'float32');
+    if (mode === 'converted') return g.input(feedName(info.name), 'float32', info.shape);
+    if (mode === 'prepacked' || info.dtype === 'F32') return g.weight(info, 'float32');
     // An initializer that is also a graph input may be overridden by a feed, so ORT does not constant-fold
     // the Cast behind it: the weight stays bf16 in memory and is cast when the layer runs.
     const raw = g.weight(info);
@@ -357,6 +369,8 @@ export class Qwen3TextEncoder {
     readonly hiddenStates: readonly number[],
     readonly maxPositions: number,
     private readonly session: ort.InferenceSession,
+    /** fp32 weights fed on every run (`converted` mode), else empty. */
+    private readonly feeds: Record<string, ort.Tensor>,
     /** Weight files the graph references (the prompt cache keys on their identity). */
     readonly weightFiles: string[],
   ) {}
@@ -375,18 +389,26 @@ export class Qwen3TextEncoder {
     const hiddenStates = opts.hiddenStates ?? [];
     const maxPositions = opts.maxPositions ?? 512;
     const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast' };
-    // only the files holding tensors of the layers we run are referenced (a 36-layer checkpoint may put the
-    // unused tail in a shard of its own)
-    let files: string[] = [];
-    const build = (): Graph => buildQwen3Graph(ck, cfg, graphOpts);
-    const probe = build();
-    files = probe.weightFiles;
-    const { file } = compileGraph('qwen3', { cfg, graphOpts }, files, () => probe);
+    const probe = buildQwen3Graph(ck, cfg, graphOpts);
+    // only the files holding tensors of the layers we run count (a 36-layer checkpoint may put the unused tail in
+    // a shard of its own); in `converted` mode the graph references just the embeddings and norms, but the model's
+    // identity (prompt cache key) is every file we read
+    const used = requiredTensors(cfg, keyPrefix(ck), layersNeeded(graphOpts)).map(([n]) => fs.realpathSync(ck.info(n).file));
+    const files = [...new Set([...probe.weightFiles, ...used])].sort();
+    const { file } = compileGraph('qwen3', { cfg, graphOpts }, probe.weightFiles, () => probe);
     const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
     const device = await resolveDevice(sessionCfg.device ?? 'cpu');
     // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
     const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
-    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, files);
+    const feeds: Record<string, ort.Tensor> = {};
+    if (graphOpts.weights === 'converted') {
+      for (const name of session.inputNames) {
+        if (!name.startsWith('weight:')) continue;
+        const info = ck.info(name.slice('weight:'.length));
+        feeds[name] = new ort.Tensor('float32', readFloat32(info), info.shape);
+      }
+    }
+    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files);
   }
 
   /** Runs the encoder; ids and mask are `[batch, seq]` row-major. */
@@ -400,7 +422,7 @@ export class Qwen3TextEncoder {
     for (const id of inputIds) {
       if (id < 0n || id >= BigInt(this.config.vocabSize)) throw new Error(`token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
     }
-    const out = await this.session.run({ input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) });
+    const out = await this.session.run({ ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) });
     const hiddenStates = new Map<number, Float32Array>();
     for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
     return { context: out.context.data as Float32Array, hiddenStates };
@@ -412,6 +434,7 @@ export class Qwen3TextEncoder {
   }
 
   async close(): Promise<void> {
+    for (const k of Object.keys(this.feeds)) delete this.feeds[k]; // let the fp32 copies be collected
     await this.session.release();
   }
 }

@@ -101,21 +101,26 @@ test('sharded bf16 checkpoint: context is [B, L, 3·hidden], batch rows are inde
   }
 });
 
-test('bf16 weights (cast per run or folded at load) give the same context as their exact fp32 copy', async () => {
+test('bf16 weights (cast per run, converted at load, or folded) give the same context as their exact fp32 copy', async () => {
   const f32Dir = tmp('klein-qwen3-f32-');
   writeRandomQwen3Checkpoint(f32Dir, TINY, { seed: 11, dtype: 'F32', layers: 27 });
   const x = batch([[500, 502, 504, 1, 2, 3, 501]], 16);
   const e1 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16 });
   const e2 = await Qwen3TextEncoder.load(f32Dir, { maxPositions: 16 });
   const e3 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16, weights: 'prepacked' });
+  const e4 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16, weights: 'converted' });
   try {
     const a = await e1.embed(x.ids, x.mask, 1);
     const b = await e2.embed(x.ids, x.mask, 1);
     const c = await e3.embed(x.ids, x.mask, 1);
+    const d = await e4.embed(x.ids, x.mask, 1);
     assert.ok(maxDiff(a, b) < 1e-5, `runtime-cast vs fp32: max diff ${maxDiff(a, b)}`);
     assert.ok(maxDiff(c, b) < 1e-5, `prepacked vs fp32: max diff ${maxDiff(c, b)}`);
+    assert.ok(maxDiff(d, b) < 1e-5, `converted vs fp32: max diff ${maxDiff(d, b)}`);
+    // the converted session's weights are inputs, one per projection matrix of the 27 layers
+    assert.deepEqual(e1.weightFiles, e4.weightFiles);
   } finally {
-    await Promise.all([e1.close(), e2.close(), e3.close()]);
+    await Promise.all([e1.close(), e2.close(), e3.close(), e4.close()]);
   }
 });
 
