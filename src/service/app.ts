@@ -94,6 +94,8 @@ export function createApp(opts: CreateAppOptions): Service {
     const rl = limiter.take(`all:${key.id}`, cfg.rateLimit.requestsPerMinute);
     if (!rl.ok) throw new ApiError(429, 'RATE_LIMITED', `Rate limit exceeded: ${cfg.rateLimit.requestsPerMinute} requests per minute for this key; retry in ${rl.retryAfterS} s`, null, { 'Retry-After': String(rl.retryAfterS) });
     c.set('key', key);
+    // last_used_at is for humans auditing keys: minute precision is plenty and spares a write per request
+    if (!key.last_used_at || Date.now() - Date.parse(key.last_used_at) > 60_000) store.touchKey(key.id);
     return next();
   });
 
