@@ -11,6 +11,7 @@ import { registerEdit } from './edit.ts';
 import { registerDev } from './dev.ts';
 import { registerServe } from './serve.ts';
 import { registerKeys } from './keys.ts';
+import { registerMcp } from './mcp.ts';
 
 export function buildProgram(): Command {
   const program = new Command('klein')
@@ -27,6 +28,7 @@ export function buildProgram(): Command {
   registerDev(program);
   registerServe(program);
   registerKeys(program);
+  registerMcp(program);
   const bench = registerBench(program);
   void bench;
   return program;

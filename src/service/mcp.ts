@@ -105,9 +105,12 @@ type Extra = { _meta?: { progressToken?: string | number }; sendNotification: (n
 /** Wait for a run, forwarding its progress as MCP progress notifications when the client asked for them. */
 async function waitWithProgress(ctx: McpContext, id: string, waitS: number, extra: Extra): Promise<RunRow> {
   const token = extra._meta?.progressToken;
+  // MCP requires progress to increase; the pipeline's stages can step back (a component loads between stages)
+  let last = -1;
   const on = (rid: string, e: RunEvent) => {
-    if (rid !== id || e.type !== 'progress' || token === undefined) return;
+    if (rid !== id || e.type !== 'progress' || token === undefined || e.progress.percent <= last) return;
     const p = e.progress;
+    last = p.percent;
     void extra.sendNotification({ method: 'notifications/progress', params: { progressToken: token, progress: p.percent, total: 100, message: p.step !== undefined ? `${p.stage} ${p.step}/${p.total}` : p.stage } }).catch(() => undefined);
   };
   ctx.deps.queue.on('event', on);
