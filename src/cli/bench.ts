@@ -3,6 +3,7 @@ import { registerTextEncoderBench } from '../../bench/text-encoder.ts';
 import { registerMattingBench } from '../../bench/matting.ts';
 import { registerVaeBench } from '../../bench/vae.ts';
 import { registerTransformerBench } from '../../bench/transformer.ts';
+import { registerApiBench } from '../../bench/api.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -14,5 +15,6 @@ export function registerBench(program: Command): Command {
   registerMattingBench(bench);
   registerVaeBench(bench);
   registerTransformerBench(bench);
+  registerApiBench(bench);
   return bench;
 }
