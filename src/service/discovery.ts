@@ -107,6 +107,9 @@ export function siteLlmsTxt(cfg: ServiceConfig, base: string): string {
     '- `Idempotency-Key` on creates: same body replays, different body → 409.',
     '- Errors: `{code, message, errors}`; 429 `RATE_LIMITED` carries `Retry-After`.',
     '- Usage and cost: `cost`/`cost_breakdown` on each run, `GET /v1/usage` per day.', '',
+    '## OpenAI-compatible images API and MCP',
+    `- \`POST ${base}/v1/images/generations\` (JSON) and \`POST ${base}/v1/images/edits\` (multipart, \`image\` or \`image[]\`, 1–4): OpenAI's images API (\`prompt\`, \`model\`, \`n\`, \`size\` WxH or auto, \`response_format\` b64_json|url, \`output_format\`, \`output_compression\`, plus \`seed\`); point an OpenAI client's base URL at \`${base}/v1\`. Each request is a run (GET /v1/runs, billed alike); errors are \`{error: {message, type, param, code}}\`.`,
+    `- MCP (streamable HTTP): \`${base}/mcp\` with the same Bearer key; tools \`generate_image\`, \`edit_image\`, \`get_run\`. Over stdio: \`klein mcp --model DIR --data DIR\`.`, '',
   ].join('\n');
 }
 
@@ -148,6 +151,12 @@ server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
 - 429 \`RATE_LIMITED\`: wait \`Retry-After\` seconds. 422: read \`errors[]\` (\`loc\` names the field).
 - Never invent safety fields: this server runs no safety classifier.
 - Cancel what you no longer need: \`POST $KLEIN_URL/v1/runs/{id}/cancellation\`.
+
+## Other ways in
+- OpenAI-compatible: \`POST $KLEIN_URL/v1/images/generations\` (JSON: prompt, size "WxH", n, response_format,
+  output_format, seed) and \`POST $KLEIN_URL/v1/images/edits\` (multipart: \`image[]\` 1–4 files, prompt). They wait
+  for the run and answer \`{created, data: [{b64_json | url}], usage, run_id}\`; errors are \`{error: {message, param, …}}\`.
+- MCP: \`$KLEIN_URL/mcp\` (streamable HTTP, same Bearer key), tools \`generate_image\`, \`edit_image\`, \`get_run\`.
 `;
 }
 

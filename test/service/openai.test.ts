@@ -169,6 +169,18 @@ describe('OpenAI-compatible images API', () => {
     assert.equal((await h.api('GET', '/v1/runs?limit=100')).json.data.length, before, 'no run for a refused request');
   });
 
+  test('/openapi.json, /llms.txt and SKILL.md describe these routes and the MCP endpoint', async () => {
+    const doc = (await (await fetch(`${h.url}/openapi.json`)).json()) as { paths: Record<string, Record<string, { requestBody: { content: Record<string, unknown> }; responses: Record<string, unknown> }>> };
+    const gen = doc.paths['/v1/images/generations'].post;
+    assert.ok(gen.requestBody.content['application/json']);
+    assert.deepEqual(Object.keys(gen.responses).sort(), ['200', '400', '401', '404', '409', '429', '500', '504']);
+    assert.ok(doc.paths['/v1/images/edits'].post.requestBody.content['multipart/form-data']);
+    const llms = await (await fetch(`${h.url}/llms.txt`)).text();
+    for (const s of [`${h.url}/v1/images/generations`, `${h.url}/v1/images/edits`, `${h.url}/mcp`, 'generate_image', 'klein mcp']) assert.ok(llms.includes(s), s);
+    const skill = await (await fetch(`${h.url}/.well-known/agent-skills/klein/SKILL.md`)).text();
+    for (const s of ['$KLEIN_URL/v1/images/generations', '$KLEIN_URL/v1/images/edits', '$KLEIN_URL/mcp', 'edit_image']) assert.ok(skill.includes(s), s);
+  });
+
   test('a rate-limited key gets 429 rate_limit_exceeded with Retry-After, in OpenAI\'s shape', async () => {
     const key = h.newKey({ rateLimitPerMin: 1 });
     const c = new OpenAI({ apiKey: key, baseURL: `${h.url}/v1`, maxRetries: 0 });
