@@ -66,34 +66,41 @@ interface Ctx {
   weights: MemoryWeight[];
 }
 
-/** A weight handed to ORT in memory as fp32: its stored row blocks, converted at load time. */
+/** A weight handed to ORT in memory as fp32: its stored row blocks (optionally a column range), converted at load. */
 export interface MemoryWeight {
   /** ORT external-data location of the converted bytes. */
   location: string;
   parts: TensorInfo[];
+  /** Columns `[start, end)` of a 2-D weight; all columns when absent. */
+  cols?: [number, number];
   shape: number[];
 }
 
 /**
- * A BFL weight as an fp32 initializer [rows, …]. Every weight reaches ORT as fp32 bytes converted in JS (bf16 →
- * fp32 is a 16-bit shift; diffusers' split q/k/v simply become consecutive rows), passed as in-memory external
- * data: ORT cannot mix in-memory and on-disk external data in one session, and the in-place bf16 + Cast route
- * made ORT constant-fold every weight at load (minutes for klein 4B, with a second fp32 copy at its peak).
+ * A BFL weight (or a row/column block of it) as an fp32 initializer. Every weight reaches ORT as fp32 bytes
+ * converted in JS (bf16 → fp32 is a 16-bit shift; diffusers' split q/k/v simply become consecutive rows), passed as
+ * in-memory external data: ORT cannot mix in-memory and on-disk external data in one session, and the in-place
+ * bf16 + Cast route made ORT constant-fold every weight at load (minutes for klein 4B, with a second fp32 copy at
+ * its peak).
  */
-function weight(cx: Ctx, name: string): Value {
-  const parts = cx.w.get(name);
-  const shape = [parts.reduce((n, p) => n + p.shape[0], 0), ...parts[0].shape.slice(1)];
-  const location = `flux2-mem/${name}`;
-  cx.weights.push({ location, parts, shape });
-  return cx.g.inMemoryWeight(name, COMPUTE, shape, location);
+function weight(cx: Ctx, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  const parts = rows ? cx.w.rows(name, rows[0], rows[1]) : cx.w.get(name);
+  const nRows = parts.reduce((n, p) => n + p.shape[0], 0);
+  const shape = parts[0].shape.length === 1 ? [nRows] : [nRows, cols ? cols[1] - cols[0] : parts[0].shape[1]];
+  const tag = `${rows ? `.rows_${rows[0]}_${rows[1]}` : ''}${cols ? `.cols_${cols[0]}_${cols[1]}` : ''}`;
+  const location = `flux2-mem/${name}${tag}`;
+  cx.weights.push({ location, parts, cols, shape });
+  return cx.g.inMemoryWeight(`${name}${tag}`, COMPUTE, shape, location);
 }
 
 /**
- * PyTorch `Linear(bias=False)`: `x Wᵀ` with W stored `[out, in]`. `FusedMatMul(transB)` multiplies by the
- * transpose directly, so ORT pre-packs the weight once at load with no Transpose node to fold.
+ * PyTorch `Linear(bias=False)`: `x Wᵀ` with W stored `[out, in]`; `rows` takes only some outputs, `cols` only some
+ * inputs. Fused projections (q|k|v, gate|up) run as one product per part instead of one product followed by a
+ * Split of the activations: same FLOPs, and ORT's Split along the last axis cost a fifth of a block's time.
+ * `FusedMatMul(transB)` multiplies by the transpose directly, so ORT pre-packs the weight once at load.
  */
-function linear(cx: Ctx, x: Value, name: string): Value {
-  return cx.g.op('FusedMatMul', [x, weight(cx, name)], { transB: 1 }, { domain: MS_DOMAIN, hint: name.replace(/\.weight$/, '') });
+function linear(cx: Ctx, x: Value, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  return cx.g.op('FusedMatMul', [x, weight(cx, name, rows, cols)], { transB: 1 }, { domain: MS_DOMAIN, hint: name.replace(/\.weight$/, '') });
 }
 
 /** `[0, 0, …dims]` reshape keeping the leading (batch, sequence) dims. */
@@ -120,7 +127,10 @@ function modulation(cx: Ctx, vec: Value, name: string): Value {
   return cx.g.op('Unsqueeze', [linear(cx, silu(cx.g, vec), name), cx.g.constI64([1])]);
 }
 
-/** RoPE tables `(cos, sin)`, each [B, L, 1, head_dim/2, 1], for int64 positions `ids` [B, L, n_axes] (spec §2.1). */
+/**
+ * RoPE tables for int64 positions `ids` [B, L, n_axes] (spec §2.1), each [B, L, 1, head_dim]: `cos` with every
+ * pair's cosine on both of its dims, `sin` likewise, ready for `applyRope`.
+ */
 function ropeTables(cx: Ctx, ids: Value): { cos: Value; sin: Value } {
   const { g, c } = cx;
   const pairs = headDim(c) / 2;
@@ -134,59 +144,65 @@ function ropeTables(cx: Ctx, ids: Value): { cos: Value; sin: Value } {
     j0 += dim / 2;
   });
   const freqs = g.const({ type: 'float64', dims: [c.axesDim.length, pairs], data: new Uint8Array(F.buffer) }, 'rope_freqs');
-  const angles = g.op('MatMul', [g.op('Cast', [ids], { to: 11 }), freqs]); // [B, L, pairs] float64
-  const shape = g.constI64([0, 0, 1, pairs, 1]);
-  const table = (op: string) => g.op('Reshape', [g.op('Cast', [g.op(op, [angles])], { to: 1 }), shape]);
+  const angles = g.op('Unsqueeze', [g.op('MatMul', [g.op('Cast', [ids], { to: 11 }), freqs]), g.constI64([-1])]); // [B, L, pairs, 1]
+  const table = (op: string) => {
+    const t = g.op('Cast', [g.op(op, [angles])], { to: 1 });
+    return g.op('Reshape', [concat(g, [t, t], -1), g.constI64([0, 0, 1, 2 * pairs])]);
+  };
   return { cos: table('Cos'), sin: table('Sin') };
 }
 
-/** `apply_rope`: rotate adjacent pairs `(x[2j], x[2j+1])` of x [B, L, heads, head_dim] by the angles (spec §2.1). */
+/**
+ * `apply_rope` on x [B, L, heads, head_dim]: each adjacent pair `(x0, x1)` becomes `(cos·x0 − sin·x1,
+ * sin·x0 + cos·x1)`. Written as `x·cos + (x R)·sin` with R the constant pair-swap-and-negate matrix, so the pairs
+ * never have to be split apart (a MatMul by ±1 and zeros is exact).
+ */
 function applyRope(cx: Ctx, x: Value, pe: { cos: Value; sin: Value }): Value {
   const { g, c } = cx;
   const hd = headDim(c);
-  const pairs = g.op('Reshape', [x, g.constI64([0, 0, 0, hd / 2, 2])]);
-  const [x0, x1] = splitLast(g, pairs, [1, 1]);
-  const y0 = g.op('Sub', [g.op('Mul', [pe.cos, x0]), g.op('Mul', [pe.sin, x1])]);
-  const y1 = g.op('Add', [g.op('Mul', [pe.sin, x0]), g.op('Mul', [pe.cos, x1])]);
-  return g.op('Reshape', [concat(g, [y0, y1], -1), g.constI64([0, 0, 0, hd])], {}, { hint: 'rope' });
+  const R = new Float32Array(hd * hd);
+  for (let j = 0; j < hd; j += 2) {
+    R[(j + 1) * hd + j] = -1; // (xR)[2j] = −x[2j+1]
+    R[j * hd + j + 1] = 1; //    (xR)[2j+1] = x[2j]
+  }
+  const rotated = g.op('MatMul', [x, g.constF32(R, [hd, hd], 'rope_swap')]);
+  return g.op('Add', [g.op('Mul', [x, pe.cos]), g.op('Mul', [rotated, pe.sin])], {}, { hint: 'rope' });
 }
 
-/** QK-norm: RMSNorm over each head's dims with a learned scale, eps 1e-6 (spec §1.2). */
+/** QK-norm: RMSNorm over each head's dims with a learned scale, eps 1e-6, in fp32 (spec §1.2). */
 function qkNorm(cx: Ctx, x: Value, scaleName: string): Value {
-  const { g } = cx;
-  const ms = g.op('ReduceMean', [g.op('Mul', [x, x]), g.constI64([-1])], { keepdims: 1 });
-  const inv = g.op('Reciprocal', [g.op('Sqrt', [g.op('Add', [ms, g.scalarF32(EPS)])])]);
-  return g.op('Mul', [g.op('Mul', [x, inv]), weight(cx, scaleName)], {}, { hint: 'qk_norm' });
-}
-
-/** q/k/v [B, L, heads, head_dim] from a fused `[q | k | v]` projection [B, L, 3H], with QK-norm applied. */
-function splitQkv(cx: Ctx, qkv: Value, normPrefix: string): [Value, Value, Value] {
-  const { g, c } = cx;
-  const H = c.hiddenSize;
-  const [q, k, v] = splitLast(g, qkv, [H, H, H]).map((t) => reshapeKeep2(g, t, [c.numHeads, headDim(c)]));
-  return [qkNorm(cx, q, `${normPrefix}.query_norm.scale`), qkNorm(cx, k, `${normPrefix}.key_norm.scale`), v];
+  return cx.g.op('SimplifiedLayerNormalization', [x, weight(cx, scaleName)], { axis: -1, epsilon: { float: EPS } }, { hint: 'qk_norm' });
 }
 
 /**
- * Joint attention over the whole sequence: RoPE on q and k, then `softmax(q kᵀ / √d) v` per head, no mask.
- * q, k, v: [B, L, heads, head_dim]; returns [B, L, H] with heads merged `B L (H D)`.
+ * q, k, v [B, L, H] of one attention from a fused `[q | k | v]` weight (rows head-major inside each third): QK-norm
+ * per head, then RoPE, on [B, L, heads, head_dim] views.
  */
-function attention(cx: Ctx, q: Value, k: Value, v: Value, pe: { cos: Value; sin: Value }): Value {
+function qkv(cx: Ctx, x: Value, name: string, normPrefix: string, pe: { cos: Value; sin: Value }): [Value, Value, Value] {
   const { g, c } = cx;
-  const hd = headDim(c);
-  const qr = applyRope(cx, q, pe);
-  const kr = applyRope(cx, k, pe);
-  const qh = g.op('Transpose', [qr], { perm: [0, 2, 1, 3] }); // [B, heads, L, D]
-  const kh = g.op('Transpose', [kr], { perm: [0, 2, 3, 1] }); // [B, heads, D, L]
-  const vh = g.op('Transpose', [v], { perm: [0, 2, 1, 3] });
-  const scores = g.op('Mul', [g.op('MatMul', [qh, kh]), g.scalarF32(1 / Math.sqrt(hd))]);
-  const o = g.op('MatMul', [g.op('Softmax', [scores], { axis: -1 }), vh]);
-  return reshapeKeep2(g, g.op('Transpose', [o], { perm: [0, 2, 1, 3] }), [c.hiddenSize]);
+  const H = c.hiddenSize;
+  const heads = (t: Value) => reshapeKeep2(g, t, [c.numHeads, headDim(c)]);
+  const flat = (t: Value) => reshapeKeep2(g, t, [H]);
+  const q = applyRope(cx, qkNorm(cx, heads(linear(cx, x, name, [0, H])), `${normPrefix}.query_norm.scale`), pe);
+  const k = applyRope(cx, qkNorm(cx, heads(linear(cx, x, name, [H, 2 * H])), `${normPrefix}.key_norm.scale`), pe);
+  return [flat(q), flat(k), linear(cx, x, name, [2 * H, 3 * H])];
 }
 
-/** SwiGLU: `silu(first half) * second half` (the first half is the gate, spec §1.2). */
-function swiglu(cx: Ctx, x: Value, mlp: number): Value {
-  const [gate, up] = splitLast(cx.g, x, [mlp, mlp]);
+/**
+ * `softmax(q kᵀ / √d) v` per head over the whole sequence, no mask; q, k, v and the result [B, L, H] with heads
+ * merged `B L (H D)`. ORT's MultiHeadAttention takes this layout as is (no head transposes) and fuses scale,
+ * softmax and both products.
+ */
+function attention(cx: Ctx, q: Value, k: Value, v: Value): Value {
+  const { g, c } = cx;
+  return g.op('MultiHeadAttention', [q, k, v], { num_heads: c.numHeads, scale: { float: 1 / Math.sqrt(headDim(c)) } }, { domain: MS_DOMAIN, hint: 'attention' });
+}
+
+/** SwiGLU: `silu(gate) * up`, gate = the first half of the fused projection (spec §1.2). */
+function swiglu(cx: Ctx, x: Value, name: string, offset: number): Value {
+  const mlp = mlpHidden(cx.c);
+  const gate = linear(cx, x, name, [offset, offset + mlp]);
+  const up = linear(cx, x, name, [offset + mlp, offset + 2 * mlp]);
   return cx.g.op('Mul', [silu(cx.g, gate), up], {}, { hint: 'swiglu' });
 }
 
@@ -203,14 +219,19 @@ function doubleBlock(cx: Ctx, i: number, img: Value, txt: Value, pe: { cos: Valu
   const H = c.hiddenSize;
   const p = `double_blocks.${i}`;
   return g.within(p, () => {
-    const [qi, ki, vi] = splitQkv(cx, linear(cx, modulate(g, layerNormNoAffine(g, img, H, EPS), mImg[0], mImg[1]), `${p}.img_attn.qkv.weight`), `${p}.img_attn.norm`);
-    const [qt, kt, vt] = splitQkv(cx, linear(cx, modulate(g, layerNormNoAffine(g, txt, H, EPS), mTxt[0], mTxt[1]), `${p}.txt_attn.qkv.weight`), `${p}.txt_attn.norm`);
-    const o = attention(cx, concat(g, [qt, qi], 1), concat(g, [kt, ki], 1), concat(g, [vt, vi], 1), pe);
-    const [ot, oi] = g.opN('Split', [o, concat(g, [seqLen(g, txt), seqLen(g, img)], 0)], 2, { axis: 1 });
+    // RoPE is per token, so it can be applied to each stream before joining them (text first)
+    const [nTxt, nImg] = [seqLen(g, txt), seqLen(g, img)];
+    const peSplit = (t: Value) => g.opN('Split', [t, concat(g, [nTxt, nImg], 0)], 2, { axis: 1 });
+    const [cosT, cosI] = peSplit(pe.cos);
+    const [sinT, sinI] = peSplit(pe.sin);
+    const [qi, ki, vi] = qkv(cx, modulate(g, layerNormNoAffine(g, img, H, EPS), mImg[0], mImg[1]), `${p}.img_attn.qkv.weight`, `${p}.img_attn.norm`, { cos: cosI, sin: sinI });
+    const [qt, kt, vt] = qkv(cx, modulate(g, layerNormNoAffine(g, txt, H, EPS), mTxt[0], mTxt[1]), `${p}.txt_attn.qkv.weight`, `${p}.txt_attn.norm`, { cos: cosT, sin: sinT });
+    const o = attention(cx, concat(g, [qt, qi], 1), concat(g, [kt, ki], 1), concat(g, [vt, vi], 1));
+    const [ot, oi] = g.opN('Split', [o, concat(g, [nTxt, nImg], 0)], 2, { axis: 1 });
     const stream = (x: Value, attnOut: Value, m: Mod, s: 'img' | 'txt'): Value => {
       x = g.op('Add', [x, g.op('Mul', [m[2], linear(cx, attnOut, `${p}.${s}_attn.proj.weight`)])]);
-      const h = linear(cx, modulate(g, layerNormNoAffine(g, x, H, EPS), m[3], m[4]), `${p}.${s}_mlp.0.weight`);
-      return g.op('Add', [x, g.op('Mul', [m[5], linear(cx, swiglu(cx, h, mlpHidden(c)), `${p}.${s}_mlp.2.weight`)])]);
+      const h = swiglu(cx, modulate(g, layerNormNoAffine(g, x, H, EPS), m[3], m[4]), `${p}.${s}_mlp.0.weight`, 0);
+      return g.op('Add', [x, g.op('Mul', [m[5], linear(cx, h, `${p}.${s}_mlp.2.weight`)])]);
     };
     return [stream(img, oi, mImg, 'img'), stream(txt, ot, mTxt, 'txt')];
   });
@@ -223,11 +244,12 @@ function singleBlock(cx: Ctx, i: number, h: Value, pe: { cos: Value; sin: Value 
   const mlp = mlpHidden(c);
   const p = `single_blocks.${i}`;
   return g.within(p, () => {
-    const y = linear(cx, modulate(g, layerNormNoAffine(g, h, H, EPS), m[0], m[1]), `${p}.linear1.weight`);
-    const [qkv, mlpIn] = splitLast(g, y, [3 * H, 2 * mlp]);
-    const [q, k, v] = splitQkv(cx, qkv, `${p}.norm`);
-    const o = attention(cx, q, k, v, pe);
-    const out = linear(cx, concat(g, [o, swiglu(cx, mlpIn, mlp)], -1), `${p}.linear2.weight`);
+    const a = modulate(g, layerNormNoAffine(g, h, H, EPS), m[0], m[1]);
+    const [q, k, v] = qkv(cx, a, `${p}.linear1.weight`, `${p}.norm`, pe);
+    const o = attention(cx, q, k, v);
+    // linear2(cat([o, mlp])) = o·W[:, :H]ᵀ + mlp·W[:, H:]ᵀ: two products instead of concatenating activations
+    const w2 = `${p}.linear2.weight`;
+    const out = g.op('Add', [linear(cx, o, w2, undefined, [0, H]), linear(cx, swiglu(cx, a, `${p}.linear1.weight`, 3 * H), w2, undefined, [H, H + mlp])]);
     return g.op('Add', [h, g.op('Mul', [m[2], out])]);
   });
 }
@@ -260,7 +282,7 @@ export function flux2Stages(c: Flux2Config): Flux2Stage[] {
 
 /** RoPE tables travel between sessions as two inputs. */
 function peInputs(g: Graph, c: Flux2Config): { cos: Value; sin: Value } {
-  const dims = ['batch', 'n_all', 1, headDim(c) / 2, 1];
+  const dims = ['batch', 'n_all', 1, headDim(c)];
   return { cos: g.input('pe_cos', 'float32', dims), sin: g.input('pe_sin', 'float32', dims) };
 }
 
@@ -350,28 +372,44 @@ export interface Flux2LoadOptions extends SessionConfig {
 }
 
 /** Bump when the graphs change in a way the config does not capture (the compiled-graph cache key). */
-const FLUX2_GRAPH_VERSION = 3;
+const FLUX2_GRAPH_VERSION = 4;
 
 function stageName(s: Flux2Stage): string {
   return 'index' in s ? `${s.kind}_${s.index}` : s.kind;
 }
 
-/** A weight as fp32 bytes: its row blocks read from the checkpoint and widened (bf16 → fp32). */
+/** Stored values (F32, BF16 or F16) widened to fp32. */
+function toF32(p: TensorInfo): Float32Array {
+  const raw = readRaw(p);
+  const n = p.byteLength / DTYPE_SIZE[p.dtype];
+  // a small Buffer may sit at an odd offset of Node's pool: copy before viewing it as 16/32-bit words
+  const aligned = raw.byteOffset % 4 === 0 ? raw : new Uint8Array(raw);
+  if (p.dtype === 'F32') return new Float32Array(aligned.buffer, aligned.byteOffset, n);
+  const u16 = new Uint16Array(aligned.buffer, aligned.byteOffset, n);
+  if (p.dtype === 'BF16') {
+    const out = new Float32Array(n);
+    const bits = new Uint32Array(out.buffer);
+    for (let i = 0; i < n; i++) bits[i] = u16[i] << 16;
+    return out;
+  }
+  if (p.dtype === 'F16') return f16ToF32(u16);
+  throw new Error(`${p.file} [${p.name}]: dtype ${p.dtype} is not supported for a FLUX.2 weight`);
+}
+
+/** A weight as fp32 bytes: its row blocks read from the checkpoint, widened, and cut to its column range. */
 export function readWeightF32(l: MemoryWeight): Float32Array {
   const out = new Float32Array(l.shape.reduce((a, b) => a * b, 1));
   let at = 0;
   for (const p of l.parts) {
-    const raw = readRaw(p);
-    const n = p.byteLength / DTYPE_SIZE[p.dtype];
-    if (p.dtype === 'F32') out.set(new Float32Array(new Uint8Array(raw).buffer), at);
-    else if (p.dtype === 'BF16') {
-      // raw is a Buffer from the pool only when small; copy into an aligned view before reading 16-bit words
-      const u16 = raw.byteOffset % 2 === 0 ? new Uint16Array(raw.buffer, raw.byteOffset, n) : new Uint16Array(new Uint8Array(raw).buffer);
-      const bits = new Uint32Array(out.buffer, at * 4, n);
-      for (let i = 0; i < n; i++) bits[i] = u16[i] << 16;
-    } else if (p.dtype === 'F16') out.set(f16ToF32(new Uint16Array(new Uint8Array(raw).buffer)), at);
-    else throw new Error(`${p.file} [${p.name}]: dtype ${p.dtype} is not supported for a FLUX.2 weight`);
-    at += n;
+    const v = toF32(p);
+    if (!l.cols) {
+      out.set(v, at);
+      at += v.length;
+      continue;
+    }
+    const [c0, c1] = l.cols;
+    const width = p.shape[1];
+    for (let r = 0; r < p.shape[0]; r++, at += c1 - c0) out.set(v.subarray(r * width + c0, r * width + c1), at);
   }
   return out;
 }

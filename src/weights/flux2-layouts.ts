@@ -131,6 +131,19 @@ export class Flux2Weights {
     return [rowSlice(t, half, 2 * half), rowSlice(t, 0, half)];
   }
 
+  /** Rows `[start, end)` of BFL weight `bfl`, as views into whichever stored tensors hold them. */
+  rows(bfl: string, start: number, end: number): TensorInfo[] {
+    const out: TensorInfo[] = [];
+    let at = 0;
+    for (const p of this.get(bfl)) {
+      const [a, b] = [Math.max(start, at), Math.min(end, at + p.shape[0])];
+      if (a < b) out.push(a === at && b === at + p.shape[0] ? p : rowSlice(p, a - at, b - at));
+      at += p.shape[0];
+    }
+    if (start < 0 || end > at || start >= end) throw new Flux2CheckpointError(`${this.describe()}: rows [${start}, ${end}) out of range for ${bfl} (${at} rows)`);
+    return out;
+  }
+
   /** Files the graph will reference. */
   get files(): string[] {
     return this.checkpoint.files.map((f) => f.file);
