@@ -106,7 +106,9 @@ export function modelCacheDir(repo: string): string {
 export function resolveModelPath(spec?: string): string {
   const s = spec ?? process.env.KLEIN_MODEL ?? DEFAULT_REPO;
   if (fs.existsSync(s)) return path.resolve(s);
-  if (isRepoId(s)) return modelCacheDir(s);
+  if (isRepoId(s) && !s.startsWith('.')) return modelCacheDir(s);
+  // a path that does not exist (yet): openModelFolder reports it with how to get a model
+  if (path.isAbsolute(s) || s.startsWith('.') || s.includes(path.sep)) return path.resolve(s);
   throw new ModelFolderError('model_not_found', `model "${s}" is neither a folder nor a Hub repository id (owner/name)`);
 }
 
