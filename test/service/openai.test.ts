@@ -4,7 +4,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI, { toFile } from 'openai';
 import sharp from 'sharp';
-import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import type { GenerateOptions, GenerateRequest, ImagePipeline } from '../../src/pipeline/types.ts';
 import { type Harness, pollUntil, realPipeline, startService, terminal } from './helpers.ts';
 
 /** klein's extension fields, which the client passes through untouched. */
@@ -190,5 +190,74 @@ describe('OpenAI-compatible images API', () => {
     assert.equal(e.code, 'rate_limit_exceeded');
     assert.equal(e.type, 'rate_limit_error');
     assert.ok(Number(e.headers?.get('retry-after')) >= 1);
+  });
+});
+
+/** The real engine behind a gate: a generation starts only when the test opens it (or the run is aborted). */
+class Gated implements ImagePipeline {
+  private open!: () => void;
+  private gate = new Promise<void>((res) => (this.open = res));
+  constructor(private engine: ImagePipeline) {}
+  release(): void {
+    this.open();
+  }
+  /** Close the gate again for the next generations. */
+  hold(): void {
+    this.gate = new Promise<void>((res) => (this.open = res));
+  }
+  async generate(req: GenerateRequest, o: GenerateOptions = {}) {
+    await new Promise<void>((res) => {
+      void this.gate.then(res);
+      o.signal?.addEventListener('abort', () => res(), { once: true });
+    });
+    return this.engine.generate(req, o);
+  }
+  async close() {}
+}
+
+describe('OpenAI-compatible images API: waiting', () => {
+  let h: Harness;
+  let engine: ImagePipeline;
+  let gated: Gated;
+  before(async () => {
+    engine = await realPipeline();
+    gated = new Gated(engine);
+    h = await startService({ pipeline: gated, config: { maxWaitS: 1 } });
+  });
+  after(async () => {
+    gated.release();
+    await h.svc.close();
+    await engine.close();
+  });
+
+  test('a run that outlasts the wait limit: 504 naming the run, not to be retried; the run goes on', async () => {
+    const client = new OpenAI({ apiKey: h.key, baseURL: `${h.url}/v1`, maxRetries: 2 });
+    const e = await apiError(client.images.generate({ prompt: 'slow', size: '64x64' as never }));
+    assert.equal(e.status, 504);
+    assert.equal(e.code, 'timeout');
+    const id = /run (\w+) did not finish/.exec(e.message)?.[1];
+    assert.ok(id, e.message);
+    const runs = (await h.api('GET', '/v1/runs?limit=100')).json.data;
+    assert.equal(runs.length, 1, 'x-should-retry: false kept the client from creating more runs');
+    gated.release();
+    const done = await pollUntil(h, id!, terminal, 60_000);
+    assert.equal(done.status_code, 'succeeded');
+  });
+
+  test('a client that hangs up cancels its run (nobody is left to receive the images)', async () => {
+    gated.hold();
+    const ac = new AbortController();
+    const p = fetch(`${h.url}/v1/images/generations`, { method: 'POST', signal: ac.signal, headers: { authorization: `Bearer ${h.key}`, 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'abandoned', size: '64x64' }) });
+    let run: { id: string; status_code: string } | undefined;
+    for (let i = 0; i < 200 && !run; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      run = (await h.api('GET', '/v1/runs?limit=100')).json.data.find((r: { input: { prompt: string } }) => r.input.prompt === 'abandoned');
+    }
+    assert.ok(run, 'the run was created');
+    ac.abort();
+    await assert.rejects(p);
+    const end = await pollUntil(h, run.id, terminal, 10_000);
+    assert.equal(end.status_code, 'cancelled');
+    assert.equal((await h.api('GET', `/v1/runs/${run.id}`)).json.cost, '0.000');
   });
 });
