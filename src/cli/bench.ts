@@ -4,6 +4,7 @@ import { registerMattingBench } from '../../bench/matting.ts';
 import { registerVaeBench } from '../../bench/vae.ts';
 import { registerTransformerBench } from '../../bench/transformer.ts';
 import { registerApiBench } from '../../bench/api.ts';
+import { registerPipelineBench } from '../../bench/pipeline.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -16,5 +17,6 @@ export function registerBench(program: Command): Command {
   registerVaeBench(bench);
   registerTransformerBench(bench);
   registerApiBench(bench);
+  registerPipelineBench(bench);
   return bench;
 }

