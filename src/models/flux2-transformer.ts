@@ -59,7 +59,7 @@ export function readFlux2Config(pathOrFolder: string): Flux2Config {
  * Graph-building context: the builder, the weights by BFL name, the config, and the weights this graph takes in
  * memory (see `linear`).
  */
-interface Ctx {
+export interface Ctx {
   g: Graph;
   w: Flux2Weights;
   c: Flux2Config;
@@ -211,138 +211,202 @@ function seqLen(g: Graph, x: Value): Value {
   return g.op('Shape', [x], { start: 1, end: 2 });
 }
 
-type Mod = Value[]; // shift1, scale1, gate1, shift2, scale2, gate2
+type Pe = { cos: Value; sin: Value };
 
-/** DoubleStreamBlock (spec §1.3): separate weights per stream, one joint attention, text first. */
-function doubleBlock(cx: Ctx, i: number, img: Value, txt: Value, pe: { cos: Value; sin: Value }, mImg: Mod, mTxt: Mod): [Value, Value] {
-  const { g, c } = cx;
+// The forward (spec §1.3) runs as a chain of ORT sessions, each a small stage of it: the time embedding, each
+// shared modulation, the input projections, and each block in three parts (attention; then the image and text MLPs
+// of a double block, or the MLP and output projection of a single block), then the final layer. ORT needs a
+// stage's weights three times over while it opens the stage's session (our converted fp32 bytes, its own copy and
+// its pre-packed copy; the first two are dropped once the session exists), so small stages keep the peak memory of
+// loading close to the size of the weights. Stages exchange named values (`img`, `txt`, `h`, `mod_img`, …); a
+// stage that updates a value outputs it as `<name>_next`.
+
+/** Dims of the values stages exchange. */
+function valueDims(c: Flux2Config, name: string): { type: 'float32' | 'int64'; dims: Array<number | string> } {
   const H = c.hiddenSize;
-  const p = `double_blocks.${i}`;
-  return g.within(p, () => {
-    // RoPE is per token, so it can be applied to each stream before joining them (text first)
-    const [nTxt, nImg] = [seqLen(g, txt), seqLen(g, img)];
-    const peSplit = (t: Value) => g.opN('Split', [t, concat(g, [nTxt, nImg], 0)], 2, { axis: 1 });
-    const [cosT, cosI] = peSplit(pe.cos);
-    const [sinT, sinI] = peSplit(pe.sin);
-    const [qi, ki, vi] = qkv(cx, modulate(g, layerNormNoAffine(g, img, H, EPS), mImg[0], mImg[1]), `${p}.img_attn.qkv.weight`, `${p}.img_attn.norm`, { cos: cosI, sin: sinI });
-    const [qt, kt, vt] = qkv(cx, modulate(g, layerNormNoAffine(g, txt, H, EPS), mTxt[0], mTxt[1]), `${p}.txt_attn.qkv.weight`, `${p}.txt_attn.norm`, { cos: cosT, sin: sinT });
-    const o = attention(cx, concat(g, [qt, qi], 1), concat(g, [kt, ki], 1), concat(g, [vt, vi], 1));
-    const [ot, oi] = g.opN('Split', [o, concat(g, [nTxt, nImg], 0)], 2, { axis: 1 });
-    const stream = (x: Value, attnOut: Value, m: Mod, s: 'img' | 'txt'): Value => {
-      x = g.op('Add', [x, g.op('Mul', [m[2], linear(cx, attnOut, `${p}.${s}_attn.proj.weight`)])]);
-      const h = swiglu(cx, modulate(g, layerNormNoAffine(g, x, H, EPS), m[3], m[4]), `${p}.${s}_mlp.0.weight`, 0);
-      return g.op('Add', [x, g.op('Mul', [m[5], linear(cx, h, `${p}.${s}_mlp.2.weight`)])]);
-    };
-    return [stream(img, oi, mImg, 'img'), stream(txt, ot, mTxt, 'txt')];
-  });
+  const n = c.axesDim.length;
+  const table: Record<string, { type: 'float32' | 'int64'; dims: Array<number | string> }> = {
+    x: { type: 'float32', dims: ['batch', 'n_img', c.inChannels] },
+    x_ids: { type: 'int64', dims: ['batch', 'n_img', n] },
+    timesteps: { type: 'float32', dims: ['batch'] },
+    guidance: { type: 'float32', dims: ['batch'] },
+    ctx: { type: 'float32', dims: ['batch', 'n_txt', c.contextInDim] },
+    ctx_ids: { type: 'int64', dims: ['batch', 'n_txt', n] },
+    n_txt: { type: 'int64', dims: [1] },
+    vec: { type: 'float32', dims: ['batch', H] },
+    mod_img: { type: 'float32', dims: ['batch', 1, 6 * H] },
+    mod_txt: { type: 'float32', dims: ['batch', 1, 6 * H] },
+    mod_single: { type: 'float32', dims: ['batch', 1, 3 * H] },
+    mod_final: { type: 'float32', dims: ['batch', 1, 2 * H] },
+    pe_cos: { type: 'float32', dims: ['batch', 'n_all', 1, headDim(c)] },
+    pe_sin: { type: 'float32', dims: ['batch', 'n_all', 1, headDim(c)] },
+    img: { type: 'float32', dims: ['batch', 'n_img', H] },
+    txt: { type: 'float32', dims: ['batch', 'n_txt', H] },
+    attn_img: { type: 'float32', dims: ['batch', 'n_img', H] },
+    attn_txt: { type: 'float32', dims: ['batch', 'n_txt', H] },
+    h: { type: 'float32', dims: ['batch', 'n_all', H] },
+    a: { type: 'float32', dims: ['batch', 'n_all', H] },
+    attn: { type: 'float32', dims: ['batch', 'n_all', H] },
+    mlp: { type: 'float32', dims: ['batch', 'n_all', mlpHidden(c)] },
+    output: { type: 'float32', dims: ['batch', 'n_img', c.inChannels] },
+  };
+  const d = table[name];
+  if (!d) throw new Error(`flux2: unknown stage value ${name}`);
+  return d;
 }
 
-/** SingleStreamBlock (spec §1.3): one fused projection to q|k|v|gate|up, attention and MLP in parallel. */
-function singleBlock(cx: Ctx, i: number, h: Value, pe: { cos: Value; sin: Value }, m: Value[]): Value {
+/** A stage's inputs (declared on first use) and outputs. */
+export class StageIO {
+  private readonly inputs = new Map<string, Value>();
+  constructor(private readonly cx: Ctx) {}
+  in(name: string): Value {
+    let v = this.inputs.get(name);
+    if (!v) {
+      const d = valueDims(this.cx.c, name);
+      v = this.cx.g.input(name, d.type, d.dims);
+      this.inputs.set(name, v);
+    }
+    return v;
+  }
+  out(name: string, v: Value): void {
+    const d = valueDims(this.cx.c, name);
+    this.cx.g.output(v, this.inputs.has(name) ? `${name}_next` : name, d.type, d.dims);
+  }
+  pe(): Pe {
+    return { cos: this.in('pe_cos'), sin: this.in('pe_sin') };
+  }
+  /** A modulation vector split into `n` [B, 1, H] pieces (shift, scale, gate, …). */
+  mod(name: string, n: number): Value[] {
+    return splitLast(this.cx.g, this.in(name), Array(n).fill(this.cx.c.hiddenSize));
+  }
+}
+
+/** DoubleStreamBlock, part 1 (spec §1.3): q/k/v of each stream, one joint attention, text first. */
+function doubleBlockAttention(cx: Ctx, io: StageIO, p: string): void {
   const { g, c } = cx;
   const H = c.hiddenSize;
-  const mlp = mlpHidden(c);
-  const p = `single_blocks.${i}`;
-  return g.within(p, () => {
-    const a = modulate(g, layerNormNoAffine(g, h, H, EPS), m[0], m[1]);
-    const [q, k, v] = qkv(cx, a, `${p}.linear1.weight`, `${p}.norm`, pe);
-    const o = attention(cx, q, k, v);
-    // linear2(cat([o, mlp])) = o·W[:, :H]ᵀ + mlp·W[:, H:]ᵀ: two products instead of concatenating activations
-    const w2 = `${p}.linear2.weight`;
-    const out = g.op('Add', [linear(cx, o, w2, undefined, [0, H]), linear(cx, swiglu(cx, a, `${p}.linear1.weight`, 3 * H), w2, undefined, [H, H + mlp])]);
-    return g.op('Add', [h, g.op('Mul', [m[2], out])]);
-  });
+  const [img, txt, pe] = [io.in('img'), io.in('txt'), io.pe()];
+  const [mImg, mTxt] = [io.mod('mod_img', 6), io.mod('mod_txt', 6)];
+  // RoPE is per token, so it is applied to each stream before they are joined
+  const sizes = concat(g, [seqLen(g, txt), seqLen(g, img)], 0);
+  const [cosT, cosI] = g.opN('Split', [pe.cos, sizes], 2, { axis: 1 });
+  const [sinT, sinI] = g.opN('Split', [pe.sin, sizes], 2, { axis: 1 });
+  const [qi, ki, vi] = qkv(cx, modulate(g, layerNormNoAffine(g, img, H, EPS), mImg[0], mImg[1]), `${p}.img_attn.qkv.weight`, `${p}.img_attn.norm`, { cos: cosI, sin: sinI });
+  const [qt, kt, vt] = qkv(cx, modulate(g, layerNormNoAffine(g, txt, H, EPS), mTxt[0], mTxt[1]), `${p}.txt_attn.qkv.weight`, `${p}.txt_attn.norm`, { cos: cosT, sin: sinT });
+  const o = attention(cx, concat(g, [qt, qi], 1), concat(g, [kt, ki], 1), concat(g, [vt, vi], 1));
+  const [ot, oi] = g.opN('Split', [o, sizes], 2, { axis: 1 });
+  io.out('attn_img', oi);
+  io.out('attn_txt', ot);
+}
+
+/** DoubleStreamBlock, part 2 (one per stream): gated attention output, then the gated SwiGLU MLP. */
+function doubleBlockStream(cx: Ctx, io: StageIO, p: string, s: 'img' | 'txt'): void {
+  const { g, c } = cx;
+  const m = io.mod(`mod_${s}`, 6); // shift1, scale1, gate1, shift2, scale2, gate2
+  let x = g.op('Add', [io.in(s), g.op('Mul', [m[2], linear(cx, io.in(`attn_${s}`), `${p}.${s}_attn.proj.weight`)])]);
+  const h = swiglu(cx, modulate(g, layerNormNoAffine(g, x, c.hiddenSize, EPS), m[3], m[4]), `${p}.${s}_mlp.0.weight`, 0);
+  x = g.op('Add', [x, g.op('Mul', [m[5], linear(cx, h, `${p}.${s}_mlp.2.weight`)])]);
+  io.out(s, x);
+}
+
+/** SingleStreamBlock, part 1 (spec §1.3): q|k|v from the fused linear1, attention. The first one joins txt and img. */
+function singleBlockAttention(cx: Ctx, io: StageIO, p: string, join: boolean): void {
+  const { g, c } = cx;
+  let h: Value;
+  if (join) {
+    h = concat(g, [io.in('txt'), io.in('img')], 1); // text first
+    io.out('h', h);
+  } else {
+    h = io.in('h');
+  }
+  const m = io.mod('mod_single', 3);
+  const a = modulate(g, layerNormNoAffine(g, h, c.hiddenSize, EPS), m[0], m[1]);
+  const [q, k, v] = qkv(cx, a, `${p}.linear1.weight`, `${p}.norm`, io.pe());
+  io.out('a', a);
+  io.out('attn', attention(cx, q, k, v));
+}
+
+/** SingleStreamBlock, part 2: the gate|up rows of linear1, SwiGLU. */
+function singleBlockMlp(cx: Ctx, io: StageIO, p: string): void {
+  io.out('mlp', swiglu(cx, io.in('a'), `${p}.linear1.weight`, 3 * cx.c.hiddenSize));
+}
+
+/** SingleStreamBlock, part 3: linear2(cat([attn, mlp])) = attn·W[:, :H]ᵀ + mlp·W[:, H:]ᵀ, gated residual. */
+function singleBlockOut(cx: Ctx, io: StageIO, p: string): void {
+  const { g, c } = cx;
+  const H = c.hiddenSize;
+  const w2 = `${p}.linear2.weight`;
+  const out = g.op('Add', [linear(cx, io.in('attn'), w2, undefined, [0, H]), linear(cx, io.in('mlp'), w2, undefined, [H, H + mlpHidden(c)])]);
+  io.out('h', g.op('Add', [io.in('h'), g.op('Mul', [io.mod('mod_single', 3)[2], out])]));
 }
 
 /** LastLayer: adaLN with BFL's (shift, scale) order, then the projection back to latent channels. */
-function finalLayer(cx: Ctx, img: Value, shift: Value, scale: Value): Value {
+function finalLayer(cx: Ctx, io: StageIO): void {
   const { g, c } = cx;
-  return g.within('final_layer', () => linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight'));
+  let img: Value;
+  if (c.depthSingleBlocks > 0) {
+    // drop the text tokens: h[:, n_txt:]
+    img = g.op('Slice', [io.in('h'), io.in('n_txt'), g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([1])]);
+  } else {
+    img = io.in('img');
+  }
+  const [shift, scale] = io.mod('mod_final', 2);
+  io.out('output', linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight'));
 }
 
-// The forward (spec §1.3) runs as a chain of ORT sessions, one per stage: the embeddings, each block, the final
-// layer. A session per block bounds the memory of loading to one block's weights at a time (ORT pre-packs each
-// weight into its own buffer; the converted fp32 bytes are dropped once the block's session exists), and the
-// activations passed between sessions are tiny next to the weights.
+/** One stage of the forward: a name (also its graph's name) and what it computes. */
+export interface Flux2Stage {
+  name: string;
+  build(cx: Ctx, io: StageIO): void;
+}
 
-/** One stage of the forward; `join` = the first single block, which concatenates txt and img (text first). */
-export type Flux2Stage =
-  | { kind: 'embed' }
-  | { kind: 'double'; index: number }
-  | { kind: 'single'; index: number; join: boolean }
-  | { kind: 'final'; fromJoint: boolean };
-
+/** The stages of the forward, in execution order (spec §1.3). */
 export function flux2Stages(c: Flux2Config): Flux2Stage[] {
-  const stages: Flux2Stage[] = [{ kind: 'embed' }];
-  for (let i = 0; i < c.depth; i++) stages.push({ kind: 'double', index: i });
-  for (let i = 0; i < c.depthSingleBlocks; i++) stages.push({ kind: 'single', index: i, join: i === 0 });
-  stages.push({ kind: 'final', fromJoint: c.depthSingleBlocks > 0 });
+  const stages: Flux2Stage[] = [];
+  const add = (name: string, build: (cx: Ctx, io: StageIO) => void) => stages.push({ name, build });
+  add('time_in', (cx, io) => {
+    let vec = mlpEmbedder(cx, timestepEmbedding(cx.g, io.in('timesteps')), 'time_in');
+    if (c.useGuidanceEmbed) vec = cx.g.op('Add', [vec, mlpEmbedder(cx, timestepEmbedding(cx.g, io.in('guidance')), 'guidance_in')]);
+    io.out('vec', vec);
+  });
+  // shared modulation: computed once from vec, reused by every block (spec §1.1)
+  for (const [out, w] of [
+    ['mod_img', 'double_stream_modulation_img.lin.weight'],
+    ['mod_txt', 'double_stream_modulation_txt.lin.weight'],
+    ['mod_single', 'single_stream_modulation.lin.weight'],
+    ['mod_final', 'final_layer.adaLN_modulation.1.weight'],
+  ]) {
+    add(out, (cx, io) => io.out(out, modulation(cx, io.in('vec'), w)));
+  }
+  add('inputs', (cx, io) => {
+    io.out('img', linear(cx, io.in('x'), 'img_in.weight'));
+    io.out('txt', linear(cx, io.in('ctx'), 'txt_in.weight'));
+    // positions of the joint sequence, text first, as every attention sees it
+    const pe = ropeTables(cx, concat(cx.g, [io.in('ctx_ids'), io.in('x_ids')], 1));
+    io.out('pe_cos', pe.cos);
+    io.out('pe_sin', pe.sin);
+  });
+  for (let i = 0; i < c.depth; i++) {
+    const p = `double_blocks.${i}`;
+    add(`${p}.attn`, (cx, io) => doubleBlockAttention(cx, io, p));
+    add(`${p}.img`, (cx, io) => doubleBlockStream(cx, io, p, 'img'));
+    add(`${p}.txt`, (cx, io) => doubleBlockStream(cx, io, p, 'txt'));
+  }
+  for (let i = 0; i < c.depthSingleBlocks; i++) {
+    const p = `single_blocks.${i}`;
+    add(`${p}.attn`, (cx, io) => singleBlockAttention(cx, io, p, i === 0));
+    add(`${p}.mlp`, (cx, io) => singleBlockMlp(cx, io, p));
+    add(`${p}.out`, (cx, io) => singleBlockOut(cx, io, p));
+  }
+  add('final_layer', (cx, io) => finalLayer(cx, io));
   return stages;
-}
-
-/** RoPE tables travel between sessions as two inputs. */
-function peInputs(g: Graph, c: Flux2Config): { cos: Value; sin: Value } {
-  const dims = ['batch', 'n_all', 1, headDim(c)];
-  return { cos: g.input('pe_cos', 'float32', dims), sin: g.input('pe_sin', 'float32', dims) };
 }
 
 /** Builds the graph of one stage; `weights` lists what its session needs in memory. */
 export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage): { graph: Graph; weights: MemoryWeight[] } {
-  const c = w.config;
-  const H = c.hiddenSize;
-  const g = new GraphBuilder(`flux2_${stage.kind}${'index' in stage ? `_${stage.index}` : ''}`);
-  const cx: Ctx = { g, w, c, weights: [] };
-  const nAxes = c.axesDim.length;
-  const hidden = (name: string, seq: string) => g.input(name, 'float32', ['batch', seq, H]);
-  const modIn = (name: string, n: number) => g.input(name, 'float32', ['batch', 1, n * H]);
-  const split = (m: Value, n: number) => splitLast(g, m, Array(n).fill(H));
-
-  if (stage.kind === 'embed') {
-    const x = g.input('x', 'float32', ['batch', 'n_img', c.inChannels]);
-    const xIds = g.input('x_ids', 'int64', ['batch', 'n_img', nAxes]);
-    const t = g.input('timesteps', 'float32', ['batch']);
-    const ctx = g.input('ctx', 'float32', ['batch', 'n_txt', c.contextInDim]);
-    const ctxIds = g.input('ctx_ids', 'int64', ['batch', 'n_txt', nAxes]);
-    let vec = g.within('time_in', () => mlpEmbedder(cx, timestepEmbedding(g, t), 'time_in'));
-    if (c.useGuidanceEmbed) {
-      const guidance = g.input('guidance', 'float32', ['batch']);
-      vec = g.op('Add', [vec, g.within('guidance_in', () => mlpEmbedder(cx, timestepEmbedding(g, guidance), 'guidance_in'))]);
-    }
-    // shared modulation: computed once from vec, reused by every block (spec §1.1)
-    g.output(modulation(cx, vec, 'double_stream_modulation_img.lin.weight'), 'mod_img');
-    g.output(modulation(cx, vec, 'double_stream_modulation_txt.lin.weight'), 'mod_txt');
-    g.output(modulation(cx, vec, 'single_stream_modulation.lin.weight'), 'mod_single');
-    g.output(g.within('final_layer', () => modulation(cx, vec, 'final_layer.adaLN_modulation.1.weight')), 'mod_final');
-    g.output(linear(cx, x, 'img_in.weight'), 'img');
-    g.output(linear(cx, ctx, 'txt_in.weight'), 'txt');
-    // positions of the joint sequence, text first, as every attention sees it
-    const pe = g.within('pe', () => ropeTables(cx, concat(g, [ctxIds, xIds], 1)));
-    g.output(pe.cos, 'pe_cos');
-    g.output(pe.sin, 'pe_sin');
-  } else if (stage.kind === 'double') {
-    const img = hidden('img', 'n_img');
-    const txt = hidden('txt', 'n_txt');
-    const mImg = split(modIn('mod_img', 6), 6);
-    const mTxt = split(modIn('mod_txt', 6), 6);
-    const [img2, txt2] = doubleBlock(cx, stage.index, img, txt, peInputs(g, c), mImg, mTxt);
-    g.output(img2, 'img_out');
-    g.output(txt2, 'txt_out');
-  } else if (stage.kind === 'single') {
-    const h = stage.join ? concat(g, [hidden('txt', 'n_txt'), hidden('img', 'n_img')], 1) : hidden('h', 'n_all');
-    g.output(singleBlock(cx, stage.index, h, peInputs(g, c), split(modIn('mod_single', 3), 3)), 'h_out');
-  } else {
-    let img: Value;
-    if (stage.fromJoint) {
-      // drop the text tokens: h[:, n_txt:]
-      const h = hidden('h', 'n_all');
-      const nTxt = g.input('n_txt', 'int64', [1]);
-      img = g.op('Slice', [h, nTxt, g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([1])]);
-    } else {
-      img = hidden('img', 'n_img');
-    }
-    const [shift, scale] = split(modIn('mod_final', 2), 2);
-    g.output(finalLayer(cx, img, shift, scale), 'output', 'float32', ['batch', 'n_img', c.inChannels]);
-  }
+  const g = new GraphBuilder(`flux2.${stage.name}`);
+  const cx: Ctx = { g, w, c: w.config, weights: [] };
+  g.within(stage.name, () => stage.build(cx, new StageIO(cx)));
   return { graph: g, weights: cx.weights };
 }
 
@@ -372,11 +436,7 @@ export interface Flux2LoadOptions extends SessionConfig {
 }
 
 /** Bump when the graphs change in a way the config does not capture (the compiled-graph cache key). */
-const FLUX2_GRAPH_VERSION = 4;
-
-function stageName(s: Flux2Stage): string {
-  return 'index' in s ? `${s.kind}_${s.index}` : s.kind;
-}
+const FLUX2_GRAPH_VERSION = 5;
 
 /** Stored values (F32, BF16 or F16) widened to fp32. */
 function toF32(p: TensorInfo): Float32Array {
@@ -433,25 +493,29 @@ export class Flux2Transformer {
   static async load(pathOrFolder: string, opts: Flux2LoadOptions = {}): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
     const { onProgress, ...session } = opts;
-    const plan = flux2Stages(w.config);
-    const stages: StageSession[] = [];
+    const built = flux2Stages(w.config).map((stage) => ({ stage, ...buildFlux2Stage(w, stage) }));
+    const bytes = (ws: MemoryWeight[]) => ws.reduce((n, x) => n + x.shape.reduce((a, b) => a * b, 4), 0);
+    // Largest stages first: each session holds its weights ~3× while it opens, so the last ones opened (when
+    // everything else is resident) should be the small ones.
+    const order = built.map((_, i) => i).sort((a, b) => bytes(built[b].weights) - bytes(built[a].weights));
+    const sessions: Array<ort.InferenceSession | undefined> = [];
     let allCached = true;
     try {
-      for (const [i, stage] of plan.entries()) {
-        const { graph, weights } = buildFlux2Stage(w, stage);
-        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage };
+      for (const [done, i] of order.entries()) {
+        const { stage, graph, weights } = built[i];
+        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name };
         // The converted bytes live only until the session exists: ORT copies them (and packs the MatMul weights).
         const externalData = weights.map((l) => ({ path: l.location, data: new Uint8Array(readWeightF32(l).buffer) }));
-        const r = await loadGraph(`flux2-${stageName(stage)}`, key, w.files, () => graph, { lowMemory: true, ...session, externalData });
-        stages.push({ stage, session: r.session });
+        const r = await loadGraph(`flux2-${stage.name}`, key, w.files, () => graph, { lowMemory: true, ...session, externalData });
+        sessions[i] = r.session;
         allCached &&= r.cached;
-        onProgress?.(i + 1, plan.length, stageName(stage));
+        onProgress?.(done + 1, order.length, stage.name);
       }
     } catch (e) {
-      await Promise.all(stages.map((s) => s.session.release()));
+      await Promise.all(sessions.map((s) => s?.release()));
       throw e;
     }
-    return new Flux2Transformer(stages, w.config, w.layout, allCached);
+    return new Flux2Transformer(built.map(({ stage }, i) => ({ stage, session: sessions[i]! })), w.config, w.layout, allCached);
   }
 
   /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3). */
@@ -471,36 +535,30 @@ export class Flux2Transformer {
     expect('timesteps', inp.timesteps, B);
     expect('ctx', inp.ctx, B * L * c.contextInDim);
     expect('ctxIds', inp.ctxIds, B * L * nAxes);
-    const feeds: Record<string, ort.Tensor> = {
-      x: f32(inp.x, [B, N, c.inChannels]),
-      x_ids: i64(inp.xIds, [B, N, nAxes]),
-      timesteps: f32(inp.timesteps, [B]),
-      ctx: f32(inp.ctx, [B, L, c.contextInDim]),
-      ctx_ids: i64(inp.ctxIds, [B, L, nAxes]),
-    };
+    // the values the stages exchange, starting with the forward's inputs
+    const values = new Map<string, ort.Tensor>([
+      ['x', f32(inp.x, [B, N, c.inChannels])],
+      ['x_ids', i64(inp.xIds, [B, N, nAxes])],
+      ['timesteps', f32(inp.timesteps, [B])],
+      ['ctx', f32(inp.ctx, [B, L, c.contextInDim])],
+      ['ctx_ids', i64(inp.ctxIds, [B, L, nAxes])],
+      ['n_txt', i64(BigInt64Array.of(BigInt(L)), [1])],
+    ]);
     if (c.useGuidanceEmbed) {
       expect('guidance', inp.guidance, B);
-      feeds.guidance = f32(inp.guidance!, [B]);
+      values.set('guidance', f32(inp.guidance!, [B]));
     }
-    // embeddings, shared modulation and RoPE tables, then the blocks in order, then the final layer
-    const e = await this.stages[0].session.run(feeds);
-    const pe = { pe_cos: e.pe_cos, pe_sin: e.pe_sin };
-    let img = e.img;
-    let txt = e.txt;
-    let h: ort.Tensor | undefined;
-    for (const { stage, session } of this.stages.slice(1)) {
-      if (stage.kind === 'double') {
-        const r = await session.run({ img, txt, mod_img: e.mod_img, mod_txt: e.mod_txt, ...pe });
-        [img, txt] = [r.img_out, r.txt_out];
-      } else if (stage.kind === 'single') {
-        const r = await session.run({ ...(stage.join ? { txt, img } : { h: h! }), mod_single: e.mod_single, ...pe });
-        h = r.h_out;
-      } else if (stage.kind === 'final') {
-        const r = await session.run(stage.fromJoint ? { h: h!, n_txt: i64(BigInt64Array.of(BigInt(L)), [1]), mod_final: e.mod_final } : { img, mod_final: e.mod_final });
-        return r.output.data as Float32Array;
+    for (const { stage, session } of this.stages) {
+      const feeds: Record<string, ort.Tensor> = {};
+      for (const name of session.inputNames) {
+        const v = values.get(name);
+        if (!v) throw new Error(`flux2 stage ${stage.name}: no value ${name}`);
+        feeds[name] = v;
       }
+      const out = await session.run(feeds);
+      for (const [name, v] of Object.entries(out)) values.set(name.replace(/_next$/, ''), v);
     }
-    throw new Error('flux2: the stage list has no final layer');
+    return values.get('output')!.data as Float32Array;
   }
 
   async close(): Promise<void> {
