@@ -8,7 +8,9 @@ import fs from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
+import sharp from 'sharp';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
+import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
 const REPO = 'acme/klein-tiny';
@@ -19,6 +21,8 @@ interface Served {
   lfs: boolean;
 }
 const files = new Map<string, Served>();
+/** Further repositories served by the same hub: repo id → files. */
+const repos = new Map<string, Map<string, Served>>([[REPO, files]]);
 const requests: Array<{ path: string; range?: string; auth?: string }> = [];
 /** path → bytes after which the next response for it is cut off (then the entry is removed). */
 const cutOnce = new Map<string, number>();
@@ -33,10 +37,10 @@ function blobSha1(b: Buffer): string {
   return crypto.createHash('sha1').update(`blob ${b.length}\0`).update(b).digest('hex');
 }
 
-function listing(): unknown[] {
+function listing(served: Map<string, Served>): unknown[] {
   const dirs = new Set<string>();
   const out: unknown[] = [];
-  for (const [p, f] of files) {
+  for (const [p, f] of served) {
     const parts = p.split('/');
     for (let i = 1; i < parts.length; i++) dirs.add(parts.slice(0, i).join('/'));
     const sha256 = crypto.createHash('sha256').update(f.body).digest('hex');
@@ -67,18 +71,23 @@ before(async () => {
       res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Invalid credentials' }));
       return;
     }
-    const tree = new RegExp(`^/api/models/${REPO}/tree/([^/]+)$`).exec(url.pathname);
+    const tree = /^\/api\/models\/([^/]+\/[^/]+)\/tree\/([^/]+)$/.exec(url.pathname);
     if (tree) {
-      if (tree[1] !== 'main') {
+      const served = repos.get(tree[1]);
+      if (!served) {
+        res.writeHead(404, { 'content-type': 'application/json', 'x-error-code': 'RepoNotFound' }).end(JSON.stringify({ error: 'Repository not found' }));
+        return;
+      }
+      if (tree[2] !== 'main') {
         res.writeHead(404, { 'content-type': 'application/json', 'x-error-code': 'RevisionNotFound' }).end(JSON.stringify({ error: 'Revision Not Found' }));
         return;
       }
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(listing()));
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(listing(served)));
       return;
     }
-    const resolve = new RegExp(`^/${REPO}/resolve/main/(.+)$`).exec(url.pathname);
-    const p = resolve ? decodeURIComponent(resolve[1]) : '';
-    const f = files.get(p);
+    const resolve = /^\/([^/]+\/[^/]+)\/resolve\/main\/(.+)$/.exec(url.pathname);
+    const p = resolve ? decodeURIComponent(resolve[2]) : '';
+    const f = resolve ? repos.get(resolve[1])?.get(p) : undefined;
     if (!f) {
       res.writeHead(404, { 'x-error-code': url.pathname.startsWith('/api/') ? 'RepoNotFound' : 'EntryNotFound', 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Not Found' }));
       return;
@@ -101,8 +110,9 @@ before(async () => {
     const cut = cutOnce.get(p) ?? cutAlways.get(p);
     if (cut !== undefined && cut > start) {
       cutOnce.delete(p);
-      // send part of the body, then drop the connection the way a flaky network would
-      res.write(body.subarray(start, cut), () => setTimeout(() => res.socket?.destroy(), 20));
+      // send part of the body, then close the connection mid-response the way a flaky network would (FIN, not
+      // RST: a reset would also discard bytes the client has received but not read yet)
+      res.write(body.subarray(start, cut), () => res.socket?.end());
       return;
     }
     res.end(body.subarray(start));
@@ -134,7 +144,10 @@ test('klein pull downloads only the model files, verifies them, and resumes a co
   const big = requests.filter((q) => q.path === BIG);
   assert.equal(big.length, 2);
   assert.equal(big[0].range, undefined);
-  assert.equal(big[1].range, 'bytes=100000-');
+  // the retry continues from what reached the .part file (the client may drop bytes still buffered when the
+  // connection failed): never from 0, never past what the server sent
+  const from = Number(/^bytes=(\d+)-$/.exec(big[1].range ?? '')?.[1]);
+  assert.ok(from > 0 && from <= 100_000, `resumed from ${big[1].range}`);
   assert.ok(requests.every((q) => q.auth === `Bearer ${TOKEN}`));
   // the incomplete folder is reported, not hidden
   assert.match(r.stdout, /"problem":".*incomplete/);
@@ -193,4 +206,39 @@ test('klein pull: a missing token, an unknown revision and a bad repo id are err
   const url = await runKlein(['pull', REPO, '--hub-url', 'ftp://x'], env);
   assert.equal(url.code, 2);
   assert.match(url.stderr, /--hub-url must be an http/);
+});
+
+test('a tiny model pulled into the cache ($KLEIN_HOME) is listed by klein models and generates by its repo id', async () => {
+  // serve a real tiny model in the HF layout, the way the Hub serves black-forest-labs/FLUX.2-klein-4B
+  const src = tmpDir('hub-tiny');
+  writeTinyModel(src, { seed: 4 });
+  const served = new Map<string, Served>();
+  const walk = (d: string) => {
+    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (!e.name.startsWith('.')) served.set(path.relative(src, p), { body: fs.readFileSync(p), lfs: e.name.endsWith('.safetensors') || e.name === 'tokenizer.json' });
+    }
+  };
+  walk(src);
+  served.set('README.md', { body: Buffer.from('# tiny'), lfs: false });
+  repos.set('acme/klein-tiny-real', served);
+  const home = tmpDir('pull-home');
+  const r = await runKlein(['pull', 'acme/klein-tiny-real', '--hub-url', hubUrl, '--json', '-q'], { ...env, KLEIN_HOME: home });
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { dir: string; variant: string; problem?: string };
+  assert.equal(out.dir, path.join(home, 'models', 'acme--klein-tiny-real'));
+  assert.equal(out.variant, 'klein-4b');
+  assert.equal(out.problem, undefined);
+  const models = await runKlein(['models', '--json'], { KLEIN_HOME: home });
+  const list = (JSON.parse(models.stdout) as { models: Array<{ name: string; ok: boolean; variant: string }> }).models;
+  assert.deepEqual(list.map((m) => [m.name, m.ok, m.variant]), [['acme/klein-tiny-real', true, 'klein-4b']]);
+  const png = path.join(home, 'fox.png');
+  const g = await runKlein(['generate', 'a fox', '-m', 'acme/klein-tiny-real', '--size', '64x64', '--seed', '1', '-o', png, '-q'], { KLEIN_HOME: home });
+  assert.equal(g.code, 0, g.stderr);
+  assert.equal((await sharp(png).metadata()).width, 64);
+  // a repo id that was never pulled says how to get it
+  const missing = await runKlein(['generate', 'a fox', '-m', 'acme/other', '-o', png, '-q'], { KLEIN_HOME: home });
+  assert.equal(missing.code, 2);
+  assert.match(missing.stderr, /no model at .*acme--other.*klein pull acme\/other/);
 });
