@@ -200,8 +200,8 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const am = g.input('attention_mask', 'int64', ['batch', 'seq']);
 
-  // Activations stay 2-D [batch·seq, features] so every projection is one Gemm with transB: ORT folds the
-  // bf16→fp32 Cast at load and pre-packs the weight, with no transpose node in the way.
+  // Activations stay 2-D [batch·seq, features] so every projection is one Gemm with transB on the PyTorch
+  // [out, in] weight: no Transpose node to fold or run, whichever weight mode is used.
   const mode = opts.weights ?? 'runtime-cast';
   const matrix = (info: TensorInfo): Value => {
     if (mode === 'converted') return g.input(feedName(info.name), 'float32', info.shape);
@@ -351,6 +351,7 @@ export interface Qwen3LoadOptions {
   hiddenStates?: readonly number[];
   /** Longest sequence accepted (RoPE table size); klein uses 512. */
   maxPositions?: number;
+  /** Default `runtime-cast`: least memory and an instant load; `converted` for fast runs of a resident encoder. */
   weights?: Qwen3WeightMode;
 }
 
@@ -371,7 +372,7 @@ export class Qwen3TextEncoder {
     private readonly session: ort.InferenceSession,
     /** fp32 weights fed on every run (`converted` mode), else empty. */
     private readonly feeds: Record<string, ort.Tensor>,
-    /** Weight files the graph references (the prompt cache keys on their identity). */
+    /** Every checkpoint file the encoder reads (the prompt cache keys on their identity). */
     readonly weightFiles: string[],
   ) {}
 
