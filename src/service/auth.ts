@@ -31,9 +31,16 @@ export function createKey(store: Store, opts: { name: string; admin?: boolean; r
   return { key, row };
 }
 
-/** On first start (no key at all), create an admin key; the caller prints it once. */
+/**
+ * On the server's first start, create an admin key; the caller prints it once. A flag rather than "no keys yet",
+ * so a key made with `klein keys create` before the server first came up does not suppress it.
+ */
 export function ensureAdminKey(store: Store): CreatedKey | null {
-  return store.tx(() => (store.countKeys() === 0 ? createKey(store, { name: 'admin', admin: true }) : null));
+  return store.tx(() => {
+    if (store.getMeta('admin_key_issued')) return null;
+    store.setMeta('admin_key_issued', new Date().toISOString());
+    return createKey(store, { name: 'admin', admin: true });
+  });
 }
 
 export function authenticate(store: Store, header: string | undefined): KeyRow {
