@@ -3,7 +3,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Option, type Command } from 'commander';
-import { parseDevice, resolveDevice, type DeviceRequest } from '../graph/device.ts';
+import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '../graph/device.ts';
 import { ImageInputError } from '../pipeline/images.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
 import { MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
@@ -26,7 +26,7 @@ export interface ImageCliOptions {
   quality?: string;
   numImages: string;
   keepLoaded?: boolean;
-  device: string;
+  device?: string;
   threads?: string;
   json?: boolean;
   quiet?: boolean;
@@ -48,7 +48,7 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--quality <q>', 'JPEG/WebP quality 1–100 (default 90)')
     .option('-n, --num-images <n>', 'images in one batch, 1–4', '1')
     .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
+    .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu); on a GPU every component stays loaded')
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
@@ -162,7 +162,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
   let deviceReq: DeviceRequest;
   try {
-    deviceReq = parseDevice(opts.device);
+    deviceReq = opts.device ? parseDevice(opts.device) : defaultDevice();
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
