@@ -26,28 +26,53 @@ export class MattingError extends Error {
 export function boxBlurReplicate(src: Float32Array, w: number, h: number, channels: number, k: number): Float32Array {
   if (!Number.isInteger(k) || k < 1) throw new MattingError(`blur size must be a positive integer, got ${k}`);
   const before = k % 2 === 0 ? k / 2 - 1 : (k - 1) / 2;
-  const tmp = new Float64Array(w * h * channels);
-  const out = new Float32Array(w * h * channels);
-  const line = new Float64Array(Math.max(w, h) + 1);
-  // one axis at a time: sum over the window [i − before, i − before + k − 1] of v[clamp(j)]
-  const pass = (n: number, lines: number, get: (l: number, i: number) => number, set: (l: number, i: number, v: number) => void) => {
-    for (let l = 0; l < lines; l++) {
-      line[0] = 0;
-      for (let i = 0; i < n; i++) line[i + 1] = line[i] + get(l, i);
-      const first = get(l, 0), last = get(l, n - 1);
-      for (let i = 0; i < n; i++) {
-        const s = i - before, e = s + k - 1;
-        const lo = Math.max(s, 0), hi = Math.min(e, n - 1);
-        let sum = hi >= lo ? line[hi + 1] - line[lo] : 0;
-        if (s < 0) sum += Math.min(-s, k) * first;
-        if (e > n - 1) sum += Math.min(e - (n - 1), k) * last;
-        set(l, i, sum);
+  const C = channels;
+  const rowLen = w * C;
+  // window of output i on an axis of n samples: [i − before, i − before + k − 1]; samples outside repeat the edge
+  const windows = (n: number) => {
+    const lo = new Int32Array(n), hi = new Int32Array(n), nFirst = new Int32Array(n), nLast = new Int32Array(n);
+    for (let i = 0; i < n; i++) {
+      const s = i - before, e = s + k - 1;
+      lo[i] = Math.max(s, 0);
+      hi[i] = Math.min(e, n - 1);
+      nFirst[i] = s < 0 ? Math.min(-s, k) : 0;
+      nLast[i] = e > n - 1 ? Math.min(e - (n - 1), k) : 0;
+    }
+    return { lo, hi, nFirst, nLast };
+  };
+  // horizontal sums, row by row, from prefix sums per channel
+  const tmp = new Float64Array(w * h * C);
+  const pre = new Float64Array((w + 1) * C);
+  const hw = windows(w);
+  for (let y = 0; y < h; y++) {
+    const row = y * rowLen;
+    for (let x = 0; x < w; x++) for (let c = 0; c < C; c++) pre[(x + 1) * C + c] = pre[x * C + c] + src[row + x * C + c];
+    for (let x = 0; x < w; x++) {
+      const lo = hw.lo[x], hi = hw.hi[x], a = hw.nFirst[x], b = hw.nLast[x];
+      for (let c = 0; c < C; c++) {
+        let sum = hi >= lo ? pre[(hi + 1) * C + c] - pre[lo * C + c] : 0;
+        if (a) sum += a * src[row + c];
+        if (b) sum += b * src[row + (w - 1) * C + c];
+        tmp[row + x * C + c] = sum;
       }
     }
-  };
-  for (let c = 0; c < channels; c++) {
-    pass(w, h, (y, x) => src[(y * w + x) * channels + c], (y, x, v) => { tmp[(y * w + x) * channels + c] = v; });
-    pass(h, w, (x, y) => tmp[(y * w + x) * channels + c], (x, y, v) => { out[(y * w + x) * channels + c] = v / (k * k); });
+  }
+  // vertical sums from prefix sums over whole rows (contiguous, cache-friendly)
+  const colPre = new Float64Array((h + 1) * rowLen);
+  for (let y = 0; y < h; y++) for (let i = 0; i < rowLen; i++) colPre[(y + 1) * rowLen + i] = colPre[y * rowLen + i] + tmp[y * rowLen + i];
+  const out = new Float32Array(w * h * C);
+  const vw = windows(h);
+  const norm = 1 / (k * k);
+  const lastRow = (h - 1) * rowLen;
+  for (let y = 0; y < h; y++) {
+    const lo = vw.lo[y], hi = vw.hi[y], a = vw.nFirst[y], b = vw.nLast[y];
+    const o = y * rowLen;
+    for (let i = 0; i < rowLen; i++) {
+      let sum = hi >= lo ? colPre[(hi + 1) * rowLen + i] - colPre[lo * rowLen + i] : 0;
+      if (a) sum += a * tmp[i];
+      if (b) sum += b * tmp[lastRow + i];
+      out[o + i] = sum * norm;
+    }
   }
   return out;
 }
