@@ -68,7 +68,16 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
   const inp = inputs(cfg, gw, gh, o.txtTokens);
   const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
   resetPeakRss();
-  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads }));
+  let lastReport = 0;
+  const onProgress = (done: number, total: number, stage: string) => {
+    if (performance.now() - lastReport > 5000 || done === total) {
+      lastReport = performance.now();
+      log(`  loaded ${done}/${total} stages (${stage})`);
+    }
+  };
+  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads, onProgress }));
+  const loadPeak = peakRssBytes();
+  resetPeakRss();
   log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}`);
   log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}`);
   try {
@@ -77,11 +86,14 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     let best = Infinity;
     for (let i = 0; i < o.steps; i++) best = Math.min(best, (await seconds(() => model.forward(inp)))[0]);
     const flops = flux2StepFlops(cfg, inp.nTokens, o.txtTokens);
-    const peak = peakRssBytes();
+    const stepPeak = peakRssBytes();
+    const peak = Math.max(loadPeak, stepPeak);
     const gflops = flops / best / 1e9;
+    const ratio = (b: number) => `${(b / GiB).toFixed(2)} GiB = ${(b / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB of fp32 weights`;
     log(`GFLOP per step: ${(flops / 1e9).toFixed(1)}`);
     log(`seconds/step: ${best.toFixed(3)} (best of ${o.steps})`);
-    log(`peak RSS: ${(peak / GiB).toFixed(2)} GiB (${(peak / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB fp32 weights)`);
+    log(`peak RSS while stepping: ${ratio(stepPeak)}`);
+    log(`peak RSS: ${ratio(peak)} (loading included)`);
     log(`GFLOP/s: ${gflops.toFixed(1)}`);
     return gflops;
   } finally {
