@@ -153,3 +153,18 @@ export function truncateToUint8(x: Float32Array): Uint8Array {
   for (let i = 0; i < x.length; i++) out[i] = Math.min(255, Math.max(0, Math.trunc(Math.fround(x[i] * 255))));
   return out;
 }
+
+/** What `cutout` needs from a matting model (BiRefNet's `predict`). */
+export interface MattingModel {
+  predict(image: Uint8Array, w: number, h: number): Promise<Float32Array>;
+}
+
+/**
+ * The transparent-background step in one call: matte the 8-bit RGB(A) image with `model`, estimate the foreground
+ * colours at the soft edges and return straight RGBA (w×h×4) together with the float matte.
+ */
+export async function cutout(model: MattingModel, rgb: Uint8Array, w: number, h: number, opts: ForegroundOptions & { refine?: boolean } = {}): Promise<{ rgba: Uint8Array; alpha: Float32Array }> {
+  checkSizes(rgb, { length: w * h }, w, h);
+  const alpha = await model.predict(rgb, w, h);
+  return { rgba: cutoutRGBA(rgb, alpha, w, h, opts), alpha };
+}

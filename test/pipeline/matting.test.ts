@@ -1,7 +1,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { boxBlurReplicate, estimateForeground, cutoutRGBA, truncateToUint8 } from '../../src/pipeline/matting.ts';
+import path from 'node:path';
+import { boxBlurReplicate, estimateForeground, cutoutRGBA, truncateToUint8, cutout } from '../../src/pipeline/matting.ts';
+import { BiRefNet } from '../../src/models/birefnet.ts';
 
 /** The reference's mean_blur written the slow way: replicate-pad, then average every k×k window. */
 function bruteBlur(src: Float32Array, w: number, h: number, k: number): Float32Array {
@@ -89,4 +91,23 @@ test('matting input errors are clear', () => {
   assert.throws(() => cutoutRGBA(new Uint8Array(12), new Float32Array(4), 0, 2), /bad image size/);
   assert.throws(() => boxBlurReplicate(new Float32Array(4), 2, 2, 1, 0), /blur size/);
   assert.deepEqual([...truncateToUint8(Float32Array.from([0, 0.5, 0.99999, 1, 1.5, -1]))], [0, 127, 254, 255, 255, 0]);
+});
+
+test('cutout runs the matting model and returns RGBA whose alpha is its matte', async () => {
+  const model = await BiRefNet.load(path.resolve(import.meta.dirname, '../../../shared/golden/birefnet/model.safetensors'), { inputSize: 64 });
+  try {
+    const w = 50, h = 30;
+    const { rgb } = composite(w, h);
+    const { rgba, alpha } = await cutout(model, rgb, w, h);
+    assert.deepEqual(alpha, await model.predict(rgb, w, h));
+    const distinct = new Set<number>();
+    for (let i = 0; i < w * h; i++) {
+      assert.equal(rgba[i * 4 + 3], Math.round(alpha[i] * 255));
+      distinct.add(rgba[i * 4 + 3]);
+    }
+    assert.ok(distinct.size > 10, `alpha takes ${distinct.size} values`);
+    await assert.rejects(cutout(model, rgb, w + 1, h), /expected 51×30×3/);
+  } finally {
+    await model.close();
+  }
 });
