@@ -9,14 +9,12 @@
 //
 // The graph has static shapes (batch 1, one input size): Swin's padding, shift masks and patch grids depend on
 // the size, and static shapes let ORT constant-fold them. A BiRefNet object compiles one graph per size it meets.
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { Graph, type Value } from '../graph/onnx-graph.ts';
 import { linear, reshape, transpose, concat, splitLast, COMPUTE } from '../graph/nn.ts';
 import { loadGraph, f32, type SessionConfig, ort } from '../graph/session.ts';
-import { Checkpoint, SafetensorsFile, writeSafetensors, elementCount, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
+import { Checkpoint, writeSafetensors, elementCount, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Configuration
@@ -631,37 +629,6 @@ export function defaultInputSize(p: string): InputSize {
   return DEFAULT_INPUT_SIZE;
 }
 
-/**
- * The checkpoint itself when its folder is writable; otherwise the same files opened through hard links in the
- * klein cache (no copy). Graphs are written beside the weights they reference, and session.ts's own read-only
- * fallback serialises with the original paths, which ORT then rejects as outside the model folder.
- */
-function openWritable(ckpt: Checkpoint): Checkpoint {
-  const files = ckpt.files.map((f) => fs.realpathSync(f.file));
-  const dir = path.dirname(files[0]);
-  const writable = files.every((f) => {
-    try {
-      fs.accessSync(path.dirname(f), fs.constants.W_OK);
-      return (fs.statSync(path.dirname(f)).mode & 0o222) !== 0;
-    } catch {
-      return false;
-    }
-  });
-  if (writable) return ckpt;
-  const id = crypto.createHash('sha256').update(files.map((f) => `${f}:${fs.statSync(f).size}:${fs.statSync(f).mtimeMs}`).join('|')).digest('hex').slice(0, 16);
-  const linked = path.join(process.env.KLEIN_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'klein'), 'weights-links', `birefnet-${id}`);
-  fs.mkdirSync(linked, { recursive: true });
-  const opened = files.map((f) => {
-    const target = path.join(linked, path.basename(f));
-    if (!fs.existsSync(target)) {
-      if (path.dirname(f) !== dir) throw new BiRefNetError(`read-only sharded checkpoints spread over several folders are not supported: ${files.join(', ')}`);
-      fs.linkSync(f, target);
-    }
-    return new SafetensorsFile(target);
-  });
-  return new Checkpoint(opened);
-}
-
 const round32 = (n: number) => Math.max(32, Math.round(n / 32) * 32);
 
 export class BiRefNet {
@@ -682,8 +649,8 @@ export class BiRefNet {
     } catch (e) {
       throw new BiRefNetError(`cannot open BiRefNet weights at ${folderOrFile}: ${(e as Error).message}`);
     }
-    const config = inferBiRefNetConfig(new BiRefNetWeights(ckpt)); // fails fast on a foreign checkpoint
-    const weights = new BiRefNetWeights(openWritable(ckpt));
+    const weights = new BiRefNetWeights(ckpt);
+    const config = inferBiRefNetConfig(weights); // fails fast on a foreign checkpoint
     const inputSize = opts.inputSize ?? defaultInputSize(folderOrFile);
     if (inputSize !== 'dynamic') {
       const [h, w] = typeof inputSize === 'number' ? [inputSize, inputSize] : inputSize;
