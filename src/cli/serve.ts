@@ -6,6 +6,7 @@ import { KleinPipeline } from '../pipeline/pipeline.ts';
 import { parseDevice, resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
+import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
@@ -21,6 +22,7 @@ interface ServeOptions {
   device: string;
   threads?: string;
   keepLoaded: boolean;
+  workers: string;
 }
 
 export function parsePort(v: string | undefined, name: string): number | undefined {
@@ -40,12 +42,15 @@ export function registerServe(program: Command): void {
     .option('--public-url <url>', 'origin used in file URLs and callbacks (default: the listening address)')
     .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
     .option('--threads <n>', 'CPU threads (default: all cores)')
+    .option('--workers <n>', 'generations at once; each loads its own copy of the model', '1')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
+      const workers = parseIntOption(o.workers, '--workers')!;
+      if (workers < 1 || workers > 16) throw new UsageError(`--workers must be 1–16, got ${workers}`);
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
       fs.mkdirSync(dataDir, { recursive: true });
       let config;
@@ -56,15 +61,18 @@ export function registerServe(program: Command): void {
       }
       const device = await resolveDevice(parseDevice(o.device));
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
-      let pipeline: KleinPipeline;
+      const members: KleinPipeline[] = [];
       try {
-        pipeline = await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded });
+        for (let i = 0; i < workers; i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded }));
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       const log = createLogger();
-      const svc = createApp({ pipeline, config, logger: log, modelDir: pipeline.model.root });
+      const first = members[0];
+      const pipeline = workers === 1 ? first : new PipelinePool(members);
+      config.workers = workers;
+      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root });
       const admin = ensureAdminKey(svc.store);
       let listening;
       try {
@@ -75,7 +83,7 @@ export function registerServe(program: Command): void {
         if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') throw new UsageError(`cannot listen on ${o.host}:${port}: ${code}`);
         throw e;
       }
-      console.log(`klein serve: ${pipeline.variant.id} from ${pipeline.model.root}, data in ${dataDir}`);
+      console.log(`klein serve: ${first.variant.id} from ${first.model.root} (${workers} worker${workers > 1 ? 's' : ''}), data in ${dataDir}`);
       console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
       if (admin) {
         console.log('klein serve: first start: an admin API key was created. It is shown only this once; keep it safe:');
