@@ -24,6 +24,7 @@ import { registerFiles } from './routes/files.ts';
 import { registerRuns } from './routes/runs.ts';
 import { openAIErrors, registerOpenAI } from './routes/openai.ts';
 import { registerMcp } from './mcp.ts';
+import { registerPlayground } from './routes/playground.ts';
 
 export interface CreateAppOptions {
   pipeline: ImagePipeline;
@@ -106,6 +107,7 @@ export function createApp(opts: CreateAppOptions): Service {
   registerFiles(app, deps);
   registerOpenAI(app, deps);
   registerMcp(app, deps);
+  registerPlayground(app, deps);
 
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {

@@ -1,0 +1,63 @@
+// The web playground at `/`: web/index.html with the service's size presets and limits injected, the TypeScript
+// under web/ bundled by esbuild on first request (so `npm ci` + `klein serve` is all it takes: no build step to
+// forget, nothing fetched from a CDN), and the stylesheet. Not part of the documented API.
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { build } from 'esbuild';
+import type { App, Deps } from '../context.ts';
+import { ApiError } from '../errors.ts';
+import { IMAGE_SIZE_PRESETS, LIMITS, MODELS } from '../models.ts';
+
+export const WEB_DIR = path.resolve(import.meta.dirname, '../../../web');
+
+interface Assets {
+  html: string;
+  js: string;
+  css: string;
+}
+
+/** The page's config: the same presets and limits the API validates with. `<` is escaped so it stays inside the script tag. */
+function configTag(): string {
+  const config = {
+    presets: IMAGE_SIZE_PRESETS,
+    limits: LIMITS,
+    models: { t2i: MODELS.find((m) => m.kind === 'text-to-image')!.id, edit: MODELS.find((m) => m.kind === 'edit')!.id },
+  };
+  return `<script type="application/json" id="klein-config">${JSON.stringify(config).replace(/</g, '\\u003c')}</script>`;
+}
+
+export async function buildPlayground(): Promise<Assets> {
+  const [template, css, bundle] = await Promise.all([
+    fs.readFile(path.join(WEB_DIR, 'index.html'), 'utf8'),
+    fs.readFile(path.join(WEB_DIR, 'styles.css'), 'utf8'),
+    build({
+      entryPoints: [path.join(WEB_DIR, 'app.ts')],
+      bundle: true,
+      format: 'esm',
+      target: 'es2022',
+      minify: true,
+      write: false,
+      logLevel: 'silent',
+    }),
+  ]);
+  return { html: template.replace('<!--KLEIN_CONFIG-->', configTag()), css, js: bundle.outputFiles[0].text };
+}
+
+export function registerPlayground(app: App, deps: Deps): void {
+  let assets: Promise<Assets> | null = null;
+  const get = () => {
+    // built once per process; a failed build is retried on the next request rather than cached
+    assets ??= buildPlayground().catch((e) => {
+      assets = null;
+      deps.log.error({ err: e }, 'playground build failed');
+      throw new ApiError(500, 'INTERNAL', `the playground could not be built: ${(e as Error).message.split('\n')[0]}`);
+    });
+    return assets;
+  };
+  const send = (body: string, type: string) =>
+    new Response(body, { headers: { 'Content-Type': `${type}; charset=utf-8`, 'Cache-Control': 'no-cache' } });
+
+  app.get('/', async () => send((await get()).html, 'text/html'));
+  app.get('/playground/app.js', async () => send((await get()).js, 'text/javascript'));
+  app.get('/playground/app.css', async () => send((await get()).css, 'text/css'));
+}
