@@ -54,7 +54,7 @@ function settings(): Settings {
 function fillSizeOptions(modeChanged = false): void {
   const keep = modeChanged && sizeSel.value !== 'custom' ? '' : sizeSel.value;
   const opts: [string, string][] = [];
-  if (mode() === 'edit') opts.push(['auto', 'Same as first reference']);
+  if (mode() === 'edit') opts.push(['auto', 'From the 1st reference']);
   for (const [name, s] of Object.entries(cfg.presets)) opts.push([name, `${name.replace(/_/g, ' ')} · ${s.width}×${s.height}`]);
   opts.push(['custom', 'Custom…']);
   sizeSel.replaceChildren(...opts.map(([v, t]) => new Option(t, v)));
