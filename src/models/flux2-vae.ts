@@ -326,7 +326,12 @@ export interface DecodeOptions {
   onTile?: (done: number, total: number) => void;
 }
 
-/** Above this many output pixels the decoder tiles by default (1536² untiled measured to fit; see benchmarks.md). */
+/**
+ * Above this many output pixels the decoder tiles by default. Untiled, the peak is set by the last upsample: three
+ * or four live 256-channel fp32 tensors at full resolution, ≈ 4 GiB per MP (≈ 16 GiB at 2048², too much beside
+ * the other engineers' processes and the transformer's weights); tiles of ≤ 1536² stay under ≈ 10 GiB.
+ * docs/benchmarks.md has the measured peaks.
+ */
 export const AUTO_TILE_ABOVE_PIXELS = 1536 * 1536;
 /** Default largest tile side in latent tokens (96 tokens = 1536 px). */
 export const DEFAULT_MAX_TILE = 96;
