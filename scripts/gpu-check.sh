@@ -53,9 +53,12 @@ do_pack() {
     say "packing $golden (without tokenizer/ and birefnet/)"
     tar -C "$(dirname "$golden")" -cf - --exclude='golden/tokenizer' --exclude='golden/birefnet' "$(basename "$golden")" | xz -T0 -6 >"$pack/golden.tar.xz"
   fi
-  # The Vulkan loader: Dawn dlopens libvulkan.so.1, which a bare GPU image may lack (the NVIDIA ICD comes with the driver).
-  rm -f "$pack"/libvulkan1_*.deb
-  (cd "$pack" && apt-get download libvulkan1 >/dev/null 2>&1) || say "could not download libvulkan1 (the GPU machine must have it)"
+  # The Vulkan loader: Dawn dlopens libvulkan.so.1, which a bare GPU image may lack. The NVIDIA ICD comes with
+  # the driver, but it lives in libGLX_nvidia.so.0, which needs glvnd's libGLdispatch (without it the loader
+  # reports "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'", as seen on an H200 image).
+  rm -f "$pack"/*.deb
+  (cd "$pack" && apt-get download libvulkan1 libglvnd0 libglx0 libegl1 libopengl0 libgl1 libgles2 >/dev/null 2>&1) ||
+    say "could not download the Vulkan loader and glvnd (the GPU machine must have them)"
   echo "node $(node -v); packed $(date -u +%FT%TZ) from $(git -C "$repo" rev-parse --short HEAD)" >"$pack/INFO"
   du -sh "$pack"/* | sed 's/^/gpu-check: pack /'
 }
@@ -70,7 +73,7 @@ stage() {
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   mem_mark
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E '^Warning: max|^\s*$' | sed -u "s/^/gpu-check: $name | /"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E '^Warning: max|VerifyEachNodeIsAssignedToAnEp|^\s*$' | sed -u "s/^/gpu-check: $name | /"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && say "$name | STOPPED at its ${limit}s limit"
   say "$name | exit $rc, $((SECONDS - t0)) s wall, peak GPU memory $(mem_peak)"
@@ -107,19 +110,19 @@ do_run() {
   [ -d "$golden" ] || { [ -f "$pack/golden.tar.xz" ] && unxz_to "$pack/golden.tar.xz" | tar -C "$work" -xf -; }
   say "node $(node -v) on $(uname -m), unpacked in $((SECONDS - t_all)) s ($(cat "$pack/INFO" 2>/dev/null))"
 
-  # 2. Vulkan: the loader (from the pack when the image has none) and the NVIDIA driver's ICD manifest.
-  if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1 '; then
-    local deb; deb="$(ls "$pack"/libvulkan1_*.deb 2>/dev/null | head -1)"
-    if [ -n "$deb" ]; then
-      dpkg-deb -x "$deb" "$work/vulkan"
-      export LD_LIBRARY_PATH="$work/vulkan/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-      say "Vulkan loader from the pack ($(basename "$deb"))"
-    else
-      say "no Vulkan loader on this machine and none packed: WebGPU will find no adapter"
-    fi
-  fi
+  # 2. Vulkan: the loader and glvnd (from the pack, for what the image lacks; into a folder of our own, not /)
+  #    and the NVIDIA driver's ICD manifest.
+  local deb have
+  for deb in "$pack"/*.deb; do
+    [ -f "$deb" ] || continue
+    have="$(dpkg-deb -c "$deb" | grep -o '[^/ ]*\.so\.[0-9]*' | head -1)"
+    if [ -n "$have" ] && ldconfig -p 2>/dev/null | grep -q " $have "; then continue; fi
+    dpkg-deb -x "$deb" "$work/vulkan"
+    say "from the pack: $(basename "$deb")"
+  done
+  [ -d "$work/vulkan" ] && export LD_LIBRARY_PATH="$work/vulkan/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   if [ -z "${VK_ICD_FILENAMES:-}${VK_DRIVER_FILES:-}" ]; then
-    for f in /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json; do
+    for f in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
       if [ -f "$f" ]; then export VK_ICD_FILENAMES="$f"; say "Vulkan ICD $f"; break; fi
     done
   fi
@@ -143,7 +146,7 @@ do_run() {
 
   # 4. Golden conformance on the device.
   if [ -d "$golden" ]; then
-    stage conform 120 node bin/klein.js conform "$golden" --device "$device"
+    stage conform 60 node bin/klein.js conform "$golden" --device "$device"
   else
     say "conform | skipped: no golden folder in the pack"
   fi
@@ -151,10 +154,10 @@ do_run() {
   # 5. Benches (random real-size weights, written once under $work/cache). Each stage names its own figures.
   local sizes="${KLEIN_GPU_SIZES:-512 1024}"
   for s in $sizes; do
-    stage "transformer ${s}²" 100 node bin/klein.js bench transformer --size "${s}x${s}" --steps 2
+    stage "transformer ${s}²" 150 node bin/klein.js bench transformer --size "${s}x${s}" --steps 2
   done
-  stage "vae" 60 node bin/klein.js bench vae --sizes "$(echo "$sizes" | tr ' ' ',')"
-  stage "text-encoder" 60 node bin/klein.js bench text-encoder --runs 2
+  stage "vae" 40 node bin/klein.js bench vae --sizes "$(echo "$sizes" | tr ' ' ',')"
+  stage "text-encoder" 50 node bin/klein.js bench text-encoder --runs 2
   if node bin/klein.js bench pipeline --help >/dev/null 2>&1; then
     for s in $sizes; do stage "pipeline ${s}²" 60 node bin/klein.js bench pipeline --size "${s}x${s}"; done
   fi

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
 import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
-import { resolveDevice } from '../graph/device.ts';
+import { defaultDevice, resolveDevice } from '../graph/device.ts';
 import { Checkpoint, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
@@ -398,7 +398,7 @@ export class Qwen3TextEncoder {
     const files = [...new Set([...probe.weightFiles, ...used])].sort();
     const { file } = compileGraph('qwen3', { cfg, graphOpts }, probe.weightFiles, () => probe);
     const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
-    const device = await resolveDevice(sessionCfg.device ?? 'cpu');
+    const device = await resolveDevice(sessionCfg.device ?? defaultDevice()); // KLEIN_DEVICE, as openSession does
     // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
     const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
     const feeds: Record<string, ort.Tensor> = {};
