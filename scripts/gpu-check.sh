@@ -85,7 +85,9 @@ mem_start() {
   command -v nvidia-smi >/dev/null || return 0
   mem_log="$work/gpu-mem.log"
   : >"$mem_log"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >>"$mem_log" 2>/dev/null &
+  # Line-buffered: into a file nvidia-smi writes in 4 KB blocks, which put one stage's memory into a later stage's
+  # window in the first H200 run.
+  stdbuf -oL nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >>"$mem_log" 2>/dev/null &
   mem_pid=$!
 }
 mem_mark() { mem_from=$([ -n "$mem_log" ] && wc -l <"$mem_log" || echo 0); }
