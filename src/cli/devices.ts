@@ -1,9 +1,6 @@
 // `klein devices`: which execution devices work on this machine, and why the others do not.
 import type { Command } from 'commander';
-import ort from 'onnxruntime-node';
-import os from 'node:os';
-import { executionProviders, probeDevices, resolveDevice, type Device } from '../graph/device.ts';
-import { Graph, MS_DOMAIN } from '../graph/onnx-graph.ts';
+import { attentionError, probeDevices, resolveDevice, type Device } from '../graph/device.ts';
 
 export function registerDevices(program: Command): void {
   program
@@ -29,30 +26,12 @@ export function registerDevices(program: Command): void {
     });
 }
 
-/**
- * device.ts pins MultiHeadAttention to the CPU on webgpu because its kernel was wrong on lavapipe. This runs the
- * kernel itself (no pinning) on another adapter, so a GPU machine can tell whether the pin is still needed there.
- */
+/** The unpinned MultiHeadAttention kernel against the CPU: is device.ts's pin needed on this adapter? */
 async function attentionCheck(device: Device, json?: boolean): Promise<void> {
-  for (const s of [16, 64, 256]) {
-    const [heads, dh] = [2, 64];
-    const g = new Graph('klein-attention-check');
-    const ins = ['q', 'k', 'v'].map((n) => g.input(n, 'float32', [1, s, heads * dh]));
-    g.output(g.op('MultiHeadAttention', ins, { num_heads: heads }, { domain: MS_DOMAIN }), 'y');
-    const model = g.serialize(os.tmpdir());
-    let seed = 1;
-    const rnd = (amp: number) => Float32Array.from({ length: s * heads * dh }, () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 31 - 1) * amp);
-    const feeds = { q: new ort.Tensor('float32', rnd(4), [1, s, heads * dh]), k: new ort.Tensor('float32', rnd(4), [1, s, heads * dh]), v: new ort.Tensor('float32', rnd(1), [1, s, heads * dh]) };
-    const out: Float32Array[] = [];
-    for (const d of ['cpu', device] as Device[]) {
-      const session = await ort.InferenceSession.create(model, { executionProviders: executionProviders(d), logSeverityLevel: 3 });
-      out.push((await session.run(feeds)).y.data as Float32Array);
-      await session.release();
-    }
-    let err = 0;
-    for (let i = 0; i < out[0].length; i++) err = Math.max(err, Math.abs(out[0][i] - out[1][i]));
+  for (const positions of [16, 64, 256]) {
+    const err = await attentionError(device, positions);
     const ok = err < 1e-4;
-    if (json) console.log(JSON.stringify({ attentionCheck: device, positions: s, heads, headDim: dh, maxAbsErr: err, ok }));
-    else console.log(`attention ${device} MultiHeadAttention ${s} positions × ${heads} heads of ${dh}: max |Δ| vs cpu ${err.toExponential(2)} (${ok ? 'ok' : 'WRONG'}; outputs are in [-1, 1])`);
+    if (json) console.log(JSON.stringify({ attentionCheck: device, positions, heads: 2, headDim: 64, maxAbsErr: err, ok }));
+    else console.log(`attention ${device} MultiHeadAttention ${positions} positions × 2 heads of 64: max |Δ| vs cpu ${err.toExponential(2)} (${ok ? 'ok' : 'WRONG: pinned to the CPU'}; outputs are in [-1, 1])`);
   }
 }

@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import type { Graph } from './onnx-graph.ts';
-import { defaultDevice, executionProviders, nodesOfTypes, resolveDevice, webgpuCpuOps, type Device, type DeviceRequest } from './device.ts';
+import { defaultDevice, executionProviders, resolveDevice, webgpuCpuNodes, type Device, type DeviceRequest } from './device.ts';
 
 export { ort };
 
@@ -145,7 +145,7 @@ function concreteDevice(d: DeviceRequest | undefined): Device {
 export async function openSession(file: string, cfg: SessionConfig = {}): Promise<ort.InferenceSession> {
   // Resolving first turns ORT's bare "Failed to load shared library" into an error that says how to get the device.
   const device = await resolveDevice(cfg.device ?? defaultDevice());
-  const forceCpuNodeNames = device === 'webgpu' ? [...(cfg.forceCpuNodeNames ?? []), ...nodesOfTypes(file, webgpuCpuOps())] : cfg.forceCpuNodeNames;
+  const forceCpuNodeNames = device === 'webgpu' ? [...(cfg.forceCpuNodeNames ?? []), ...(await webgpuCpuNodes(file))] : cfg.forceCpuNodeNames;
   return ort.InferenceSession.create(file, sessionOptions({ ...cfg, device, forceCpuNodeNames }));
 }
 
