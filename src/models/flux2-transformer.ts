@@ -1,8 +1,8 @@
 // The FLUX.2 flow transformer (BFL `flux2.model.Flux2`) as an ONNX graph, following flux2-klein-spec.md §1–2.
 // Config-driven: klein 4B, klein 9B and FLUX.2 [dev] differ only in the numbers below (the golden tiny model too).
 // The graph is written against BFL weight names; src/weights/flux2-layouts.ts maps them onto BFL or diffusers files.
-// All sequence lengths are symbolic, so one compiled graph serves every image size, text length, reference count
-// and batch size.
+// It runs as a chain of small ORT sessions (see "stages" below); all sequence lengths are symbolic, so the compiled
+// stage graphs serve every image size, text length, reference count and batch size.
 import type { Graph, Value } from '../graph/onnx-graph.ts';
 import { Graph as GraphBuilder, MS_DOMAIN } from '../graph/onnx-graph.ts';
 import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '../graph/nn.ts';
