@@ -141,6 +141,10 @@ export function createApp(opts: CreateAppOptions): Service {
       await new Promise<void>((resolve) => {
         server = serve({ fetch: app.fetch, port, hostname: host }, () => resolve());
       });
+      // idle keep-alive sockets outlive clients' own idle timeouts (undici: 4 s), so a client never sends a request
+      // on a socket the server is closing at that moment ("other side closed")
+      (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).keepAliveTimeout = 65_000;
+      (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).headersTimeout = 66_000;
       const addr = server!.address() as AddressInfo;
       const shownHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
       listenUrl = `http://${shownHost.includes(':') ? `[${shownHost}]` : shownHost}:${addr.port}`;

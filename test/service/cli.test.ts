@@ -1,4 +1,4 @@
-import { before, test } from 'node:test';
+import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
@@ -14,10 +14,17 @@ before(async () => {
   await p.close();
 });
 
+const started: ChildProcess[] = [];
+// a failed assertion must not leave a server running (it would keep this test file from ever exiting)
+after(() => {
+  for (const p of started) if (p.exitCode === null) p.kill('SIGKILL');
+});
+
 /** Start `klein serve` on a free port; resolves with the process and everything it printed once listening. */
 function serve(dataDir: string): Promise<{ proc: ChildProcess; lines: string[]; url: string }> {
   return new Promise((resolve, reject) => {
     const proc = spawn(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'serve', '--model', modelDir, '--data', dataDir, '--port', '0'], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
+    started.push(proc);
     let out = '';
     const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
     proc.stdout!.on('data', (d) => {
