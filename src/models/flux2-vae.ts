@@ -335,8 +335,12 @@ export interface DecodeOptions {
 export const AUTO_TILE_ABOVE_PIXELS = 1536 * 1536;
 /** Default largest tile side in latent tokens (96 tokens = 1536 px). */
 export const DEFAULT_MAX_TILE = 96;
-/** Default least overlap between tiles in latent tokens (8 tokens = 128 px, beyond the decoder's 3×3 receptive growth). */
-export const DEFAULT_TILE_OVERLAP = 8;
+/**
+ * Default least overlap between tiles in latent tokens (16 tokens = 256 px). Measured on the tiny golden VAE at
+ * 512²: mean |Δ| vs untiled 0.0215 with 128 px, 0.0116 with 256 px (image range ±2.6); 2048² then costs 4 tiles of
+ * 1152² (1.27× the untiled pixels) instead of 4 of 1088² (1.13×).
+ */
+export const DEFAULT_TILE_OVERLAP = 16;
 
 export interface EncodeResult {
   latent: Float32Array;
