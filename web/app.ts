@@ -35,7 +35,7 @@ const cancelBtn = $<HTMLButtonElement>('cancel');
 const gallery = $('gallery');
 
 let refs: Reference[] = [];
-let current: { id: string; abort: AbortController } | null = null;
+let current: { id: string } | null = null;
 
 // ---- settings <-> form
 
@@ -182,16 +182,15 @@ async function generate(): Promise<void> {
   const key = keyInput.value.trim();
   busy(true);
   showProgress(0, 'Sending…');
-  const abort = new AbortController();
   try {
     const created = await createRun(key, req.modelId, req.body);
-    current = { id: created.id, abort };
-    const run = await followRun(key, created.id, onEvent, abort.signal);
+    current = { id: created.id };
+    const run = await followRun(key, created.id, onEvent);
     finish(run);
   } catch (e) {
     progressBox.hidden = true;
     if (e instanceof ApiError) showError(e.status === 401 ? 'The API key was refused' : 'The request was refused', e);
-    else if ((e as Error).name !== 'AbortError') showError('Something went wrong', e);
+    else showError('Something went wrong', e);
   } finally {
     current = null;
     busy(false);

@@ -189,6 +189,24 @@ describe('web playground', () => {
     await page.context().close();
   });
 
+  test('cancel stops a running run and says it was not billed', async () => {
+    const page = await open();
+    await page.fill('#prompt', 'never mind');
+    await customSize(page, 256, 256);
+    await page.fill('#steps', '50');
+    await page.click('#generate');
+    await page.waitForFunction(() => /^Step \d+ of 50/.test(document.getElementById('progress-text')?.textContent ?? ''), null, { timeout: 120_000 });
+    await page.click('#cancel');
+    await page.waitForFunction(() => document.getElementById('progress-text')?.textContent === 'Cancelled; not billed.');
+    assert.equal(await page.locator('#gallery li').count(), 0);
+    assert.ok(await page.isHidden('#cancel'));
+    const runs = await h.api('GET', '/v1/runs?limit=1');
+    assert.equal(runs.json.data[0].status_code, 'cancelled');
+    assert.equal(runs.json.data[0].input.prompt, 'never mind');
+    assert.deepEqual(jsErrors(page), []);
+    await page.context().close();
+  });
+
   test('edits with an uploaded reference: thumbnail, size from the reference, result at that size', async () => {
     const dir = tempDir('klein-web-');
     const ref = path.join(dir, 'ref photo.png');
@@ -245,6 +263,20 @@ describe('web playground', () => {
     assert.ok(await page.isHidden('#error'));
     assert.ok((await progressSeen(page)).some((t) => t.startsWith('Step 2 of 2')));
     await shot(page, '5-edited');
+
+    // drag and drop: four more images onto the drop zone; the fifth is refused with a message
+    const dropped = await fs.promises.readFile(ref);
+    await page.evaluate((b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const dt = new DataTransfer();
+      for (let i = 1; i <= 4; i++) dt.items.add(new File([bytes], `dropped-${i}.png`, { type: 'image/png' }));
+      document.getElementById('drop')!.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }, dropped.toString('base64'));
+    await page.waitForFunction(() => document.querySelectorAll('#thumbs img').length === 4);
+    assert.match((await page.textContent('#error'))!, /dropped-4\.png: at most 4 reference images/);
+    assert.deepEqual(await page.$$eval('#thumbs img', (l) => l.map((i) => i.getAttribute('alt'))), ['Reference 1: ref photo.png', 'Reference 2: dropped-1.png', 'Reference 3: dropped-2.png', 'Reference 4: dropped-3.png']);
+    await shot(page, '5b-four-references');
+    for (let i = 0; i < 3; i++) await page.click('#thumbs li:last-child .remove');
 
     // remove the reference with the keyboard: focus its button, press Enter
     await page.focus('#thumbs .remove');

@@ -1,12 +1,14 @@
 // The web playground at `/`: web/index.html with the service's size presets and limits injected, the TypeScript
 // under web/ bundled by esbuild on first request (so `npm ci` + `klein serve` is all it takes: no build step to
-// forget, nothing fetched from a CDN), and the stylesheet. Not part of the documented API.
+// forget, nothing fetched from a CDN), and the stylesheet.
 import fs from 'node:fs/promises';
 import path from 'node:path';
+import { createRoute, z } from '@hono/zod-openapi';
 import { build } from 'esbuild';
 import type { App, Deps } from '../context.ts';
 import { ApiError } from '../errors.ts';
 import { IMAGE_SIZE_PRESETS, LIMITS, MODELS } from '../models.ts';
+import { errorResponses } from '../schemas.ts';
 
 export const WEB_DIR = path.resolve(import.meta.dirname, '../../../web');
 
@@ -57,7 +59,15 @@ export function registerPlayground(app: App, deps: Deps): void {
   const send = (body: string, type: string) =>
     new Response(body, { headers: { 'Content-Type': `${type}; charset=utf-8`, 'Cache-Control': 'no-cache' } });
 
-  app.get('/', async () => send((await get()).html, 'text/html'));
-  app.get('/playground/app.js', async () => send((await get()).js, 'text/javascript'));
-  app.get('/playground/app.css', async () => send((await get()).css, 'text/css'));
+  // documented like /docs (every route the server answers is in /openapi.json)
+  const page = (p: string, summary: string, type: string, pick: (a: Assets) => string) => {
+    app.openAPIRegistry.registerPath(createRoute({
+      method: 'get', path: p, tags: ['Playground'], summary,
+      responses: { 200: { description: summary, content: { [type]: { schema: z.string() } } }, ...errorResponses(500) },
+    }));
+    app.get(p, async () => send(pick(await get()), type));
+  };
+  page('/', 'Web playground: generate and edit images in the browser', 'text/html', (a) => a.html);
+  page('/playground/app.js', "The playground's script (web/*.ts bundled)", 'text/javascript', (a) => a.js);
+  page('/playground/app.css', "The playground's stylesheet", 'text/css', (a) => a.css);
 }
