@@ -54,7 +54,7 @@ function settings(): Settings {
 function fillSizeOptions(modeChanged = false): void {
   const keep = modeChanged && sizeSel.value !== 'custom' ? '' : sizeSel.value;
   const opts: [string, string][] = [];
-  if (mode() === 'edit') opts.push(['auto', 'From the 1st reference']);
+  if (mode() === 'edit') opts.push(['auto', 'As 1st reference']);
   for (const [name, s] of Object.entries(cfg.presets)) opts.push([name, `${name.replace(/_/g, ' ')} · ${s.width}×${s.height}`]);
   opts.push(['custom', 'Custom…']);
   sizeSel.replaceChildren(...opts.map(([v, t]) => new Option(t, v)));
@@ -105,7 +105,7 @@ function refresh(): void {
 
 // ---- errors and progress
 
-function showError(title: string, e?: unknown): void {
+function showError(title: string, e?: unknown, advice?: string): void {
   errorBox.replaceChildren();
   const strong = document.createElement('strong');
   strong.textContent = title;
@@ -133,6 +133,12 @@ function showError(title: string, e?: unknown): void {
     const p = document.createElement('p');
     p.className = 'error-message';
     p.textContent = e instanceof Error ? e.message : String(e);
+    errorBox.append(p);
+  }
+  if (advice) {
+    const p = document.createElement('p');
+    p.className = 'advice';
+    p.textContent = advice;
     errorBox.append(p);
   }
   errorBox.hidden = false;
@@ -189,7 +195,8 @@ async function generate(): Promise<void> {
     finish(run);
   } catch (e) {
     progressBox.hidden = true;
-    if (e instanceof ApiError) showError(e.status === 401 ? 'The API key was refused' : 'The request was refused', e);
+    if (e instanceof ApiError && e.status === 401) showError('The API key was refused', e, 'Paste a key at the top: the admin key klein serve printed on its first start, or one from `klein keys create`.');
+    else if (e instanceof ApiError) showError('The request was refused', e);
     else showError('Something went wrong', e);
   } finally {
     current = null;

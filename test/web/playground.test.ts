@@ -317,6 +317,7 @@ describe('web playground', () => {
     await page.waitForFunction(() => /API key was refused/.test(document.getElementById('error')?.textContent ?? ''));
     const noKey = await fetch(h.url + '/v1/models/black-forest-labs/flux-2-klein-4b/runs', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"input":{"prompt":"x"}}' });
     assert.equal(await page.textContent('#error .error-message'), ((await noKey.json()) as { message: string }).message);
+    assert.match((await page.textContent('#error .advice'))!, /klein keys create/);
     await shot(page, '7-error-key');
     assert.deepEqual(jsErrors(page), []);
     await page.context().close();
