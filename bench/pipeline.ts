@@ -104,6 +104,8 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   let t0 = performance.now();
   const close = () => {
     const s = (performance.now() - t0) / 1000;
+    // streamed as each stage ends, so a long run shows where it is; the summary below merges repeats
+    log(`  … ${current} done after ${s.toFixed(2)} s (peak RSS ${(peakRssBytes() / GiB).toFixed(2)} GiB)`);
     const prev = segments.find((x) => x.name === current);
     if (prev) {
       prev.seconds += s;
@@ -129,7 +131,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     const r = await pipe.generate({ prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' }, { onProgress });
     close();
     total = (performance.now() - start) / 1000;
-    for (const s of segments) log(`${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
+    for (const s of segments) log(`stage ${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
     log(`pipeline timings: ${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')}`);
     log(`image: ${r.images[0].width}x${r.images[0].height} PNG, ${r.images[0].data.length} bytes`);
   } finally {
