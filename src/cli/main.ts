@@ -10,6 +10,7 @@ import { registerGenerate } from './generate.ts';
 import { registerEdit } from './edit.ts';
 import { registerDev } from './dev.ts';
 import { registerServe } from './serve.ts';
+import { registerWorker } from './worker.ts';
 import { registerKeys } from './keys.ts';
 import { registerMcp } from './mcp.ts';
 
@@ -27,6 +28,7 @@ export function buildProgram(): Command {
   registerEdit(program);
   registerDev(program);
   registerServe(program);
+  registerWorker(program);
   registerKeys(program);
   registerMcp(program);
   const bench = registerBench(program);

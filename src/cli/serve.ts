@@ -12,6 +12,7 @@ import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
+import { startScale } from './worker.ts';
 
 interface ServeOptions {
   model?: string;
@@ -23,6 +24,7 @@ interface ServeOptions {
   threads?: string;
   keepLoaded: boolean;
   workers: string;
+  queue?: string;
 }
 
 export function parsePort(v: string | undefined, name: string): number | undefined {
@@ -42,7 +44,8 @@ export function registerServe(program: Command): void {
     .option('--public-url <url>', 'origin used in file URLs and callbacks (default: the listening address)')
     .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
     .option('--threads <n>', 'CPU threads (default: all cores)')
-    .option('--workers <n>', 'generations at once; each loads its own copy of the model', '1')
+    .option('--workers <n>', 'generations at once; each loads its own copy of the model (with --queue: local workers, 0 for none)', '1')
+    .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
@@ -50,7 +53,7 @@ export function registerServe(program: Command): void {
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       const workers = parseIntOption(o.workers, '--workers')!;
-      if (workers < 1 || workers > 16) throw new UsageError(`--workers must be 1–16, got ${workers}`);
+      if (workers < (o.queue ? 0 : 1) || workers > 16) throw new UsageError(`--workers must be 1–16, got ${workers}`);
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
       fs.mkdirSync(dataDir, { recursive: true });
       let config;
@@ -63,16 +66,19 @@ export function registerServe(program: Command): void {
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];
       try {
-        for (let i = 0; i < workers; i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded }));
+        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded }));
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       const log = createLogger();
       const first = members[0];
-      const pipeline = workers === 1 ? first : new PipelinePool(members);
-      config.workers = workers;
-      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root });
+      const local = members.length === 1 ? first : new PipelinePool(members);
+      // with a queue, the scheduler hands runs to Redis as fast as keys' concurrency allows: the workers pace them
+      const scale = o.queue ? startScale(o.queue, first.variant.id, log) : null;
+      const pipeline = scale ? scale.remote : local;
+      config.workers = scale ? 256 : workers;
+      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root, ...(scale ? { scale: scale.api } : {}) });
       const admin = ensureAdminKey(svc.store);
       let listening;
       try {
@@ -83,7 +89,9 @@ export function registerServe(program: Command): void {
         if (code === 'EADDRINUSE' || code === 'EACCES' || code === 'EADDRNOTAVAIL') throw new UsageError(`cannot listen on ${o.host}:${port}: ${code}`);
         throw e;
       }
-      console.log(`klein serve: ${first.variant.id} from ${first.model.root} (${workers} worker${workers > 1 ? 's' : ''}), data in ${dataDir}`);
+      const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
+      console.log(`klein serve: ${first.variant.id} from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
+      if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
       console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
       if (admin) {
         console.log('klein serve: first start: an admin API key was created. It is shown only this once; keep it safe:');
@@ -97,7 +105,10 @@ export function registerServe(program: Command): void {
         process.once('SIGINT', stop);
         process.once('SIGTERM', stop);
       });
+      // drain: local workers finish their runs, the API stops taking requests and puts unfinished runs back
+      await Promise.all(localWorkers.map((w) => w.stop()));
       await svc.close();
       await pipeline.close();
+      if (scale) await local.close();
     });
 }

@@ -4,6 +4,7 @@ import type { AddressInfo } from 'node:net';
 import crypto from 'node:crypto';
 import { OpenAPIHono } from '@hono/zod-openapi';
 import { serve, type ServerType } from '@hono/node-server';
+import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
 import type { Context } from 'hono';
 import type { Logger } from 'pino';
@@ -17,6 +18,7 @@ import { FileStore } from './files.ts';
 import { createLogger } from './logger.ts';
 import { RunQueue } from './queue.ts';
 import { Store } from './store.ts';
+import { LIMITS } from './models.ts';
 import { registerAccount } from './routes/account.ts';
 import { registerCallbacks } from './routes/callbacks.ts';
 import { registerDiscovery } from './routes/discovery.ts';
@@ -25,6 +27,7 @@ import { registerRuns } from './routes/runs.ts';
 import { openAIErrors, registerOpenAI } from './routes/openai.ts';
 import { registerMcp } from './mcp.ts';
 import { registerPlayground } from './routes/playground.ts';
+import type { ScaleExtension } from './scale/api.ts';
 
 export interface CreateAppOptions {
   pipeline: ImagePipeline;
@@ -34,6 +37,8 @@ export interface CreateAppOptions {
   logger?: Logger;
   /** shown by /v1/health */
   modelDir?: string;
+  /** scale-out (Redis queue): worker routes, /metrics, and its part of /v1/health */
+  scale?: ScaleExtension;
 }
 
 export interface Service {
@@ -68,6 +73,7 @@ export function createApp(opts: CreateAppOptions): Service {
   const deps: Deps = {
     store, queue, callbacks, files, cfg, log, limiter, startedAt: Date.now(), modelDir: opts.modelDir ?? '',
     baseUrl: (c: Context) => cfg.publicUrl ?? new URL(c.req.url).origin,
+    ...(opts.scale ? { healthExtra: () => opts.scale!.health() } : {}),
   };
 
   const app = new OpenAPIHono<AppEnv>({
@@ -87,6 +93,11 @@ export function createApp(opts: CreateAppOptions): Service {
     c.header('X-Request-Id', id);
     log.info({ req: id, method: c.req.method, path: c.req.path, status: c.res.status, ms: Math.round(performance.now() - t0) }, 'request');
   });
+
+  // nothing reads an unbounded body into memory: the cap holds the most data-URI references allowed, and a
+  // larger body is refused while it streams in
+  const maxBody = cfg.maxBodyBytes ?? LIMITS.maxRefs * Math.ceil((cfg.inputs.maxBytes * 4) / 3) + 1024 * 1024;
+  app.use('*', bodyLimit({ maxSize: maxBody, onError: (c) => c.json(envelope('PAYLOAD_TOO_LARGE', `the request body is larger than ${maxBody} bytes`), 413) }));
 
   app.use('/v1/images/*', openAIErrors); // before auth: its errors too get OpenAI's shape on these routes
   app.use('/v1/*', async (c, next) => {
@@ -108,6 +119,7 @@ export function createApp(opts: CreateAppOptions): Service {
   registerOpenAI(app, deps);
   registerMcp(app, deps);
   registerPlayground(app, deps);
+  opts.scale?.register(app, deps);
 
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {

@@ -25,6 +25,8 @@ export interface Deps {
   /** Public origin for URLs in responses: the configured one, else the request's. */
   baseUrl(c: Context): string;
   modelDir: string;
+  /** more /v1/health fields (the Redis queue and its workers when scaled out) */
+  healthExtra?: () => Record<string, unknown>;
 }
 
 export type App = OpenAPIHono<AppEnv>;

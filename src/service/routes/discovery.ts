@@ -20,7 +20,7 @@ export function registerDiscovery(app: App, deps: Deps): void {
     responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string() }) } } } },
   }), (c) => {
     const counts = deps.store.countByStatus();
-    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir });
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, ...(deps.healthExtra?.() ?? {}) });
   });
 
   route(app, createRoute({

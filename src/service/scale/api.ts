@@ -1,0 +1,109 @@
+// The API's scale-out routes: workers announce themselves, report progress and upload results under
+// /internal/worker/* with the shared KLEIN_WORKER_TOKEN; Prometheus scrapes /metrics. Registered by createApp
+// only when the service runs with a Redis queue.
+import crypto from 'node:crypto';
+import type { Context } from 'hono';
+import type { App, Deps } from '../context.ts';
+import { ApiError } from '../errors.ts';
+import { RUN_STATUSES } from '../store.ts';
+import { type Announce, type FailureBody, type ProgressBody, type ResultBody, WORKER_PREFIX } from './protocol.ts';
+import type { RemotePipeline } from './remote-pipeline.ts';
+import { WorkerRegistry } from './registry.ts';
+
+export interface ScaleExtension {
+  register(app: App, deps: Deps): void;
+  health(): Record<string, unknown>;
+}
+
+const digest = (s: string) => crypto.createHash('sha256').update(s).digest();
+
+export class ScaleApi implements ScaleExtension {
+  readonly registry = new WorkerRegistry();
+  private token: Buffer;
+
+  constructor(readonly remote: RemotePipeline, token: string) {
+    if (token.length < 16) throw new Error('KLEIN_WORKER_TOKEN must be at least 16 characters');
+    this.token = digest(token);
+  }
+
+  private check(c: Context): void {
+    const h = c.req.header('authorization') ?? '';
+    const given = h.startsWith('Bearer ') ? h.slice(7) : '';
+    // compare digests: constant time whatever the lengths
+    if (!given || !crypto.timingSafeEqual(digest(given), this.token)) throw new ApiError(401, 'UNAUTHENTICATED', 'worker routes need "Authorization: Bearer <KLEIN_WORKER_TOKEN>"');
+  }
+
+  health(): Record<string, unknown> {
+    const c = this.remote.counts;
+    return {
+      backend: 'redis',
+      redis_queue: { waiting: (c.waiting ?? 0) + (c.prioritized ?? 0), active: c.active ?? 0, delayed: c.delayed ?? 0 },
+      models: this.registry.perModel(),
+      workers: this.registry.live().map((w) => ({ id: w.id, model_id: w.model_id, device: w.device, free_memory_bytes: w.free_memory_bytes, busy: w.job !== null })),
+    };
+  }
+
+  metrics(deps: Deps): string {
+    const lines: string[] = [];
+    const gauge = (name: string, help: string, samples: [Record<string, string>, number][], type = 'gauge') => {
+      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+      for (const [labels, v] of samples) {
+        const l = Object.entries(labels).map(([k, x]) => `${k}="${x.replace(/["\\\n]/g, '_')}"`).join(',');
+        lines.push(`${name}${l ? `{${l}}` : ''} ${v}`);
+      }
+    };
+    const c = this.remote.counts;
+    gauge('klein_queue_depth', 'Jobs in the Redis queue by state', [[{ state: 'waiting' }, (c.waiting ?? 0) + (c.prioritized ?? 0)], [{ state: 'active' }, c.active ?? 0], [{ state: 'delayed' }, c.delayed ?? 0]]);
+    const byStatus = deps.store.countByStatus();
+    gauge('klein_runs', 'Runs in the database by status', RUN_STATUSES.map((s) => [{ status: s }, byStatus[s]]));
+    lines.push('# HELP klein_step_seconds Seconds per denoising step reported by workers', '# TYPE klein_step_seconds summary',
+      `klein_step_seconds_sum ${this.remote.stepSeconds.sum}`, `klein_step_seconds_count ${this.remote.stepSeconds.count}`);
+    const live = this.registry.live();
+    gauge('klein_workers', 'Live workers (announced within the last 15 s)', [[{}, live.length]]);
+    gauge('klein_workers_busy', 'Workers running a job, per model', Object.entries(this.registry.perModel()).map(([m, x]) => [{ model: m }, x.busy]));
+    return lines.join('\n') + '\n';
+  }
+
+  register(app: App, deps: Deps): void {
+    const body = async <T>(c: Context): Promise<T> => {
+      try {
+        return (await c.req.json()) as T;
+      } catch {
+        throw new ApiError(400, 'BAD_REQUEST', 'body must be JSON');
+      }
+    };
+    app.post(`${WORKER_PREFIX}/announce`, async (c) => {
+      this.check(c);
+      const a = await body<Announce>(c);
+      if (typeof a.id !== 'string' || typeof a.model_id !== 'string') throw new ApiError(400, 'BAD_REQUEST', 'announce needs id and model_id');
+      if (a.model_id !== this.remote.modelId) throw new ApiError(409, 'MODEL_MISMATCH', `this API serves ${this.remote.modelId}; the worker has ${a.model_id}`);
+      this.registry.announce(a);
+      return c.json({ ok: true });
+    });
+    app.post(`${WORKER_PREFIX}/leave`, async (c) => {
+      this.check(c);
+      this.registry.leave((await body<{ id: string }>(c)).id);
+      return c.json({ ok: true });
+    });
+    app.post(`${WORKER_PREFIX}/jobs/:id/progress`, async (c) => {
+      this.check(c);
+      const b = await body<ProgressBody>(c);
+      // `continue: false`: the run was cancelled or its attempt abandoned; the worker stops between steps
+      return c.json({ continue: this.remote.progress(c.req.param('id'), b.worker, b.event) });
+    });
+    app.post(`${WORKER_PREFIX}/jobs/:id/result`, async (c) => {
+      this.check(c);
+      const b = await body<ResultBody>(c);
+      if (!Array.isArray(b.images)) throw new ApiError(400, 'BAD_REQUEST', 'result needs images');
+      if (this.remote.complete(c.req.param('id'), b) === 'unknown') throw new ApiError(409, 'ALREADY_SETTLED', 'nobody waits for this job: it was settled by another worker, cancelled, or the API restarted');
+      return c.json({ accepted: true });
+    });
+    app.post(`${WORKER_PREFIX}/jobs/:id/failure`, async (c) => {
+      this.check(c);
+      const b = await body<FailureBody>(c);
+      if (this.remote.fail(c.req.param('id'), b) === 'unknown') throw new ApiError(409, 'ALREADY_SETTLED', 'nobody waits for this job');
+      return c.json({ accepted: true });
+    });
+    app.get('/metrics', (c) => c.text(this.metrics(deps), 200, { 'content-type': 'text/plain; version=0.0.4' }));
+  }
+}

@@ -1,0 +1,116 @@
+// The API's side of scale-out: an ImagePipeline whose generate() puts a BullMQ job in Redis and resolves when a
+// worker uploads the result over HTTP. The run scheduler (queue.ts), the store and the ledger are unchanged: they
+// still see one generate() per attempt, so a run is billed and called back once whatever the workers do.
+import crypto from 'node:crypto';
+import { Queue } from 'bullmq';
+import type { Logger } from 'pino';
+import { type PipelineInputCode, PipelineInputError } from '../../pipeline/request.ts';
+import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline, ProgressEvent } from '../../pipeline/types.ts';
+import { type FailureBody, type JobData, QUEUE_NAME, type ResultBody, toJob } from './protocol.ts';
+import { redisConnection } from './redis.ts';
+
+interface Pending {
+  resolve: (r: GenerateResult) => void;
+  reject: (e: Error) => void;
+  opts?: GenerateOptions;
+  lastStepAt?: number;
+  worker?: string;
+}
+
+export type Outcome = 'accepted' | 'unknown';
+
+export class RemotePipeline implements ImagePipeline {
+  readonly queue: Queue<JobData>;
+  private pending = new Map<string, Pending>();
+  /** Seconds between consecutive denoise steps as the workers report them (Prometheus summary). */
+  readonly stepSeconds = { sum: 0, count: 0 };
+  /** Cached job counts, refreshed in the background so /v1/health and /metrics never wait on Redis. */
+  counts: Record<string, number> = { waiting: 0, active: 0, delayed: 0 };
+  private timer: NodeJS.Timeout;
+
+  constructor(url: string, readonly modelId: string, private log: Logger) {
+    this.queue = new Queue<JobData>(QUEUE_NAME, { connection: redisConnection(url) });
+    this.queue.on('error', (e) => this.log.warn({ err: e }, 'redis queue error'));
+    this.timer = setInterval(() => void this.refresh(), 1000);
+    this.timer.unref();
+  }
+
+  async refresh(): Promise<Record<string, number>> {
+    try {
+      this.counts = await this.queue.getJobCounts('waiting', 'active', 'delayed', 'prioritized');
+    } catch (e) {
+      this.log.warn({ err: e }, 'cannot read queue depth');
+    }
+    return this.counts;
+  }
+
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  async generate(req: GenerateRequest, opts?: GenerateOptions): Promise<GenerateResult> {
+    // a fresh id per attempt: a job left in Redis by an attempt the API gave up on can never complete this one
+    const id = crypto.randomUUID();
+    const done = new Promise<GenerateResult>((resolve, reject) => this.pending.set(id, { resolve, reject, opts }));
+    const onAbort = () => {
+      const p = this.pending.get(id);
+      if (!p) return;
+      this.pending.delete(id);
+      // a waiting job is removed; a locked (running) one cannot be, and its worker learns from its next progress post
+      void this.queue.remove(id).catch(() => undefined);
+      p.reject(opts!.signal!.reason instanceof Error ? opts!.signal!.reason : new Error('aborted'));
+    };
+    opts?.signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      // removeOnComplete/Fail keep Redis small; the run record in SQLite is the history
+      await this.queue.add('generate', toJob(this.modelId, req), { jobId: id, removeOnComplete: true, removeOnFail: 1000 });
+      return await done;
+    } finally {
+      this.pending.delete(id);
+      opts?.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** A worker's progress event. Returns false when nobody waits for the job any more (the worker should stop). */
+  progress(jobId: string, worker: string, e: ProgressEvent): boolean {
+    const p = this.pending.get(jobId);
+    if (!p) return false;
+    p.worker = worker;
+    if (e.stage === 'denoise' && e.step !== undefined) {
+      const now = performance.now();
+      // the step time is only meaningful between two steps of the same attempt on the same worker
+      if (p.lastStepAt !== undefined && e.step > 1) {
+        this.stepSeconds.sum += (now - p.lastStepAt) / 1000;
+        this.stepSeconds.count++;
+      }
+      p.lastStepAt = now;
+    }
+    p.opts?.onProgress?.(e);
+    return true;
+  }
+
+  /** The first result for a job wins; a second one (a worker presumed dead that was not) is refused. */
+  complete(jobId: string, body: ResultBody): Outcome {
+    const p = this.pending.get(jobId);
+    if (!p) return 'unknown';
+    this.pending.delete(jobId);
+    p.resolve({
+      seed: body.seed, timings: body.timings, ...(body.prompt_truncated ? { promptTruncated: true } : {}),
+      images: body.images.map((i) => ({ data: new Uint8Array(Buffer.from(i.data, 'base64')), width: i.width, height: i.height, contentType: i.content_type })),
+    });
+    return 'accepted';
+  }
+
+  fail(jobId: string, body: FailureBody): Outcome {
+    const p = this.pending.get(jobId);
+    if (!p) return 'unknown';
+    this.pending.delete(jobId);
+    p.reject(body.input ? new PipelineInputError((body.code ?? 'invalid_prompt') as PipelineInputCode, body.message, body.field) : new Error(`worker ${body.worker}: ${body.message}`));
+    return 'accepted';
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.timer);
+    await this.queue.close();
+  }
+}
