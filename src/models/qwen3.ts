@@ -2,9 +2,7 @@
 // decoder layers up to the deepest hidden state klein needs (27 of 36) and outputs the per-token concatenation of
 // hidden_states[9] ‖ hidden_states[18] ‖ hidden_states[27] (spec §4; HF indexing: 0 = embeddings, k = raw output of
 // decoder layer k, the last index = after the final norm).
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
@@ -310,41 +308,6 @@ export function weightsPath(dir: string): string {
   return dir;
 }
 
-function hasWriteBits(dir: string): boolean {
-  return (fs.statSync(dir).mode & 0o222) !== 0;
-}
-
-/**
- * ORT only reads external data below the .onnx file's folder, so the compiled graph must sit beside the weights.
- * For a read-only model folder (shared model store, golden files) we hard-link the checkpoint files into a cache
- * folder and open them from there; the tensor paths then already point into a writable folder. (compileGraph's own
- * read-only fallback links the files but still serialises the original paths, which ORT rejects.)
- */
-function writableMirror(dir: string): string {
-  if (hasWriteBits(dir)) return dir;
-  const real = fs.realpathSync(dir);
-  const cacheRoot = process.env.KLEIN_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'klein');
-  const mirror = path.join(cacheRoot, 'models', crypto.createHash('sha256').update(real).digest('hex').slice(0, 16));
-  fs.mkdirSync(mirror, { recursive: true });
-  for (const f of fs.readdirSync(real)) {
-    if (!/^model.*\.safetensors(\.index\.json)?$|^config\.json$/.test(f)) continue;
-    const src = path.join(real, f);
-    const dst = path.join(mirror, f);
-    const st = fs.statSync(src);
-    if (fs.existsSync(dst)) {
-      const d = fs.statSync(dst);
-      if (d.ino === st.ino && d.dev === st.dev) continue;
-      fs.rmSync(dst); // the source file was replaced: relink
-    }
-    try {
-      fs.linkSync(src, dst);
-    } catch (e) {
-      throw new Error(`model folder ${dir} is read-only and its files cannot be hard-linked into ${mirror}: ${(e as Error).message}. Make the folder writable or set KLEIN_CACHE_DIR on the same filesystem.`);
-    }
-  }
-  return mirror;
-}
-
 export interface Qwen3LoadOptions {
   session?: SessionConfig;
   outputLayers?: readonly number[];
@@ -385,7 +348,7 @@ export class Qwen3TextEncoder {
   static async load(folder: string, opts: Qwen3LoadOptions = {}): Promise<Qwen3TextEncoder> {
     const dir = path.resolve(folder);
     const cfg = readQwen3Config(dir);
-    const ck = Checkpoint.open(weightsPath(writableMirror(dir)));
+    const ck = Checkpoint.open(weightsPath(dir));
     const outputLayers = opts.outputLayers ?? KLEIN_OUTPUT_LAYERS;
     const hiddenStates = opts.hiddenStates ?? [];
     const maxPositions = opts.maxPositions ?? 512;
