@@ -18,6 +18,8 @@ export interface ServiceConfig {
     /** Every authenticated request per key per minute (polls included). */
     requestsPerMinute: number;
   };
+  /** Largest request body (413 past it); default: room for the most reference images as base64 data URIs. */
+  maxBodyBytes?: number;
   /** Upper bound for `sync_mode` and `Prefer: wait=N`, in seconds. */
   maxWaitS: number;
   files: { urlTtlS: number; retentionS: number; cleanupIntervalS: number };

@@ -16,15 +16,25 @@ export class InputError extends Error {
 const IMAGE_FORMATS = new Set(['png', 'jpeg', 'webp']);
 const MAX_REF_PIXELS = 16 * 1024 * 1024;
 
-/** Creation-time checks of image_urls that need no network (scheme, data URI decoding, literal addresses). */
-export function precheckImageUrls(urls: string[], cfg: ServiceConfig): void {
-  urls.forEach((u, i) => {
+/**
+ * Creation-time checks of image_urls that need no network: scheme and literal addresses of URLs, and inline data
+ * URIs decoded in full, so a bad inline image (not an image, truncated, a decompression bomb) is a 422 at once
+ * instead of a stored run that can only fail.
+ */
+export async function precheckImageUrls(urls: string[], cfg: ServiceConfig): Promise<void> {
+  for (const [i, u] of urls.entries()) {
     const loc = ['body', 'input', 'image_urls', i];
     if (u.startsWith('data:')) {
       const d = parseDataUri(u);
       if (!d || !/^image\/(png|jpeg|webp)$/.test(d.mime)) throw fieldError(loc, 'data URIs must be base64 PNG, JPEG or WebP images', 'invalid_image');
       if (d.bytes.length > cfg.inputs.maxBytes) throw fieldError(loc, `image is ${d.bytes.length} bytes, the limit is ${cfg.inputs.maxBytes}`, 'too_large');
-      return;
+      try {
+        await checkImage(d.bytes, i);
+      } catch (e) {
+        if (e instanceof InputError) throw fieldError(loc, e.message, 'invalid_image');
+        throw e;
+      }
+      continue;
     }
     try {
       checkUrl(u, cfg.inputs);
@@ -32,7 +42,32 @@ export function precheckImageUrls(urls: string[], cfg: ServiceConfig): void {
       if (e instanceof FetchError) throw fieldError(loc, e.message, e.code === 'BLOCKED' ? 'ssrf_blocked' : 'invalid_url');
       throw e;
     }
-  });
+  }
+}
+
+/**
+ * The header first (format, declared size: a few-KB file may declare a gigapixel image), then a full decode that
+ * fails on truncated data. The pixel cap goes to libvips too, so nothing larger is ever allocated.
+ */
+async function checkImage(bytes: Buffer, index: number): Promise<{ width: number; height: number }> {
+  let meta: Metadata;
+  try {
+    meta = await sharp(bytes, { limitInputPixels: false }).metadata();
+  } catch {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is not a decodable image`);
+  }
+  if (!meta.format || !IMAGE_FORMATS.has(meta.format) || !meta.width || !meta.height) {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] must be PNG, JPEG or WebP (got ${meta.format ?? 'unknown'})`);
+  }
+  if (meta.width * meta.height > MAX_REF_PIXELS) {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is ${meta.width}×${meta.height}; at most ${MAX_REF_PIXELS} pixels`);
+  }
+  try {
+    await sharp(bytes, { failOn: 'truncated', limitInputPixels: MAX_REF_PIXELS }).raw().toBuffer();
+  } catch (e) {
+    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is damaged or truncated: ${(e as Error).message.slice(0, 200)}`);
+  }
+  return { width: meta.width, height: meta.height };
 }
 
 export interface Reference {
@@ -56,19 +91,8 @@ export async function loadReference(u: string, index: number, cfg: ServiceConfig
       throw new InputError(code, `image_urls[${index}]: ${(e as Error).message}`);
     }
   }
-  let meta: Metadata;
-  try {
-    meta = await sharp(bytes).metadata();
-  } catch {
-    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is not a decodable image`);
-  }
-  if (!meta.format || !IMAGE_FORMATS.has(meta.format) || !meta.width || !meta.height) {
-    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] must be PNG, JPEG or WebP (got ${meta.format ?? 'unknown'})`);
-  }
-  if (meta.width * meta.height > MAX_REF_PIXELS) {
-    throw new InputError('INPUT_VALIDATION_FAILED', `image_urls[${index}] is ${meta.width}×${meta.height}; at most ${MAX_REF_PIXELS} pixels`);
-  }
-  return { bytes, width: meta.width, height: meta.height };
+  const { width, height } = await checkImage(bytes, index);
+  return { bytes, width, height };
 }
 
 export function buildRequest(input: ModelInput, seed: number, refs: Reference[]): GenerateRequest {

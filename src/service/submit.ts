@@ -40,7 +40,7 @@ export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, r
   if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
   const input = parsed.data as ModelInput;
   const urls = 'image_urls' in input ? input.image_urls : [];
-  precheckImageUrls(urls, deps.cfg);
+  await precheckImageUrls(urls, deps.cfg);
 
   // the price quoted at creation, as the runs route quotes it: output size plus the sizes of inline references
   const size = requestedSize(input);

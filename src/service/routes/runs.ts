@@ -76,7 +76,7 @@ async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Pr
   if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
   const input = parsed.data as ModelInput;
   const urls = 'image_urls' in input ? input.image_urls : [];
-  precheckImageUrls(urls, cfg);
+  await precheckImageUrls(urls, cfg);
   if (env.data.callback_url) {
     try {
       checkUrl(env.data.callback_url, cfg.inputs);
