@@ -5,11 +5,12 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import http from 'node:http';
-import net from 'node:net';
+import type net from 'node:net';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import sharp from 'sharp';
 import { realPipeline, tempDir } from '../service/helpers.ts';
+import { startRedis } from './redis-helper.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '../..');
 const TOKEN = 'test-worker-token-0123456789';
@@ -17,17 +18,6 @@ const started: ChildProcess[] = [];
 after(() => {
   for (const p of started) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
 
 /** Spawn and resolve once stdout matches `ready`. */
 function launch(cmd: string, args: string[], ready: RegExp, env: Record<string, string> = {}): Promise<{ proc: ChildProcess; out: () => string; m: RegExpMatchArray }> {
@@ -58,9 +48,9 @@ before(async () => {
   const p = await realPipeline();
   modelDir = p.modelDir;
   await p.close();
-  const port = await freePort();
-  await launch('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], /Ready to accept connections/);
-  redisUrl = `redis://127.0.0.1:${port}`;
+  const redis = await startRedis();
+  started.push(redis.proc);
+  redisUrl = redis.url;
 });
 
 test('20 runs over two workers, one killed with SIGKILL mid-run: each run succeeds once, one callback, right ledger and metrics', { timeout: 110_000 }, async (t) => {
