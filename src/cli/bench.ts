@@ -5,6 +5,7 @@ import { registerVaeBench } from '../../bench/vae.ts';
 import { registerTransformerBench } from '../../bench/transformer.ts';
 import { registerApiBench } from '../../bench/api.ts';
 import { registerPipelineBench } from '../../bench/pipeline.ts';
+import { registerLoadBench } from '../../bench/load.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -18,5 +19,6 @@ export function registerBench(program: Command): Command {
   registerTransformerBench(bench);
   registerApiBench(bench);
   registerPipelineBench(bench);
+  registerLoadBench(bench);
   return bench;
 }
