@@ -124,6 +124,12 @@ export function createApp(opts: CreateAppOptions): Service {
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {
     if (e instanceof ApiError) return sendError(c, e);
+    // a full data disk is the operator's to fix, not a bug: a code that says so rather than a bare 500
+    const errno = (e as { code?: unknown }).code;
+    if (errno === 'SQLITE_FULL' || errno === 'ENOSPC') {
+      log.error({ err: e, path: c.req.path }, 'data folder is full');
+      return c.json(envelope('STORAGE_FULL', 'the server is out of disk space; try again later', null), 507);
+    }
     if (e instanceof HTTPException) {
       const status = e.status;
       return c.json(envelope(status === 401 ? 'UNAUTHENTICATED' : status >= 500 ? 'INTERNAL' : 'BAD_REQUEST', e.message || 'bad request'), status);
