@@ -5,6 +5,8 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import type { Command } from 'commander';
 import { UsageError } from '../src/cli/errors.ts';
 import { parseIntOption } from '../src/cli/generate.ts';
@@ -39,6 +41,12 @@ export interface LoadFigures {
 
 const mb = (b: number) => Math.round(b / 1024 / 1024);
 
+/** A full GC before the first and after the last sample, so heap start/end compare live objects, not garbage. */
+function collect(): void {
+  v8.setFlagsFromString('--expose-gc');
+  (vm.runInNewContext('gc') as () => void)();
+}
+
 export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-load-'));
   const svc = createApp({
@@ -59,6 +67,7 @@ export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
   let first429: number | null = null;
   const mem: { rss: number; heap: number }[] = [];
   const sample = () => { const m = process.memoryUsage(); mem.push({ rss: m.rss, heap: m.heapUsed }); };
+  collect();
   sample();
   const sampler = setInterval(sample, 200);
   const t0 = performance.now();
@@ -94,6 +103,7 @@ export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
     await Promise.all(Array.from({ length: o.clients }, (_, c) => client(c)));
   } finally {
     clearInterval(sampler);
+    collect();
     sample();
     await svc.close();
     fs.rmSync(dataDir, { recursive: true, force: true });

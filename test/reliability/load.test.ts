@@ -19,9 +19,9 @@ test('200 concurrent clients, 2000 requests: zero 5xx, 429 only past the limit, 
     assert.ok(f.creates_ok <= limit + Math.ceil((f.wall_s * limit) / 60) + 1, `${f.creates_ok} accepted`);
     assert.ok(f.creates_429 > 0, 'the load never reached the limit, so the test proves nothing about 429');
     assert.ok(f.first_429_after_creates! >= limit, `first 429 after only ${f.first_429_after_creates} creations`);
-    // the JS heap is what a leak per request would grow; rss also holds the model's first load (about 150 MB)
-    assert.ok(f.heap_mb_end - f.heap_mb_start < 50, `heap ${f.heap_mb_start} → ${f.heap_mb_end} MB`);
-    assert.ok(f.rss_mb_end - f.rss_mb_start < 300, `rss ${f.rss_mb_start} → ${f.rss_mb_end} MB`);
+    // live JS heap (measured after a full GC) is what a per-request leak grows; rss is reported, not asserted: it
+    // holds ONNX Runtime's arenas and the model's first load, which the allocator keeps after use
+    assert.ok(f.heap_mb_end - f.heap_mb_start < 50, `live heap ${f.heap_mb_start} → ${f.heap_mb_end} MB`);
   } finally {
     await pipeline.close();
   }
