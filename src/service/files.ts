@@ -41,8 +41,14 @@ export class FileStore {
     const file = `${index}.${EXT[img.contentType] ?? 'bin'}`;
     // write then rename: a crash never leaves a half-written image under the final name
     const tmp = path.join(dir, `.${file}.tmp`);
-    fs.writeFileSync(tmp, img.data);
-    fs.renameSync(tmp, path.join(dir, file));
+    try {
+      fs.writeFileSync(tmp, img.data);
+      fs.renameSync(tmp, path.join(dir, file));
+    } catch (e) {
+      // a full disk leaves a partial temp file: drop it, so the failure frees what it took
+      fs.rmSync(tmp, { force: true });
+      throw e;
+    }
     return { file, width: img.width, height: img.height, content_type: img.contentType, bytes: img.data.length };
   }
 
