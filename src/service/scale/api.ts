@@ -39,7 +39,7 @@ export class ScaleApi implements ScaleExtension {
       backend: 'redis',
       redis_queue: { waiting: (c.waiting ?? 0) + (c.prioritized ?? 0), active: c.active ?? 0, delayed: c.delayed ?? 0 },
       models: this.registry.perModel(),
-      workers: this.registry.live().map((w) => ({ id: w.id, model_id: w.model_id, device: w.device, free_memory_bytes: w.free_memory_bytes, busy: w.job !== null })),
+      workers: this.registry.live().map((w) => ({ id: w.id, model_id: w.model_id, device: w.device, free_memory_bytes: w.free_memory_bytes, busy: w.job !== null, stage: w.stage })),
     };
   }
 
@@ -58,6 +58,7 @@ export class ScaleApi implements ScaleExtension {
     gauge('klein_runs', 'Runs in the database by status', RUN_STATUSES.map((s) => [{ status: s }, byStatus[s]]));
     lines.push('# HELP klein_step_seconds Seconds per denoising step reported by workers', '# TYPE klein_step_seconds summary',
       `klein_step_seconds_sum ${this.remote.stepSeconds.sum}`, `klein_step_seconds_count ${this.remote.stepSeconds.count}`);
+    gauge('klein_jobs_taken_over_total', 'Jobs finished by another worker than the one that started them', [[{}, this.remote.takenOver]], 'counter');
     const live = this.registry.live();
     gauge('klein_workers', 'Live workers (announced within the last 15 s)', [[{}, live.length]]);
     gauge('klein_workers_busy', 'Workers running a job, per model', Object.entries(this.registry.perModel()).map(([m, x]) => [{ model: m }, x.busy]));
@@ -88,6 +89,7 @@ export class ScaleApi implements ScaleExtension {
     app.post(`${WORKER_PREFIX}/jobs/:id/progress`, async (c) => {
       this.check(c);
       const b = await body<ProgressBody>(c);
+      this.registry.progress(b.worker, c.req.param('id'), b.event.stage);
       // `continue: false`: the run was cancelled or its attempt abandoned; the worker stops between steps
       return c.json({ continue: this.remote.progress(c.req.param('id'), b.worker, b.event) });
     });

@@ -7,6 +7,8 @@ export const WORKER_TTL_MS = 15_000;
 export const ANNOUNCE_MS = 3_000;
 
 export interface KnownWorker extends Announce {
+  /** the last progress stage it reported for its current job */
+  stage: string | null;
   seen_at: number;
   first_seen_at: number;
 }
@@ -16,7 +18,14 @@ export class WorkerRegistry {
 
   announce(a: Announce, now = Date.now()): void {
     const prev = this.workers.get(a.id);
-    this.workers.set(a.id, { ...a, seen_at: now, first_seen_at: prev?.first_seen_at ?? now });
+    const stage = prev && prev.job === a.job ? prev.stage : null;
+    this.workers.set(a.id, { ...a, stage, seen_at: now, first_seen_at: prev?.first_seen_at ?? now });
+  }
+
+  /** A progress post: the worker is alive and at this stage of this job. */
+  progress(id: string, job: string, stage: string, now = Date.now()): void {
+    const w = this.workers.get(id);
+    if (w) Object.assign(w, { job, stage, seen_at: now });
   }
 
   leave(id: string): void {

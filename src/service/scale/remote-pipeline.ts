@@ -14,7 +14,8 @@ interface Pending {
   reject: (e: Error) => void;
   opts?: GenerateOptions;
   lastStepAt?: number;
-  worker?: string;
+  /** every worker that reported progress for the job (more than one: it was taken over) */
+  workers: Set<string>;
 }
 
 export type Outcome = 'accepted' | 'unknown';
@@ -24,6 +25,8 @@ export class RemotePipeline implements ImagePipeline {
   private pending = new Map<string, Pending>();
   /** Seconds between consecutive denoise steps as the workers report them (Prometheus summary). */
   readonly stepSeconds = { sum: 0, count: 0 };
+  /** Results for jobs that another worker had started (its worker died or stalled): stalled-job recovery at work. */
+  takenOver = 0;
   /** Cached job counts, refreshed in the background so /v1/health and /metrics never wait on Redis. */
   counts: Record<string, number> = { waiting: 0, active: 0, delayed: 0 };
   private timer: NodeJS.Timeout;
@@ -51,7 +54,7 @@ export class RemotePipeline implements ImagePipeline {
   async generate(req: GenerateRequest, opts?: GenerateOptions): Promise<GenerateResult> {
     // a fresh id per attempt: a job left in Redis by an attempt the API gave up on can never complete this one
     const id = crypto.randomUUID();
-    const done = new Promise<GenerateResult>((resolve, reject) => this.pending.set(id, { resolve, reject, opts }));
+    const done = new Promise<GenerateResult>((resolve, reject) => this.pending.set(id, { resolve, reject, opts, workers: new Set() }));
     const onAbort = () => {
       const p = this.pending.get(id);
       if (!p) return;
@@ -75,7 +78,7 @@ export class RemotePipeline implements ImagePipeline {
   progress(jobId: string, worker: string, e: ProgressEvent): boolean {
     const p = this.pending.get(jobId);
     if (!p) return false;
-    p.worker = worker;
+    p.workers.add(worker);
     if (e.stage === 'denoise' && e.step !== undefined) {
       const now = performance.now();
       // the step time is only meaningful between two steps of the same attempt on the same worker
@@ -94,6 +97,10 @@ export class RemotePipeline implements ImagePipeline {
     const p = this.pending.get(jobId);
     if (!p) return 'unknown';
     this.pending.delete(jobId);
+    if ([...p.workers].some((w) => w !== body.worker)) {
+      this.takenOver++;
+      this.log.info({ job: jobId, from: [...p.workers], by: body.worker }, 'job finished by another worker than it started on');
+    }
     p.resolve({
       seed: body.seed, timings: body.timings, ...(body.prompt_truncated ? { promptTruncated: true } : {}),
       images: body.images.map((i) => ({ data: new Uint8Array(Buffer.from(i.data, 'base64')), width: i.width, height: i.height, contentType: i.content_type })),
