@@ -32,17 +32,10 @@ export function takeCreateToken(deps: RunDeps, key: KeyRow): void {
 }
 
 /**
- * Validate `input` for `model`, store a queued run for `key` and start the queue. Validation errors are the
- * Runflow 422 (locations under `input`), so every caller can map them back to its own field names.
+ * The price quoted at creation: output size plus the sizes of inline (data URI) references. Edits without
+ * image_size, and URL references, learn their sizes when fetched; the breakdown says so.
  */
-export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, rawInput: Record<string, unknown>, opts: SubmitOptions = {}): Promise<RunRow> {
-  const parsed = model.schema.safeParse(rawInput);
-  if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
-  const input = parsed.data as ModelInput;
-  const urls = 'image_urls' in input ? input.image_urls : [];
-  await precheckImageUrls(urls, deps.cfg);
-
-  // the price quoted at creation, as the runs route quotes it: output size plus the sizes of inline references
+export async function quoteRun(deps: Pick<Deps, 'cfg'>, model: ModelEntry, input: ModelInput, urls: string[]): Promise<ReturnType<typeof priceRun> | null> {
   const size = requestedSize(input);
   const known: { width: number; height: number }[] = [];
   let allKnown = true;
@@ -54,6 +47,21 @@ export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, r
   }
   const quote = size ? priceRun(deps.cfg.pricing[model.id], { ...size, count: input.num_images }, known) : null;
   if (quote && !allKnown) (quote.breakdown as unknown as Record<string, unknown>).note = 'input megapixels of URL images are added when they are fetched';
+  return quote;
+}
+
+/**
+ * Validate `input` for `model`, store a queued run for `key` and start the queue. Validation errors are the
+ * Runflow 422 (locations under `input`), so every caller can map them back to its own field names.
+ */
+export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, rawInput: Record<string, unknown>, opts: SubmitOptions = {}): Promise<RunRow> {
+  const parsed = model.schema.safeParse(rawInput);
+  if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
+  const input = parsed.data as ModelInput;
+  const urls = 'image_urls' in input ? input.image_urls : [];
+  await precheckImageUrls(urls, deps.cfg);
+
+  const quote = await quoteRun(deps, model, input, urls);
 
   const stored: Record<string, unknown> = { ...input, ...(opts.outputQuality !== undefined ? { output_quality: opts.outputQuality } : {}) };
   const id = ulid();

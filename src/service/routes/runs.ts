@@ -3,18 +3,17 @@ import crypto from 'node:crypto';
 import { createRoute, z } from '@hono/zod-openapi';
 import type { Context } from 'hono';
 import { streamSSE } from 'hono/streaming';
-import sharp from 'sharp';
 import { type App, type AppEnv, type Deps, route } from '../context.ts';
 import { ApiError, fieldError, notFound, validation, zodIssues } from '../errors.ts';
 import { precheckImageUrls } from '../inputs.ts';
-import { type ModelInput, requestedSize, requireModel } from '../models.ts';
-import { checkUrl, FetchError, parseDataUri } from '../net.ts';
+import { type ModelInput, requireModel } from '../models.ts';
+import { checkUrl, FetchError } from '../net.ts';
 import { presentRun } from '../present.ts';
-import { priceRun } from '../pricing.ts';
 import { type RunRow, RUN_STATUSES, type RunStatus, TERMINAL } from '../store.ts';
 import { isoNow, sha256Hex, ulid } from '../time.ts';
 import { CreateRunBody, errorResponses, ProgressSchema, RunListSchema, RunSchema } from '../schemas.ts';
 import type { RunEvent } from '../queue.ts';
+import { quoteRun } from '../submit.ts';
 
 const MAX_METADATA_BYTES = 16 * 1024;
 
@@ -105,18 +104,7 @@ async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Pr
     }
   }
 
-  // the price quoted at creation; edits without image_size learn their size (and all input sizes) when fetched
-  const size = requestedSize(input);
-  const known: { width: number; height: number }[] = [];
-  let allKnown = true;
-  for (const u of urls) {
-    const d = parseDataUri(u);
-    const meta = d ? await sharp(d.bytes).metadata().catch(() => null) : null;
-    if (meta?.width && meta.height) known.push({ width: meta.width, height: meta.height });
-    else allKnown = false;
-  }
-  const quote = size ? priceRun(deps.cfg.pricing[model.id], { ...size, count: input.num_images }, known) : null;
-  if (quote && !allKnown) (quote.breakdown as unknown as Record<string, unknown>).note = 'input megapixels of URL images are added when they are fetched';
+  const quote = await quoteRun(deps, model, input, urls);
 
   const id = ulid();
   const row: RunRow = {
