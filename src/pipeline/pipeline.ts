@@ -19,7 +19,7 @@ import { imagePositionIds, referenceTokens, tokensToLatent } from './latents.ts'
 import { initialLatentTokens } from './noise.ts';
 import { resolveRequest } from './request.ts';
 import { cfgCombine, eulerStep, getSchedule, imageSeqLen } from './schedule.ts';
-import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, ProgressEvent } from './types.ts';
+import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, Precision, ProgressEvent } from './types.ts';
 
 export { PipelineInputError, SIZE_PRESETS, checkSize } from './request.ts';
 
@@ -40,6 +40,10 @@ export interface PipelineOptions {
   maxBatchRows?: number;
   /** Prompt-context cache (in memory, 256 MiB by default; each klein 4B prompt is 15.7 MB), shareable. */
   promptCache?: PromptEmbeddingCache;
+  /** `exact` (default, fp32, matches the reference) or `fast` (int8 Linear layers; see types.ts). */
+  precision?: Precision;
+  /** Folder of the matting model (BiRefNet) for transparent backgrounds; default: where `klein pull` puts it. */
+  mattingModel?: string;
 }
 
 /** One model evaluation; `Flux2Transformer` is the real one, conformance may wrap it. */

@@ -1,6 +1,19 @@
 // The contract between the engine pipeline and its users (CLI, service, workers). The pipeline owns it.
 export type OutputFormat = 'png' | 'jpeg' | 'webp';
 
+/**
+ * `opaque`: the RGB image FLUX.2 paints. `transparent`: the subject cut out by the matting model (BiRefNet) into a
+ * straight-alpha PNG/WebP (JPEG has no alpha: refused, never silently changed). `auto`: transparent when the prompt
+ * asks for a transparent background and the format has alpha, else opaque.
+ */
+export type Background = 'auto' | 'opaque' | 'transparent';
+
+/**
+ * `exact`: fp32 products, matches the reference. `fast`: the large Linear layers of the transformer and the text
+ * encoder as int8 products (VNNI on the CPU), with the error stated in docs/benchmarks.md.
+ */
+export type Precision = 'exact' | 'fast';
+
 export interface GenerateRequest {
   prompt: string;
   width: number;
@@ -17,9 +30,11 @@ export interface GenerateRequest {
   quality?: number;
   /** Reference images for editing, as encoded bytes (PNG/JPEG/WebP), at most 4. */
   referenceImages?: Uint8Array[];
+  /** Default `auto`. */
+  background?: Background;
 }
 
-export type Stage = 'load' | 'text' | 'reference' | 'denoise' | 'decode' | 'output';
+export type Stage = 'load' | 'text' | 'reference' | 'denoise' | 'decode' | 'matting' | 'output';
 
 export interface ProgressEvent {
   stage: Stage;
@@ -34,6 +49,8 @@ export interface GeneratedImage {
   width: number;
   height: number;
   contentType: 'image/png' | 'image/jpeg' | 'image/webp';
+  /** True when the file carries an alpha channel (background `transparent`). */
+  hasAlpha?: boolean;
 }
 
 export interface GenerateResult {
