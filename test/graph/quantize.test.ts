@@ -1,0 +1,102 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Graph } from '../../src/graph/onnx-graph.ts';
+import { dequantizeInt8, int8ExternalData, quantizeInt8, quantizedLinear } from '../../src/graph/quantize.ts';
+import { f32, ort, sessionOptions } from '../../src/graph/session.ts';
+
+const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-quant-'));
+
+/** Deterministic uniform values in [-amp, amp). */
+function uniform(n: number, seed: number, amp = 1): Float32Array {
+  let s = seed >>> 0 || 1;
+  return Float32Array.from({ length: n }, () => {
+    s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
+    return ((s / 2 ** 32) * 2 - 1) * amp;
+  });
+}
+
+function relRms(a: ArrayLike<number>, ref: ArrayLike<number>): number {
+  let se = 0;
+  let sr = 0;
+  for (let i = 0; i < ref.length; i++) {
+    se += (a[i] - ref[i]) ** 2;
+    sr += ref[i] ** 2;
+  }
+  return Math.sqrt(se / sr);
+}
+
+test('quantizeInt8: exact values, per-output-column scales, transposed [in, out] layout', () => {
+  // W [out=2, in=3]: row 0 has max |w| 2.54 → scale 0.02; row 1 is all zero → scale 1, q 0
+  const w = Float32Array.of(2.54, -1.27, 0.01, 0, 0, 0);
+  const qw = quantizeInt8(w, 2, 3);
+  assert.equal(qw.outFeatures, 2);
+  assert.equal(qw.inFeatures, 3);
+  assert.deepEqual(Array.from(qw.scale), [Math.fround(2.54 / 127), 1]);
+  // q[k, n]: column 0 = row 0 of W (127, -64 (−63.5 rounds away from zero), 1 (0.5 rounds away from zero)), column 1 = zeros
+  assert.deepEqual(Array.from(qw.q), [127, 0, -64, 0, 1, 0]);
+  // halves round away from zero on both signs; the extremes are exactly ±127
+  const h = quantizeInt8(Float32Array.of(-1.27, 0.025, -0.025, 1.27), 1, 4);
+  assert.equal(h.scale[0], Math.fround(0.01));
+  assert.deepEqual(Array.from(h.q), [-127, 3, -3, 127]);
+});
+
+test('quantizeInt8: round trip within half a step per element, ~0.6 % rms on uniform weights; deterministic', () => {
+  const [N, K] = [96, 200];
+  const w = uniform(N * K, 7, 0.05);
+  w[5 * K + 3] = 3; // an outlier only costs its own column precision
+  const qw = quantizeInt8(w, N, K);
+  const back = dequantizeInt8(qw);
+  for (let n = 0; n < N; n++) {
+    for (let k = 0; k < K; k++) {
+      const err = Math.abs(back[n * K + k] - w[n * K + k]);
+      assert.ok(err <= qw.scale[n] / 2 + 1e-9, `[${n}, ${k}] error ${err} over half a step ${qw.scale[n] / 2}`);
+    }
+  }
+  // uniform values over ±127 steps: rms error step/√12 against rms 127·step/√3 → 0.45 %; the outlier column is coarse
+  const others = (a: Float32Array) => a.filter((_, i) => Math.floor(i / K) !== 5);
+  const e = relRms(others(back), others(w));
+  assert.ok(e > 0.003 && e < 0.006, `round-trip rms ${e}`);
+  const again = quantizeInt8(w, N, K);
+  assert.deepEqual(again.q, qw.q);
+  assert.deepEqual(again.scale, qw.scale);
+});
+
+test('quantizeInt8 rejects a wrong length, a bad shape and non-finite weights', () => {
+  assert.throws(() => quantizeInt8(new Float32Array(5), 2, 3), /5 values for a \[2, 3\] weight/);
+  assert.throws(() => quantizeInt8(new Float32Array(0), 0, 3), /bad shape/);
+  assert.throws(() => quantizeInt8(Float32Array.of(1, Number.NaN), 2, 1), /output 1 has a non-finite weight/);
+  assert.throws(() => quantizeInt8(Float32Array.of(1, Infinity), 1, 2), /non-finite/);
+});
+
+test('quantizedLinear runs DynamicQuantizeMatMul in ORT: x Wᵀ within 1.5 % rms, with and without bias', async () => {
+  const [M, K, N] = [64, 256, 96];
+  const w = uniform(N * K, 3, Math.sqrt(3 / K));
+  const x = uniform(M * K, 4);
+  const bias = uniform(N, 5, 0.5);
+  const qw = quantizeInt8(w, N, K);
+  const ref = new Float64Array(M * N);
+  for (let m = 0; m < M; m++) for (let n = 0; n < N; n++) {
+    let acc = 0;
+    for (let k = 0; k < K; k++) acc += x[m * K + k] * w[n * K + k];
+    ref[m * N + n] = acc;
+  }
+  const g = new Graph('qlinear');
+  const xin = g.input('x', 'float32', ['m', K]);
+  g.output(quantizedLinear(g, xin, { name: 'w', inFeatures: K, outFeatures: N, location: 'mem/w' }), 'y', 'float32', ['m', N]);
+  g.output(quantizedLinear(g, xin, { name: 'wb', inFeatures: K, outFeatures: N, location: 'mem/w', bias: g.constF32(bias, [N], 'bias') }), 'yb', 'float32', ['m', N]);
+  const sess = await ort.InferenceSession.create(g.serialize(tmp()), { ...sessionOptions({ threads: 1 }), externalData: int8ExternalData('mem/w', qw) });
+  try {
+    const out = await sess.run({ x: f32(x, [M, K]) });
+    const y = out.y.data as Float32Array;
+    const e = relRms(y, ref);
+    // weight rounding (~0.5 %) plus the op's per-tensor uint8 activations (~0.3 %): not exact, but close
+    assert.ok(e > 1e-4 && e < 0.015, `relative rms ${e}`);
+    const yb = out.yb.data as Float32Array;
+    for (let i = 0; i < M * N; i++) assert.ok(Math.abs(yb[i] - (y[i] + bias[i % N])) < 1e-4, `bias at ${i}`);
+  } finally {
+    await sess.release();
+  }
+});
