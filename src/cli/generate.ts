@@ -10,6 +10,7 @@ import { MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeli
 import type { GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
+import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 
 export interface ImageCliOptions {
@@ -28,6 +29,7 @@ export interface ImageCliOptions {
   keepLoaded?: boolean;
   device?: string;
   threads?: string;
+  precision?: string;
   json?: boolean;
   quiet?: boolean;
 }
@@ -50,6 +52,7 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time')
     .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu); on a GPU every component stays loaded')
     .option('--threads <n>', 'CPU threads (default: all cores)')
+    .option('--precision <mode>', PRECISION_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
 }
@@ -160,6 +163,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const dir = path.dirname(path.resolve(output));
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`output folder ${dir} does not exist`);
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
+  const precision = resolvePrecision(opts.precision);
   let deviceReq: DeviceRequest;
   try {
     deviceReq = opts.device ? parseDevice(opts.device) : defaultDevice();
@@ -171,7 +175,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const bar = stageBar({ quiet: opts.quiet || undefined });
   let pipeline: KleinPipeline | undefined;
   try {
-    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded }).catch(asUsage);
+    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, precision }).catch(asUsage);
     const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined };
     const ac = new AbortController();
     const onSigint = () => ac.abort(new Error('interrupted'));
@@ -188,6 +192,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
           seed,
           model: pipeline.model.root,
           variant: pipeline.variant.id,
+          precision,
           steps: steps ?? pipeline.variant.defaultSteps,
           timings: result.timings,
           prompt_truncated: result.promptTruncated ?? false,

@@ -18,6 +18,7 @@ import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { parsePort } from './serve.ts';
+import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 
 interface McpOptions {
   model?: string;
@@ -28,6 +29,7 @@ interface McpOptions {
   threads?: string;
   keepLoaded: boolean;
   apiKey?: string;
+  precision?: string;
 }
 
 /** The key named for local stdio use; its secret is never needed (nothing authenticates over stdio). */
@@ -58,9 +60,11 @@ export function registerMcp(program: Command): void {
     .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .option('--precision <mode>', PRECISION_HELP)
     .action(async (o: McpOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port, '--port') ?? 0;
+      const precision = resolvePrecision(o.precision);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
@@ -78,12 +82,13 @@ export function registerMcp(program: Command): void {
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
         const device = await resolveDevice(parseDevice(o.device));
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision });
       } catch (e) {
         store.close();
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
+      config.precision = precision;
       // stdout carries the MCP messages: everything else goes to stderr
       const log = createLogger(process.env.KLEIN_LOG_LEVEL ?? 'warn');
       const svc = createApp({ pipeline, config, store, logger: log, modelDir: pipeline.model.root });

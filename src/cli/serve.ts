@@ -12,6 +12,7 @@ import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
+import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 import { startScale } from './worker.ts';
 
 interface ServeOptions {
@@ -25,6 +26,7 @@ interface ServeOptions {
   keepLoaded: boolean;
   workers: string;
   queue?: string;
+  precision?: string;
 }
 
 export function parsePort(v: string | undefined, name: string): number | undefined {
@@ -47,9 +49,11 @@ export function registerServe(program: Command): void {
     .option('--workers <n>', 'generations at once; each loads its own copy of the model (with --queue: local workers, 0 for none)', '1')
     .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .option('--precision <mode>', PRECISION_HELP)
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
+      const precision = resolvePrecision(o.precision);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       const workers = parseIntOption(o.workers, '--workers')!;
@@ -66,7 +70,7 @@ export function registerServe(program: Command): void {
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];
       try {
-        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded }));
+        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision }));
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
@@ -75,9 +79,10 @@ export function registerServe(program: Command): void {
       const first = members[0];
       const local = members.length === 1 ? first : new PipelinePool(members);
       // with a queue, the scheduler hands runs to Redis as fast as keys' concurrency allows: the workers pace them
-      const scale = o.queue ? startScale(o.queue, first.variant.id, log) : null;
+      const scale = o.queue ? startScale(o.queue, first.variant.id, log, precision) : null;
       const pipeline = scale ? scale.remote : local;
       config.workers = scale ? 256 : workers;
+      config.precision = precision;
       const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root, ...(scale ? { scale: scale.api } : {}) });
       const admin = ensureAdminKey(svc.store);
       let listening;
@@ -90,7 +95,7 @@ export function registerServe(program: Command): void {
         throw e;
       }
       const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
-      console.log(`klein serve: ${first.variant.id} from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
+      console.log(`klein serve: ${first.variant.id} (${precision} precision) from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
       if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
       console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
       if (admin) {

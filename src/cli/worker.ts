@@ -12,6 +12,8 @@ import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
+import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import type { Precision } from '../pipeline/types.ts';
 
 function workerToken(): string {
   const t = process.env.KLEIN_WORKER_TOKEN;
@@ -29,7 +31,7 @@ function checkQueueUrl(url: string): void {
 }
 
 /** For `klein serve --queue`: the Redis-backed pipeline, its routes, and optional in-process workers. */
-export function startScale(queueUrl: string, modelId: string, log: Logger) {
+export function startScale(queueUrl: string, modelId: string, log: Logger, precision: Precision = 'exact') {
   checkQueueUrl(queueUrl);
   const token = workerToken();
   const remote = new RemotePipeline(queueUrl, modelId, log.child({ part: 'scale' }));
@@ -40,7 +42,7 @@ export function startScale(queueUrl: string, modelId: string, log: Logger) {
       const workers: KleinWorker[] = [];
       // one pipeline runs one request at a time: local workers share it through the pool's waiting line
       for (let i = 0; i < n; i++) {
-        const w = new KleinWorker({ queueUrl, apiUrl, token, pipeline, modelId, device, log: log.child({ part: 'local-worker', i }) });
+        const w = new KleinWorker({ queueUrl, apiUrl, token, pipeline, modelId, device, precision, log: log.child({ part: 'local-worker', i }) });
         await w.start();
         workers.push(w);
       }
@@ -57,6 +59,7 @@ interface WorkerCliOptions {
   threads?: string;
   keepLoaded: boolean;
   lockMs: string;
+  precision?: string;
 }
 
 export function registerWorker(program: Command): void {
@@ -70,6 +73,7 @@ export function registerWorker(program: Command): void {
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--lock-ms <n>', 'job lock; a worker silent this long is presumed dead and its run goes to another', '30000')
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
+    .option('--precision <mode>', PRECISION_HELP)
     .action(async (o: WorkerCliOptions) => {
       checkQueueUrl(o.queue);
       const token = workerToken();
@@ -77,22 +81,23 @@ export function registerWorker(program: Command): void {
       const lockMs = parseIntOption(o.lockMs, '--lock-ms')!;
       if (lockMs < 1000) throw new UsageError('--lock-ms must be at least 1000');
       const threads = parseIntOption(o.threads, '--threads');
+      const precision = resolvePrecision(o.precision);
       const device = await resolveDevice(parseDevice(o.device));
       let pipeline: KleinPipeline;
       try {
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       const log = createLogger();
-      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), log, lockMs });
+      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), precision, log, lockMs });
       try {
         await worker.start();
       } catch (e) {
         throw new UsageError(`cannot join ${o.api}: ${(e as Error).message}`);
       }
-      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${device}, queue ${o.queue}, reporting to ${o.api}`);
+      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${device} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

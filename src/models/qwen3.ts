@@ -8,7 +8,10 @@ import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
 import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
 import { defaultDevice, resolveDevice } from '../graph/device.ts';
-import { Checkpoint, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
+import { Checkpoint, readFloat32, readRaw, type TensorInfo } from '../weights/safetensors.ts';
+import type { Precision } from '../pipeline/types.ts';
+import { int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
+import { Int8Cache, Int8CacheCorruptError, type Int8CacheOptions } from '../weights/quantized-cache.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
 export const KLEIN_OUTPUT_LAYERS = [9, 18, 27] as const;
@@ -94,6 +97,8 @@ export interface Qwen3GraphOptions {
   maxPositions: number;
   /** How bf16/f16 projection weights become fp32, see `Qwen3WeightMode`. Default `runtime-cast`. */
   weights?: Qwen3WeightMode;
+  /** `fast`: every projection is an int8 DynamicQuantizeMatMul fed in memory (`int8Location`); default exact. */
+  precision?: Precision;
 }
 
 /**
@@ -109,6 +114,26 @@ export type Qwen3WeightMode = 'runtime-cast' | 'converted' | 'prepacked';
 
 /** Graph input name of a projection weight fed at run time (`converted` mode). */
 export const feedName = (tensor: string): string => `weight:${tensor}`;
+
+/** Bump when the fast-mode graph changes in a way its options do not capture (compiled-graph cache key). */
+const QWEN3_FAST_GRAPH_VERSION = 1;
+
+/** External-data location (base) of a projection quantized to int8 in fast mode. */
+export const int8Location = (tensor: string): string => `qwen3-int8/${tensor}`;
+
+/** External-data location of a stored tensor (embeddings, norms) handed to ORT in memory in fast mode. */
+export const memoryLocation = (tensor: string): string => `qwen3-mem/${tensor}`;
+
+/** The projections fast mode quantizes: every Linear of the decoder layers (norms, RoPE, attention stay fp32). */
+const PROJECTIONS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'] as const;
+
+/** Checkpoint tensors of the projections of the first `layers` decoder layers, in layer order. */
+export function projectionTensors(ck: Checkpoint, layers: number): TensorInfo[] {
+  const prefix = keyPrefix(ck);
+  const out: TensorInfo[] = [];
+  for (let i = 0; i < layers; i++) for (const p of PROJECTIONS) out.push(ck.info(`${prefix}layers.${i}.${p}.weight`));
+  return out;
+}
 
 /**
  * RoPE cos/sin tables `[maxPositions, headDim]` as HF computes them in float32: `inv_freq = 1 / theta^(2i/d)`,
@@ -178,7 +203,7 @@ export function layersNeeded(opts: Pick<Qwen3GraphOptions, 'outputLayers' | 'hid
  * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`); output `context`
  * `[batch, seq, outputLayers.length · hidden]` and `hidden_states.k` `[batch, seq, hidden]` per extra state.
  */
-export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions): Graph {
+export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, inMemory: TensorInfo[] = []): Graph {
   const prefix = keyPrefix(ck);
   const depth = layersNeeded(opts);
   const wanted = [...opts.outputLayers, ...(opts.hiddenStates ?? [])];
@@ -195,6 +220,25 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const groups = nh / nkv;
   const W = (name: string): TensorInfo => ck.info(prefix + name);
   const g = new Graph('qwen3');
+  const fast = opts.precision === 'fast';
+  // ORT takes external data either all from files or all from memory (it refuses a mix), and fast mode hands it
+  // the int8 projections in memory: so there the other stored tensors (embeddings, norms) go in memory too, each
+  // listed in `inMemory` for the loader to read
+  const storedValues = new Map<string, Value>();
+  const stored = (info: TensorInfo, as?: 'float32'): Value => {
+    if (!fast) return g.weight(info, as);
+    const key = `${info.name}:${as ?? ''}`;
+    let v = storedValues.get(key);
+    if (v) return v;
+    const raw = storedValues.get(`${info.name}:`) ?? g.inMemoryWeight(info.name, elemTypeOf(info.dtype), info.shape, memoryLocation(info.name));
+    if (!storedValues.has(`${info.name}:`)) {
+      storedValues.set(`${info.name}:`, raw);
+      inMemory.push(info);
+    }
+    v = as && elemTypeOf(info.dtype) !== as ? g.op('Cast', [raw], { to: ONNX_ELEM[as] }, { hint: `${info.name}_${as}` }) : raw;
+    storedValues.set(key, v);
+    return v;
+  };
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const am = g.input('attention_mask', 'int64', ['batch', 'seq']);
 
@@ -203,7 +247,7 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const mode = opts.weights ?? 'runtime-cast';
   const matrix = (info: TensorInfo): Value => {
     if (mode === 'converted') return g.input(feedName(info.name), 'float32', info.shape);
-    if (mode === 'prepacked' || info.dtype === 'F32') return g.weight(info, 'float32');
+    if (mode === 'prepacked' || info.dtype === 'F32') return stored(info, 'float32');
     // An initializer that is also a graph input may be overridden by a feed, so ORT does not constant-fold
     // the Cast behind it: the weight stays bf16 in memory and is cast when the layer runs.
     const raw = g.weight(info);
@@ -211,11 +255,17 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
     return g.op('Cast', [raw], { to: ONNX_ELEM.float32 }, { hint: `${raw.name}_f32` });
   };
   const proj = (x: Value, name: string, biasName?: string): Value => {
+    const hint = name.split('.').slice(-2, -1)[0];
+    const bias = biasName && ck.has(prefix + biasName) ? stored(W(biasName), 'float32') : undefined;
+    if (fast) {
+      const info = W(name);
+      return quantizedLinear(g, x, { name: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], location: int8Location(info.name), bias, hint });
+    }
     const inputs: Value[] = [x, matrix(W(name))];
-    if (biasName && ck.has(prefix + biasName)) inputs.push(g.weight(W(biasName), 'float32'));
-    return g.op('Gemm', inputs, { transB: 1 }, { hint: name.split('.').slice(-2, -1)[0] });
+    if (bias) inputs.push(bias);
+    return g.op('Gemm', inputs, { transB: 1 }, { hint });
   };
-  const normW = (name: string): Value => g.weight(W(name), 'float32');
+  const normW = (name: string): Value => stored(W(name), 'float32');
 
   const shapeBL = g.op('Shape', [ids], {}, { hint: 'shape_bl' });
   const seqLen = g.op('Slice', [shapeBL, g.constI64([1]), g.constI64([2])], {}, { hint: 'seq_len' });
@@ -227,7 +277,7 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   // Embedding lookup on the stored table (bf16 in real checkpoints): gather rows first, then cast, so the
   // 151936×2560 table is never converted as a whole.
   let x = g.within('embed_tokens', () => {
-    const table = g.weight(W('embed_tokens.weight'));
+    const table = stored(W('embed_tokens.weight'));
     let e = g.op('Gather', [table, ids], { axis: 0 });
     if (ck.info(prefix + 'embed_tokens.weight').dtype !== 'F32') e = g.op('Cast', [e], { to: ONNX_ELEM.float32 });
     return g.op('Reshape', [e, g.constI64([-1, H])]);
@@ -316,12 +366,58 @@ export interface Qwen3LoadOptions {
   maxPositions?: number;
   /** Default `runtime-cast`: least memory and an instant load; `converted` for fast runs of a resident encoder. */
   weights?: Qwen3WeightMode;
+  /**
+   * `exact` (default): fp32 projections as `weights` says. `fast`: the q/k/v/o/gate/up/down projections as int8
+   * products (int8 weights with per-output scales, see graph/quantize.ts), ≈ 1 byte per parameter resident;
+   * `weights` is then irrelevant (no fp32 projection exists).
+   */
+  precision?: Precision;
+  /** Fast mode: called after each projection is quantized (or read from the cache), for load progress. */
+  onProgress?: (done: number, total: number) => void;
 }
 
 export interface Qwen3Output {
   /** `[batch, seq, outputLayers.length · hidden]` */
   context: Float32Array;
   hiddenStates: Map<number, Float32Array>;
+}
+
+/** A stored tensor's bytes as in-memory external data (its own buffer: small reads come from Node's shared pool). */
+function storedBytes(info: TensorInfo): { path: string; data: Uint8Array } {
+  const raw = readRaw(info);
+  const own = raw.byteOffset === 0 && raw.buffer.byteLength === raw.byteLength;
+  return { path: memoryLocation(info.name), data: own ? raw : new Uint8Array(raw) };
+}
+
+/**
+ * Every projection of the first `layers` layers as int8, in the session's external-data form. The first load
+ * quantizes them into the on-disk int8 cache (weights/quantized-cache.ts; ~2.7 GB for Qwen3-4B's 27 layers), later
+ * loads read it back (crc-checked); a cache found corrupt is rebuilt once.
+ */
+function int8Projections(ck: Checkpoint, layers: number, onProgress?: (done: number, total: number) => void): { data: Array<{ path: string; data: Uint8Array }>; cache: Int8CacheInfo } {
+  const infos = projectionTensors(ck, layers);
+  const opts: Int8CacheOptions = {
+    model: 'qwen3-text-encoder',
+    sourceFiles: [...new Set(infos.map((i) => i.file))],
+    entries: infos.map((info) => ({ key: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], read: () => readFloat32(info) })),
+    onProgress: (done, total) => onProgress?.(done, total),
+  };
+  const collect = (cache: Int8Cache) => ({
+    data: infos.flatMap((info) => int8ExternalData(int8Location(info.name), cache.get(info.name))),
+    cache: { folder: cache.folder, built: cache.built },
+  });
+  try {
+    return collect(Int8Cache.open(opts));
+  } catch (e) {
+    if (!(e instanceof Int8CacheCorruptError)) throw e;
+    return collect(Int8Cache.open(opts)); // the corrupt cache was removed: this open rebuilds it
+  }
+}
+
+export interface Int8CacheInfo {
+  folder: string;
+  /** True when this load quantized the weights (no valid cache existed). */
+  built: boolean;
 }
 
 /** The text encoder at run time: one ORT session over the graph above. */
@@ -337,6 +433,10 @@ export class Qwen3TextEncoder {
     private readonly feeds: Record<string, ort.Tensor>,
     /** Every checkpoint file the encoder reads (the prompt cache keys on their identity). */
     readonly weightFiles: string[],
+    /** `fast`: int8 projections (part of the prompt cache key, see PromptEncoder). */
+    readonly precision: Precision,
+    /** Fast mode: where the int8 weights are cached and whether this load quantized them (first load). */
+    readonly int8Cache?: Int8CacheInfo,
   ) {}
 
   /** Width of one context token: `outputLayers.length · hidden` (7680 for Qwen3-4B). */
@@ -352,18 +452,27 @@ export class Qwen3TextEncoder {
     const outputLayers = opts.outputLayers ?? KLEIN_OUTPUT_LAYERS;
     const hiddenStates = opts.hiddenStates ?? [];
     const maxPositions = opts.maxPositions ?? 512;
-    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast' };
-    const probe = buildQwen3Graph(ck, cfg, graphOpts);
+    const precision = opts.precision ?? 'exact';
+    if (precision !== 'exact' && precision !== 'fast') throw new Qwen3ConfigError(`precision must be "exact" or "fast", got ${JSON.stringify(precision)}`);
+    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast', ...(precision === 'fast' ? { precision } : {}) };
+    const inMemory: TensorInfo[] = [];
+    const probe = buildQwen3Graph(ck, cfg, graphOpts, inMemory);
     // only the files holding tensors of the layers we run count (a 36-layer checkpoint may put the unused tail in
     // a shard of its own); in `converted` mode the graph references just the embeddings and norms, but the model's
     // identity (prompt cache key) is every file we read
     const used = requiredTensors(cfg, keyPrefix(ck), layersNeeded(graphOpts)).map(([n]) => fs.realpathSync(ck.info(n).file));
     const files = [...new Set([...probe.weightFiles, ...used])].sort();
-    const { file } = compileGraph('qwen3', { cfg, graphOpts }, probe.weightFiles, () => probe);
+    // fast mode's graph references no file (everything comes in memory): the checkpoint files still key its cache
+    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION } : { cfg, graphOpts }; // exact keys as before
+    const { file } = compileGraph('qwen3', key, precision === 'fast' ? files : probe.weightFiles, () => probe);
     const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
     const device = await resolveDevice(sessionCfg.device ?? defaultDevice()); // KLEIN_DEVICE, as openSession does
+    // fast mode: the int8 projections reach ORT as in-memory external data; ORT pre-packs them while the session
+    // opens, so these JS copies are dropped once it exists
+    const int8 = precision === 'fast' ? int8Projections(ck, layersNeeded(graphOpts), opts.onProgress) : undefined;
+    const externalData = int8 ? [...int8.data, ...inMemory.map(storedBytes)] : undefined;
     // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
-    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
+    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device, ...(externalData ? { externalData } : {}) }), logSeverityLevel: 3 });
     const feeds: Record<string, ort.Tensor> = {};
     if (graphOpts.weights === 'converted') {
       for (const name of session.inputNames) {
@@ -372,7 +481,7 @@ export class Qwen3TextEncoder {
         feeds[name] = new ort.Tensor('float32', readFloat32(info), info.shape);
       }
     }
-    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files);
+    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files, precision, int8?.cache);
   }
 
   /** Runs the encoder; ids and mask are `[batch, seq]` row-major. */

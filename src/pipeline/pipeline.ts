@@ -63,6 +63,8 @@ class LazyTextEmbedder implements TextEmbedder {
   constructor(
     private readonly folder: string,
     readonly weightFiles: string[],
+    /** Part of the prompt cache key: a fast (int8) context is never served to an exact request. */
+    readonly precision: Precision,
     private readonly open: (folder: string) => Promise<Qwen3TextEncoder>,
   ) {
     this.contextDim = KLEIN_OUTPUT_LAYERS.length * readQwen3Config(folder).hiddenSize;
@@ -216,8 +218,8 @@ export class KleinPipeline implements ImagePipeline {
     readonly tokenizer: KleinTokenizer,
     private readonly opts: PipelineOptions,
   ) {
-    this.text = new LazyTextEmbedder(path.dirname(model.textEncoder.config!), model.textEncoder.files, (folder) => {
-      const run = () => Qwen3TextEncoder.load(folder, { session: { ...this.session, lowMemory: true }, maxPositions: tokenizer.maxLength });
+    this.text = new LazyTextEmbedder(path.dirname(model.textEncoder.config!), model.textEncoder.files, this.precision, (folder) => {
+      const run = () => Qwen3TextEncoder.load(folder, { session: { ...this.session, lowMemory: true }, maxPositions: tokenizer.maxLength, precision: this.precision });
       const cur = this.current;
       if (!cur) return run();
       this.emit(cur.o, { stage: 'load', message: 'text encoder' });
@@ -231,6 +233,7 @@ export class KleinPipeline implements ImagePipeline {
 
   /** Validates the model folder and loads the tokenizer; the large components load on first use. */
   static async open(opts: PipelineOptions = {}): Promise<KleinPipeline> {
+    if (opts.precision !== undefined && opts.precision !== 'exact' && opts.precision !== 'fast') throw new Error(`precision must be "exact" or "fast", got ${JSON.stringify(opts.precision)}`);
     const model = typeof opts.model === 'object' ? opts.model : openModelFolder(resolveModelPath(opts.model), { variant: opts.variant });
     const tokenizer = KleinTokenizer.fromFolder(model.tokenizer);
     return new KleinPipeline(model, tokenizer, opts);
@@ -238,6 +241,11 @@ export class KleinPipeline implements ImagePipeline {
 
   get variant() {
     return this.model.variant;
+  }
+
+  /** `exact` (fp32) or `fast` (int8 Linear layers in the text encoder and the transformer), fixed at open. */
+  get precision(): Precision {
+    return this.opts.precision ?? 'exact';
   }
 
   /** Which large components are in memory now (for tests, health endpoints and memory reports). */
@@ -285,7 +293,8 @@ export class KleinPipeline implements ImagePipeline {
     await this.releaseTransient('transformer');
     if (!this.denoiser) {
       this.emit(o, { stage: 'load', message: 'transformer' });
-      this.denoiser = await sw.time('load', () => Flux2Transformer.load(this.model.transformer.checkpoint, this.session));
+      const opts = { ...this.session, precision: this.precision };
+      this.denoiser = await sw.time('load', () => Flux2Transformer.load(this.model.transformer.checkpoint, opts));
     }
     return this.denoiser;
   }

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { Precision } from '../pipeline/types.ts';
 import type { ModelPrice } from './pricing.ts';
 
 export interface ServiceConfig {
@@ -10,6 +11,11 @@ export interface ServiceConfig {
   publicUrl?: string;
   /** Generations running at once (one pipeline; more only helps with several cores per run). */
   workers: number;
+  /**
+   * The precision the local pipeline was opened with (`klein serve --precision`): one per server, chosen at start,
+   * shown by /v1/models and /v1/health so API users can tell fast (int8) output from exact. Not a config.json field.
+   */
+  precision?: Precision;
   /** Runs of one key running at once; the excess waits in `queued`. A key may override it. */
   perKeyConcurrency: number;
   rateLimit: {

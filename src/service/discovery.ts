@@ -39,6 +39,7 @@ export function modelCatalogue(cfg: ServiceConfig) {
       example_cost_1mp: price ? formatUsd(priceRun(price, { width: 1024, height: 1024, count: 1 }, m.kind === 'edit' ? [{ width: 1024, height: 1024 }] : []).micros) : null,
       llms_txt: `/v1/models/${m.id}/llms.txt`,
       runs_endpoint: `/v1/models/${m.id}/runs`,
+      precision: cfg.precision ?? 'exact',
     };
   });
 }

@@ -6,12 +6,15 @@ import path from 'node:path';
 import { KleinTokenizer } from './tokenizer.ts';
 import { PromptEmbeddingCache, promptKey, type PromptCacheOptions, type PromptCacheStats } from './prompt-cache.ts';
 import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../models/qwen3.ts';
+import type { Precision } from '../pipeline/types.ts';
 
 /** The part of the encoder the prompt encoder needs (Qwen3TextEncoder implements it). */
 export interface TextEmbedder {
   readonly contextDim: number;
   readonly weightFiles: string[];
   readonly outputLayers: readonly number[];
+  /** `fast` = int8 projections: its contexts differ from exact ones, so it is part of the cache key. Default exact. */
+  readonly precision?: Precision;
   embed(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Float32Array>;
   close?(): Promise<void>;
 }
@@ -52,7 +55,8 @@ export class PromptEncoder {
     this.cache = cache;
     this.identity = crypto
       .createHash('sha256')
-      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength }))
+      // exact keys stay what they were before fast mode existed, so existing disk caches remain valid
+      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength, ...(encoder.precision === 'fast' ? { precision: 'fast' } : {}) }))
       .digest('hex');
   }
 

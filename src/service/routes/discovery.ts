@@ -10,6 +10,7 @@ import { errorResponses } from '../schemas.ts';
 const Model = z.object({
   id: z.string(), aliases: z.array(z.string()), kind: z.enum(['text-to-image', 'edit']), title: z.string(), description: z.string(),
   price_label: z.string().nullable(), price_unit: z.string(), example_cost_1mp: z.string().nullable(), llms_txt: z.string(), runs_endpoint: z.string(),
+  precision: z.enum(['exact', 'fast']).openapi({ description: 'How this server runs the model: exact (fp32, matches the reference) or fast (int8 products; error stated in docs/benchmarks.md). Chosen when the server starts (klein serve --precision).' }),
 }).openapi('Model');
 
 export const VERSION = '0.1.0';
@@ -17,10 +18,10 @@ export const VERSION = '0.1.0';
 export function registerDiscovery(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/health', tags: ['Discovery'], summary: 'Health and queue depth',
-    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string() }) } } } },
+    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']) }) } } } },
   }), (c) => {
     const counts = deps.store.countByStatus();
-    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, ...(deps.healthExtra?.() ?? {}) });
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', ...(deps.healthExtra?.() ?? {}) });
   });
 
   route(app, createRoute({

@@ -1,6 +1,6 @@
 // What travels between the API and its workers: BullMQ job data (API → Redis → worker) and the JSON bodies of the
 // worker routes (worker → API). Bytes travel as base64 so both fit in JSON.
-import type { GenerateRequest, OutputFormat, ProgressEvent } from '../../pipeline/types.ts';
+import type { GenerateRequest, OutputFormat, Precision, ProgressEvent } from '../../pipeline/types.ts';
 
 /** The BullMQ queue every API and worker of one installation shares. */
 export const QUEUE_NAME = 'klein-runs';
@@ -44,6 +44,8 @@ export interface Announce {
   id: string;
   model_id: string;
   device: string;
+  /** exact or fast (int8); absent from workers that predate fast mode, which run exact */
+  precision?: Precision;
   free_memory_bytes: number;
   /** the job it is running, if any */
   job: string | null;

@@ -7,7 +7,7 @@ import os from 'node:os';
 import { type Job, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { PipelineInputError } from '../../pipeline/request.ts';
-import type { ImagePipeline, ProgressEvent } from '../../pipeline/types.ts';
+import type { ImagePipeline, Precision, ProgressEvent } from '../../pipeline/types.ts';
 import { type Announce, fromJob, type JobData, QUEUE_NAME, type ResultBody, WORKER_PREFIX } from './protocol.ts';
 import { redisConnection } from './redis.ts';
 import { ANNOUNCE_MS } from './registry.ts';
@@ -19,6 +19,8 @@ export interface WorkerOptions {
   pipeline: ImagePipeline;
   modelId: string;
   device: string;
+  /** Announced to the API (shown per worker in /v1/health); default exact. */
+  precision?: Precision;
   log: Logger;
   /** How long a job stays locked without renewal before another worker may take it over (BullMQ lockDuration). */
   lockMs?: number;
@@ -61,7 +63,7 @@ export class KleinWorker {
   }
 
   private announce(): Promise<void> {
-    const a: Announce = { id: this.id, model_id: this.o.modelId, device: this.o.device, free_memory_bytes: os.freemem(), job: this.current };
+    const a: Announce = { id: this.id, model_id: this.o.modelId, device: this.o.device, precision: this.o.precision ?? 'exact', free_memory_bytes: os.freemem(), job: this.current };
     return this.call('/announce', a).then(() => undefined);
   }
 
