@@ -1,11 +1,14 @@
 // `klein bench transformer`: one denoising step of the FLUX.2 transformer at the real klein 4B shapes with random
 // bf16 weights (BFL key names), optionally with fewer blocks. The checkpoint is written once into the bench cache.
 // Prints load time, seconds per step, GFLOP/s and peak RSS, one per line; the last line is `GFLOP/s: <number>`.
+// `--precision fast` runs the int8 fast mode (FLOPs still counted as for fp32, so the figures compare);
+// `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's relative error.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { Flux2Transformer, KLEIN_4B, headDim, mlpHidden, writeRandomFlux2Checkpoint, type Flux2Config } from '../src/models/flux2-transformer.ts';
+import { Flux2Transformer, KLEIN_4B, headDim, mlpHidden, writeRandomFlux2Checkpoint, type Flux2Config, type Flux2ForwardInput } from '../src/models/flux2-transformer.ts';
+import type { Precision } from '../src/pipeline/types.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { GiB, benchCacheDir, peakRssBytes, resetPeakRss, seconds } from './util.ts';
 
@@ -17,6 +20,12 @@ export interface TransformerBenchOptions {
   txtTokens: number;
   threads?: number;
   steps: number;
+  /** Default exact. */
+  precision?: Precision;
+  /** Fast mode: also run exact mode on the same inputs and print the relative error of the fast step. */
+  compareExact?: boolean;
+  /** Fast mode: quantize again even if the int8 cache is valid, to time the first load. */
+  requantize?: boolean;
 }
 
 /**
@@ -61,14 +70,44 @@ function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
   return { x, xIds, ctx, ctxIds, timesteps: Float32Array.of(0.9), batch: 1, nTokens: nImg, nCtx: nTxt };
 }
 
+/** rms(a − ref) / rms(ref) and max |a − ref| / max |ref|. */
+export function relativeError(a: Float32Array, ref: Float32Array): { rms: number; max: number } {
+  let se = 0;
+  let sr = 0;
+  let md = 0;
+  let mr = 0;
+  for (let i = 0; i < ref.length; i++) {
+    const d = Math.abs(a[i] - ref[i]);
+    se += d * d;
+    sr += ref[i] * ref[i];
+    if (d > md) md = d;
+    if (Math.abs(ref[i]) > mr) mr = Math.abs(ref[i]);
+  }
+  return { rms: Math.sqrt(se / sr), max: md / mr };
+}
+
+/** The exact model's output for `inp` (loaded, run once, closed before the fast model is loaded). */
+async function exactOutput(file: string, inp: Flux2ForwardInput, threads: number | undefined, log: (s: string) => void): Promise<Float32Array> {
+  const [loadS, exact] = await seconds(() => Flux2Transformer.load(file, { threads, precision: 'exact' }));
+  try {
+    const [stepS, out] = await seconds(() => exact.forward(inp));
+    log(`exact reference: load ${loadS.toFixed(2)} s, step ${stepS.toFixed(3)} s`);
+    return out;
+  } finally {
+    await exact.close();
+  }
+}
+
 export async function runTransformerBench(o: TransformerBenchOptions, log: (s: string) => void = console.log): Promise<number> {
   const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
+  const precision = o.precision ?? 'exact';
   const file = benchCheckpoint(cfg, log);
   const gw = o.width / 16;
   const gh = o.height / 16;
   const inp = inputs(cfg, gw, gh, o.txtTokens);
   const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
   const threads = o.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
+  const reference = o.compareExact && precision === 'fast' ? await exactOutput(file, inp, o.threads, log) : undefined;
   resetPeakRss();
   let lastReport = 0;
   const onProgress = (done: number, total: number, stage: string) => {
@@ -77,14 +116,26 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
       log(`  loaded ${done}/${total} stages (${stage})`);
     }
   };
-  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads, onProgress }));
+  let lastQuant = 0;
+  const onQuantizeProgress = (done: number, total: number, weight: string) => {
+    if (performance.now() - lastQuant > 5000 || done === total) {
+      lastQuant = performance.now();
+      log(`  quantized ${done}/${total} weights to int8 (${weight})`);
+    }
+  };
+  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads, onProgress, precision, onQuantizeProgress, requantize: o.requantize }));
   const loadPeak = peakRssBytes();
   resetPeakRss();
-  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}`);
-  log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}`);
+  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, precision ${precision}`);
+  const int8 = model.int8Cache ? (model.int8Cache.built ? ', int8 weights quantized and cached' : ', int8 weights from the cache') : '';
+  log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}${int8}`);
   try {
-    const [firstS] = await seconds(() => model.forward(inp));
+    const [firstS, firstOut] = await seconds(() => model.forward(inp));
     log(`first step seconds: ${firstS.toFixed(3)}`);
+    if (reference) {
+      const e = relativeError(firstOut, reference);
+      log(`fast vs exact, same inputs: relative rms error ${(e.rms * 100).toFixed(3)} %, max |error| ${(e.max * 100).toFixed(3)} % of max |exact|`);
+    }
     let best = Infinity;
     let bestCpu = Infinity;
     for (let i = 0; i < o.steps; i++) {
@@ -117,6 +168,11 @@ function positiveInt(name: string, v: string): number {
   return n;
 }
 
+function precisionOption(v: string): Precision {
+  if (v !== 'exact' && v !== 'fast') throw new UsageError(`--precision must be exact or fast, got "${v}"`);
+  return v;
+}
+
 export function registerTransformerBench(bench: Command): void {
   bench
     .command('transformer')
@@ -127,7 +183,10 @@ export function registerTransformerBench(bench: Command): void {
     .option('--txt-tokens <n>', 'text tokens', '512')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
     .option('--steps <n>', 'timed steps after the first (best is reported)', '2')
-    .action(async (opts: Record<string, string>) => {
+    .option('--precision <p>', 'exact (fp32 products) or fast (int8 block Linears)', 'exact')
+    .option('--compare-exact', 'fast mode: also run exact mode on the same inputs and print the relative error')
+    .option('--requantize', 'fast mode: quantize again even if the int8 cache is valid (times the first load)')
+    .action(async (opts: Record<string, string> & { compareExact?: boolean; requantize?: boolean }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -138,7 +197,11 @@ export function registerTransformerBench(bench: Command): void {
         txtTokens: positiveInt('txt-tokens', opts.txtTokens),
         threads: opts.threads === undefined ? undefined : positiveInt('threads', opts.threads),
         steps: Math.max(1, positiveInt('steps', opts.steps)),
+        precision: precisionOption(opts.precision),
+        compareExact: opts.compareExact === true,
+        requantize: opts.requantize === true,
       };
+      if ((o.compareExact || o.requantize) && o.precision !== 'fast') throw new UsageError('--compare-exact and --requantize go with --precision fast');
       if (o.txtTokens < 1) throw new UsageError('--txt-tokens must be at least 1');
       if (o.threads === 0) throw new UsageError('--threads must be at least 1');
       await runTransformerBench(o);

@@ -9,6 +9,9 @@ import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '.
 import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
+import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
+import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';
+import type { Precision } from '../pipeline/types.ts';
 
 // ───────────────────────── §1.1 hyperparameters ─────────────────────────
 
@@ -64,6 +67,8 @@ export interface Ctx {
   w: Flux2Weights;
   c: Flux2Config;
   weights: MemoryWeight[];
+  /** Fast mode: which Linear weights (BFL names) run as int8 products (see `int8Layer`). */
+  int8?: (name: string) => boolean;
 }
 
 /** A weight handed to ORT in memory as fp32: its stored row blocks (optionally a column range), converted at load. */
@@ -74,6 +79,8 @@ export interface MemoryWeight {
   /** Columns `[start, end)` of a 2-D weight; all columns when absent. */
   cols?: [number, number];
   shape: number[];
+  /** Fast mode: the weight's key in the int8 cache; ORT gets its int8 values and scales (quantize.ts), not fp32. */
+  int8?: string;
 }
 
 /**
@@ -100,7 +107,34 @@ function weight(cx: Ctx, name: string, rows?: [number, number], cols?: [number, 
  * `FusedMatMul(transB)` multiplies by the transpose directly, so ORT pre-packs the weight once at load.
  */
 function linear(cx: Ctx, x: Value, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  if (cx.int8?.(name)) return int8Linear(cx, x, name, rows, cols);
   return cx.g.op('FusedMatMul', [x, weight(cx, name, rows, cols)], { transB: 1 }, { domain: MS_DOMAIN, hint: name.replace(/\.weight$/, '') });
+}
+
+/**
+ * Fast mode's Linear: the weight (or its row/column block) quantized to int8 per output column, multiplied by
+ * DynamicQuantizeMatMul (activations quantized per tensor at run time). The int8 bytes come from the on-disk cache.
+ */
+function int8Linear(cx: Ctx, x: Value, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  const parts = rows ? cx.w.rows(name, rows[0], rows[1]) : cx.w.get(name);
+  const out = parts.reduce((n, p) => n + p.shape[0], 0);
+  const inF = cols ? cols[1] - cols[0] : parts[0].shape[1];
+  const key = `${name}${rows ? `.rows_${rows[0]}_${rows[1]}` : ''}${cols ? `.cols_${cols[0]}_${cols[1]}` : ''}`;
+  const location = `flux2-mem/${key}`;
+  cx.weights.push({ location, parts, cols, shape: [out, inF], int8: key });
+  return quantizedLinear(cx.g, x, { name: key, inFeatures: inF, outFeatures: out, location, hint: name.replace(/\.weight$/, '') });
+}
+
+/**
+ * Fast mode's per-layer policy (measured, docs/benchmarks.md "Fast mode"): the block Linears — q/k/v, attention
+ * output, MLP in/out of the double blocks, linear1/linear2 of the single blocks, ~97 % of a step's FLOPs — run in
+ * int8. Kept fp32: the modulations (issue 13: they scale every activation of a block), time/guidance embedders
+ * (one row per sample, nothing to gain), img_in (K = 128), txt_in (its input is the text encoder's hidden states,
+ * whose few huge outlier channels a per-tensor activation scale would crush the other channels under) and the
+ * final projection (the velocity itself, K = hidden, N = 128).
+ */
+export function int8Layer(name: string): boolean {
+  return /^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])\.weight$/.test(name);
 }
 
 /** `[0, 0, …dims]` reshape keeping the leading (batch, sequence) dims. */
@@ -403,9 +437,9 @@ export function flux2Stages(c: Flux2Config): Flux2Stage[] {
 }
 
 /** Builds the graph of one stage; `weights` lists what its session needs in memory. */
-export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage): { graph: Graph; weights: MemoryWeight[] } {
+export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage, int8?: (name: string) => boolean): { graph: Graph; weights: MemoryWeight[] } {
   const g = new GraphBuilder(`flux2.${stage.name}`);
-  const cx: Ctx = { g, w, c: w.config, weights: [] };
+  const cx: Ctx = { g, w, c: w.config, weights: [], int8 };
   g.within(stage.name, () => stage.build(cx, new StageIO(cx)));
   return { graph: g, weights: cx.weights };
 }
@@ -433,6 +467,15 @@ export interface Flux2ForwardInput {
 export interface Flux2LoadOptions extends SessionConfig {
   /** Called after each stage's session is ready (loading klein 4B converts 15 GB of weights). */
   onProgress?: (done: number, total: number, stage: string) => void;
+  /**
+   * `exact` (default): fp32 products, the reference numbers. `fast`: the block Linears as int8 products (CPU only,
+   * see `int8Layer`); their int8 weights are quantized on the first load of a checkpoint and cached on disk.
+   */
+  precision?: Precision;
+  /** Fast mode, first load of a checkpoint: called after each weight is quantized and written to the cache. */
+  onQuantizeProgress?: (done: number, total: number, weight: string) => void;
+  /** Fast mode: quantize again even if the int8 cache is valid (benchmarks of the first load). */
+  requantize?: boolean;
 }
 
 /** Bump when the graphs change in a way the config does not capture (the compiled-graph cache key). */
@@ -492,23 +535,43 @@ export class Flux2Transformer {
     readonly graphCached: boolean,
   ) {}
 
+  /** `fast`: the block Linears run as int8 products. */
+  precision: Precision = 'exact';
+  /** Fast mode: the int8 weight cache's folder, and whether this load built it (quantized the checkpoint). */
+  int8Cache?: { folder: string; built: boolean };
+
   /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) and its compiled stage graphs. */
   static async load(pathOrFolder: string, opts: Flux2LoadOptions = {}): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
-    const { onProgress, ...session } = opts;
-    const built = flux2Stages(w.config).map((stage) => ({ stage, ...buildFlux2Stage(w, stage) }));
+    const { onProgress, precision = 'exact', onQuantizeProgress, requantize, ...session } = opts;
+    if (precision !== 'exact' && precision !== 'fast') throw new Error(`flux2: precision must be exact or fast, got ${JSON.stringify(precision)}`);
+    const int8 = precision === 'fast' ? int8Layer : undefined;
+    const built = flux2Stages(w.config).map((stage) => ({ stage, ...buildFlux2Stage(w, stage, int8) }));
+    // Fast mode: the int8 weights come from the on-disk cache, built (quantized from the checkpoint) on first use.
+    const openCache = (rebuild = false) =>
+      int8 &&
+      Int8Cache.open({
+        rebuild,
+        model: 'flux2-transformer',
+        sourceFiles: w.files,
+        entries: built.flatMap((b) => b.weights.filter((l) => l.int8).map((l) => ({ key: l.int8!, outFeatures: l.shape[0], inFeatures: l.shape[1], read: () => readWeightF32(l) }))),
+        onProgress: onQuantizeProgress,
+      });
+    let cache = openCache(requantize);
+    const cacheInfo = cache && { folder: cache.folder, built: cache.built };
+
     const bytes = (ws: MemoryWeight[]) => ws.reduce((n, x) => n + x.shape.reduce((a, b) => a * b, 4), 0);
     // Largest stages first: each session holds its weights ~3× while it opens, so the last ones opened (when
     // everything else is resident) should be the small ones.
     const order = built.map((_, i) => i).sort((a, b) => bytes(built[b].weights) - bytes(built[a].weights));
-    const sessions: Array<ort.InferenceSession | undefined> = [];
+    let sessions: Array<ort.InferenceSession | undefined> = [];
     let allCached = true;
-    try {
+    for (let attempt = 0; ; attempt++) try {
       for (const [done, i] of order.entries()) {
         const { stage, graph, weights } = built[i];
-        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name };
+        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name, precision: int8 && `fast-${INT8_SCHEME}` };
         // The converted bytes live only until the session exists: ORT copies them (and packs the MatMul weights).
-        const externalData = weights.map((l) => ({ path: l.location, data: new Uint8Array(readWeightF32(l).buffer) }));
+        const externalData = weights.flatMap((l) => (l.int8 ? int8ExternalData(l.location, cache!.get(l.int8)) : [{ path: l.location, data: new Uint8Array(readWeightF32(l).buffer) }]));
         // ORT's memory arena stays on: with it off every intermediate is a fresh mmap, and page faults made attention
         // 2.6× and the MLP's elementwise ops several times slower (measured). RUN_OPTIONS hands each arena's
         // memory back after every run, so 80-odd sessions do not each keep their peak activations.
@@ -517,11 +580,18 @@ export class Flux2Transformer {
         allCached &&= r.cached;
         onProgress?.(done + 1, order.length, stage.name);
       }
+      break;
     } catch (e) {
       await Promise.all(sessions.map((s) => s?.release()));
-      throw e;
+      // a cache file damaged since it was written was removed by get(): quantize again, once
+      if (!(e instanceof Int8CacheCorruptError) || attempt > 0) throw e;
+      sessions = [];
+      cache = openCache();
+      if (cacheInfo) cacheInfo.built = true;
     }
-    return new Flux2Transformer(built.map(({ stage }, i) => ({ stage, session: sessions[i]! })), w.config, w.layout, allCached);
+    const model = new Flux2Transformer(built.map(({ stage }, i) => ({ stage, session: sessions[i]! })), w.config, w.layout, allCached);
+    Object.assign(model, { precision, int8Cache: cacheInfo });
+    return model;
   }
 
   /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3). */

@@ -38,6 +38,8 @@ export interface Int8CacheOptions {
   onProgress?: (done: number, total: number, key: string) => void;
   /** Cache root; default `$KLEIN_CACHE_DIR` or ~/.cache/klein. */
   cacheRoot?: string;
+  /** Quantize again even if a valid cache exists (benchmarks measuring the first load). */
+  rebuild?: boolean;
 }
 
 /** A cache file whose bytes do not match its manifest; the file has been removed, reopen to rebuild it. */
@@ -127,7 +129,7 @@ export class Int8Cache {
     const identity = identityOf(o);
     const folder = path.join(cacheRootDir(o.cacheRoot), 'int8', `${o.model}-${identity.slice(0, 16)}`);
     const file = path.join(folder, WEIGHTS);
-    const valid = Int8Cache.tryOpen(folder, identity, o.entries);
+    const valid = o.rebuild ? undefined : Int8Cache.tryOpen(folder, identity, o.entries);
     if (valid) return new Int8Cache(folder, file, valid.st, valid.manifest, false);
     const manifest = Int8Cache.build(folder, identity, o);
     return new Int8Cache(folder, file, new SafetensorsFile(file), manifest, true);

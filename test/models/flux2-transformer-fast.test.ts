@@ -1,0 +1,122 @@
+// Fast mode (issue 13) of the FLUX.2 transformer on the golden tiny model: the int8 products' error against the
+// golden outputs stays under a stated bound, the int8 cache is built once and reused, and a damaged cache is rebuilt.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Flux2Transformer, int8Layer } from '../../src/models/flux2-transformer.ts';
+import { GoldenCase, findCases } from '../../src/conform/golden.ts';
+
+const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+
+// Measured on the four golden cases (docs/benchmarks.md, "Fast mode"): relative rms 0.68–0.89 %, max |error|
+// 0.77–0.96 % of max |ref|, identical for the BFL and diffusers layouts. Bounds: about 2.5× the worst case.
+const RMS_BOUND = 0.022;
+const MAX_BOUND = 0.025;
+// An error this small would mean the int8 path did not run at all (exact mode is ~5e-6).
+const RMS_FLOOR = 0.001;
+
+// Every load here writes its int8 cache and compiled graphs (the golden folder is read-only) under a fresh root.
+process.env.KLEIN_CACHE_DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-fast-'));
+
+function errors(out: Float32Array, ref: Float32Array): { rms: number; max: number } {
+  let se = 0;
+  let sr = 0;
+  let md = 0;
+  let mr = 0;
+  for (let i = 0; i < ref.length; i++) {
+    se += (out[i] - ref[i]) ** 2;
+    sr += ref[i] ** 2;
+    md = Math.max(md, Math.abs(out[i] - ref[i]));
+    mr = Math.max(mr, Math.abs(ref[i]));
+  }
+  return { rms: Math.sqrt(se / sr), max: md / mr };
+}
+
+async function runCase(model: Flux2Transformer, file: string): Promise<{ out: Float32Array; ref: Float32Array }> {
+  const gc = new GoldenCase(file);
+  const [B, N] = gc.shape('x');
+  const out = await model.forward({ x: gc.f32('x'), xIds: gc.i64('x_ids'), timesteps: gc.f32('timesteps'), ctx: gc.f32('ctx'), ctxIds: gc.i64('ctx_ids'), batch: B, nTokens: N, nCtx: gc.shape('ctx')[1] });
+  return { out, ref: gc.f32('output') };
+}
+
+const cases = findCases(GOLDEN, /^case\d+\.safetensors$/);
+
+test('the int8 policy: block Linears only; modulation, embedders, txt_in, img_in and the final layer stay fp32', () => {
+  for (const n of ['double_blocks.0.img_attn.qkv.weight', 'double_blocks.4.txt_attn.proj.weight', 'double_blocks.1.img_mlp.0.weight', 'double_blocks.1.txt_mlp.2.weight', 'single_blocks.19.linear1.weight', 'single_blocks.0.linear2.weight']) {
+    assert.equal(int8Layer(n), true, n);
+  }
+  for (const n of ['double_stream_modulation_img.lin.weight', 'single_stream_modulation.lin.weight', 'final_layer.adaLN_modulation.1.weight', 'final_layer.linear.weight', 'time_in.in_layer.weight', 'guidance_in.out_layer.weight', 'img_in.weight', 'txt_in.weight', 'double_blocks.0.img_attn.norm.query_norm.scale', 'single_blocks.0.norm.key_norm.scale']) {
+    assert.equal(int8Layer(n), false, n);
+  }
+});
+
+for (const layout of ['bfl', 'diffusers'] as const) {
+  test(`fast mode on the golden tiny transformer (${layout}): error vs the golden outputs within the stated bound; the int8 cache is reused`, async () => {
+    assert.ok(cases.length >= 4, 'golden transformer cases');
+    const folder = layout === 'bfl' ? GOLDEN : path.join(GOLDEN, 'diffusers');
+    const fast = await Flux2Transformer.load(folder, { precision: 'fast' });
+    const outs: Float32Array[] = [];
+    try {
+      assert.equal(fast.precision, 'fast');
+      assert.equal(fast.int8Cache?.built, true);
+      for (const file of cases) {
+        const { out, ref } = await runCase(fast, file);
+        const e = errors(out, ref);
+        assert.ok(e.rms < RMS_BOUND && e.max < MAX_BOUND, `${path.basename(file)}: rms ${e.rms}, max ${e.max}`);
+        assert.ok(e.rms > RMS_FLOOR, `${path.basename(file)}: rms ${e.rms} is exact-mode small: int8 products did not run`);
+        outs.push(out);
+      }
+    } finally {
+      await fast.close();
+    }
+    // the second load reads the cache (no quantizing) and computes the same numbers
+    const again = await Flux2Transformer.load(folder, { precision: 'fast' });
+    try {
+      assert.equal(again.int8Cache?.built, false);
+      assert.equal(again.int8Cache?.folder, fast.int8Cache?.folder);
+      assert.deepEqual((await runCase(again, cases[0])).out, outs[0]);
+    } finally {
+      await again.close();
+    }
+  });
+}
+
+test('exact mode is unchanged by the fast mode: no int8 cache, golden outputs within 1e-4', async () => {
+  const exact = await Flux2Transformer.load(GOLDEN);
+  try {
+    assert.equal(exact.precision, 'exact');
+    assert.equal(exact.int8Cache, undefined);
+    const { out, ref } = await runCase(exact, cases[0]);
+    assert.ok(errors(out, ref).max < 1e-4);
+  } finally {
+    await exact.close();
+  }
+});
+
+test('a damaged int8 cache is detected while loading and rebuilt; a bad precision is refused', async () => {
+  const first = await Flux2Transformer.load(GOLDEN, { precision: 'fast' });
+  const expected = (await runCase(first, cases[1])).out;
+  const folder = first.int8Cache!.folder;
+  await first.close();
+  // flip one int8 value in the middle of the weights file: same size and header, only the checksum can tell
+  const file = path.join(folder, 'weights.safetensors');
+  const fd = fs.openSync(file, 'r+');
+  const at = Math.floor(fs.statSync(file).size / 2);
+  const b = Buffer.alloc(1);
+  fs.readSync(fd, b, 0, 1, at);
+  b[0] ^= 0x11;
+  fs.writeSync(fd, b, 0, 1, at);
+  fs.closeSync(fd);
+  let quantized = 0;
+  const repaired = await Flux2Transformer.load(GOLDEN, { precision: 'fast', onQuantizeProgress: () => quantized++ });
+  try {
+    assert.equal(repaired.int8Cache?.built, true);
+    assert.ok(quantized > 0, 'the weights were quantized again');
+    assert.deepEqual((await runCase(repaired, cases[1])).out, expected);
+  } finally {
+    await repaired.close();
+  }
+  await assert.rejects(Flux2Transformer.load(GOLDEN, { precision: 'bogus' as 'fast' }), /precision must be exact or fast, got "bogus"/);
+});
