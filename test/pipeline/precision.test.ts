@@ -1,0 +1,139 @@
+// Both precisions end to end on a tiny model in the official layout: exact and fast each give a real image, fast
+// stays close to exact (PSNR bound), contexts of one precision are never served to the other from a shared prompt
+// cache, and the CLI and the server take, check and report --precision.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import sharp from 'sharp';
+import { KleinPipeline } from '../../src/pipeline/pipeline.ts';
+import type { GenerateRequest } from '../../src/pipeline/types.ts';
+import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
+import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { KLEIN, runKlein } from '../cli/helpers.ts';
+
+/**
+ * PSNR of the fast image against the exact one (same seed), measured on this tiny model (int8 text encoder and
+ * transformer, 96×64, 4 steps): 53.5 dB for seeds 5 and 6; two unrelated images (seeds 5 vs 6) are at 13.7 dB.
+ * The bound, 40 dB, allows a 4.7× larger rms pixel error (another CPU's int8 kernels, e.g. AVX2 without VNNI, round
+ * differently); a fast mode that goes wrong (a wrong scale, a transposed weight) falls far below it.
+ */
+const PSNR_BOUND_DB = 40;
+
+let dir: string;
+let model: string;
+const req: GenerateRequest = { prompt: 'a tiny red fox in the snow', width: 96, height: 64, seed: 5, numImages: 1, outputFormat: 'png' };
+
+async function rgb(png: Uint8Array): Promise<{ data: Buffer; width: number; height: number; channels: number }> {
+  const { data, info } = await sharp(png).raw().toBuffer({ resolveWithObject: true });
+  return { data, width: info.width, height: info.height, channels: info.channels };
+}
+
+function psnr(a: Buffer, b: Buffer): number {
+  assert.equal(a.length, b.length);
+  let se = 0;
+  for (let i = 0; i < a.length; i++) se += (a[i] - b[i]) ** 2;
+  const mse = se / a.length;
+  return mse === 0 ? Infinity : 10 * Math.log10((255 * 255) / mse);
+}
+
+before(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-precision-'));
+  model = path.join(dir, 'model');
+  writeTinyModel(model, { seed: 4 });
+});
+
+const servers: ChildProcess[] = [];
+after(() => {
+  for (const p of servers) if (p.exitCode === null) p.kill('SIGKILL');
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+test('exact and fast both give a decodable image; fast differs from exact but stays above the PSNR bound; a shared prompt cache keeps them apart', async () => {
+  const cache = new PromptEmbeddingCache();
+  const exact = await KleinPipeline.open({ model, promptCache: cache });
+  const fast = await KleinPipeline.open({ model, promptCache: cache, precision: 'fast' });
+  try {
+    assert.equal(exact.precision, 'exact');
+    assert.equal(fast.precision, 'fast');
+    const a = await exact.generate(req);
+    assert.equal(cache.stats.misses, 1);
+    const b = await fast.generate(req);
+    // the fast pipeline must encode the prompt itself, not reuse the exact context
+    assert.equal(cache.stats.misses, 2, 'a fast request was served an exact prompt context');
+    assert.equal(cache.stats.hits, 0);
+    const again = await fast.generate(req);
+    assert.equal(cache.stats.hits, 1, 'fast contexts are cached for fast requests');
+    assert.ok(Buffer.from(again.images[0].data).equals(Buffer.from(b.images[0].data)), 'fast mode is deterministic');
+
+    const ia = await rgb(a.images[0].data);
+    const ib = await rgb(b.images[0].data);
+    for (const im of [ia, ib]) {
+      assert.deepEqual([im.width, im.height, im.channels], [96, 64, 3]);
+      assert.ok(new Set(im.data).size > 50, 'a varied image, not a constant one');
+    }
+    const p = psnr(ia.data, ib.data);
+    assert.ok(Number.isFinite(p), 'fast mode gave the exact image: nothing was quantized');
+    assert.ok(p > PSNR_BOUND_DB, `PSNR(fast, exact) = ${p.toFixed(2)} dB ≤ ${PSNR_BOUND_DB} dB`);
+  } finally {
+    await exact.close();
+    await fast.close();
+  }
+});
+
+test('a precision other than exact|fast is refused by the library', async () => {
+  await assert.rejects(KleinPipeline.open({ model, precision: 'int4' as never }), /precision must be "exact" or "fast", got "int4"/);
+});
+
+test('klein generate --precision fast writes an image and reports the precision; bogus values exit 2', async () => {
+  const out = path.join(dir, 'fast.png');
+  const r = await runKlein(['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '--precision', 'fast', '-o', out, '--json', '-q']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(JSON.parse(r.stdout).precision, 'fast');
+  assert.equal((await rgb(fs.readFileSync(out))).width, 64);
+  const env = await runKlein(['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '-o', out, '--json', '-q'], { KLEIN_PRECISION: 'fast' });
+  assert.equal(env.code, 0, env.stderr);
+  assert.equal(JSON.parse(env.stdout).precision, 'fast', '$KLEIN_PRECISION is the default');
+
+  const bogus = await runKlein(['generate', 'a fox', '-m', model, '--precision', 'bogus', '-o', out]);
+  assert.equal(bogus.code, 2);
+  assert.match(bogus.stderr, /--precision: unknown precision "bogus"; use one of: exact, fast/);
+  const bogusEnv = await runKlein(['generate', 'a fox', '-m', model, '-o', out], { KLEIN_PRECISION: 'half' });
+  assert.equal(bogusEnv.code, 2);
+  assert.match(bogusEnv.stderr, /KLEIN_PRECISION: unknown precision "half"/);
+  for (const cmd of [['serve', '--port', '0', '--data', path.join(dir, 'd1')], ['mcp', '--data', path.join(dir, 'd2')], ['worker', '--queue', 'redis://127.0.0.1:1', '--api', 'http://127.0.0.1:1']]) {
+    const x = await runKlein([...cmd, '-m', model, '--precision', 'bogus'], { KLEIN_WORKER_TOKEN: 'x'.repeat(24) });
+    assert.equal(x.code, 2, `${cmd[0]}: ${x.stderr}`);
+    assert.match(x.stderr, /unknown precision "bogus"/, cmd[0]);
+  }
+});
+
+test('klein serve --precision fast reports it in /v1/models and /v1/health', async () => {
+  const proc = spawn(process.execPath, [KLEIN, 'serve', '--model', model, '--data', path.join(dir, 'data'), '--port', '0', '--precision', 'fast'], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
+  servers.push(proc);
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      const m = out.match(/listening on (http:\/\/\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        assert.match(out, /\(fast precision\)/);
+        resolve(m[1]);
+      }
+    });
+    proc.on('exit', (code) => reject(new Error(`klein serve exited ${code}: ${out}`)));
+  });
+  const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: Array<{ id: string; precision: string }> };
+  assert.ok(models.data.length > 0);
+  for (const m of models.data) assert.equal(m.precision, 'fast', m.id);
+  const health = (await (await fetch(`${url}/v1/health`)).json()) as { precision: string };
+  assert.equal(health.precision, 'fast');
+  await new Promise((r) => {
+    proc.once('exit', r);
+    proc.kill('SIGTERM');
+  });
+});
