@@ -35,6 +35,11 @@ export interface SessionConfig {
   externalData?: Array<{ path: string; data: Uint8Array }>;
   /** Where ORT writes its optimised graph, for inspection (debugging only). */
   optimizedModelPath?: string;
+  /**
+   * Where the session's outputs are returned: `'gpu-buffer'` keeps them in WebGPU device memory, to be fed to
+   * another session on the same device without a host copy (the caller must `dispose()` them). Default: host.
+   */
+  preferredOutputLocation?: ort.InferenceSession.SessionOptions['preferredOutputLocation'];
 }
 
 export interface CompiledGraph {
@@ -131,6 +136,7 @@ export function sessionOptions(cfg: SessionConfig = {}): ort.InferenceSession.Se
   }
   if (cfg.optimizedModelPath) opts.optimizedModelFilePath = cfg.optimizedModelPath;
   if (cfg.externalData) opts.externalData = cfg.externalData;
+  if (cfg.preferredOutputLocation) opts.preferredOutputLocation = cfg.preferredOutputLocation;
   // 0 = verbose: ORT then lists which nodes each provider got (how CPU fallbacks on webgpu/cuda were found).
   if (process.env.KLEIN_ORT_LOG_LEVEL) opts.logSeverityLevel = Number(process.env.KLEIN_ORT_LOG_LEVEL) as 0 | 1 | 2 | 3 | 4;
   return opts;

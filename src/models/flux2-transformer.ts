@@ -8,6 +8,8 @@ import { Graph as GraphBuilder, MS_DOMAIN } from '../graph/onnx-graph.ts';
 import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '../graph/nn.ts';
 import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
+import { resolveDevice, defaultDevice } from '../graph/device.ts';
+import { deviceResidentIO, f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype, type HostTransfers } from './flux2-gpu.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';
@@ -67,6 +69,8 @@ export interface Ctx {
   w: Flux2Weights;
   c: Flux2Config;
   weights: MemoryWeight[];
+  /** Set for a GPU device: Linears as MatMul by a pre-transposed weight, in this dtype (see flux2-gpu.ts). */
+  gpu?: { dtype: ComputeDtype };
   /** Fast mode: which Linear weights (BFL names) run as int8 products (see `int8Layer`). */
   int8?: (name: string) => boolean;
 }
@@ -79,6 +83,8 @@ export interface MemoryWeight {
   /** Columns `[start, end)` of a 2-D weight; all columns when absent. */
   cols?: [number, number];
   shape: number[];
+  /** GPU Linear weight: stored transposed (`[in, out]`, `shape` is that), as fp16 when `fp16`. */
+  gpu?: { fp16: boolean };
   /** Fast mode: the weight's key in the int8 cache; ORT gets its int8 values and scales (quantize.ts), not fp32. */
   int8?: string;
 }
@@ -107,8 +113,34 @@ function weight(cx: Ctx, name: string, rows?: [number, number], cols?: [number, 
  * `FusedMatMul(transB)` multiplies by the transpose directly, so ORT pre-packs the weight once at load.
  */
 function linear(cx: Ctx, x: Value, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  if (cx.gpu) return gpuLinear(cx, x, name, rows, cols);
   if (cx.int8?.(name)) return int8Linear(cx, x, name, rows, cols);
   return cx.g.op('FusedMatMul', [x, weight(cx, name, rows, cols)], { transB: 1 }, { domain: MS_DOMAIN, hint: name.replace(/\.weight$/, '') });
+}
+
+/**
+ * `linear` on a GPU device: `MatMul(x, Wᵀ)` with Wᵀ `[in, out]` transposed at load (WebGPU has no FusedMatMul;
+ * with it the product fell back to the CPU provider). In fp16, x is cast to fp16 for the product only (one Cast
+ * per input however many Linears read it, e.g. q, k and v) and the product back to fp32, so norms, modulation,
+ * RoPE, attention and the residual stream stay fp32.
+ */
+function gpuLinear(cx: Ctx, x: Value, name: string, rows?: [number, number], cols?: [number, number]): Value {
+  const fp16 = cx.gpu!.dtype === 'fp16';
+  const parts = rows ? cx.w.rows(name, rows[0], rows[1]) : cx.w.get(name);
+  const nRows = parts.reduce((n, p) => n + p.shape[0], 0);
+  const nCols = cols ? cols[1] - cols[0] : parts[0].shape[1];
+  const tag = `${rows ? `.rows_${rows[0]}_${rows[1]}` : ''}${cols ? `.cols_${cols[0]}_${cols[1]}` : ''}.T`;
+  const location = `flux2-mem/${name}${tag}`;
+  cx.weights.push({ location, parts, cols, shape: [nCols, nRows], gpu: { fp16 } });
+  const wt = cx.g.inMemoryWeight(`${name}${tag}`, fp16 ? 'float16' : COMPUTE, [nCols, nRows], location);
+  const hint = name.replace(/\.weight$/, '');
+  if (!fp16) return cx.g.op('MatMul', [x, wt], {}, { hint });
+  let x16 = gpuHalf.get(x);
+  if (!x16) {
+    x16 = cx.g.op('Cast', [x], { to: 10 }, { hint: 'to_fp16' });
+    gpuHalf.set(x, x16);
+  }
+  return cx.g.op('Cast', [cx.g.op('MatMul', [x16, wt], {}, { hint })], { to: 1 }, { hint: 'to_fp32' });
 }
 
 /**
@@ -136,6 +168,9 @@ function int8Linear(cx: Ctx, x: Value, name: string, rows?: [number, number], co
 export function int8Layer(name: string): boolean {
   return /^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])\.weight$/.test(name);
 }
+
+/** The fp16 copy of each activation a GPU Linear read (Values are per graph, so one map serves every graph). */
+const gpuHalf = new WeakMap<Value, Value>();
 
 /** `[0, 0, …dims]` reshape keeping the leading (batch, sequence) dims. */
 function reshapeKeep2(g: Graph, x: Value, dims: number[]): Value {
@@ -437,9 +472,9 @@ export function flux2Stages(c: Flux2Config): Flux2Stage[] {
 }
 
 /** Builds the graph of one stage; `weights` lists what its session needs in memory. */
-export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage, int8?: (name: string) => boolean): { graph: Graph; weights: MemoryWeight[] } {
+export function buildFlux2Stage(w: Flux2Weights, stage: Flux2Stage, gpu?: { dtype: ComputeDtype }, int8?: (name: string) => boolean): { graph: Graph; weights: MemoryWeight[] } {
   const g = new GraphBuilder(`flux2.${stage.name}`);
-  const cx: Ctx = { g, w, c: w.config, weights: [], int8 };
+  const cx: Ctx = { g, w, c: w.config, weights: [], gpu, int8 };
   g.within(stage.name, () => stage.build(cx, new StageIO(cx)));
   return { graph: g, weights: cx.weights };
 }
@@ -467,6 +502,10 @@ export interface Flux2ForwardInput {
 export interface Flux2LoadOptions extends SessionConfig {
   /** Called after each stage's session is ready (loading klein 4B converts 15 GB of weights). */
   onProgress?: (done: number, total: number, stage: string) => void;
+  /** GPU devices: the Linears' dtype (default $KLEIN_GPU_DTYPE, else fp16); the CPU is always fp32 (flux2-gpu.ts). */
+  gpuDtype?: ComputeDtype;
+  /** WebGPU: keep stage outputs in device memory (default true unless KLEIN_DEVICE_IO=host); false = host round trips. */
+  deviceIO?: boolean;
   /**
    * `exact` (default): fp32 products, the reference numbers. `fast`: the block Linears as int8 products (CPU only,
    * see `int8Layer`); their int8 weights are quantized on the first load of a checkpoint and cached on disk.
@@ -497,6 +536,20 @@ function toF32(p: TensorInfo): Float32Array {
   }
   if (p.dtype === 'F16') return f16ToF32(u16);
   throw new Error(`${p.file} [${p.name}]: dtype ${p.dtype} is not supported for a FLUX.2 weight`);
+}
+
+/**
+ * The bytes ORT gets for a weight: fp32, or for a GPU Linear its transpose, as fp16 when asked (counting the
+ * values clamped to ±65504 into `stats.fp16Overflows`).
+ */
+function readWeightBytes(l: MemoryWeight, stats: { fp16Overflows: number }): Uint8Array {
+  let v = readWeightF32(l);
+  if (!l.gpu) return new Uint8Array(v.buffer);
+  v = transpose2d(v, l.shape[1], l.shape[0]);
+  if (!l.gpu.fp16) return new Uint8Array(v.buffer);
+  const h = f32ToF16Clamped(v);
+  stats.fp16Overflows += h.overflows;
+  return new Uint8Array(h.data.buffer);
 }
 
 /** A weight as fp32 bytes: its row blocks read from the checkpoint, widened, and cut to its column range. */
@@ -535,6 +588,15 @@ export class Flux2Transformer {
     readonly graphCached: boolean,
   ) {}
 
+  /** What the Linears compute in (fp16 only on GPU devices, see flux2-gpu.ts). */
+  computeDtype: ComputeDtype = 'fp32';
+  /** Weight values beyond fp16's range, clamped to ±65504 at load (fp16 only). */
+  fp16Overflows = 0;
+  /** Stage outputs stay in WebGPU memory between stages; only `output` comes back to the host. */
+  deviceIO = false;
+  /** Host↔device copies of the last `forward` (zero on the CPU). */
+  lastTransfers: HostTransfers = { uploads: 0, downloads: 0 };
+  private onDevice = false;
   /** `fast`: the block Linears run as int8 products. */
   precision: Precision = 'exact';
   /** Fast mode: the int8 weight cache's folder, and whether this load built it (quantized the checkpoint). */
@@ -543,10 +605,18 @@ export class Flux2Transformer {
   /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) and its compiled stage graphs. */
   static async load(pathOrFolder: string, opts: Flux2LoadOptions = {}): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
-    const { onProgress, precision = 'exact', onQuantizeProgress, requantize, ...session } = opts;
+    const { onProgress, gpuDtype, deviceIO: wantDeviceIO, precision = 'exact', onQuantizeProgress, requantize, ...session } = opts;
     if (precision !== 'exact' && precision !== 'fast') throw new Error(`flux2: precision must be exact or fast, got ${JSON.stringify(precision)}`);
+    // GPU devices get their own graphs (MatMul by pre-transposed weights, fp16 or fp32); the CPU graphs are unchanged.
+    const device = await resolveDevice(session.device ?? defaultDevice());
+    session.device = device;
+    const dtype = resolveComputeDtype(device, gpuDtype);
+    const gpu = device === 'cpu' ? undefined : { dtype };
+    const deviceIO = deviceResidentIO(device) && wantDeviceIO !== false;
+    const stats = { fp16Overflows: 0 };
+    if (precision === 'fast' && gpu) throw new Error(`flux2: precision fast (int8 products) runs on the CPU only; use precision exact on ${device}`);
     const int8 = precision === 'fast' ? int8Layer : undefined;
-    const built = flux2Stages(w.config).map((stage) => ({ stage, ...buildFlux2Stage(w, stage, int8) }));
+    const built = flux2Stages(w.config).map((stage) => ({ stage, ...buildFlux2Stage(w, stage, gpu, int8) }));
     // Fast mode: the int8 weights come from the on-disk cache, built (quantized from the checkpoint) on first use.
     const openCache = (rebuild = false) =>
       int8 &&
@@ -559,7 +629,6 @@ export class Flux2Transformer {
       });
     let cache = openCache(requantize);
     const cacheInfo = cache && { folder: cache.folder, built: cache.built };
-
     const bytes = (ws: MemoryWeight[]) => ws.reduce((n, x) => n + x.shape.reduce((a, b) => a * b, 4), 0);
     // Largest stages first: each session holds its weights ~3× while it opens, so the last ones opened (when
     // everything else is resident) should be the small ones.
@@ -569,13 +638,15 @@ export class Flux2Transformer {
     for (let attempt = 0; ; attempt++) try {
       for (const [done, i] of order.entries()) {
         const { stage, graph, weights } = built[i];
-        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name, precision: int8 && `fast-${INT8_SCHEME}` };
+        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name, gpu: gpu && `gpu-${dtype}`, precision: int8 && `fast-${INT8_SCHEME}` };
         // The converted bytes live only until the session exists: ORT copies them (and packs the MatMul weights).
-        const externalData = weights.flatMap((l) => (l.int8 ? int8ExternalData(l.location, cache!.get(l.int8)) : [{ path: l.location, data: new Uint8Array(readWeightF32(l).buffer) }]));
+        const externalData = weights.flatMap((l) => (l.int8 ? int8ExternalData(l.location, cache!.get(l.int8)) : [{ path: l.location, data: readWeightBytes(l, stats) }]));
         // ORT's memory arena stays on: with it off every intermediate is a fresh mmap, and page faults made attention
         // 2.6× and the MLP's elementwise ops several times slower (measured). RUN_OPTIONS hands each arena's
         // memory back after every run, so 80-odd sessions do not each keep their peak activations.
-        const r = await loadGraph(`flux2-${stage.name}`, key, w.files, () => graph, { lowMemory: false, ...session, externalData });
+        // On WebGPU every stage but the last leaves its outputs in device memory for the next (see forward).
+        const preferredOutputLocation = deviceIO && stage.name !== 'final_layer' ? ('gpu-buffer' as const) : undefined;
+        const r = await loadGraph(`flux2-${stage.name}`, key, w.files, () => graph, { lowMemory: false, ...session, externalData, preferredOutputLocation });
         sessions[i] = r.session;
         allCached &&= r.cached;
         onProgress?.(done + 1, order.length, stage.name);
@@ -590,7 +661,7 @@ export class Flux2Transformer {
       if (cacheInfo) cacheInfo.built = true;
     }
     const model = new Flux2Transformer(built.map(({ stage }, i) => ({ stage, session: sessions[i]! })), w.config, w.layout, allCached);
-    Object.assign(model, { precision, int8Cache: cacheInfo });
+    Object.assign(model, { computeDtype: dtype, fp16Overflows: stats.fp16Overflows, deviceIO, onDevice: device !== 'cpu', precision, int8Cache: cacheInfo });
     return model;
   }
 
@@ -624,17 +695,33 @@ export class Flux2Transformer {
       expect('guidance', inp.guidance, B);
       values.set('guidance', f32(inp.guidance!, [B]));
     }
-    for (const { stage, session } of this.stages) {
-      const feeds: Record<string, ort.Tensor> = {};
-      for (const name of session.inputNames) {
-        const v = values.get(name);
-        if (!v) throw new Error(`flux2 stage ${stage.name}: no value ${name}`);
-        feeds[name] = v;
+    // With device-resident I/O, values other than the inputs live in device memory: each is disposed as soon as a
+    // stage replaces it (`img` → `img_next`) and the rest when the forward ends, so memory does not grow per step.
+    const transfers: HostTransfers = { uploads: 0, downloads: 0 };
+    const onGpu = (v: ort.Tensor) => v.location === 'gpu-buffer';
+    try {
+      for (const { stage, session } of this.stages) {
+        const feeds: Record<string, ort.Tensor> = {};
+        for (const name of session.inputNames) {
+          const v = values.get(name);
+          if (!v) throw new Error(`flux2 stage ${stage.name}: no value ${name}`);
+          feeds[name] = v;
+          if (this.onDevice && !onGpu(v)) transfers.uploads++;
+        }
+        const out = await session.run(feeds, RUN_OPTIONS);
+        for (const [name, v] of Object.entries(out)) {
+          const key = name.replace(/_next$/, '');
+          const old = values.get(key);
+          if (old && old !== v && onGpu(old)) old.dispose();
+          values.set(key, v);
+          if (this.onDevice && !onGpu(v)) transfers.downloads++;
+        }
       }
-      const out = await session.run(feeds, RUN_OPTIONS);
-      for (const [name, v] of Object.entries(out)) values.set(name.replace(/_next$/, ''), v);
+      return values.get('output')!.data as Float32Array;
+    } finally {
+      for (const v of values.values()) if (onGpu(v)) v.dispose();
+      this.lastTransfers = transfers;
     }
-    return values.get('output')!.data as Float32Array;
   }
 
   async close(): Promise<void> {

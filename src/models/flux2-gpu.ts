@@ -1,0 +1,90 @@
+// The GPU side of the FLUX.2 transformer: which dtype its Linears compute in on a GPU device, the weight
+// conversion that goes with it, and the bookkeeping of host↔device transfers between its stage sessions.
+//
+// On a GPU device every Linear is a plain `MatMul(x, Wᵀ)` with Wᵀ transposed once in JS: ORT's WebGPU provider has
+// no FusedMatMul kernel, and with the CPU graph's FusedMatMul(transB) every Linear silently ran on the CPU provider
+// (measured: 102 of the tiny model's nodes, all its Linears, placed on CPUExecutionProvider). In fp16 the weights
+// are handed to ORT as fp16 (no fp32 copy anywhere) and the MatMul runs on fp16 operands; everything between the
+// Linears stays fp32 (LayerNorm/RMSNorm statistics, modulation, RoPE, attention's softmax, the gated residual
+// adds), so a stage casts an activation to fp16 right before its Linear and the product back to fp32 after it.
+import type { Device } from '../graph/device.ts';
+import { UsageError } from '../cli/errors.ts';
+import { f32ToF16 } from '../weights/safetensors.ts';
+
+/** What the transformer's Linears compute in: fp32 everywhere, or fp16 weights and GEMMs (GPU devices only). */
+export type ComputeDtype = 'fp32' | 'fp16';
+export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['fp32', 'fp16'];
+
+/** Largest finite fp16 value; bf16 reaches ~3.4e38, so a bf16 weight may not fit. */
+export const F16_MAX = 65504;
+
+export function parseComputeDtype(s: string): ComputeDtype {
+  const d = s.trim().toLowerCase();
+  if ((COMPUTE_DTYPES as readonly string[]).includes(d)) return d as ComputeDtype;
+  throw new UsageError(`unknown GPU dtype "${s}"; use one of: ${COMPUTE_DTYPES.join(', ')}`);
+}
+
+/**
+ * The dtype for a transformer on `device`: the one asked for, else $KLEIN_GPU_DTYPE, else fp16 on a GPU and fp32 on
+ * the CPU. The CPU provider has no fp16 MatMul worth using, so fp16 there is refused when asked for by name and
+ * ignored when it only comes from the environment variable (which is about GPUs).
+ */
+export function resolveComputeDtype(device: Device, requested?: ComputeDtype): ComputeDtype {
+  if (device === 'cpu') {
+    if (requested === 'fp16') throw new UsageError('fp16 compute needs a GPU device (--device webgpu or cuda); the CPU runs the transformer in fp32');
+    return 'fp32';
+  }
+  if (requested) return requested;
+  const env = process.env.KLEIN_GPU_DTYPE;
+  return env ? parseComputeDtype(env) : 'fp16';
+}
+
+/** `[rows, cols]` row-major → `[cols, rows]`, in 64×64 tiles so both sides stay in cache. */
+export function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {
+  if (src.length !== rows * cols) throw new RangeError(`transpose2d: ${src.length} values for ${rows}×${cols}`);
+  const out = new Float32Array(src.length);
+  const T = 64;
+  for (let r0 = 0; r0 < rows; r0 += T) {
+    const r1 = Math.min(rows, r0 + T);
+    for (let c0 = 0; c0 < cols; c0 += T) {
+      const c1 = Math.min(cols, c0 + T);
+      for (let r = r0; r < r1; r++) for (let c = c0; c < c1; c++) out[c * rows + r] = src[r * cols + c];
+    }
+  }
+  return out;
+}
+
+/**
+ * fp32 → fp16 bits with round-to-nearest-even, values beyond ±65504 clamped to it (not rounded to ±Inf, which
+ * would turn every product it touches into Inf/NaN). `overflows` counts the clamped values. Modifies nothing.
+ */
+export function f32ToF16Clamped(src: Float32Array): { data: Uint16Array; overflows: number } {
+  let overflows = 0;
+  let clamped: Float32Array | undefined;
+  for (let i = 0; i < src.length; i++) {
+    const v = src[i];
+    if (v > F16_MAX || v < -F16_MAX) {
+      clamped ??= Float32Array.from(src);
+      clamped[i] = v > 0 ? F16_MAX : -F16_MAX;
+      overflows++;
+    }
+  }
+  return { data: f32ToF16(clamped ?? src), overflows };
+}
+
+/** Host↔device copies of one forward between its stage sessions (GPU devices; zero on the CPU). */
+export interface HostTransfers {
+  /** Host tensors fed to a stage session on the device: the forward's own inputs. */
+  uploads: number;
+  /** Stage outputs returned to the host: with device-resident I/O only the final `output`. */
+  downloads: number;
+}
+
+/**
+ * Whether stage outputs can stay in device memory and be fed to the next stage as they are. onnxruntime-node 1.30
+ * binds `preferredOutputLocation: 'gpu-buffer'` to WebGPU buffers only (its binding knows no CUDA memory type), so
+ * CUDA keeps the host round trip. `KLEIN_DEVICE_IO=host` turns it off (to compare, or to rule it out in a bug).
+ */
+export function deviceResidentIO(device: Device): boolean {
+  return device === 'webgpu' && process.env.KLEIN_DEVICE_IO !== 'host';
+}
