@@ -10,7 +10,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
+import sharp from 'sharp';
 import { UsageError } from '../src/cli/errors.ts';
+import { parsePrecision } from '../src/cli/precision.ts';
 import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
 import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint } from '../src/models/flux2-vae.ts';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3.ts';
@@ -30,6 +32,9 @@ interface PipelineBenchOptions {
   threads?: string;
   keepLoaded?: boolean;
   prompt: string;
+  precision: string;
+  compareExact?: boolean;
+  blocks?: string;
 }
 
 /** Links `src` to `dst` (same filesystem), else copies it; ORT and our readers need real files, not symlinks. */
@@ -43,13 +48,17 @@ function linkOrCopy(src: string, dst: string): void {
   }
 }
 
-/** The random klein 4B model folder (BFL layout), assembled once. */
-function randomKlein4b(log: (s: string) => void): string {
-  const dir = benchCacheDir('pipeline-klein4b-random');
+/**
+ * The random klein 4B model folder (BFL layout), assembled once. `blocks` [double, single] other than klein 4B's
+ * [5, 20] gives a reduced model at the real widths (real text encoder and VAE): what `--compare-exact` can afford.
+ */
+function randomKlein4b(log: (s: string) => void, blocks: [number, number] = [KLEIN_4B.depth, KLEIN_4B.depthSingleBlocks]): string {
+  const full = blocks[0] === KLEIN_4B.depth && blocks[1] === KLEIN_4B.depthSingleBlocks;
+  const dir = benchCacheDir(full ? 'pipeline-klein4b-random' : `pipeline-klein4b-d${blocks[0]}-s${blocks[1]}-random`);
   const done = path.join(dir, '.complete');
   if (fs.existsSync(done)) return dir;
-  // transformer: the cached checkpoint of `klein bench transformer` (all 5 + 20 blocks)
-  linkOrCopy(benchCheckpoint(KLEIN_4B, log), path.join(dir, 'flux-2-klein-4b.safetensors'));
+  // transformer: the cached checkpoint of `klein bench transformer` (all 5 + 20 blocks, or the reduced depth)
+  linkOrCopy(benchCheckpoint({ ...KLEIN_4B, depth: blocks[0], depthSingleBlocks: blocks[1] }, log), path.join(dir, 'flux-2-klein-4b.safetensors'));
   // text encoder: the cached folder of `klein bench text-encoder`, written here if missing
   const te = path.join(os.tmpdir(), 'klein-bench-qwen3-4b-random');
   if (!fs.existsSync(path.join(te, '.complete'))) {
@@ -69,6 +78,15 @@ function randomKlein4b(log: (s: string) => void): string {
   }
   fs.writeFileSync(done, '');
   return dir;
+}
+
+/** PSNR (dB, peak 255) of two encoded images of the same size, over their decoded 8-bit channels. */
+export async function psnr(a: Uint8Array, b: Uint8Array): Promise<number> {
+  const [x, y] = await Promise.all([sharp(a).raw().toBuffer(), sharp(b).raw().toBuffer()]);
+  if (x.length !== y.length) throw new Error(`psnr: images differ in size (${x.length} vs ${y.length} bytes)`);
+  let se = 0;
+  for (let i = 0; i < x.length; i++) se += (x[i] - y[i]) ** 2;
+  return se === 0 ? Infinity : 10 * Math.log10((255 * 255 * x.length) / se);
 }
 
 function parseSize(s: string): { width: number; height: number } {
@@ -96,7 +114,22 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   const threads = int(o.threads, 'threads');
   const seed = Number(o.seed);
   if (!Number.isSafeInteger(seed) || seed < 0) throw new UsageError(`--seed must be a whole number ≥ 0, got "${o.seed}"`);
-  const model = o.model ?? randomKlein4b(log);
+  const precision = (() => {
+    try {
+      return parsePrecision(o.precision);
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  })();
+  if (o.compareExact && precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
+  let blocks: [number, number] | undefined;
+  if (o.blocks !== undefined) {
+    const m = /^(\d+),(\d+)$/.exec(o.blocks);
+    if (!m || (Number(m[1]) === 0 && Number(m[2]) === 0)) throw new UsageError(`--blocks must be DOUBLE,SINGLE (e.g. 1,2; klein 4B is 5,20), got "${o.blocks}"`);
+    if (o.model) throw new UsageError('--blocks builds a random model; it cannot be combined with --model');
+    blocks = [Number(m[1]), Number(m[2])];
+  }
+  const model = o.model ?? randomKlein4b(log, blocks);
 
   // stage segments: each progress event that names a new stage closes the previous one
   const segments: Array<{ name: string; seconds: number; peak: number }> = [];
@@ -123,21 +156,38 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
 
   resetPeakRss();
   const start = performance.now();
-  const pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded });
-  log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : ', random weights'}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
-  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded ? 'kept loaded' : 'loaded one at a time'}`);
+  const request = { prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' as const };
+  const pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, precision });
+  log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
+  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded ? 'kept loaded' : 'loaded one at a time'}, precision ${precision}`);
   let total: number;
+  let image: Uint8Array;
   try {
-    const r = await pipe.generate({ prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' }, { onProgress });
+    const r = await pipe.generate(request, { onProgress });
     close();
     total = (performance.now() - start) / 1000;
     for (const s of segments) log(`stage ${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
     log(`pipeline timings: ${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')}`);
     log(`image: ${r.images[0].width}x${r.images[0].height} PNG, ${r.images[0].data.length} bytes`);
+    image = r.images[0].data;
   } finally {
     await pipe.close();
   }
-  log(`peak RSS: ${(Math.max(...segments.map((s) => s.peak)) / GiB).toFixed(2)} GiB`);
+  const peak = Math.max(...segments.map((s) => s.peak));
+  if (o.compareExact) {
+    // the same request in exact mode, after the fast pipeline is closed (its memory is not the fast figure)
+    log('compare: the same request in exact mode …');
+    const t = performance.now();
+    const exact = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded });
+    try {
+      const r = await exact.generate(request);
+      log(`compare: exact mode ${((performance.now() - t) / 1000).toFixed(2)} s (${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')})`);
+      log(`PSNR fast vs exact (same seed, decoded RGB): ${(await psnr(image, r.images[0].data)).toFixed(2)} dB`);
+    } finally {
+      await exact.close();
+    }
+  }
+  log(`peak RSS: ${(peak / GiB).toFixed(2)} GiB`);
   log(`seconds: ${total.toFixed(2)}`);
   return total;
 }
@@ -153,6 +203,9 @@ export function registerPipelineBench(bench: Command): void {
     .option('--threads <n>', 'intra-op threads (default: all cores)')
     .option('--keep-loaded', 'keep every component loaded (needs memory for all)')
     .option('--prompt <text>', 'the prompt', 'a red fox in fresh snow at dawn, soft light')
+    .option('--precision <mode>', 'exact (fp32) or fast (int8 Linear layers in the text encoder and transformer)', 'exact')
+    .option('--compare-exact', 'fast only: run the same request in exact mode afterwards and print the PSNR of the fast image against it')
+    .option('--blocks <double,single>', 'random model with a reduced transformer at the real width (klein 4B: 5,20), e.g. 1,2 for an affordable --compare-exact')
     .action(async (o: PipelineBenchOptions) => {
       await runPipelineBench(o);
     });

@@ -8,6 +8,8 @@ import type { Command } from 'commander';
 import { writeSafetensors, type TensorToWrite } from '../src/weights/safetensors.ts';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, Qwen3TextEncoder, type Qwen3Config, type Qwen3WeightMode } from '../src/models/qwen3.ts';
 import { UsageError } from '../src/cli/errors.ts';
+import { parsePrecision } from '../src/cli/precision.ts';
+import { GiB, peakRssBytes, resetPeakRss } from './util.ts';
 
 /** HF config.json of Qwen/Qwen3-4B (the klein 4B text encoder). */
 export const QWEN3_4B_CONFIG = {
@@ -142,10 +144,27 @@ interface BenchOptions {
   seq: string;
   threads?: string;
   weights: string;
+  precision?: string;
+  compareExact?: boolean;
 }
 
-function peakRssGiB(): number {
-  return process.resourceUsage().maxRSS / 1024 / 1024;
+/** Relative error of a context over its real (unmasked) tokens: pad rows carry no information the transformer uses. */
+function contextError(got: Float32Array, ref: Float32Array, mask: BigInt64Array, dim: number): { rms: number; max: number } {
+  let d2 = 0;
+  let r2 = 0;
+  let dMax = 0;
+  let rMax = 0;
+  for (let tok = 0; tok < mask.length; tok++) {
+    if (mask[tok] === 0n) continue;
+    for (let i = tok * dim; i < (tok + 1) * dim; i++) {
+      const d = got[i] - ref[i];
+      d2 += d * d;
+      r2 += ref[i] * ref[i];
+      dMax = Math.max(dMax, Math.abs(d));
+      rMax = Math.max(rMax, Math.abs(ref[i]));
+    }
+  }
+  return { rms: Math.sqrt(d2 / r2), max: dMax / rMax };
 }
 
 export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
@@ -169,10 +188,28 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   if (!['runtime-cast', 'converted', 'prepacked'].includes(opts.weights)) throw new UsageError('--weights must be runtime-cast, converted or prepacked');
   const weights = opts.weights as Qwen3WeightMode;
+  const precision = parsePrecision(opts.precision ?? 'exact');
+  if (opts.compareExact && precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
   const session = opts.threads ? { threads: Number(opts.threads) } : {};
+  // the peak covers load and runs, not the writing of the random checkpoint above
+  resetPeakRss();
   let t = performance.now();
-  const enc = await Qwen3TextEncoder.load(dir, { session, weights });
-  console.log(`load (graph + session, weights ${weights}): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / 2 ** 30).toFixed(2)} GiB`);
+  let lastPct = -1;
+  const onProgress = (done: number, total: number) => {
+    const pct = Math.floor((100 * done) / total);
+    if (pct !== lastPct && pct % 10 === 0) process.stdout.write(`\r  quantizing to int8: ${pct} % (${done}/${total} projections)${done === total ? '\n' : ''}`);
+    lastPct = pct;
+  };
+  let enc = await Qwen3TextEncoder.load(dir, { session, weights, precision, onProgress });
+  const what = precision === 'fast' ? `fast: int8 projections, cache ${enc.int8Cache?.built ? 'built (first load: quantized)' : 'read'}` : `weights ${weights}`;
+  console.log(`load (graph + session, ${what}): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / GiB).toFixed(2)} GiB`);
+  if (enc.int8Cache?.built) {
+    // the figure a restart sees: the same load from the int8 cache just written
+    await enc.close();
+    t = performance.now();
+    enc = await Qwen3TextEncoder.load(dir, { session, weights, precision });
+    console.log(`load again (fast: int8 cache read): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / GiB).toFixed(2)} GiB`);
+  }
   const ids = new BigInt64Array(batch * seq);
   const mask = new BigInt64Array(batch * seq);
   const next = xorshift(7);
@@ -186,18 +223,28 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   const flops = qwen3Flops(cfg, layers, batch, seq);
   let best = Infinity;
+  let out: Float32Array = new Float32Array(0);
   for (let r = 0; r < runs; r++) {
     t = performance.now();
-    const out = await enc.embed(ids, mask, batch);
+    out = await enc.embed(ids, mask, batch);
     const s = (performance.now() - t) / 1000;
     if (!out.every(Number.isFinite)) throw new Error('the encoder produced non-finite values');
     best = Math.min(best, s);
     console.log(`run ${r + 1}: ${s.toFixed(2)} s, ${(flops / s / 1e9).toFixed(1)} GFLOP/s`);
   }
   await enc.close();
-  console.log(`shape: Qwen3-4B, ${layers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run, weights ${weights}`);
+  const peak = peakRssBytes();
+  console.log(`shape: Qwen3-4B, ${layers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${precision === 'fast' ? 'precision fast (int8 projections)' : `weights ${weights}`}`);
+  if (opts.compareExact) {
+    // after the fast encoder is released, so the two never share the memory; its peak is not the fast mode's
+    const exact = await Qwen3TextEncoder.load(dir, { session, weights });
+    const ref = await exact.embed(ids, mask, batch);
+    await exact.close();
+    const e = contextError(out, ref, mask, 3 * cfg.hiddenSize);
+    console.log(`fast vs exact (weights ${weights}), real tokens of the context: rms(fast − exact)/rms(exact) ${e.rms.toExponential(3)}, max |fast − exact|/max |exact| ${e.max.toExponential(3)}`);
+  }
   console.log(`seconds (best of ${runs}): ${best.toFixed(2)}`);
-  console.log(`peak RSS: ${peakRssGiB().toFixed(2)} GiB`);
+  console.log(`peak RSS: ${(peak / GiB).toFixed(2)} GiB`);
   console.log(`GFLOP/s: ${(flops / best / 1e9).toFixed(1)}`);
 }
 
@@ -211,5 +258,7 @@ export function registerTextEncoderBench(bench: Command): void {
     .option('--seq <n>', 'tokens per prompt', '512')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
     .option('--weights <mode>', 'runtime-cast (bf16 kept, cast per run), converted (fp32 in memory, fed per run) or prepacked (folded by ORT at load)', 'runtime-cast')
+    .option('--precision <mode>', 'exact (fp32 products, --weights applies) or fast (int8 projections, quantized once into the int8 cache)', 'exact')
+    .option('--compare-exact', 'fast only: also run the exact encoder (--weights) on the same tokens and print the relative error of the context')
     .action((o: BenchOptions) => benchTextEncoder(o));
 }
