@@ -6,8 +6,9 @@ import { Option, type Command } from 'commander';
 import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '../graph/device.ts';
 import { ImageInputError } from '../pipeline/images.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
-import type { GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
+import { ALPHA_FORMATS, MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
+import type { Background, GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
+import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
@@ -29,6 +30,8 @@ export interface ImageCliOptions {
   keepLoaded?: boolean;
   device?: string;
   threads?: string;
+  background?: Background;
+  mattingModel?: string;
   precision?: string;
   json?: boolean;
   quiet?: boolean;
@@ -52,6 +55,8 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time')
     .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu); on a GPU every component stays loaded')
     .option('--threads <n>', 'CPU threads (default: all cores)')
+    .addOption(new Option('--background <mode>', 'transparent: cut the subject out into an RGBA PNG/WebP with the matting model (see `klein pull --matting`); auto (default) = opaque').choices(['auto', 'opaque', 'transparent']))
+    .option('--matting-model <folder>', 'BiRefNet weights for --background transparent (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or the pulled ZhengPeng7/BiRefNet-matting)')
     .option('--precision <mode>', PRECISION_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
@@ -133,6 +138,10 @@ function progressPrinter(bar: StageBar): (e: ProgressEvent) => void {
         if (e.step === 1) bar.stage('decode', e.total ?? 1, 'images');
         bar.update(e.step ?? 0);
         break;
+      case 'matting':
+        if (e.step === 1) bar.stage('matting', e.total ?? 1, 'images');
+        bar.update(e.step ?? 0);
+        break;
       case 'output':
         bar.stage('write', 1);
         break;
@@ -142,7 +151,7 @@ function progressPrinter(bar: StageBar): (e: ProgressEvent) => void {
 
 /** Maps the engine's typed input errors to exit code 2. */
 function asUsage(e: unknown): never {
-  if (e instanceof PipelineInputError || e instanceof ImageInputError || e instanceof ModelFolderError) throw new UsageError(e.message);
+  if (e instanceof PipelineInputError || e instanceof ImageInputError || e instanceof ModelFolderError || e instanceof MattingModelError) throw new UsageError(e.message);
   throw e;
 }
 
@@ -158,6 +167,11 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const threads = parseIntOption(opts.threads, '--threads');
   if (threads === 0) throw new UsageError('--threads must be at least 1');
   const format = resolveFormat(opts.output, opts.format);
+  // checked before anything loads, and never answered by switching the format
+  if (opts.background === 'transparent' && !ALPHA_FORMATS.includes(format)) {
+    throw new UsageError(`--background transparent needs a PNG or WebP output (${format.toUpperCase()} has no alpha channel): name the file .png or .webp, or pass --format png`);
+  }
+  if (opts.mattingModel && !fs.existsSync(opts.mattingModel)) throw new UsageError(`--matting-model ${opts.mattingModel} does not exist`);
   const size = resolveSize(opts, defaultSize);
   const output = opts.output ?? `${defaultOutput}.${format === 'jpeg' ? 'jpg' : format}`;
   const dir = path.dirname(path.resolve(output));
@@ -175,8 +189,8 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const bar = stageBar({ quiet: opts.quiet || undefined });
   let pipeline: KleinPipeline | undefined;
   try {
-    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, precision }).catch(asUsage);
-    const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined };
+    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, mattingModel: opts.mattingModel, precision }).catch(asUsage);
+    const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined, background: opts.background };
     const ac = new AbortController();
     const onSigint = () => ac.abort(new Error('interrupted'));
     process.once('SIGINT', onSigint);
@@ -188,12 +202,13 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
     if (opts.json) {
       console.log(
         JSON.stringify({
-          images: result.images.map((im, i) => ({ path: path.resolve(files[i]), width: im.width, height: im.height, content_type: im.contentType, bytes: im.data.length, seed: seed + i })),
+          images: result.images.map((im, i) => ({ path: path.resolve(files[i]), width: im.width, height: im.height, content_type: im.contentType, bytes: im.data.length, seed: seed + i, has_alpha: im.hasAlpha ?? false })),
           seed,
           model: pipeline.model.root,
           variant: pipeline.variant.id,
           precision,
           steps: steps ?? pipeline.variant.defaultSteps,
+          background: opts.background ?? 'auto',
           timings: result.timings,
           prompt_truncated: result.promptTruncated ?? false,
           references: refs.paths,

@@ -204,12 +204,28 @@ export interface EncodeOptions {
 
 export const CONTENT_TYPES: Record<ImageFormat, 'image/png' | 'image/jpeg' | 'image/webp'> = { png: 'image/png', jpeg: 'image/jpeg', webp: 'image/webp' };
 
-/** Encodes an RGB image. No metadata is written (sharp strips it by default). */
-export async function encodeImage(img: RgbImage, format: ImageFormat, opts: EncodeOptions = {}): Promise<Uint8Array> {
+/** An 8-bit straight (un-premultiplied) RGBA image, HWC: the transparent-background outputs. */
+export interface RgbaImage {
+  data: Uint8Array;
+  width: number;
+  height: number;
+  channels: 4;
+}
+
+/**
+ * Encodes an RGB or straight-alpha RGBA image. No metadata is written (sharp strips it by default). RGBA goes to
+ * 8-bit RGBA PNG or to WebP with a losslessly coded alpha plane (alphaQuality 100: the matte's levels survive
+ * exactly, only the colour is lossy); JPEG has no alpha and is refused rather than flattened.
+ */
+export async function encodeImage(img: RgbImage | RgbaImage, format: ImageFormat, opts: EncodeOptions = {}): Promise<Uint8Array> {
   const quality = opts.quality ?? 90;
   if (!Number.isInteger(quality) || quality < 1 || quality > 100) throw new RangeError(`quality must be an integer from 1 to 100, got ${quality}`);
-  if (img.data.length !== img.width * img.height * 3) throw new Error(`RGB image of ${img.width}×${img.height} needs ${img.width * img.height * 3} bytes`);
-  const p = sharp(img.data, { raw: { width: img.width, height: img.height, channels: 3 } });
+  const channels = 'channels' in img ? img.channels : 3;
+  if (channels !== 3 && channels !== 4) throw new RangeError(`images have 3 (RGB) or 4 (RGBA) channels, got ${String(channels)}`);
+  const kind = channels === 4 ? 'RGBA' : 'RGB';
+  if (img.data.length !== img.width * img.height * channels) throw new Error(`${kind} image of ${img.width}×${img.height} needs ${img.width * img.height * channels} bytes`);
+  if (channels === 4 && format === 'jpeg') throw new RangeError('JPEG has no alpha channel: encode RGBA images as png or webp');
+  const p = sharp(img.data, { raw: { width: img.width, height: img.height, channels } });
   let out: Buffer;
   switch (format) {
     case 'png':
@@ -219,7 +235,7 @@ export async function encodeImage(img: RgbImage, format: ImageFormat, opts: Enco
       out = await p.jpeg({ quality, chromaSubsampling: quality >= 90 ? '4:4:4' : '4:2:0' }).toBuffer();
       break;
     case 'webp':
-      out = await p.webp({ quality }).toBuffer();
+      out = await (channels === 4 ? p.webp({ quality, alphaQuality: 100 }) : p.webp({ quality })).toBuffer();
       break;
     default:
       throw new RangeError(`unknown output format ${String(format)}; use png, jpeg or webp`);

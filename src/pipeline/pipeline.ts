@@ -14,7 +14,8 @@ import { PromptEmbeddingCache } from '../text/prompt-cache.ts';
 import { PromptEncoder, type TextEmbedder } from '../text/prompt-encoder.ts';
 import { KleinTokenizer } from '../text/tokenizer.ts';
 import { openModelFolder, resolveModelPath, type ModelFolder, type VariantId } from '../weights/model-folder.ts';
-import { CONTENT_TYPES, DEFAULT_UINT8_RULE, encodeImage, prepareReferenceImage, tensorToRgb, type RgbImage, type Uint8Rule } from './images.ts';
+import { MattingComponent, promptForBackground } from './background.ts';
+import { CONTENT_TYPES, DEFAULT_UINT8_RULE, encodeImage, prepareReferenceImage, tensorToRgb, type RgbImage, type RgbaImage, type Uint8Rule } from './images.ts';
 import { imagePositionIds, referenceTokens, tokensToLatent } from './latents.ts';
 import { initialLatentTokens } from './noise.ts';
 import { resolveRequest } from './request.ts';
@@ -22,6 +23,7 @@ import { cfgCombine, eulerStep, getSchedule, imageSeqLen } from './schedule.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, Precision, ProgressEvent } from './types.ts';
 
 export { PipelineInputError, SIZE_PRESETS, checkSize } from './request.ts';
+export { MattingModelError, TRANSPARENT_PROMPT_HINT, transparentPrompt } from './background.ts';
 
 /** Latent channels of FLUX.2 (32 VAE channels × 2×2 patch). */
 export const LATENT_CHANNELS = 128;
@@ -207,6 +209,7 @@ export class KleinPipeline implements ImagePipeline {
   private denoiser?: Denoiser;
   private vaeEncoder?: Flux2VAE;
   private vaeDecoder?: Flux2VAE;
+  private readonly matting: MattingComponent;
   private readonly text: LazyTextEmbedder;
   readonly prompts: PromptEncoder;
   private busy = false;
@@ -229,6 +232,7 @@ export class KleinPipeline implements ImagePipeline {
       });
     });
     this.prompts = new PromptEncoder(tokenizer, this.text, opts.promptCache ?? new PromptEmbeddingCache());
+    this.matting = new MattingComponent({ explicit: opts.mattingModel, modelRoot: model.root });
   }
 
   /** Validates the model folder and loads the tokenizer; the large components load on first use. */
@@ -249,12 +253,13 @@ export class KleinPipeline implements ImagePipeline {
   }
 
   /** Which large components are in memory now (for tests, health endpoints and memory reports). */
-  loadedComponents(): Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder'> {
-    const out: Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder'> = [];
+  loadedComponents(): Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder' | 'matting'> {
+    const out: Array<'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder' | 'matting'> = [];
     if (this.text.loaded) out.push('text-encoder');
     if (this.denoiser) out.push('transformer');
     if (this.vaeEncoder) out.push('vae-encoder');
     if (this.vaeDecoder) out.push('vae-decoder');
+    if (this.matting.loaded) out.push('matting');
     return out;
   }
 
@@ -272,7 +277,7 @@ export class KleinPipeline implements ImagePipeline {
   }
 
   /** Releases everything that is not meant to stay resident (all of it on the CPU without keepLoaded). */
-  private async releaseTransient(keep?: 'text' | 'transformer' | 'vae-encoder' | 'vae-decoder'): Promise<void> {
+  private async releaseTransient(keep?: 'text' | 'transformer' | 'vae-encoder' | 'vae-decoder' | 'matting'): Promise<void> {
     if (this.resident) return;
     if (keep !== 'text' && this.text.loaded) await this.text.close();
     if (keep !== 'transformer' && this.denoiser) {
@@ -287,6 +292,7 @@ export class KleinPipeline implements ImagePipeline {
       await this.vaeDecoder.close();
       this.vaeDecoder = undefined;
     }
+    if (keep !== 'matting') await this.matting.close();
   }
 
   private async loadTransformer(sw: Stopwatch, o?: GenerateOptions): Promise<Denoiser> {
@@ -325,6 +331,8 @@ export class KleinPipeline implements ImagePipeline {
 
   async generate(req: GenerateRequest, o: GenerateOptions = {}): Promise<GenerateResult> {
     const r = resolveRequest(req, this.variant);
+    // a transparent request without matting weights fails here, before minutes of generation are spent
+    if (r.background === 'transparent') this.matting.resolve();
     if (this.busy) throw new Error('this pipeline is already generating; run requests one after another');
     this.busy = true;
     const sw = new Stopwatch();
@@ -334,7 +342,8 @@ export class KleinPipeline implements ImagePipeline {
       const prepared = await Promise.all(r.referenceImages.map((b) => prepareReferenceImage(b, { numReferences: r.referenceImages.length })));
 
       // 1. text
-      const prompts = r.useCfg ? ['', r.prompt] : [r.prompt];
+      const prompt = promptForBackground(r.prompt, r.background);
+      const prompts = r.useCfg ? ['', prompt] : [prompt];
       const text = await this.encodePrompts(prompts, sw, o);
       o.signal?.throwIfAborted();
 
@@ -400,10 +409,36 @@ export class KleinPipeline implements ImagePipeline {
       }
       await this.releaseTransient();
 
-      // 5. encode the files
+      // 5. transparent: cut the subject out of each decoded image (straight RGBA)
+      let pixels: Array<RgbImage | RgbaImage> = rgb;
+      if (r.background === 'transparent') {
+        await this.releaseTransient('matting');
+        if (!this.matting.loaded) {
+          this.emit(o, { stage: 'load', message: 'matting model' });
+          await sw.time('load', () => this.matting.load(this.session));
+        }
+        pixels = [];
+        for (const [b, im] of rgb.entries()) {
+          o.signal?.throwIfAborted();
+          this.emit(o, { stage: 'matting', step: b + 1, total: B });
+          pixels.push(await sw.time('matting', () => this.matting.cutout(im, this.session)));
+        }
+        await this.releaseTransient();
+      }
+
+      // 6. encode the files
       this.emit(o, { stage: 'output', message: r.outputFormat });
+      const alpha = r.background === 'transparent';
       const images: GeneratedImage[] = await sw.time('output', () =>
-        Promise.all(rgb.map(async (im) => ({ data: await encodeImage(im, r.outputFormat, { quality: r.quality }), width: im.width, height: im.height, contentType: CONTENT_TYPES[r.outputFormat] }))),
+        Promise.all(
+          pixels.map(async (im) => ({
+            data: await encodeImage(im, r.outputFormat, { quality: r.quality }),
+            width: im.width,
+            height: im.height,
+            contentType: CONTENT_TYPES[r.outputFormat],
+            ...(alpha ? { hasAlpha: true } : {}),
+          })),
+        ),
       );
       const timings = { ...sw.timings, total: sw.total() };
       return { images, seed: r.seed, timings, ...(text.truncated ? { promptTruncated: true } : {}) };
@@ -420,6 +455,7 @@ export class KleinPipeline implements ImagePipeline {
     await this.denoiser?.close();
     await this.vaeEncoder?.close();
     await this.vaeDecoder?.close();
+    await this.matting.close();
     this.denoiser = this.vaeEncoder = this.vaeDecoder = undefined;
   }
 }

@@ -1,7 +1,7 @@
 // Validation of a GenerateRequest against the model variant, before anything heavy is loaded. Every rejection is a
 // PipelineInputError with a stable code (the service answers 422 with it; the CLI exits 2).
 import type { VariantInfo } from '../weights/model-folder.ts';
-import type { GenerateRequest, OutputFormat } from './types.ts';
+import type { Background, GenerateRequest, OutputFormat } from './types.ts';
 
 export type PipelineInputCode =
   | 'invalid_prompt'
@@ -12,7 +12,9 @@ export type PipelineInputCode =
   | 'invalid_guidance'
   | 'invalid_format'
   | 'invalid_quality'
-  | 'too_many_references';
+  | 'too_many_references'
+  | 'invalid_background'
+  | 'transparent_needs_alpha_format';
 
 export class PipelineInputError extends Error {
   override name = 'PipelineInputError';
@@ -37,6 +39,9 @@ export const MAX_STEPS = 100;
 export const MAX_GUIDANCE = 20;
 export const MAX_SEED = Number.MAX_SAFE_INTEGER;
 const FORMATS: readonly OutputFormat[] = ['png', 'jpeg', 'webp'];
+const BACKGROUNDS: readonly Background[] = ['auto', 'opaque', 'transparent'];
+/** Formats that carry an alpha channel (JPEG has none). */
+export const ALPHA_FORMATS: readonly OutputFormat[] = ['png', 'webp'];
 
 /** The fal / Runflow `image_size` presets (width × height). */
 export const SIZE_PRESETS: Record<string, { width: number; height: number }> = {
@@ -69,6 +74,8 @@ export interface ResolvedRequest extends GenerateRequest {
   useCfg: boolean;
   quality: number;
   referenceImages: Uint8Array[];
+  /** `auto` resolved: klein paints opaque images, so `auto` is `opaque` (a transparent cut-out is asked for by name). */
+  background: 'opaque' | 'transparent';
 }
 
 /** Checks every field and fills the variant's defaults. */
@@ -89,10 +96,17 @@ export function resolveRequest(req: GenerateRequest, variant: VariantInfo): Reso
   if (!FORMATS.includes(req.outputFormat)) throw new PipelineInputError('invalid_format', `output format must be one of ${FORMATS.join(', ')}, got ${String(req.outputFormat)}`, 'outputFormat');
   const quality = req.quality ?? 90;
   if (!Number.isInteger(quality) || quality < 1 || quality > 100) throw new PipelineInputError('invalid_quality', `quality must be a whole number from 1 to 100, got ${quality}`, 'quality');
+  const requested = req.background ?? 'auto';
+  if (!BACKGROUNDS.includes(requested)) throw new PipelineInputError('invalid_background', `background must be one of ${BACKGROUNDS.join(', ')}, got ${String(requested)}`, 'background');
+  const background = requested === 'transparent' ? 'transparent' : 'opaque';
+  // never switch the format behind the caller's back: clients key on the content type
+  if (background === 'transparent' && !ALPHA_FORMATS.includes(req.outputFormat)) {
+    throw new PipelineInputError('transparent_needs_alpha_format', `a transparent background needs png or webp output; ${req.outputFormat} has no alpha channel`, 'outputFormat');
+  }
   const refs = req.referenceImages ?? [];
   if (!Array.isArray(refs) || refs.length > MAX_REFERENCES) throw new PipelineInputError('too_many_references', `at most ${MAX_REFERENCES} reference images, got ${refs.length}`, 'referenceImages');
   // distilled klein has no CFG and no guidance input: the value is accepted (APIs send 1.0 or 2.5) and ignored;
   // base variants use real CFG against the empty prompt when g > 1, as diffusers does
   const useCfg = !variant.distilled && guidance > 1;
-  return { ...req, steps, guidance: variant.distilled ? 1 : guidance, useCfg, quality, referenceImages: refs };
+  return { ...req, steps, guidance: variant.distilled ? 1 : guidance, useCfg, quality, referenceImages: refs, background };
 }

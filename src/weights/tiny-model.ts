@@ -2,12 +2,17 @@
 // every real code path (tokenizer, Qwen3 graph, transformer graph, VAE graphs, folder detection) in seconds. Only
 // the sizes differ from black-forest-labs/FLUX.2-klein-4B: the tokenizer is the real Qwen3 one with its full
 // 151,936-entry vocabulary, so the text encoder keeps that vocabulary at a tiny hidden size (a few MB).
+// The folder also carries tiny random matting weights in `matting/` (BiRefNet's key layout at the golden tiny
+// geometry), where the pipeline looks first for a model's own matting model, so transparent backgrounds run with
+// no download and no flag — and random weights can never be picked up for a real model from the shared cache.
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint, type Flux2VaeConfig } from '../models/flux2-vae.ts';
 import { writeRandomFlux2Checkpoint, type Flux2Config } from '../models/flux2-transformer.ts';
 import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
+import { BIREFNET_CONFIGS, writeRandomBiRefNetCheckpoint } from '../models/birefnet.ts';
+import { BUNDLED_MATTING_DIR } from './matting-folder.ts';
 import { VARIANTS, type VariantId } from './model-folder.ts';
 
 export interface TinyModelOptions {
@@ -24,6 +29,21 @@ export interface TinyModelOptions {
   vaeChannels?: number;
   /** 'bfl' writes the single-file layout (flux-2-klein-*.safetensors + ae.safetensors + text_encoder/). */
   layout?: 'diffusers' | 'bfl';
+  /** Write the tiny matting model into `matting/` (default true). */
+  matting?: boolean;
+}
+
+/** Model input side of the tiny matting model: small enough to compile and run in well under a second. */
+export const TINY_MATTING_INPUT_SIZE = 64;
+
+/** Tiny random BiRefNet weights (3.7 MB) with a config.json that fixes their model input to 64². */
+export function writeTinyMattingModel(dir: string, seed = 0): void {
+  writeRandomBiRefNetCheckpoint(path.join(dir, 'model.safetensors'), BIREFNET_CONFIGS.tiny, { seed });
+  writeJson(path.join(dir, 'config.json'), {
+    architectures: ['BiRefNet'],
+    klein_input_size: TINY_MATTING_INPUT_SIZE,
+    klein_tiny_random: { seed, note: 'random weights for tests; the matte is not a real cut-out' },
+  });
 }
 
 export interface TinyModelInfo {
@@ -105,6 +125,7 @@ export function writeTinyModel(dir: string, opts: TinyModelOptions = {}): TinyMo
   fs.mkdirSync(tokDir, { recursive: true });
   fs.copyFileSync(tok.json, path.join(tokDir, 'tokenizer.json'));
   fs.copyFileSync(tok.config, path.join(tokDir, 'tokenizer_config.json'));
+  if (opts.matting !== false) writeTinyMattingModel(path.join(dir, BUNDLED_MATTING_DIR), seed + 4);
 
   if (layout === 'bfl') {
     writeRandomFlux2Checkpoint(path.join(dir, VARIANTS[variant].bflFile), tcfg, { layout: 'bfl', seed: seed + 2 });
