@@ -9,6 +9,7 @@ import { KleinPipeline } from '../pipeline/pipeline.ts';
 import { parseDevice, resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
+import { mattingProbe } from '../service/background.ts';
 import { authenticate, createKey, RateLimiter } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { ApiError } from '../service/errors.ts';
@@ -30,6 +31,7 @@ interface McpOptions {
   keepLoaded: boolean;
   apiKey?: string;
   precision?: string;
+  mattingModel?: string;
 }
 
 /** The key named for local stdio use; its secret is never needed (nothing authenticates over stdio). */
@@ -60,6 +62,7 @@ export function registerMcp(program: Command): void {
     .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
     .action(async (o: McpOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
@@ -82,7 +85,7 @@ export function registerMcp(program: Command): void {
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
         const device = await resolveDevice(parseDevice(o.device));
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel });
       } catch (e) {
         store.close();
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
@@ -91,7 +94,7 @@ export function registerMcp(program: Command): void {
       config.precision = precision;
       // stdout carries the MCP messages: everything else goes to stderr
       const log = createLogger(process.env.KLEIN_LOG_LEVEL ?? 'warn');
-      const svc = createApp({ pipeline, config, store, logger: log, modelDir: pipeline.model.root });
+      const svc = createApp({ pipeline, config, store, logger: log, modelDir: pipeline.model.root, matting: mattingProbe({ explicit: o.mattingModel, modelRoot: pipeline.model.root }) });
       let url: string;
       try {
         url = (await svc.listen(port, '127.0.0.1')).url;

@@ -6,6 +6,7 @@ import { KleinPipeline } from '../pipeline/pipeline.ts';
 import { parseDevice, resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
+import { mattingProbe } from '../service/background.ts';
 import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
@@ -27,6 +28,7 @@ interface ServeOptions {
   workers: string;
   queue?: string;
   precision?: string;
+  mattingModel?: string;
 }
 
 export function parsePort(v: string | undefined, name: string): number | undefined {
@@ -49,6 +51,7 @@ export function registerServe(program: Command): void {
     .option('--workers <n>', 'generations at once; each loads its own copy of the model (with --queue: local workers, 0 for none)', '1')
     .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
@@ -70,7 +73,7 @@ export function registerServe(program: Command): void {
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];
       try {
-        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision }));
+        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel }));
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
@@ -83,7 +86,10 @@ export function registerServe(program: Command): void {
       const pipeline = scale ? scale.remote : local;
       config.workers = scale ? 256 : workers;
       config.precision = precision;
-      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root, ...(scale ? { scale: scale.api } : {}) });
+      // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
+      // workers' files, so a worker without them fails the run instead
+      const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: first.model.root });
+      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
       const admin = ensureAdminKey(svc.store);
       let listening;
       try {

@@ -10,6 +10,7 @@ import type { Context } from 'hono';
 import type { Logger } from 'pino';
 import type { ImagePipeline } from '../pipeline/types.ts';
 import { authenticate, RateLimiter } from './auth.ts';
+import type { MattingProbe } from './background.ts';
 import { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
 import type { AppEnv, Deps } from './context.ts';
@@ -39,6 +40,11 @@ export interface CreateAppOptions {
   modelDir?: string;
   /** scale-out (Redis queue): worker routes, /metrics, and its part of /v1/health */
   scale?: ScaleExtension;
+  /**
+   * Whether transparent backgrounds can be served (the matting weights resolve): checked when a run is created, so a
+   * server without them refuses at once (503 MATTING_UNAVAILABLE). Without a probe the run itself fails with that code.
+   */
+  matting?: MattingProbe;
 }
 
 export interface Service {
@@ -74,6 +80,7 @@ export function createApp(opts: CreateAppOptions): Service {
     store, queue, callbacks, files, cfg, log, limiter, startedAt: Date.now(), modelDir: opts.modelDir ?? '',
     baseUrl: (c: Context) => cfg.publicUrl ?? new URL(c.req.url).origin,
     ...(opts.scale ? { healthExtra: () => opts.scale!.health() } : {}),
+    ...(opts.matting ? { matting: opts.matting } : {}),
   };
 
   const app = new OpenAPIHono<AppEnv>({

@@ -2,6 +2,7 @@
 import type { Context } from 'hono';
 import type { OpenAPIHono, RouteConfig, RouteHandler } from '@hono/zod-openapi';
 import type { Logger } from 'pino';
+import type { MattingProbe } from './background.ts';
 import type { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
 import type { FileStore } from './files.ts';
@@ -25,6 +26,8 @@ export interface Deps {
   /** Public origin for URLs in responses: the configured one, else the request's. */
   baseUrl(c: Context): string;
   modelDir: string;
+  /** Whether transparent backgrounds can be served (matting weights present); absent: not checked at creation. */
+  matting?: MattingProbe;
   /** more /v1/health fields (the Redis queue and its workers when scaled out) */
   healthExtra?: () => Record<string, unknown>;
 }

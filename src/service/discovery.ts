@@ -107,9 +107,10 @@ export function siteLlmsTxt(cfg: ServiceConfig, base: string): string {
     '- Callbacks are signed: `Runflow-Signature` = hex HMAC-SHA256(secret, raw body); secrets from `POST /v1/callback-secrets`.',
     '- `Idempotency-Key` on creates: same body replays, different body → 409.',
     '- Errors: `{code, message, errors}`; 429 `RATE_LIMITED` carries `Retry-After`.',
-    '- Usage and cost: `cost`/`cost_breakdown` on each run, `GET /v1/usage` per day.', '',
+    '- Usage and cost: `cost`/`cost_breakdown` on each run, `GET /v1/usage` per day.',
+    '- Transparent backgrounds: `background: "transparent"` in the input cuts the subject out with a matting model and returns RGBA png or webp (`images[].has_alpha`); with jpeg it is 422 `UNSUPPORTED_COMBINATION`, and 503 `MATTING_UNAVAILABLE` when the server has no matting weights. Same price.', '',
     '## OpenAI-compatible images API and MCP',
-    `- \`POST ${base}/v1/images/generations\` (JSON) and \`POST ${base}/v1/images/edits\` (multipart, \`image\` or \`image[]\`, 1–4): OpenAI's images API (\`prompt\`, \`model\`, \`n\`, \`size\` WxH or auto, \`response_format\` b64_json|url, \`output_format\`, \`output_compression\`, plus \`seed\`); point an OpenAI client's base URL at \`${base}/v1\`. Each request is a run (GET /v1/runs, billed alike); errors are \`{error: {message, type, param, code}}\`.`,
+    `- \`POST ${base}/v1/images/generations\` (JSON) and \`POST ${base}/v1/images/edits\` (multipart, \`image\` or \`image[]\`, 1–4): OpenAI's images API (\`prompt\`, \`model\`, \`n\`, \`size\` WxH or auto, \`response_format\` b64_json|url, \`output_format\`, \`output_compression\`, \`background\` auto|opaque|transparent, plus \`seed\`); point an OpenAI client's base URL at \`${base}/v1\`. Each request is a run (GET /v1/runs, billed alike); errors are \`{error: {message, type, param, code}}\`.`,
     `- MCP (streamable HTTP): \`${base}/mcp\` with the same Bearer key; tools \`generate_image\`, \`edit_image\`, \`get_run\`. Over stdio: \`klein mcp --model DIR --data DIR\`.`, '',
   ].join('\n');
 }
@@ -149,13 +150,16 @@ server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
 ## Rules
 - Sizes: multiples of 16, at least 64, at most 4 MP. Presets: ${Object.keys(IMAGE_SIZE_PRESETS).join(', ')}.
 - \`num_images\` 1–4 (image i uses seed+i). Edits: \`image_urls\` 1–4, https or data: URIs.
+- A cut-out on a transparent background (logo, sticker, product shot): \`"background": "transparent"\` with
+  \`output_format\` png (default) or webp, never jpeg (422). Describe the subject only; do not ask for a
+  "transparent background" or a checkerboard in the prompt. 503 \`MATTING_UNAVAILABLE\`: this server cannot do it.
 - 429 \`RATE_LIMITED\`: wait \`Retry-After\` seconds. 422: read \`errors[]\` (\`loc\` names the field).
 - Never invent safety fields: this server runs no safety classifier.
 - Cancel what you no longer need: \`POST $KLEIN_URL/v1/runs/{id}/cancellation\`.
 
 ## Other ways in
 - OpenAI-compatible: \`POST $KLEIN_URL/v1/images/generations\` (JSON: prompt, size "WxH", n, response_format,
-  output_format, seed) and \`POST $KLEIN_URL/v1/images/edits\` (multipart: \`image[]\` 1–4 files, prompt). They wait
+  output_format, background, seed) and \`POST $KLEIN_URL/v1/images/edits\` (multipart: \`image[]\` 1–4 files, prompt). They wait
   for the run and answer \`{created, data: [{b64_json | url}], usage, run_id}\`; errors are \`{error: {message, param, …}}\`.
 - MCP: \`$KLEIN_URL/mcp\` (streamable HTTP, same Bearer key), tools \`generate_image\`, \`edit_image\`, \`get_run\`.
 `;

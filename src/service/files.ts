@@ -14,6 +14,8 @@ export interface StoredImage {
   height: number;
   content_type: string;
   bytes: number;
+  /** the file carries an alpha channel (a transparent background); absent on runs stored before it existed */
+  has_alpha?: boolean;
 }
 
 const EXT: Record<string, string> = { 'image/png': 'png', 'image/jpeg': 'jpg', 'image/webp': 'webp' };
@@ -49,7 +51,7 @@ export class FileStore {
       fs.rmSync(tmp, { force: true });
       throw e;
     }
-    return { file, width: img.width, height: img.height, content_type: img.contentType, bytes: img.data.length };
+    return { file, width: img.width, height: img.height, content_type: img.contentType, bytes: img.data.length, has_alpha: img.hasAlpha === true };
   }
 
   private sign(runId: string, file: string, expires: number): string {

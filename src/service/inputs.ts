@@ -106,6 +106,8 @@ export function buildRequest(input: ModelInput, seed: number, refs: Reference[])
     steps: input.num_inference_steps,
     guidance: input.guidance_scale,
     outputFormat: input.output_format,
+    // runs stored before the field existed have none: the pipeline's default (auto = opaque) is what they asked for
+    ...(input.background ? { background: input.background } : {}),
     // set by the OpenAI-compatible routes and MCP tools (output_compression); the Runflow schema has no such field
     ...('output_quality' in input && typeof input.output_quality === 'number' ? { quality: input.output_quality } : {}),
     ...(refs.length ? { referenceImages: refs.map((r) => r.bytes) } : {}),

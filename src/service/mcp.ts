@@ -7,6 +7,7 @@ import type { CallToolResult } from '@modelcontextprotocol/sdk/types.js';
 import { z } from 'zod';
 import { authenticate } from './auth.ts';
 import type { App, Deps } from './context.ts';
+import { BACKGROUNDS } from './background.ts';
 import { ApiError } from './errors.ts';
 import { IMAGE_SIZE_PRESETS, LIMITS, MODELS, type ModelEntry } from './models.ts';
 import { presentRun, type StoredOutput } from './present.ts';
@@ -39,6 +40,7 @@ const common = {
   n: z.number().int().min(1).max(LIMITS.maxImages).optional().describe(`Number of images, 1–${LIMITS.maxImages} (image i uses seed + i). Default 1.`),
   seed: z.number().int().min(0).max(2 ** 32 - 1).optional().describe('Random seed; random if omitted. The result reports it.'),
   output_format: z.enum(['png', 'jpeg', 'webp']).optional().describe('Default png.'),
+  background: z.enum(BACKGROUNDS).optional().describe('transparent: the subject cut out on a transparent background (RGBA png or webp; not jpeg), by a matting model after generation. opaque or auto (default): the image as drawn.'),
   wait_s: z.number().int().min(0).max(300).optional().describe(`Seconds to wait for the images (default ${DEFAULT_WAIT_S}); when the run is not done by then, call get_run with its run_id.`),
 };
 
@@ -86,7 +88,7 @@ export function runContent(ctx: McpContext, r: RunRow, withImages = true): CallT
   const pub = presentRun(r, { files: ctx.deps.files, baseUrl: ctx.baseUrl });
   const summary = {
     run_id: r.id, model_id: r.model_id, status: r.status, progress: pub.progress, cost: pub.cost, seed: r.seed,
-    images: pub.output?.images.map((i) => ({ url: i.url, width: i.width, height: i.height, content_type: i.content_type })) ?? [],
+    images: pub.output?.images.map((i) => ({ url: i.url, width: i.width, height: i.height, content_type: i.content_type, ...(i.has_alpha ? { has_alpha: true } : {}) })) ?? [],
     ...(pub.output?.prompt_truncated ? { prompt_truncated: true } : {}),
     ...(r.status === 'failed' ? { failure_code: r.failure_code, failure_message: r.failure_message } : {}),
     ...(!TERMINAL.has(r.status) ? { next: `not finished yet: call get_run with run_id ${r.id} (and wait_s)` } : {}),
@@ -141,7 +143,7 @@ export function createMcpServer(ctx: McpContext): McpServer {
     annotations: { readOnlyHint: false, openWorldHint: false },
   }, async (a, extra) => {
     try {
-      const input = { prompt: a.prompt, ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}) };
+      const input = { prompt: a.prompt, ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
       return await createAndWait(ctx, T2I, input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);
@@ -155,7 +157,7 @@ export function createMcpServer(ctx: McpContext): McpServer {
     annotations: { readOnlyHint: false, openWorldHint: true },
   }, async (a, extra) => {
     try {
-      const input = { prompt: a.prompt, image_urls: a.images.map((u) => ownFileAsDataUri(ctx, u)), ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}) };
+      const input = { prompt: a.prompt, image_urls: a.images.map((u) => ownFileAsDataUri(ctx, u)), ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
       return await createAndWait(ctx, EDIT, input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);

@@ -1,5 +1,6 @@
 // The model catalogue and each model's input schema (fal's field names, which Runflow exposes for klein 4B).
 import { z } from '@hono/zod-openapi';
+import { BackgroundField } from './background.ts';
 import { ApiError } from './errors.ts';
 
 export const IMAGE_SIZE_PRESETS = {
@@ -35,6 +36,7 @@ const common = {
   guidance_scale: z.number().min(0).max(20).optional().openapi({ description: "CFG scale; default: the model's. The distilled klein ignores it; base variants use it." }),
   seed: z.number().int().min(0).max(2 ** 32 - 1).optional().openapi({ description: 'Random if omitted; the output reports the seed used.' }),
   output_format: z.enum(['png', 'jpeg', 'webp']).default('png'),
+  background: BackgroundField,
   sync_mode: z.boolean().default(false).openapi({ description: 'Wait for the result and return it inline (images as data URIs).' }),
   enable_safety_checker: z.boolean().optional().openapi({
     description: 'Accepted for compatibility with fal/Runflow clients. No safety classifier ships with klein serve, so no safety fields are ever returned.',

@@ -9,6 +9,8 @@ export interface StoredOutput {
   images: StoredImage[];
   seed: number;
   prompt: string;
+  /** what the images are: `transparent` (RGBA) or `opaque`; absent on runs stored before backgrounds existed */
+  background?: 'opaque' | 'transparent';
   timings: Record<string, number>;
   prompt_truncated?: boolean;
   expired?: boolean;
@@ -31,9 +33,11 @@ export function presentOutput(runId: string, raw: string | null, ctx: PresentCtx
       height: img.height,
       content_type: img.content_type,
       file_size: img.bytes,
+      has_alpha: img.has_alpha === true,
     })),
     seed: o.seed,
     prompt: o.prompt,
+    background: o.background ?? 'opaque',
     timings: o.timings,
     ...(o.prompt_truncated ? { prompt_truncated: true } : {}),
     ...(o.expired ? { expired: true } : {}),

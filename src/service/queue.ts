@@ -4,6 +4,7 @@ import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { ImagePipeline, ProgressEvent } from '../pipeline/types.ts';
 import { PipelineInputError } from '../pipeline/request.ts';
+import { isMattingUnavailable, MATTING_UNAVAILABLE } from './background.ts';
 import type { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
 import type { FileStore, StoredImage } from './files.ts';
@@ -29,7 +30,7 @@ export interface Progress {
   message?: string;
 }
 
-const STAGE_PERCENT: Record<string, number> = { queued: 0, preprocess: 2, load: 3, text: 5, reference: 8, denoise: 10, decode: 92, output: 97, done: 100 };
+const STAGE_PERCENT: Record<string, number> = { queued: 0, preprocess: 2, load: 3, text: 5, reference: 8, denoise: 10, decode: 92, matting: 94, output: 97, done: 100 };
 
 export function progressOf(e: ProgressEvent): Progress {
   let percent = STAGE_PERCENT[e.stage] ?? 0;
@@ -153,8 +154,13 @@ export class RunQueue extends EventEmitter {
       });
       if (this.gone(entry)) return this.settleInterrupted(run, entry);
       stage = 'postprocess';
+      // never hand out an opaque image for a transparent request: clients rely on the alpha being there
+      if (req.background === 'transparent' && result.images.some((img) => img.hasAlpha !== true)) {
+        throw new Error('the pipeline returned an image without an alpha channel for a transparent background');
+      }
       const images: StoredImage[] = result.images.map((img, i) => this.files.save(run.id, i, img));
-      const output: StoredOutput = { images, seed: result.seed, prompt: input.prompt, timings: result.timings, ...(result.promptTruncated ? { prompt_truncated: true } : {}) };
+      const background = images.length > 0 && images.every((img) => img.has_alpha) ? 'transparent' : 'opaque';
+      const output: StoredOutput = { images, seed: result.seed, prompt: input.prompt, background, timings: result.timings, ...(result.promptTruncated ? { prompt_truncated: true } : {}) };
       const priced = priceRun(this.priceOf(run.model_id), { width: req.width, height: req.height, count: images.length }, refs);
       const breakdown: CostBreakdown = { ...priced.breakdown, state: 'billed' };
       const completed = isoNow();
@@ -179,8 +185,10 @@ export class RunQueue extends EventEmitter {
       const err = e as Error;
       // the pipeline re-validates the request against the model variant; its rejections are the client's input
       const inputFault = e instanceof InputError || e instanceof PipelineInputError;
-      if (e instanceof PipelineInputError) stage = 'preprocess';
-      const code = e instanceof InputError ? e.code : inputFault ? 'INPUT_VALIDATION_FAILED' : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
+      // no matting weights: found before anything is generated; the server's lack, not the input's fault
+      const noMatting = isMattingUnavailable(e);
+      if (e instanceof PipelineInputError || noMatting) stage = 'preprocess';
+      const code = e instanceof InputError ? e.code : inputFault ? 'INPUT_VALIDATION_FAILED' : noMatting ? MATTING_UNAVAILABLE : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
       log.warn({ err, code, stage }, 'run failed');
       this.finishUnbilled(run, 'failed', { failure_code: code, failure_stage: stage, failure_message: err.message });
       this.settled(run.id);

@@ -17,7 +17,8 @@ export const errorResponses = (...codes: number[]) =>
   );
 const ERROR_TEXT: Record<number, string> = {
   400: 'Malformed request', 401: 'Missing or invalid API key', 404: 'Not found', 409: 'Conflict',
-  410: 'Gone (expired)', 422: 'Validation failed; see errors[]', 429: 'Rate limited (RATE_LIMITED, Retry-After)',
+  410: 'Gone (expired)', 422: 'Validation failed; see errors[] (UNSUPPORTED_COMBINATION: a transparent background in jpeg)', 429: 'Rate limited (RATE_LIMITED, Retry-After)',
+  503: 'A transparent background was asked of a server without matting weights (MATTING_UNAVAILABLE)',
 };
 
 export const ImageSchema = z.object({
@@ -26,12 +27,14 @@ export const ImageSchema = z.object({
   height: z.number().int(),
   content_type: z.string(),
   file_size: z.number().int(),
+  has_alpha: z.boolean().openapi({ description: 'The file has an alpha channel (background `transparent`; png or webp).' }),
 }).openapi('Image');
 
 export const OutputSchema = z.object({
   images: z.array(ImageSchema),
   seed: z.number().int(),
   prompt: z.string(),
+  background: z.enum(['opaque', 'transparent']).openapi({ description: 'What the images are: `transparent` (RGBA, subject cut out) or `opaque`. `auto` resolves to `opaque`.' }),
   timings: z.record(z.string(), z.number()),
   prompt_truncated: z.boolean().optional(),
   expired: z.boolean().optional(),

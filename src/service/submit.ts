@@ -3,6 +3,7 @@
 // does, stores it and hands it to the queue. The run is then an ordinary run (GET /v1/runs, ledger, callbacks none).
 import crypto from 'node:crypto';
 import sharp from 'sharp';
+import { checkBackgroundFormat, checkMattingAvailable } from './background.ts';
 import type { Deps } from './context.ts';
 import { ApiError, validation, zodIssues } from './errors.ts';
 import { precheckImageUrls } from './inputs.ts';
@@ -13,7 +14,7 @@ import type { KeyRow, RunRow } from './store.ts';
 import { isoNow, ulid } from './time.ts';
 
 /** The parts of Deps that creating and awaiting a run needs (the stdio MCP server has no HTTP context). */
-export type RunDeps = Pick<Deps, 'store' | 'queue' | 'cfg' | 'limiter' | 'log' | 'files'>;
+export type RunDeps = Pick<Deps, 'store' | 'queue' | 'cfg' | 'limiter' | 'log' | 'files' | 'matting'>;
 
 export interface SubmitOptions {
   /** jpeg/webp quality 1–100, outside the Runflow schema (which has no such field); the queue passes it on. */
@@ -51,13 +52,25 @@ export async function quoteRun(deps: Pick<Deps, 'cfg'>, model: ModelEntry, input
 }
 
 /**
+ * A model input as the run will use it: the model's schema (defaults filled), then the rules between fields that
+ * the schema cannot state (a transparent background needs an alpha format) and what this server can do (matting
+ * weights installed). Every refusal happens here, before anything is stored or quoted.
+ */
+export function parseInput(deps: Pick<RunDeps, 'matting'>, model: ModelEntry, rawInput: unknown): ModelInput {
+  const parsed = model.schema.safeParse(rawInput);
+  if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
+  const input = parsed.data as ModelInput;
+  checkBackgroundFormat(input);
+  checkMattingAvailable(input.background, deps.matting);
+  return input;
+}
+
+/**
  * Validate `input` for `model`, store a queued run for `key` and start the queue. Validation errors are the
  * Runflow 422 (locations under `input`), so every caller can map them back to its own field names.
  */
 export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, rawInput: Record<string, unknown>, opts: SubmitOptions = {}): Promise<RunRow> {
-  const parsed = model.schema.safeParse(rawInput);
-  if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
-  const input = parsed.data as ModelInput;
+  const input = parseInput(deps, model, rawInput);
   const urls = 'image_urls' in input ? input.image_urls : [];
   await precheckImageUrls(urls, deps.cfg);
 

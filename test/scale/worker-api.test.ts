@@ -1,5 +1,6 @@
 // The API's worker routes and the worker runtime in one process, on a real redis-server and the tiny model:
-// token checks, first-result-wins, cancellation reaching a running worker, and a graceful stop that finishes the run.
+// token checks, first-result-wins, cancellation reaching a running worker, a graceful stop that finishes the run, and
+// transparent backgrounds across the worker protocol.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { ImagePipeline } from '../../src/pipeline/types.ts';
@@ -8,7 +9,9 @@ import { ScaleApi } from '../../src/service/scale/api.ts';
 import { WORKER_PREFIX } from '../../src/service/scale/protocol.ts';
 import { RemotePipeline } from '../../src/service/scale/remote-pipeline.ts';
 import { KleinWorker } from '../../src/service/scale/worker.ts';
-import { type Harness, pollUntil, realPipeline, startService, terminal } from '../service/helpers.ts';
+import sharp from 'sharp';
+import { openPipeline } from '../../src/pipeline/pipeline.ts';
+import { type Harness, modelFolderWithoutMatting, pollUntil, realPipeline, startService, tempDir, terminal } from '../service/helpers.ts';
 import { startRedis } from './redis-helper.ts';
 
 const TOKEN = 'in-process-token-0123456789';
@@ -106,5 +109,41 @@ describe('scale-out API and worker', () => {
     assert.equal(after.status_code, 'succeeded');
     const usage = h.svc.store.usage({ keyId: h.keyId }).reduce((s, u) => s + u.runs, 0);
     assert.equal(usage, 3); // 'twice', 'remote', 'finish me'; the cancelled run is not billed
+  });
+
+  test('transparent through a worker: the job carries background and the upload the alpha; a worker without matting weights fails the run', async () => {
+    const w = new KleinWorker({ queueUrl: redis.url, apiUrl: h.url, token: TOKEN, pipeline: engine, modelId, device: 'cpu', log, lockMs: 5000, id: 'w-matting' });
+    await w.start();
+    try {
+      const t = await h.api('POST', T2I, { input: { prompt: 'remote cut-out', image_size: { width: 64, height: 64 }, num_inference_steps: 2, background: 'transparent', output_format: 'webp' } });
+      const done = await pollUntil(h, t.json.id, terminal, 60_000);
+      assert.equal(done.status_code, 'succeeded', JSON.stringify(done));
+      assert.equal(done.output.background, 'transparent');
+      assert.equal(done.output.images[0].has_alpha, true);
+      const meta = await sharp(Buffer.from(await (await fetch(done.output.images[0].url)).arrayBuffer())).metadata();
+      assert.deepEqual([meta.format, meta.channels], ['webp', 4]);
+    } finally {
+      await w.stop();
+    }
+
+    // the API cannot see a worker's files: the worker finds no matting model and the run fails with the API's code
+    const saved = { home: process.env.KLEIN_HOME, matting: process.env.KLEIN_MATTING_MODEL };
+    process.env.KLEIN_HOME = tempDir('klein-home-');
+    delete process.env.KLEIN_MATTING_MODEL;
+    const bare = await openPipeline({ model: modelFolderWithoutMatting(engine.modelDir) });
+    const w2 = new KleinWorker({ queueUrl: redis.url, apiUrl: h.url, token: TOKEN, pipeline: bare, modelId, device: 'cpu', log, lockMs: 5000, id: 'w-no-matting' });
+    await w2.start();
+    try {
+      const f = await h.api('POST', T2I, { input: { prompt: 'no weights here', image_size: { width: 64, height: 64 }, background: 'transparent' } });
+      const failed = await pollUntil(h, f.json.id, terminal, 60_000);
+      assert.deepEqual([failed.status_code, failed.failure_code, failed.failure_stage, failed.cost], ['failed', 'MATTING_UNAVAILABLE', 'preprocess', '0.000']);
+      assert.match(failed.failure_message, /klein pull --matting/);
+    } finally {
+      await w2.stop();
+      await bare.close();
+      if (saved.home === undefined) delete process.env.KLEIN_HOME;
+      else process.env.KLEIN_HOME = saved.home;
+      if (saved.matting !== undefined) process.env.KLEIN_MATTING_MODEL = saved.matting;
+    }
   });
 });

@@ -21,9 +21,9 @@ after(() => {
 });
 
 /** Start `klein serve` on a free port; resolves with the process and everything it printed once listening. */
-function serve(dataDir: string): Promise<{ proc: ChildProcess; lines: string[]; url: string }> {
+function serve(dataDir: string, ...extra: string[]): Promise<{ proc: ChildProcess; lines: string[]; url: string }> {
   return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'serve', '--model', modelDir, '--data', dataDir, '--port', '0'], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
+    const proc = spawn(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'serve', '--model', modelDir, '--data', dataDir, '--port', '0', ...extra], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
     started.push(proc);
     let out = '';
     const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
@@ -82,3 +82,19 @@ test('klein serve prints an admin key once; klein keys create prints a working k
   assert.match(port.stderr, /--port must be a whole number/);
 });
 
+
+test('klein serve checks transparent requests against its matting weights (--matting-model) at creation', async () => {
+  const missing = path.join(tempDir(), 'no-such-matting-model');
+  const s = await serve(tempDir(), '--matting-model', missing);
+  const admin = s.lines[s.lines.length - 1];
+  const create = (input: object) => fetch(`${s.url}/v1/models/flux-2-klein-4b/runs`, { method: 'POST', headers: { authorization: `Bearer ${admin}`, 'content-type': 'application/json' }, body: JSON.stringify({ input }) });
+  const r = await create({ prompt: 'a sticker', background: 'transparent' });
+  const body = (await r.json()) as { code: string; message: string };
+  assert.equal(r.status, 503, `${JSON.stringify(body)} ${s.lines.join('|')}`);
+  assert.equal(body.code, 'MATTING_UNAVAILABLE');
+  assert.ok(body.message.includes(missing), body.message);
+  assert.match(body.message, /klein pull --matting/);
+  const runs = (await (await fetch(`${s.url}/v1/runs`, { headers: { authorization: `Bearer ${admin}` } })).json()) as { data: unknown[] };
+  assert.equal(runs.data.length, 0);
+  await stop(s.proc);
+});

@@ -7,6 +7,7 @@ import path from 'node:path';
 import type { ImagePipeline } from '../../src/pipeline/types.ts';
 import { openPipeline } from '../../src/pipeline/pipeline.ts';
 import { createApp, type Service } from '../../src/service/app.ts';
+import type { MattingProbe } from '../../src/service/background.ts';
 import { createKey } from '../../src/service/auth.ts';
 import { type ConfigOverrides, loadConfig } from '../../src/service/config.ts';
 import { createLogger } from '../../src/service/logger.ts';
@@ -39,6 +40,17 @@ export async function realPipeline(): Promise<ImagePipeline & { modelDir: string
   return Object.assign(p, { modelDir: model });
 }
 
+/**
+ * A klein model folder with no matting model: the tiny one linked entry by entry, without its matting/. (Set
+ * $KLEIN_HOME to an empty folder and unset $KLEIN_MATTING_MODEL as well, so that no other location supplies one.)
+ */
+export function modelFolderWithoutMatting(modelDir: string): string {
+  const dir = path.join(tempDir('klein-nomatting-'), 'model');
+  fs.mkdirSync(dir);
+  for (const e of fs.readdirSync(modelDir)) if (e !== 'matting') fs.symlinkSync(path.join(modelDir, e), path.join(dir, e));
+  return dir;
+}
+
 /** Test defaults: fast callback retries, loopback allowed for inputs and callbacks over plain http. */
 export const TEST_CONFIG: ConfigOverrides = {
   callbacks: { baseDelayMs: 50, maxDelayMs: 400, pollMs: 20, timeoutMs: 2000, maxAttempts: 5 },
@@ -55,11 +67,14 @@ export interface Harness {
   newKey: (opts?: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean }) => string;
 }
 
-/** `key`: use this existing key for `api` (a restarted service over the same data folder). */
-export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string }): Promise<Harness> {
+/**
+ * `key`: use this existing key for `api` (a restarted service over the same data folder). `matting`: the probe
+ * `klein serve` gives the service (whether transparent backgrounds can be served); without it runs find out.
+ */
+export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string; matting?: MattingProbe }): Promise<Harness> {
   const dataDir = o.dataDir ?? tempDir();
   const cfg = loadConfig(dataDir, { ...TEST_CONFIG, ...(o.config ?? {}), callbacks: { ...TEST_CONFIG.callbacks, ...(o.config?.callbacks ?? {}) }, inputs: { ...TEST_CONFIG.inputs, ...(o.config?.inputs ?? {}) } });
-  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent') });
+  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent'), ...(o.matting ? { matting: o.matting } : {}) });
   const { url } = await svc.listen(0, '127.0.0.1');
   const newKey = (k: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean } = {}) => createKey(svc.store, { name: 'test', ...k }).key;
   const first = o.key ? { key: o.key, row: svc.store.keyByHash(sha256Hex(o.key))! } : createKey(svc.store, { name: 'test' });

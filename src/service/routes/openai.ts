@@ -6,6 +6,8 @@ import { createRoute, z } from '@hono/zod-openapi';
 import type { Context, MiddlewareHandler } from 'hono';
 import sharp from 'sharp';
 import { type App, type AppEnv, type Deps } from '../context.ts';
+import { transparentPrompt } from '../../pipeline/background.ts';
+import { BACKGROUND_DESCRIPTION, BACKGROUNDS, MATTING_UNAVAILABLE, UNSUPPORTED_COMBINATION } from '../background.ts';
 import { ApiError, type FieldError } from '../errors.ts';
 import { findModel, LIMITS, MODELS, type ModelEntry } from '../models.ts';
 import type { StoredOutput } from '../present.ts';
@@ -50,7 +52,8 @@ const CODE_OF: Record<string, string> = {
 /**
  * Rewrites the service's error envelope ({code, message, errors}) into OpenAI's on /v1/images/*: auth and rate-limit
  * errors come from the service's middleware, so this must wrap it (registered before it). 422 becomes 400, as
- * OpenAI answers parameter errors.
+ * OpenAI answers parameter errors, except for a transparent background in jpeg: klein's issue asks for 422 there on
+ * every API (OpenAI itself says 400), so clients see one status for one mistake.
  */
 export const openAIErrors: MiddlewareHandler<AppEnv> = async (c, next) => {
   await next();
@@ -58,7 +61,7 @@ export const openAIErrors: MiddlewareHandler<AppEnv> = async (c, next) => {
   if (res.status < 400 || !res.headers.get('content-type')?.includes('application/json')) return;
   const body = (await res.clone().json().catch(() => null)) as { code?: string; message?: string; errors?: FieldError[] | null } | null;
   if (!body || typeof body.code !== 'string' || typeof body.message !== 'string') return;
-  const status = res.status === 422 ? 400 : res.status;
+  const status = res.status === 422 && body.code !== UNSUPPORTED_COMBINATION ? 400 : res.status;
   const code = CODE_OF[body.code] ?? body.code.toLowerCase();
   const param = paramOf(body.errors);
   // a klein schema's field error says more than its summary ("invalid input for …"); name the OpenAI field
@@ -96,7 +99,7 @@ const common = {
   output_format: z.enum(['png', 'jpeg', 'webp']).nullish().openapi({ description: 'Default png.' }),
   output_compression: z.coerce.number().int().min(0).max(100).nullish().openapi({ description: 'jpeg/webp quality 0–100 (default: the encoder default).' }),
   seed: z.coerce.number().int().min(0).max(2 ** 32 - 1).nullish().openapi({ description: 'klein extension: the random seed (random if omitted).' }),
-  background: z.enum(['auto', 'opaque', 'transparent']).nullish().openapi({ description: '`transparent` is not supported (klein draws opaque images).' }),
+  background: z.enum(BACKGROUNDS).nullish().openapi({ description: `${BACKGROUND_DESCRIPTION} The response echoes the background of the images.` }),
   quality: z.enum(['auto', 'low', 'medium', 'high', 'standard', 'hd']).nullish().openapi({ description: 'Accepted; no effect.' }),
   moderation: z.enum(['auto', 'low']).nullish().openapi({ description: 'Accepted; klein serve runs no moderation model.' }),
   user: z.string().nullish().openapi({ description: 'Kept in the run metadata.' }),
@@ -117,11 +120,11 @@ type OpenAIRequest = z.infer<typeof GenerationsBody> & { input_fidelity?: unknow
 
 const ImagesResponse = z.object({
   created: z.number().int(),
-  data: z.array(z.object({ b64_json: z.string().optional(), url: z.string().optional() })),
+  data: z.array(z.object({ b64_json: z.string().optional(), url: z.string().optional(), revised_prompt: z.string().optional().openapi({ description: 'With a transparent background: the prompt the model drew, with its plain-backdrop hint.' }) })),
   output_format: z.enum(['png', 'jpeg', 'webp']),
   size: z.string(),
   quality: z.string(),
-  background: z.string(),
+  background: z.enum(['opaque', 'transparent']).openapi({ description: 'The background of the images: `transparent` (RGBA png/webp) or `opaque`.' }),
   usage: z.object({
     input_tokens: z.number().int(), output_tokens: z.number().int(), total_tokens: z.number().int(),
     input_tokens_details: z.object({ image_tokens: z.number().int() }),
@@ -133,7 +136,7 @@ const ImagesResponse = z.object({
 
 const OpenAIError = z.object({ error: z.object({ message: z.string(), type: z.string(), param: z.string().nullable(), code: z.string().nullable() }) }).openapi('OpenAIError');
 const errorDocs = Object.fromEntries(
-  [[400, 'Invalid parameter'], [401, 'Missing or invalid API key'], [404, 'Unknown model'], [409, 'The run was cancelled'], [429, 'Rate limited (Retry-After)'], [500, 'The generation failed (not billed)'], [504, 'Not finished in time; the run goes on (see its id)']]
+  [[400, 'Invalid parameter'], [401, 'Missing or invalid API key'], [404, 'Unknown model'], [409, 'The run was cancelled'], [422, 'background transparent with output_format jpeg (unsupported_combination): jpeg has no alpha channel'], [429, 'Rate limited (Retry-After)'], [500, 'The generation failed (not billed)'], [503, 'background transparent, but this server has no matting weights (matting_unavailable)'], [504, 'Not finished in time; the run goes on (see its id)']]
     .map(([s, d]) => [s, { description: d as string, content: { 'application/json': { schema: OpenAIError } } }]),
 );
 
@@ -151,7 +154,6 @@ function firstProblem(issues: readonly { path: PropertyKey[]; message: string; c
 /** The klein input and options of a validated OpenAI request (references added by the edits route). */
 function toKlein(req: OpenAIRequest, kind: ModelEntry['kind']) {
   if (req.stream === true || req.stream === 'true') throw paramError('stream', 'Streaming is not supported by klein serve; omit stream or set it to false', 'unsupported_value');
-  if (req.background === 'transparent') throw paramError('background', "background 'transparent' is not supported: klein draws opaque images", 'unsupported_value');
   const format = req.output_format ?? 'png';
   if (req.output_compression != null && format === 'png') throw paramError('output_compression', 'output_compression applies to jpeg and webp only', 'unsupported_value');
   const size = parseSize(req.size, kind);
@@ -159,6 +161,7 @@ function toKlein(req: OpenAIRequest, kind: ModelEntry['kind']) {
     prompt: req.prompt,
     num_images: req.n ?? 1,
     output_format: format,
+    ...(req.background ? { background: req.background } : {}),
     ...(size ? { image_size: size } : {}),
     ...(req.seed != null ? { seed: req.seed } : {}),
   };
@@ -185,6 +188,7 @@ async function runAndRespond(c: Context<AppEnv>, deps: Deps, k: ReturnType<typeo
 export function openAIResult(r: RunRow, deps: Pick<Deps, 'files'>, baseUrl: string, format: 'b64_json' | 'url', refTokens: number) {
   const noRetry = { 'x-should-retry': 'false' };
   if (r.status === 'failed') {
+    if (r.failure_code === MATTING_UNAVAILABLE) throw new ApiError(503, MATTING_UNAVAILABLE, `run ${r.id} failed (not billed): ${r.failure_message ?? 'no matting weights'}`, [{ loc: ['body', 'background'], message: r.failure_message ?? '', type: 'matting_unavailable' }], noRetry);
     const input = r.failure_code?.startsWith('INPUT_') ?? false;
     throw new ApiError(input ? 400 : 500, (r.failure_code ?? 'generation_failed').toLowerCase(), `run ${r.id} failed (not billed): ${r.failure_message ?? 'unknown error'}`, input ? [{ loc: ['body', 'image'], message: r.failure_message ?? '', type: 'invalid_image' }] : null, noRetry);
   }
@@ -192,14 +196,16 @@ export function openAIResult(r: RunRow, deps: Pick<Deps, 'files'>, baseUrl: stri
   if (r.status !== 'succeeded') throw new ApiError(504, 'timeout', `run ${r.id} did not finish within the wait limit; it goes on: GET /v1/runs/${r.id}`, null, noRetry);
   const out = JSON.parse(r.output!) as StoredOutput;
   const first = out.images[0];
+  // OpenAI's field for "the prompt the model actually drew": a transparent request gets the plain-backdrop hint
+  const revised = out.background === 'transparent' ? { revised_prompt: transparentPrompt(out.prompt) } : {};
   const patches = out.images.reduce((s, i) => s + (i.width / 16) * (i.height / 16), 0);
   return {
     created: Math.floor(isoToMs(r.created_at) / 1000),
-    data: out.images.map((img) => (format === 'url' ? { url: deps.files.url(baseUrl, r.id, img.file) } : { b64_json: deps.files.read(r.id, img.file).toString('base64') })),
+    data: out.images.map((img) => ({ ...(format === 'url' ? { url: deps.files.url(baseUrl, r.id, img.file) } : { b64_json: deps.files.read(r.id, img.file).toString('base64') }), ...revised })),
     output_format: (first.content_type.split('/')[1] ?? 'png') as 'png' | 'jpeg' | 'webp',
     size: `${first.width}x${first.height}`,
     quality: 'auto',
-    background: 'opaque',
+    background: out.background ?? 'opaque',
     usage: {
       input_tokens: refTokens, output_tokens: patches, total_tokens: refTokens + patches,
       input_tokens_details: { image_tokens: refTokens },

@@ -6,14 +6,14 @@ import { streamSSE } from 'hono/streaming';
 import { type App, type AppEnv, type Deps, route } from '../context.ts';
 import { ApiError, fieldError, notFound, validation, zodIssues } from '../errors.ts';
 import { precheckImageUrls } from '../inputs.ts';
-import { type ModelInput, requireModel } from '../models.ts';
+import { requireModel } from '../models.ts';
 import { checkUrl, FetchError } from '../net.ts';
 import { presentRun } from '../present.ts';
 import { type RunRow, RUN_STATUSES, type RunStatus, TERMINAL } from '../store.ts';
 import { isoNow, sha256Hex, ulid } from '../time.ts';
 import { CreateRunBody, errorResponses, ProgressSchema, RunListSchema, RunSchema } from '../schemas.ts';
 import type { RunEvent } from '../queue.ts';
-import { quoteRun } from '../submit.ts';
+import { parseInput, quoteRun } from '../submit.ts';
 
 const MAX_METADATA_BYTES = 16 * 1024;
 
@@ -71,9 +71,7 @@ async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Pr
   }
   const env = Envelope.safeParse(body);
   if (!env.success) throw validation('invalid request body', zodIssues('body', env.error.issues));
-  const parsed = model.schema.safeParse(env.data.input);
-  if (!parsed.success) throw validation(`invalid input for ${model.id}`, zodIssues('body', parsed.error.issues.map((i) => ({ ...i, path: ['input', ...i.path] }))));
-  const input = parsed.data as ModelInput;
+  const input = parseInput(deps, model, env.data.input);
   const urls = 'image_urls' in input ? input.image_urls : [];
   await precheckImageUrls(urls, cfg);
   if (env.data.callback_url) {
@@ -150,7 +148,7 @@ export function registerRuns(app: App, deps: Deps): void {
       }),
       body: { content: { 'application/json': { schema: CreateRunBody } }, required: true },
     },
-    responses: { 201: { description: 'The run', content: { 'application/json': { schema: RunSchema } } }, ...errorResponses(400, 401, 404, 409, 422, 429) },
+    responses: { 201: { description: 'The run', content: { 'application/json': { schema: RunSchema } } }, ...errorResponses(400, 401, 404, 409, 422, 429, 503) },
   });
   app.openAPIRegistry.registerPath(createDoc);
   app.post('/v1/models/:model_id{.+}/runs', (c) => createRun(c, deps, c.req.param('model_id')));

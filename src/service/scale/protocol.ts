@@ -1,6 +1,6 @@
 // What travels between the API and its workers: BullMQ job data (API → Redis → worker) and the JSON bodies of the
 // worker routes (worker → API). Bytes travel as base64 so both fit in JSON.
-import type { GenerateRequest, OutputFormat, Precision, ProgressEvent } from '../../pipeline/types.ts';
+import type { Background, GenerateRequest, OutputFormat, Precision, ProgressEvent } from '../../pipeline/types.ts';
 
 /** The BullMQ queue every API and worker of one installation shares. */
 export const QUEUE_NAME = 'klein-runs';
@@ -18,6 +18,8 @@ export interface JobData {
   guidance?: number;
   output_format: OutputFormat;
   quality?: number;
+  /** absent: the pipeline's default (auto) */
+  background?: Background;
   /** base64 */
   references: string[];
 }
@@ -27,6 +29,7 @@ export function toJob(modelId: string, r: GenerateRequest): JobData {
     model_id: modelId, prompt: r.prompt, width: r.width, height: r.height, seed: r.seed, num_images: r.numImages,
     ...(r.steps !== undefined ? { steps: r.steps } : {}), ...(r.guidance !== undefined ? { guidance: r.guidance } : {}),
     output_format: r.outputFormat, ...(r.quality !== undefined ? { quality: r.quality } : {}),
+    ...(r.background !== undefined ? { background: r.background } : {}),
     references: (r.referenceImages ?? []).map((b) => Buffer.from(b).toString('base64')),
   };
 }
@@ -36,6 +39,7 @@ export function fromJob(j: JobData): GenerateRequest {
     prompt: j.prompt, width: j.width, height: j.height, seed: j.seed, numImages: j.num_images,
     ...(j.steps !== undefined ? { steps: j.steps } : {}), ...(j.guidance !== undefined ? { guidance: j.guidance } : {}),
     outputFormat: j.output_format, ...(j.quality !== undefined ? { quality: j.quality } : {}),
+    ...(j.background !== undefined ? { background: j.background } : {}),
     ...(j.references.length ? { referenceImages: j.references.map((s) => new Uint8Array(Buffer.from(s, 'base64'))) } : {}),
   };
 }
@@ -61,7 +65,7 @@ export interface ResultBody {
   seed: number;
   timings: Record<string, number>;
   prompt_truncated?: boolean;
-  images: { data: string; width: number; height: number; content_type: 'image/png' | 'image/jpeg' | 'image/webp' }[];
+  images: { data: string; width: number; height: number; content_type: 'image/png' | 'image/jpeg' | 'image/webp'; has_alpha?: boolean }[];
 }
 
 export interface FailureBody {
@@ -69,7 +73,7 @@ export interface FailureBody {
   message: string;
   /** the pipeline rejected the request itself (the client's input), not a fault of the worker */
   input: boolean;
-  /** PipelineInputError's code and field, when `input` */
+  /** PipelineInputError's code and field, when `input`; else MattingModelError's code (no matting weights there) */
   code?: string;
   field?: string;
 }

@@ -5,6 +5,7 @@ import crypto from 'node:crypto';
 import { Queue } from 'bullmq';
 import type { Logger } from 'pino';
 import { type PipelineInputCode, PipelineInputError } from '../../pipeline/request.ts';
+import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline, ProgressEvent } from '../../pipeline/types.ts';
 import { type FailureBody, type JobData, QUEUE_NAME, type ResultBody, toJob } from './protocol.ts';
 import { redisConnection } from './redis.ts';
@@ -103,7 +104,7 @@ export class RemotePipeline implements ImagePipeline {
     }
     p.resolve({
       seed: body.seed, timings: body.timings, ...(body.prompt_truncated ? { promptTruncated: true } : {}),
-      images: body.images.map((i) => ({ data: new Uint8Array(Buffer.from(i.data, 'base64')), width: i.width, height: i.height, contentType: i.content_type })),
+      images: body.images.map((i) => ({ data: new Uint8Array(Buffer.from(i.data, 'base64')), width: i.width, height: i.height, contentType: i.content_type, ...(i.has_alpha ? { hasAlpha: true } : {}) })),
     });
     return 'accepted';
   }
@@ -112,7 +113,13 @@ export class RemotePipeline implements ImagePipeline {
     const p = this.pending.get(jobId);
     if (!p) return 'unknown';
     this.pending.delete(jobId);
-    p.reject(body.input ? new PipelineInputError((body.code ?? 'invalid_prompt') as PipelineInputCode, body.message, body.field) : new Error(`worker ${body.worker}: ${body.message}`));
+    p.reject(
+      body.input
+        ? new PipelineInputError((body.code ?? 'invalid_prompt') as PipelineInputCode, body.message, body.field)
+        : body.code === 'matting_model_missing' || body.code === 'matting_model_invalid'
+          ? new MattingModelError(body.code, `worker ${body.worker}: ${body.message}`)
+          : new Error(`worker ${body.worker}: ${body.message}`),
+    );
     return 'accepted';
   }
 

@@ -7,6 +7,7 @@ import os from 'node:os';
 import { type Job, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { PipelineInputError } from '../../pipeline/request.ts';
+import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { ImagePipeline, Precision, ProgressEvent } from '../../pipeline/types.ts';
 import { type Announce, fromJob, type JobData, QUEUE_NAME, type ResultBody, WORKER_PREFIX } from './protocol.ts';
 import { redisConnection } from './redis.ts';
@@ -107,7 +108,7 @@ export class KleinWorker {
       if (ac.signal.aborted) return;
       const body: ResultBody = {
         worker: this.id, seed: result.seed, timings: result.timings, ...(result.promptTruncated ? { prompt_truncated: true } : {}),
-        images: result.images.map((i) => ({ data: Buffer.from(i.data).toString('base64'), width: i.width, height: i.height, content_type: i.contentType })),
+        images: result.images.map((i) => ({ data: Buffer.from(i.data).toString('base64'), width: i.width, height: i.height, content_type: i.contentType, ...(i.hasAlpha ? { has_alpha: true } : {}) })),
       };
       try {
         await this.call(`/jobs/${jobId}/result`, body, 6);
@@ -126,7 +127,8 @@ export class KleinWorker {
       const input = e instanceof PipelineInputError;
       log.warn({ err: e }, 'job failed');
       await this.call(`/jobs/${jobId}/failure`, {
-        worker: this.id, message: (e as Error).message, input, ...(input ? { code: e.code, ...(e.field ? { field: e.field } : {}) } : {}),
+        worker: this.id, message: (e as Error).message, input,
+        ...(input ? { code: e.code, ...(e.field ? { field: e.field } : {}) } : e instanceof MattingModelError ? { code: e.code } : {}),
       }, 6).catch((err) => log.warn({ err }, 'failure report refused'));
     } finally {
       this.processed.push(jobId);
