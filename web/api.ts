@@ -2,13 +2,13 @@
 // server-sent events read from a fetch stream (EventSource cannot send the Authorization header).
 
 export interface Progress { stage: string; step?: number; total?: number; percent: number; message?: string }
-export interface Image { url: string | null; width: number; height: number; content_type: string; file_size: number }
+export interface Image { url: string | null; width: number; height: number; content_type: string; file_size: number; has_alpha?: boolean }
 export interface Run {
   id: string;
   model_id: string;
   status_code: 'queued' | 'running' | 'succeeded' | 'failed' | 'cancelled';
   input: Record<string, unknown>;
-  output: { images: Image[]; seed: number; prompt: string; timings: Record<string, number>; prompt_truncated?: boolean } | null;
+  output: { images: Image[]; seed: number; prompt: string; background?: 'opaque' | 'transparent'; timings: Record<string, number>; prompt_truncated?: boolean } | null;
   cost: string | null;
   progress: Progress | null;
   duration_ms: number | null;

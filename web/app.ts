@@ -3,7 +3,7 @@ import { ApiError, cancelRun, createRun, followRun, listModels, type Run, type R
 import { readConfig } from './config.ts';
 import { addRun, seconds } from './gallery.ts';
 import { readReferences, renderThumbs } from './refs.ts';
-import { buildRequest, megapixels, outputSize, type Reference, type Settings, settingsFromRun, sizeProblems } from './request.ts';
+import { alphaFormat, buildRequest, megapixels, outputSize, type Reference, type Settings, settingsFromRun, sizeProblems } from './request.ts';
 import { curlSnippet, tsSnippet } from './snippets.ts';
 
 const KEY_STORE = 'klein.apiKey';
@@ -24,6 +24,7 @@ const seedIn = $<HTMLInputElement>('seed');
 const stepsIn = $<HTMLInputElement>('steps');
 const countSel = $<HTMLSelectElement>('count');
 const formatSel = $<HTMLSelectElement>('format');
+const backgroundSel = $<HTMLSelectElement>('background');
 const fileIn = $<HTMLInputElement>('ref-files');
 const drop = $('drop');
 const errorBox = $('error');
@@ -46,7 +47,7 @@ function settings(): Settings {
   return {
     mode: mode(), prompt: prompt.value, size: sizeSel.value, width: Number(widthIn.value), height: Number(heightIn.value),
     seed: intOrNull(seedIn.value), steps: intOrNull(stepsIn.value), count: Number(countSel.value),
-    format: formatSel.value as Settings['format'], refs,
+    format: formatSel.value as Settings['format'], background: backgroundSel.value as Settings['background'], refs,
   };
 }
 
@@ -73,13 +74,41 @@ function apply(s: Partial<Settings>): void {
   if (s.steps !== undefined) stepsIn.value = s.steps === null ? '' : String(s.steps);
   if (s.count) countSel.value = String(s.count);
   if (s.format) formatSel.value = s.format;
+  if (s.background) backgroundSel.value = s.background;
   refresh();
 }
 
 const mp = (v: number) => (v >= 0.1 ? v.toFixed(2) : v.toPrecision(2));
 
+/**
+ * A transparent background needs an alpha channel: JPEG is not offered then. When it was the format already, it
+ * becomes PNG and the hint says so (a visible change, never a silent one).
+ */
+let formatSwitched = false;
+function syncBackground(): void {
+  const transparent = backgroundSel.value === 'transparent';
+  const jpeg = formatSel.querySelector<HTMLOptionElement>('option[value=jpeg]')!;
+  jpeg.disabled = transparent;
+  jpeg.textContent = transparent ? 'JPEG (no alpha channel)' : 'JPEG';
+  if (transparent && !alphaFormat(formatSel.value as Settings['format'])) {
+    formatSel.value = 'png';
+    formatSwitched = true;
+  }
+  // the notice stays until the person picks a format, or a background other than transparent
+  if (!transparent) formatSwitched = false;
+  const switched = formatSwitched;
+  const hint = $('background-hint');
+  hint.classList.toggle('warn', switched);
+  hint.textContent = !transparent
+    ? ''
+    : switched
+      ? 'JPEG has no alpha channel, so the format is now PNG. The subject is cut out by a matting model.'
+      : 'The subject is cut out by a matting model: PNG or WebP with alpha. Shadows are removed; glass and smoke are approximated.';
+}
+
 /** Everything that follows from the settings: visible parts, the size hint, thumbnails, snippets. */
 function refresh(): void {
+  syncBackground();
   const s = settings();
   $('refs').hidden = s.mode !== 'edit';
   $('custom-size').hidden = s.size !== 'custom';
@@ -164,7 +193,7 @@ function onEvent(e: RunEvent): void {
   else if (e.event === 'running') showProgress(e.data.progress?.percent ?? 0, `Running · ${stageName(e.data.progress?.stage ?? 'preprocess')}`);
 }
 
-const STAGES: Record<string, string> = { queued: 'Queued', preprocess: 'Preparing', load: 'Loading the model', text: 'Reading the prompt', reference: 'Encoding references', denoise: 'Denoising', decode: 'Decoding', output: 'Encoding images', done: 'Done' };
+const STAGES: Record<string, string> = { queued: 'Queued', preprocess: 'Preparing', load: 'Loading the model', text: 'Reading the prompt', reference: 'Encoding references', denoise: 'Denoising', decode: 'Decoding', matting: 'Cutting out the subject', output: 'Encoding images', done: 'Done' };
 const stageName = (s: string) => STAGES[s] ?? s;
 
 // ---- running
@@ -246,6 +275,7 @@ form.addEventListener('submit', (e) => {
   void generate();
 });
 form.addEventListener('input', refresh);
+formatSel.addEventListener('change', () => (formatSwitched = false));
 form.addEventListener('change', (e) => {
   if ((e.target as HTMLInputElement).name === 'model') fillSizeOptions(true);
   refresh();

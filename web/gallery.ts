@@ -30,9 +30,13 @@ export function addRun(gallery: HTMLElement, run: Run, onReuse: (run: Run, seed:
     pic.width = img.width;
     pic.height = img.height;
     pic.decoding = 'async';
+    // the alpha shows against a checkerboard, as image editors show it
+    if (img.has_alpha) pic.classList.add('alpha');
     const cap = el('figcaption');
     const meta = el('dl', 'meta');
-    for (const [k, v] of [['Size', `${img.width}×${img.height}`], ['Seed', String(seed)], ['Time', seconds(run.duration_ms)], ['Cost', run.cost === null ? '–' : `$${run.cost}`]]) {
+    const rows = [['Size', `${img.width}×${img.height}`], ['Seed', String(seed)], ['Time', seconds(run.duration_ms)], ['Cost', run.cost === null ? '–' : `$${run.cost}`]];
+    if (img.has_alpha) rows.push(['Background', 'transparent']);
+    for (const [k, v] of rows) {
       const d = el('div');
       d.append(el('dt', undefined, k), el('dd', `meta-${k.toLowerCase()}`, v));
       meta.append(d);

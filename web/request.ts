@@ -15,6 +15,8 @@ export interface Settings {
   steps: number | null;
   count: number;
   format: 'png' | 'jpeg' | 'webp';
+  /** 'transparent' cuts the subject out (png/webp only); 'auto' is sent as nothing (the API's default) */
+  background: 'auto' | 'opaque' | 'transparent';
   refs: Reference[];
 }
 
@@ -35,6 +37,7 @@ export function buildRequest(s: Settings, cfg: PlaygroundConfig): RunRequest {
   if (s.steps !== null) input.num_inference_steps = s.steps;
   input.num_images = s.count;
   input.output_format = s.format;
+  if (s.background !== 'auto') input.background = s.background;
   if (s.mode === 'edit') input.image_urls = s.refs.map((r) => r.dataUri);
   return { modelId: s.mode === 'edit' ? cfg.models.edit : cfg.models.t2i, body: { input } };
 }
@@ -66,6 +69,9 @@ export function sizeProblems(w: number, h: number, cfg: PlaygroundConfig): strin
   return out;
 }
 
+/** Formats that can carry a transparent background (JPEG has no alpha channel). */
+export const alphaFormat = (f: Settings['format']) => f !== 'jpeg';
+
 export const megapixels = (w: number, h: number) => (w * h) / 2 ** 20;
 
 /** Settings back from a finished run ("reuse settings"); the seed is the one the run used. */
@@ -78,6 +84,7 @@ export function settingsFromRun(input: Record<string, unknown>, seed: number, ed
     steps: typeof input.num_inference_steps === 'number' ? input.num_inference_steps : null,
     count: typeof input.num_images === 'number' ? input.num_images : 1,
     format: (input.output_format as Settings['format']) ?? 'png',
+    background: input.background === 'opaque' || input.background === 'transparent' ? input.background : 'auto',
     refs,
   };
   if (typeof size === 'string' && size in cfg.presets) out.size = size;

@@ -135,6 +135,9 @@ describe('web playground', () => {
     assert.deepEqual(await page.$$eval('.meta-seed', (d) => d.map((x) => x.textContent)), ['1234', '1235']);
     assert.deepEqual(await page.$$eval('.meta-size', (d) => d.map((x) => x.textContent)), ['80×64', '80×64']);
     assert.match((await page.textContent('.meta-cost'))!, /^\$\d+\.\d+/);
+    // opaque results get no transparency checkerboard and no background line
+    assert.equal(await page.locator('#gallery img.alpha').count(), 0);
+    assert.equal(await page.locator('.meta-background').count(), 0);
     assert.match((await page.textContent('.meta-time'))!, /\d s/);
 
     // the download link is the image itself, with a file name
@@ -290,6 +293,59 @@ describe('web playground', () => {
     await page.context().close();
   });
 
+  test('transparent background: jpeg is not offered, the field is sent, the result shows its alpha over a checkerboard', async () => {
+    const page = await open();
+    await page.fill('#prompt', 'a yellow rubber duck');
+    await customSize(page, 64, 64);
+    await page.fill('#seed', '21');
+    await page.fill('#steps', '2');
+    await page.selectOption('#format', 'jpeg');
+    assert.equal(await page.textContent('#background-hint'), '');
+    // choosing transparent while jpeg is picked: the format visibly becomes png, the hint says why, jpeg is disabled
+    await page.selectOption('#background', 'transparent');
+    assert.equal(await page.inputValue('#format'), 'png');
+    assert.match((await page.textContent('#background-hint'))!, /JPEG has no alpha channel, so the format is now PNG/);
+    assert.ok(await page.$eval('#format option[value=jpeg]', (o) => (o as HTMLOptionElement).disabled));
+    // typing elsewhere keeps the notice; picking a format (webp) ends it
+    await page.fill('#prompt', 'a yellow rubber duck, studio photo');
+    assert.match((await page.textContent('#background-hint'))!, /format is now PNG/);
+    await page.selectOption('#format', 'webp');
+    assert.match((await page.textContent('#background-hint'))!, /^The subject is cut out by a matting model/);
+    await page.click('#code summary');
+    assert.match((await page.textContent('#code-curl'))!, /"background": "transparent"/);
+    await shot(page, '9-transparent-form');
+
+    // the request the page sends carries the field
+    const sent = page.waitForRequest((r) => r.method() === 'POST' && r.url().endsWith('/runs'));
+    await page.click('#generate');
+    assert.deepEqual(JSON.parse((await sent).postData()!).input.background, 'transparent');
+    const [img] = await loadedImages(page, 1);
+    assert.deepEqual([img.w, img.h], [64, 64]);
+    const file = await sharp(Buffer.from(await (await fetch(img.src)).arrayBuffer())).metadata();
+    assert.deepEqual([file.format, file.channels], ['webp', 4]);
+    assert.equal(await page.textContent('.meta-background'), 'transparent');
+    const card = page.locator('#gallery img').first();
+    assert.ok(await card.evaluate((e) => e.classList.contains('alpha')));
+    assert.match(await card.evaluate((e) => getComputedStyle(e).backgroundImage), /conic-gradient/);
+    // the checkerboard really shows through: the rendered card changes when the pattern behind it is taken away
+    const withBoard = await card.screenshot();
+    await card.evaluate((e) => ((e as HTMLElement).style.background = 'none'));
+    const without = await card.screenshot();
+    assert.ok(!withBoard.equals(without), 'the alpha lets the checkerboard through');
+    await card.evaluate((e) => ((e as HTMLElement).style.background = ''));
+    await shot(page, '10-transparent-result');
+
+    // back to opaque: jpeg is offered again; reuse restores transparent
+    await page.selectOption('#background', 'opaque');
+    assert.ok(!(await page.$eval('#format option[value=jpeg]', (o) => (o as HTMLOptionElement).disabled)));
+    assert.equal(await page.textContent('#background-hint'), '');
+    await page.click('.card button:has-text("Reuse settings")');
+    assert.equal(await page.inputValue('#background'), 'transparent');
+    assert.equal(await page.inputValue('#format'), 'webp');
+    assert.deepEqual(jsErrors(page), []);
+    await page.context().close();
+  });
+
   test('API errors: an invalid size and a missing key show the envelope message', async () => {
     const page = await open();
     await page.fill('#prompt', 'a cat');
@@ -330,11 +386,11 @@ describe('web playground', () => {
     // the form fields come in reading order when tabbing from the key field
     await page.focus('#api-key');
     const order: string[] = [];
-    for (let i = 0; i < 14; i++) {
+    for (let i = 0; i < 16; i++) {
       await page.keyboard.press('Tab');
       order.push(await page.evaluate(() => document.activeElement?.id || (document.activeElement as HTMLInputElement)?.value || ''));
     }
-    const want = ['t2i', 'prompt', 'size', 'seed', 'dice', 'steps', 'count', 'format', 'generate'];
+    const want = ['t2i', 'prompt', 'size', 'seed', 'dice', 'steps', 'count', 'format', 'background', 'generate'];
     assert.deepEqual(order.filter((x) => want.includes(x)), want, order.join(','));
     // focus is drawn: a focused field gets a box-shadow ring
     await page.focus('#seed');
