@@ -129,6 +129,7 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
   log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, precision ${precision}`);
   const int8 = model.int8Cache ? (model.int8Cache.built ? ', int8 weights quantized and cached' : ', int8 weights from the cache') : '';
   log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}${int8}`);
+  if (model.device !== 'cpu') log(`device: ${model.device}, Linears in ${model.computeDtype}${model.computeDtype === 'fp16' ? ` (${model.fp16Overflows} weights clamped to ±65504)` : ''}, stage I/O ${model.deviceIO ? 'in device memory' : 'through the host'}`);
   try {
     const [firstS, firstOut] = await seconds(() => model.forward(inp));
     log(`first step seconds: ${firstS.toFixed(3)}`);
@@ -150,6 +151,7 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     const gflops = flops / best / 1e9;
     const ratio = (b: number) => `${(b / GiB).toFixed(2)} GiB = ${(b / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB of fp32 weights`;
     log(`GFLOP per step: ${(flops / 1e9).toFixed(1)}`);
+    if (model.device !== 'cpu') log(`host transfers per step: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
     log(`seconds/step: ${best.toFixed(3)} (best of ${o.steps})`);
     // On a shared machine wall time includes other people's work; CPU time per step (all threads) does not.
     log(`CPU seconds/step: ${bestCpu.toFixed(3)} (${threads} threads: ${(flops / (bestCpu / threads) / 1e9).toFixed(1)} GFLOP/s if they had the cores to themselves)`);

@@ -9,7 +9,6 @@
 // adds), so a stage casts an activation to fp16 right before its Linear and the product back to fp32 after it.
 import type { Device } from '../graph/device.ts';
 import { UsageError } from '../cli/errors.ts';
-import { f32ToF16 } from '../weights/safetensors.ts';
 
 /** What the transformer's Linears compute in: fp32 everywhere, or fp16 weights and GEMMs (GPU devices only). */
 export type ComputeDtype = 'fp32' | 'fp16';
@@ -57,19 +56,41 @@ export function transpose2d(src: Float32Array, rows: number, cols: number): Floa
 /**
  * fp32 → fp16 bits with round-to-nearest-even, values beyond ±65504 clamped to it (not rounded to ±Inf, which
  * would turn every product it touches into Inf/NaN). `overflows` counts the clamped values. Modifies nothing.
+ * Works on the bit patterns (klein 4B has 3.9 G weights to convert at load): normal results by shifting the
+ * exponent and mantissa, fp16 subnormals (|x| < 2⁻¹⁴) through float arithmetic, which is exact there.
  */
 export function f32ToF16Clamped(src: Float32Array): { data: Uint16Array; overflows: number } {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  const out = new Uint16Array(src.length);
   let overflows = 0;
-  let clamped: Float32Array | undefined;
-  for (let i = 0; i < src.length; i++) {
-    const v = src[i];
-    if (v > F16_MAX || v < -F16_MAX) {
-      clamped ??= Float32Array.from(src);
-      clamped[i] = v > 0 ? F16_MAX : -F16_MAX;
-      overflows++;
+  for (let i = 0; i < bits.length; i++) {
+    const x = bits[i];
+    const sign = (x >>> 16) & 0x8000;
+    const abs = x & 0x7fffffff;
+    if (abs >= 0x38800000) {
+      if (abs > 0x477fe000) {
+        // beyond 65504 (0x477fe000): clamp; NaN stays NaN
+        if (abs > 0x7f800000) out[i] = sign | 0x7e00;
+        else {
+          out[i] = sign | 0x7bff;
+          overflows++;
+        }
+        continue;
+      }
+      // rebias the exponent (127 → 15) and keep 10 mantissa bits; a carry out of the mantissa bumps the exponent
+      let h = (abs >>> 13) - (112 << 10);
+      const rem = abs & 0x1fff;
+      if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++;
+      out[i] = sign | h;
+    } else {
+      const q = Math.abs(src[i]) * 16777216; // in units of the smallest subnormal, 2⁻²⁴ (exact in float64)
+      let h = Math.floor(q);
+      const frac = q - h;
+      if (frac > 0.5 || (frac === 0.5 && h & 1)) h++;
+      out[i] = sign | h; // h = 1024 is the smallest normal, 2⁻¹⁴: the bit pattern is right as is
     }
   }
-  return { data: f32ToF16(clamped ?? src), overflows };
+  return { data: out, overflows };
 }
 
 /** Host↔device copies of one forward between its stage sessions (GPU devices; zero on the CPU). */

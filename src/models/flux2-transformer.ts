@@ -8,7 +8,7 @@ import { Graph as GraphBuilder, MS_DOMAIN } from '../graph/onnx-graph.ts';
 import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '../graph/nn.ts';
 import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
-import { resolveDevice, defaultDevice } from '../graph/device.ts';
+import { resolveDevice, defaultDevice, type Device } from '../graph/device.ts';
 import { deviceResidentIO, f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype, type HostTransfers } from './flux2-gpu.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
@@ -596,7 +596,8 @@ export class Flux2Transformer {
   deviceIO = false;
   /** Host↔device copies of the last `forward` (zero on the CPU). */
   lastTransfers: HostTransfers = { uploads: 0, downloads: 0 };
-  private onDevice = false;
+  /** The device the stage sessions run on. */
+  device: Device = 'cpu';
   /** `fast`: the block Linears run as int8 products. */
   precision: Precision = 'exact';
   /** Fast mode: the int8 weight cache's folder, and whether this load built it (quantized the checkpoint). */
@@ -661,7 +662,7 @@ export class Flux2Transformer {
       if (cacheInfo) cacheInfo.built = true;
     }
     const model = new Flux2Transformer(built.map(({ stage }, i) => ({ stage, session: sessions[i]! })), w.config, w.layout, allCached);
-    Object.assign(model, { computeDtype: dtype, fp16Overflows: stats.fp16Overflows, deviceIO, onDevice: device !== 'cpu', precision, int8Cache: cacheInfo });
+    Object.assign(model, { computeDtype: dtype, fp16Overflows: stats.fp16Overflows, deviceIO, device, precision, int8Cache: cacheInfo });
     return model;
   }
 
@@ -706,7 +707,7 @@ export class Flux2Transformer {
           const v = values.get(name);
           if (!v) throw new Error(`flux2 stage ${stage.name}: no value ${name}`);
           feeds[name] = v;
-          if (this.onDevice && !onGpu(v)) transfers.uploads++;
+          if (this.device !== 'cpu' && !onGpu(v)) transfers.uploads++;
         }
         const out = await session.run(feeds, RUN_OPTIONS);
         for (const [name, v] of Object.entries(out)) {
@@ -714,7 +715,7 @@ export class Flux2Transformer {
           const old = values.get(key);
           if (old && old !== v && onGpu(old)) old.dispose();
           values.set(key, v);
-          if (this.onDevice && !onGpu(v)) transfers.downloads++;
+          if (this.device !== 'cpu' && !onGpu(v)) transfers.downloads++;
         }
       }
       return values.get('output')!.data as Float32Array;
