@@ -55,6 +55,8 @@ export const createRun = (key: string, modelId: string, body: unknown) => call<R
 export const getRun = (key: string, id: string) => call<Run>('GET', `/v1/runs/${id}`, key);
 export const cancelRun = (key: string, id: string) => call<Run>('POST', `/v1/runs/${id}/cancellation`, key);
 export const listModels = () => call<{ data: { id: string; price_label: string | null }[] }>('GET', '/v1/models', '');
+export interface Health { transparent_backgrounds?: { status: 'available' | 'unavailable' | 'unknown'; message?: string } }
+export const getHealth = () => call<Health>('GET', '/v1/health', '');
 
 export type RunEvent = { event: 'progress'; data: Progress } | { event: 'queued' | 'running' | 'done'; data: Run };
 

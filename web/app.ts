@@ -1,5 +1,5 @@
 // The playground page: reads the form, sends the run, follows its events, and fills the gallery.
-import { ApiError, cancelRun, createRun, followRun, listModels, type Run, type RunEvent } from './api.ts';
+import { ApiError, cancelRun, createRun, followRun, getHealth, listModels, type Run, type RunEvent } from './api.ts';
 import { readConfig } from './config.ts';
 import { addRun, seconds } from './gallery.ts';
 import { readReferences, renderThumbs } from './refs.ts';
@@ -85,7 +85,13 @@ const mp = (v: number) => (v >= 0.1 ? v.toFixed(2) : v.toPrecision(2));
  * becomes PNG and the hint says so (a visible change, never a silent one).
  */
 let formatSwitched = false;
+/** Set when the server says it has no matting weights: Transparent is not offered, and the hint says why. */
+let mattingMissing: string | null = null;
 function syncBackground(): void {
+  const option = backgroundSel.querySelector<HTMLOptionElement>('option[value=transparent]')!;
+  option.disabled = mattingMissing !== null;
+  option.textContent = mattingMissing !== null ? 'Transparent (not installed on this server)' : 'Transparent (cut out)';
+  if (mattingMissing !== null && backgroundSel.value === 'transparent') backgroundSel.value = 'auto';
   const transparent = backgroundSel.value === 'transparent';
   const jpeg = formatSel.querySelector<HTMLOptionElement>('option[value=jpeg]')!;
   jpeg.disabled = transparent;
@@ -99,11 +105,10 @@ function syncBackground(): void {
   const switched = formatSwitched;
   const hint = $('background-hint');
   hint.classList.toggle('warn', switched);
-  hint.textContent = !transparent
-    ? ''
-    : switched
-      ? 'JPEG has no alpha channel, so the format is now PNG. The subject is cut out by a matting model.'
-      : 'The subject is cut out by a matting model: PNG or WebP with alpha. Shadows are removed; glass and smoke are approximated.';
+  if (mattingMissing !== null) hint.textContent = `Transparent backgrounds are not available here: ${mattingMissing}`;
+  else if (!transparent) hint.textContent = '';
+  else if (switched) hint.textContent = 'JPEG has no alpha channel, so the format is now PNG. The subject is cut out by a matting model.';
+  else hint.textContent = 'The subject is cut out by a matting model: PNG or WebP with alpha. Shadows are removed; glass and smoke are approximated.';
 }
 
 /** Everything that follows from the settings: visible parts, the size hint, thumbnails, snippets. */
@@ -370,4 +375,12 @@ listModels()
     update();
   })
   .catch(() => { /* prices are a nicety; the form works without them */ });
+getHealth()
+  .then((hl) => {
+    const t = hl.transparent_backgrounds;
+    if (t?.status !== 'unavailable') return;
+    mattingMissing = t.message ?? 'the matting weights are not installed';
+    refresh();
+  })
+  .catch(() => { /* the API still answers a transparent request with its reason */ });
 document.documentElement.dataset.ready = 'true';

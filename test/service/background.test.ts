@@ -181,6 +181,11 @@ describe('transparent backgrounds through the API', () => {
     }
   });
 
+  test('/v1/health says whether transparent backgrounds are available', async () => {
+    const health = (await (await fetch(`${h.url}/v1/health`)).json()) as { transparent_backgrounds: unknown };
+    assert.deepEqual(health.transparent_backgrounds, { status: 'available' });
+  });
+
   test('the OpenAPI document, llms.txt and SKILL.md describe the field', async () => {
     const doc = (await (await fetch(`${h.url}/openapi.json`)).json()) as { components: { schemas: Record<string, { properties: Record<string, { enum?: string[]; default?: string; description?: string }> }> } };
     for (const name of ['TextToImageInput', 'EditInput']) {
@@ -239,6 +244,13 @@ describe('transparent backgrounds on a server without matting weights', () => {
     assert.deepEqual([e.status, e.code, e.type, e.param], [503, 'matting_unavailable', 'server_error', 'background']);
     assert.match(e.message, /klein pull --matting/);
     assert.deepEqual(await footprint(probed), before, 'nothing stored, and x-should-retry kept the client from retrying');
+
+    // /v1/health tells operators and the playground beforehand; without a probe the server cannot know
+    const health = async (x: Harness) => ((await (await fetch(`${x.url}/v1/health`)).json()) as { transparent_backgrounds: { status: string; message?: string } }).transparent_backgrounds;
+    const p = await health(probed);
+    assert.equal(p.status, 'unavailable');
+    assert.match(p.message!, /klein pull --matting/);
+    assert.deepEqual(await health(unprobed), { status: 'unknown' });
   });
 
   test('without the probe the run fails fast with failure_code MATTING_UNAVAILABLE, not billed; opaque runs are unaffected by the check', async () => {

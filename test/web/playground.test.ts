@@ -10,6 +10,7 @@ import path from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import sharp from 'sharp';
 import type { ImagePipeline } from '../../src/pipeline/types.ts';
+import { mattingProbe } from '../../src/service/background.ts';
 import { type Harness, realPipeline, startService, tempDir } from '../service/helpers.ts';
 
 const CHROMIUM = process.env.KLEIN_CHROMIUM ?? '/usr/bin/chromium';
@@ -344,6 +345,26 @@ describe('web playground', () => {
     assert.equal(await page.inputValue('#format'), 'webp');
     assert.deepEqual(jsErrors(page), []);
     await page.context().close();
+  });
+
+  test('a server without matting weights: Transparent is not offered, and the page says how to install them', async () => {
+    // the probe klein serve uses, pointed at a folder that holds no matting model
+    const bare = await startService({ pipeline: engine, matting: mattingProbe({ explicit: path.join(tempDir('klein-web-'), 'no-matting') }) });
+    try {
+      const ctx = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+      const page = await ctx.newPage();
+      await page.goto(bare.url + '/');
+      await page.waitForSelector('html[data-ready=true]');
+      await page.waitForFunction(() => (document.querySelector('#background option[value=transparent]') as HTMLOptionElement).disabled);
+      assert.equal(await page.textContent('#background option[value=transparent]'), 'Transparent (not installed on this server)');
+      assert.match((await page.textContent('#background-hint'))!, /^Transparent backgrounds are not available here: .*klein pull --matting/);
+      // jpeg stays on offer: only transparency is missing
+      assert.ok(!(await page.$eval('#format option[value=jpeg]', (o) => (o as HTMLOptionElement).disabled)));
+      await shot(page, '11-no-matting');
+      await ctx.close();
+    } finally {
+      await bare.svc.close();
+    }
   });
 
   test('API errors: an invalid size and a missing key show the envelope message', async () => {

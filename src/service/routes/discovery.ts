@@ -13,15 +13,27 @@ const Model = z.object({
   precision: z.enum(['exact', 'fast']).openapi({ description: 'How this server runs the model: exact (fp32, matches the reference) or fast (int8 products; error stated in docs/benchmarks.md). Chosen when the server starts (klein serve --precision).' }),
 }).openapi('Model');
 
+const TransparentBackgrounds = z.object({
+  status: z.enum(['available', 'unavailable', 'unknown']),
+  message: z.string().optional(),
+}).openapi({ description: '`background: "transparent"` on this server: `available` (matting weights found), `unavailable` (`message` says how to install them; such requests get 503 MATTING_UNAVAILABLE), or `unknown` (scaled out: each worker finds out).' });
+
+/** Asked on each health request, so weights installed while the server runs show up at once. */
+function mattingState(deps: Deps): z.infer<typeof TransparentBackgrounds> {
+  if (!deps.matting) return { status: 'unknown' };
+  const missing = deps.matting();
+  return missing ? { status: 'unavailable', message: missing } : { status: 'available' };
+}
+
 export const VERSION = '0.1.0';
 
 export function registerDiscovery(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/health', tags: ['Discovery'], summary: 'Health and queue depth',
-    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']) }) } } } },
+    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']), transparent_backgrounds: TransparentBackgrounds }) } } } },
   }), (c) => {
     const counts = deps.store.countByStatus();
-    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', ...(deps.healthExtra?.() ?? {}) });
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', transparent_backgrounds: mattingState(deps), ...(deps.healthExtra?.() ?? {}) });
   });
 
   route(app, createRoute({
