@@ -13,7 +13,8 @@
 # library is present in node_modules, `auto` picks it instead.
 #
 # Env (run): KLEIN_GPU_WORK (default /tmp/klein-gpu: unpacked node, golden, bench checkpoints),
-#            KLEIN_GPU_DEVICE (default auto), KLEIN_GPU_SIZES (default "512 1024"), KLEIN_GPU_BUDGET (seconds, 450).
+#            KLEIN_GPU_DEVICE (default auto), KLEIN_GPU_SIZES (default "512 1024"), KLEIN_GPU_BUDGET (seconds, 450),
+#            KLEIN_GPU_DTYPE (default fp16: the transformer's Linears; fp32 to compare, see src/models/flux2-gpu.ts).
 set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -144,6 +145,10 @@ do_run() {
     device="${device:-cpu}"
   fi
   say "device: $device"
+  # The transformer's Linears on a GPU: fp16 weights and products (fp32 norms, attention, residuals) unless told
+  # otherwise; the conformance lines of the transformer say "fp16" and use its tolerance (1e-2 · max|ref|).
+  export KLEIN_GPU_DTYPE="${KLEIN_GPU_DTYPE:-fp16}"
+  [ "$device" = cpu ] && say "transformer dtype: fp32 (the CPU provider)" || say "transformer dtype: $KLEIN_GPU_DTYPE"
   export KLEIN_DEVICE="$device" KLEIN_CACHE_DIR="$work/cache"
 
   # 4. Golden conformance on the device.

@@ -1,4 +1,5 @@
-// `klein dev …`: developer tools. `make-tiny-model DIR` writes a random tiny model in the official HF layout.
+// `klein dev …`: developer tools. `make-tiny-model DIR` writes a random tiny model in the official HF layout, with
+// tiny random matting weights in DIR/matting/ (transparent backgrounds).
 import fs from 'node:fs';
 import { Option, type Command } from 'commander';
 import { writeTinyModel } from '../weights/tiny-model.ts';
@@ -16,6 +17,7 @@ interface TinyCli {
   vaeChannels: string;
   layout: 'diffusers' | 'bfl';
   force?: boolean;
+  matting: boolean;
 }
 
 export function registerDev(program: Command): void {
@@ -33,6 +35,7 @@ export function registerDev(program: Command): void {
     .option('--vae-channels <n>', 'VAE base channels (multiple of 32)', '32')
     .addOption(new Option('--layout <layout>', 'diffusers (HF repo) or bfl (single files)').choices(['diffusers', 'bfl']).default('diffusers'))
     .option('--force', 'write into a non-empty folder')
+    .option('--no-matting', 'leave out the tiny matting model (DIR/matting/) that --background transparent uses')
     .action(async (dir: string, o: TinyCli) => {
       if (fs.existsSync(dir) && !fs.statSync(dir).isDirectory()) throw new UsageError(`${dir} is a file`);
       if (fs.existsSync(dir) && fs.readdirSync(dir).length > 0 && !o.force) throw new UsageError(`${dir} is not empty (use --force to write into it)`);
@@ -47,8 +50,9 @@ export function registerDev(program: Command): void {
           textHidden: n(o.textHidden, '--text-hidden'),
           vaeChannels: n(o.vaeChannels, '--vae-channels'),
           layout: o.layout,
+          matting: o.matting,
         });
-        console.log(`wrote a random tiny ${info.variant} model (${o.layout} layout, ${fmtBytes(info.bytes)}) to ${info.dir}`);
+        console.log(`wrote a random tiny ${info.variant} model (${o.layout} layout, ${fmtBytes(info.bytes)}) to ${info.dir}${o.matting ? ', with a tiny matting model in matting/' : ''}`);
       } catch (e) {
         if (e instanceof RangeError) throw new UsageError(e.message);
         throw e;

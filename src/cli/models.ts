@@ -1,12 +1,19 @@
-// `klein models`: what is installed in the model cache (or a given folder), with variant, layout, size and health.
+// `klein models`: what is installed in the model cache (or a given folder), with variant, layout, size and health;
+// matting weights (transparent backgrounds) are listed with their geometry.
 import type { Command } from 'commander';
 import { listInstalledModels, modelsDir, openModelFolder, ModelFolderError, type InstalledModel } from '../weights/model-folder.ts';
+import { openMattingFolder, type MattingFolder } from '../weights/matting-folder.ts';
 import { UsageError } from './errors.ts';
 import { fmtBytes } from './progress-bars.ts';
 
+function inputSizeText(s: unknown): string {
+  return Array.isArray(s) ? `${s[1]}×${s[0]}` : s === 'dynamic' ? 'dynamic size' : `${String(s)}²`;
+}
+
 function describe(m: InstalledModel) {
+  if (m.matting) return { name: m.name, path: m.path, ok: true, kind: 'matting' as const, geometry: m.matting.geometry, input_size: m.matting.inputSize, bytes: m.matting.bytes };
   return m.model
-    ? { name: m.name, path: m.path, ok: true, variant: m.model.variant.id, layout: m.model.layout, bytes: m.model.bytes, steps: m.model.variant.defaultSteps, guidance: m.model.variant.distilled ? null : m.model.variant.defaultGuidance }
+    ? { name: m.name, path: m.path, ok: true, kind: 'klein' as const, variant: m.model.variant.id, layout: m.model.layout, bytes: m.model.bytes, steps: m.model.variant.defaultSteps, guidance: m.model.variant.distilled ? null : m.model.variant.defaultGuidance }
     : { name: m.name, path: m.path, ok: false, problem: m.error };
 }
 
@@ -20,10 +27,18 @@ export function registerModels(program: Command): void {
       let list: InstalledModel[];
       if (folder) {
         try {
-          list = [{ name: folder, path: folder, model: openModelFolder(folder) }];
+          list = [{ name: folder, path: folder, kind: 'klein', model: openModelFolder(folder) }];
         } catch (e) {
-          if (e instanceof ModelFolderError) throw new UsageError(e.message);
-          throw e;
+          if (!(e instanceof ModelFolderError)) throw e;
+          // not a klein folder: it may be matting weights
+          let matting: MattingFolder | undefined;
+          try {
+            if (e.code === 'model_invalid') matting = openMattingFolder(folder);
+          } catch {
+            // neither: the klein error says what a model folder is
+          }
+          if (!matting) throw new UsageError(e.message);
+          list = [{ name: folder, path: folder, kind: 'matting', matting }];
         }
       } else list = listInstalledModels();
       const rows = list.map(describe);
@@ -36,7 +51,8 @@ export function registerModels(program: Command): void {
         return;
       }
       for (const r of rows) {
-        if (r.ok) console.log(`${r.name}  ${r.variant}  ${r.layout} layout  ${fmtBytes(r.bytes ?? 0)}  ${r.steps} steps${r.guidance ? `, CFG ${r.guidance}` : ''}  ${r.path}`);
+        if (r.kind === 'matting') console.log(`${r.name}  matting model (BiRefNet ${r.geometry}, ${inputSizeText(r.input_size)} input) for --background transparent  ${fmtBytes(r.bytes ?? 0)}  ${r.path}`);
+        else if (r.ok) console.log(`${r.name}  ${r.variant}  ${r.layout} layout  ${fmtBytes(r.bytes ?? 0)}  ${r.steps} steps${r.guidance ? `, CFG ${r.guidance}` : ''}  ${r.path}`);
         else console.log(`${r.name}  INCOMPLETE  ${r.path}\n  ${String(r.problem).split('\n').join('\n  ')}`);
       }
     });

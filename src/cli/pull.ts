@@ -1,5 +1,9 @@
 // `klein pull [REPO]`: download a model from the Hugging Face Hub (or a mirror) into the model cache.
+// `klein pull --matting [REPO]`: the matting weights for transparent backgrounds (default ZhengPeng7/BiRefNet-matting);
+// a BiRefNet repository named without --matting is recognised from its listing.
+import path from 'node:path';
 import type { Command } from 'commander';
+import { DEFAULT_MATTING_REPO, defaultMattingDir, openMattingFolder } from '../weights/matting-folder.ts';
 import { DEFAULT_REPO, isRepoId, openModelFolder } from '../weights/model-folder.ts';
 import { PullError, pullModel } from '../weights/hub.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
@@ -12,21 +16,35 @@ interface PullCliOptions {
   retries: string;
   json?: boolean;
   quiet?: boolean;
+  matting?: boolean;
+}
+
+/** What a pulled folder is good for, or why it is not usable yet. */
+function check(kind: 'klein' | 'matting', dir: string): { variant?: string; matting?: { geometry: string; input_size: unknown }; problem?: string } {
+  try {
+    if (kind === 'klein') return { variant: openModelFolder(dir).variant.id };
+    const m = openMattingFolder(dir);
+    return { matting: { geometry: m.geometry, input_size: m.inputSize } };
+  } catch (e) {
+    return { problem: (e as Error).message };
+  }
 }
 
 export function registerPull(program: Command): void {
   program
     .command('pull')
-    .description('download a FLUX.2 [klein] model from the Hugging Face Hub into the model cache (resumable, verified)')
-    .argument('[repo]', 'Hub repository (owner/name)', DEFAULT_REPO)
+    .description('download a FLUX.2 [klein] model (or, with --matting, the matting model for transparent backgrounds) from the Hugging Face Hub into the model cache (resumable, verified)')
+    .argument('[repo]', `Hub repository (owner/name); default ${DEFAULT_REPO}, with --matting ${DEFAULT_MATTING_REPO}`)
+    .option('--matting', `pull BiRefNet matting weights (model.safetensors + config.json) for --background transparent`)
     .option('--revision <rev>', 'branch, tag or commit', 'main')
     .option('--hub-url <url>', 'Hub endpoint, for mirrors (default: $HF_ENDPOINT or https://huggingface.co)')
     .option('--dir <folder>', 'download into this folder instead of the cache ($KLEIN_HOME/models/<owner>--<name>)')
     .option('--retries <n>', 'automatic resumes per file after a broken connection', '5')
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output')
-    .addHelpText('after', '\nThe token for gated repositories comes from $HF_TOKEN. An interrupted pull resumes where it stopped.')
-    .action(async (repo: string, opts: PullCliOptions) => {
+    .addHelpText('after', '\nThe token for gated repositories comes from $HF_TOKEN. An interrupted pull resumes where it stopped.\nThe pipeline finds the matting weights pulled into the cache by itself; pulled elsewhere (--dir), point $KLEIN_MATTING_MODEL at them.')
+    .action(async (repoArg: string | undefined, opts: PullCliOptions) => {
+      const repo = repoArg ?? (opts.matting ? DEFAULT_MATTING_REPO : DEFAULT_REPO);
       if (!isRepoId(repo)) throw new UsageError(`"${repo}" is not a Hub repository id (owner/name)`);
       if (opts.hubUrl && !/^https?:\/\//.test(opts.hubUrl)) throw new UsageError(`--hub-url must be an http(s) URL, got "${opts.hubUrl}"`);
       const retries = Number(opts.retries);
@@ -40,6 +58,7 @@ export function registerPull(program: Command): void {
           hubUrl: opts.hubUrl,
           dest: opts.dir,
           retries,
+          kind: opts.matting ? 'matting' : 'auto',
           onProgress: (p) => {
             if (p.phase === 'list') bar.stage(`listing ${repo}`, 1);
             if (p.phase === 'download' && p.file && p.file !== current) {
@@ -51,19 +70,20 @@ export function registerPull(program: Command): void {
           },
         });
         bar.stop();
-        let variant: string | undefined;
-        let problem: string | undefined;
-        try {
-          variant = openModelFolder(r.dir).variant.id;
-        } catch (e) {
-          problem = (e as Error).message;
-        }
+        const { variant, matting, problem } = check(r.kind, r.dir);
         if (opts.json) {
-          console.log(JSON.stringify({ repo: r.repo, revision: r.revision, dir: r.dir, bytes: r.bytes, variant, problem, files: r.files }));
+          console.log(JSON.stringify({ repo: r.repo, revision: r.revision, kind: r.kind, dir: r.dir, bytes: r.bytes, variant, matting, problem, files: r.files }));
         } else {
           const fresh = r.files.filter((f) => f.status !== 'present').length;
           console.log(`${r.repo}@${r.revision}: ${r.files.length} files (${fmtBytes(r.bytes)}), ${fresh} downloaded, ${r.files.length - fresh} already present → ${r.dir}`);
           if (variant) console.log(`model: ${variant}`);
+          if (matting) {
+            const size = Array.isArray(matting.input_size) ? matting.input_size.join('×') : matting.input_size === 'dynamic' ? 'dynamic' : `${String(matting.input_size)}²`;
+            console.log(`matting model: BiRefNet (${matting.geometry} geometry, ${size} input) for --background transparent`);
+            // only the default repo in the cache is found without configuration
+            const found = path.resolve(r.dir) === defaultMattingDir();
+            if (!found) console.log(`use it with --matting-model ${r.dir} or KLEIN_MATTING_MODEL=${r.dir}`);
+          }
           if (problem) console.log(`warning: the folder is not usable yet:\n${problem}`);
         }
       } catch (e) {

@@ -6,10 +6,13 @@
 // the file, not have its whole body appended to the partial one. Each file is written to `<file>.part`, resumed
 // from its length after an interruption (also automatically, a few times, within one run), checked against the
 // listed size and hash (sha256 of the LFS oid for large files, the git blob sha1 for small ones), then renamed.
+// Two kinds of repository are pulled: FLUX.2 [klein] models and BiRefNet matting models (transparent backgrounds);
+// the listing says which, or the caller does.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { listFiles } from '@huggingface/hub';
+import { isMattingListing, mattingFilesToPull } from './matting-folder.ts';
 import { filesToPull, modelCacheDir } from './model-folder.ts';
 
 export const DEFAULT_HUB_URL = 'https://huggingface.co';
@@ -35,8 +38,13 @@ export interface PullOptions {
   token?: string;
   /** Default: the repo's cache folder. */
   dest?: string;
-  /** Explicit file list instead of `filesToPull(listing)`. */
+  /** Explicit file list instead of the kind's selection from the listing. */
   files?: string[];
+  /**
+   * `klein`: a FLUX.2 [klein] model (`filesToPull`); `matting`: BiRefNet weights (`mattingFilesToPull`); `auto`
+   * (default): klein files if the listing has any, else matting files if it is a BiRefNet repository.
+   */
+  kind?: PullKind | 'auto';
   onProgress?: (p: PullProgress) => void;
   /** Automatic resumes after a broken connection, per file. */
   retries?: number;
@@ -51,7 +59,10 @@ export interface PulledFile {
   status: 'downloaded' | 'resumed' | 'present';
 }
 
+export type PullKind = 'klein' | 'matting';
+
 export interface PullResult {
+  kind: PullKind;
   dir: string;
   repo: string;
   revision: string;
@@ -237,9 +248,13 @@ export async function pullModel(opts: PullOptions): Promise<PullResult> {
   progress({ phase: 'list', doneBytes: 0, totalBytes: 0 });
   const remote = await listRemote(opts, hubUrl, revision, token);
   const byPath = new Map(remote.map((f) => [f.path, f]));
-  const wanted = opts.files ?? filesToPull(remote.map((f) => f.path));
+  const paths = remote.map((f) => f.path);
+  const requested = opts.kind ?? 'auto';
+  const kind: PullKind = requested !== 'auto' ? requested : filesToPull(paths).length === 0 && isMattingListing(paths) ? 'matting' : 'klein';
+  const wanted = opts.files ?? (kind === 'matting' ? mattingFilesToPull(paths) : filesToPull(paths));
   const missing = wanted.filter((p) => !byPath.has(p));
   if (missing.length) throw new PullError(`${opts.repo}@${revision} has no ${missing.join(', ')}`);
+  if (wanted.length === 0 && kind === 'matting') throw new PullError(`${opts.repo}@${revision} holds no matting weights (no top-level .safetensors file)`);
   if (wanted.length === 0) throw new PullError(`${opts.repo}@${revision} holds no FLUX.2 [klein] files (neither model_index.json with its folders nor a flux-2-klein-*.safetensors checkpoint)`);
   const selected = wanted.map((p) => byPath.get(p)!);
   for (const f of selected) if (!safeRelative(f.path)) throw new PullError(`refusing the unsafe path "${f.path}" from the listing`);
@@ -272,5 +287,5 @@ export async function pullModel(opts: PullOptions): Promise<PullResult> {
   }
   writeManifest(dir, manifest);
   progress({ phase: 'done', doneBytes, totalBytes });
-  return { dir, repo: opts.repo, revision, files, bytes: totalBytes };
+  return { kind, dir, repo: opts.repo, revision, files, bytes: totalBytes };
 }

@@ -8,6 +8,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { openMattingFolder, type MattingFolder } from './matting-folder.ts';
 import { SafetensorsFile } from './safetensors.ts';
 
 export type VariantId = 'klein-4b' | 'klein-9b' | 'klein-base-4b' | 'klein-base-9b';
@@ -332,11 +333,14 @@ export function openModelFolder(dir: string, opts: { variant?: VariantId } = {})
 export interface InstalledModel {
   name: string;
   path: string;
+  /** `matting`: BiRefNet weights for transparent backgrounds (`klein pull --matting`). */
+  kind: 'klein' | 'matting';
   model?: ModelFolder;
+  matting?: MattingFolder;
   error?: string;
 }
 
-/** Every folder under the models cache, valid or not (for `klein models`). */
+/** Every folder under the models cache, valid or not (for `klein models`); matting weights are listed as such. */
 export function listInstalledModels(): InstalledModel[] {
   const dir = modelsDir();
   if (!fs.existsSync(dir)) return [];
@@ -347,9 +351,17 @@ export function listInstalledModels(): InstalledModel[] {
       const p = path.join(dir, e.name);
       const name = repoOfCacheDir(p) ?? e.name;
       try {
-        return { name, path: p, model: openModelFolder(p) };
+        return { name, path: p, kind: 'klein' as const, model: openModelFolder(p) };
       } catch (err) {
-        return { name, path: p, error: (err as Error).message };
+        // not a klein folder: it may be the matting weights
+        if (err instanceof ModelFolderError && err.code === 'model_invalid') {
+          try {
+            return { name, path: p, kind: 'matting' as const, matting: openMattingFolder(p, 'cache') };
+          } catch {
+            // neither: report why it is no klein model
+          }
+        }
+        return { name, path: p, kind: 'klein' as const, error: (err as Error).message };
       }
     });
 }

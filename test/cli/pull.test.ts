@@ -10,7 +10,8 @@ import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import sharp from 'sharp';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { DEFAULT_MATTING_REPO } from '../../src/weights/matting-folder.ts';
+import { writeTinyMattingModel, writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
 const REPO = 'acme/klein-tiny';
@@ -241,4 +242,47 @@ test('a tiny model pulled into the cache ($KLEIN_HOME) is listed by klein models
   const missing = await runKlein(['generate', 'a fox', '-m', 'acme/other', '-o', png, '-q'], { KLEIN_HOME: home });
   assert.equal(missing.code, 2);
   assert.match(missing.stderr, /no model at .*acme--other.*klein pull acme\/other/);
+});
+
+test('klein pull --matting fetches only the BiRefNet weights and config into the cache; a BiRefNet repo is recognised without the flag', async () => {
+  // served the way the Hub serves ZhengPeng7/BiRefNet-matting: weights, config.json and the reference's python files
+  const src = tmpDir('hub-matting');
+  writeTinyMattingModel(src, 6);
+  const served = new Map<string, Served>([
+    ['model.safetensors', { body: fs.readFileSync(path.join(src, 'model.safetensors')), lfs: true }],
+    ['config.json', { body: fs.readFileSync(path.join(src, 'config.json')), lfs: false }],
+    ['birefnet.py', { body: Buffer.from('# the reference model code'), lfs: false }],
+    ['BiRefNet_config.py', { body: Buffer.from('# config class'), lfs: false }],
+    ['handler.py', { body: Buffer.from('# endpoint handler'), lfs: false }],
+    ['README.md', { body: Buffer.from('# BiRefNet-matting'), lfs: false }],
+  ]);
+  repos.set(DEFAULT_MATTING_REPO, served);
+  const home = tmpDir('pull-matting-home');
+  const r = await runKlein(['pull', '--matting', '--hub-url', hubUrl, '--json', '-q'], { ...env, KLEIN_HOME: home });
+  assert.equal(r.code, 0, r.stderr);
+  const out = JSON.parse(r.stdout) as { repo: string; kind: string; dir: string; matting?: { geometry: string; input_size: number }; problem?: string; files: Array<{ path: string; status: string }> };
+  assert.equal(out.repo, DEFAULT_MATTING_REPO);
+  assert.equal(out.kind, 'matting');
+  assert.equal(out.dir, path.join(home, 'models', 'ZhengPeng7--BiRefNet-matting'));
+  assert.deepEqual(out.files.map((f) => f.path).sort(), ['config.json', 'model.safetensors']);
+  assert.deepEqual(out.matting, { geometry: 'custom', input_size: 64 });
+  assert.equal(out.problem, undefined);
+  assert.ok(fs.readFileSync(path.join(out.dir, 'model.safetensors')).equals(served.get('model.safetensors')!.body));
+  assert.ok(!fs.existsSync(path.join(out.dir, 'birefnet.py')), 'no python code is pulled');
+  // klein models lists it as the matting model
+  const models = await runKlein(['models', '--json'], { KLEIN_HOME: home });
+  assert.equal(models.code, 0, models.stderr);
+  const list = (JSON.parse(models.stdout) as { models: Array<{ name: string; ok: boolean; kind: string; geometry: string }> }).models;
+  assert.deepEqual(list.map((m) => [m.name, m.ok, m.kind, m.geometry]), [[DEFAULT_MATTING_REPO, true, 'matting', 'custom']]);
+  const text = await runKlein(['models'], { KLEIN_HOME: home });
+  assert.match(text.stdout, /ZhengPeng7\/BiRefNet-matting {2}matting model \(BiRefNet custom, 64² input\) for --background transparent/);
+  // and `klein models FOLDER` checks a matting folder too
+  const one = await runKlein(['models', out.dir, '--json']);
+  assert.equal(one.code, 0, one.stderr);
+  assert.deepEqual((JSON.parse(one.stdout) as { models: Array<{ kind: string; input_size: number }> }).models.map((m) => [m.kind, m.input_size]), [['matting', 64]]);
+  // named by its repo id without --matting: recognised from the listing; already complete, nothing downloaded
+  const again = await runKlein(['pull', DEFAULT_MATTING_REPO, '--hub-url', hubUrl], { ...env, KLEIN_HOME: home });
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(again.stdout, /2 files .* 0 downloaded, 2 already present/);
+  assert.match(again.stdout, /matting model: BiRefNet \(custom geometry, 64² input\) for --background transparent/);
 });
