@@ -149,7 +149,9 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     const stepPeak = peakRssBytes();
     const peak = Math.max(loadPeak, stepPeak);
     const gflops = flops / best / 1e9;
-    const ratio = (b: number) => `${(b / GiB).toFixed(2)} GiB = ${(b / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB of fp32 weights`;
+    // fast mode: bytes per parameter says how close the int8 weights come to 1 byte each (fp32 would be 4)
+    const perParam = (b: number) => (precision === 'fast' ? `, ${(b / (weightBytesF32 / 4)).toFixed(2)} bytes per parameter` : '');
+    const ratio = (b: number) => `${(b / GiB).toFixed(2)} GiB = ${(b / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB of fp32 weights${perParam(b)}`;
     log(`GFLOP per step: ${(flops / 1e9).toFixed(1)}`);
     if (model.device !== 'cpu') log(`host transfers per step: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
     log(`seconds/step: ${best.toFixed(3)} (best of ${o.steps})`);

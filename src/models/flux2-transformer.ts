@@ -159,7 +159,7 @@ function int8Linear(cx: Ctx, x: Value, name: string, rows?: [number, number], co
 
 /**
  * Fast mode's per-layer policy (measured, docs/benchmarks.md "Fast mode"): the block Linears — q/k/v, attention
- * output, MLP in/out of the double blocks, linear1/linear2 of the single blocks, ~97 % of a step's FLOPs — run in
+ * output, MLP in/out of the double blocks, linear1/linear2 of the single blocks, 92–96 % of a step's FLOPs — run in
  * int8. Kept fp32: the modulations (issue 13: they scale every activation of a block), time/guidance embedders
  * (one row per sample, nothing to gain), img_in (K = 128), txt_in (its input is the text encoder's hidden states,
  * whose few huge outlier channels a per-tensor activation scale would crush the other channels under) and the
