@@ -127,7 +127,7 @@ test('WebGPU: fp16 Linears stay within the stated tolerance of the golden output
       const { inp, ref } = goldenInput(file);
       const out = await m.forward(inp);
       const rel = maxAbsDiff(out, ref) / Math.max(1, maxAbs(ref));
-      // measured 2.4e-3–3.1e-3 on lavapipe; fp32 gives ~5e-6, so below 1e-4 would mean fp16 is not in use
+      // measured 2.7e-3–3.1e-3 on lavapipe; fp32 gives ~5e-6, so below 1e-4 would mean fp16 is not in use
       assert.ok(rel < FP16_FACTOR, `${file}: max err / max|ref| = ${rel}`);
       assert.ok(rel > 1e-4, `${file}: ${rel} is fp32-level: the fp16 path did not run`);
     }
