@@ -3,8 +3,8 @@ export type OutputFormat = 'png' | 'jpeg' | 'webp';
 
 /**
  * `opaque`: the RGB image FLUX.2 paints. `transparent`: the subject cut out by the matting model (BiRefNet) into a
- * straight-alpha PNG/WebP (JPEG has no alpha: refused, never silently changed). `auto`: transparent when the prompt
- * asks for a transparent background and the format has alpha, else opaque.
+ * straight-alpha PNG/WebP (JPEG has no alpha: refused, never silently changed). `auto`: opaque for klein (OpenAI's
+ * "the model decides" cannot be honoured by a model that paints RGB only; transparency.md §5.2).
  */
 export type Background = 'auto' | 'opaque' | 'transparent';
 
