@@ -2,8 +2,10 @@
 //   prompt → Qwen3 context (cached per prompt) ─┐
 //   seed → Philox noise in packed latent space ─┼→ Euler steps of the flow transformer (CFG for base variants)
 //   reference images → VAE latents → tokens ────┘        → tokens → latent → VAE decode → PNG/JPEG/WebP
-// Memory discipline: on the CPU only one large component (text encoder, transformer, VAE) is resident at a time —
-// each is opened for its stage and released after it — unless `keepLoaded`; on a GPU everything stays resident.
+// With `background: "transparent"` the decoded RGB goes through the matting model (BiRefNet) and foreground-colour
+// estimation into straight RGBA PNG/WebP (background.ts, matting.ts); the prompt carries a plain-backdrop hint.
+// Memory discipline: on the CPU only one large component (text encoder, transformer, VAE, matting model) is resident
+// at a time — each is opened for its stage and released after it — unless `keepLoaded`; on a GPU all stay resident.
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Device, SessionConfig } from '../graph/session.ts';
