@@ -146,6 +146,7 @@ interface BenchOptions {
   weights: string;
   precision?: string;
   compareExact?: boolean;
+  layers?: string;
 }
 
 /** Relative error of a context over its real (unmasked) tokens: pad rows carry no information the transformer uses. */
@@ -175,7 +176,12 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     if (!Number.isInteger(v) || v < 1) throw new UsageError(`${k} must be a positive integer`);
   }
   if (seq > 512) throw new UsageError('--seq must be at most 512 (the klein context length)');
-  const layers = layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS });
+  const writeLayers = layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS });
+  // --layers N runs only the first N layers of the same folder (states N/3, 2N/3, N stacked): a cheap "mini" run
+  const runLayers = opts.layers === undefined ? writeLayers : Number(opts.layers);
+  if (!Number.isInteger(runLayers) || runLayers < 1 || runLayers > writeLayers) throw new UsageError(`--layers must be 1–${writeLayers}`);
+  const outputLayers = runLayers === writeLayers ? KLEIN_OUTPUT_LAYERS : [...new Set([Math.ceil(runLayers / 3), Math.ceil((2 * runLayers) / 3), runLayers])];
+  const layers = writeLayers;
   const dir = path.resolve(opts.dir ?? path.join(os.tmpdir(), 'klein-bench-qwen3-4b-random'));
   const marker = path.join(dir, '.complete');
   const cfg = parseQwen3Config(QWEN3_4B_CONFIG);
@@ -200,14 +206,14 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     if (pct !== lastPct && pct % 10 === 0) process.stdout.write(`\r  quantizing to int8: ${pct} % (${done}/${total} projections)${done === total ? '\n' : ''}`);
     lastPct = pct;
   };
-  let enc = await Qwen3TextEncoder.load(dir, { session, weights, precision, onProgress });
+  let enc = await Qwen3TextEncoder.load(dir, { session, weights, precision, onProgress, outputLayers });
   const what = precision === 'fast' ? `fast: int8 projections, cache ${enc.int8Cache?.built ? 'built (first load: quantized)' : 'read'}` : `weights ${weights}`;
   console.log(`load (graph + session, ${what}): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / GiB).toFixed(2)} GiB`);
   if (enc.int8Cache?.built) {
     // the figure a restart sees: the same load from the int8 cache just written
     await enc.close();
     t = performance.now();
-    enc = await Qwen3TextEncoder.load(dir, { session, weights, precision });
+    enc = await Qwen3TextEncoder.load(dir, { session, weights, precision, outputLayers });
     console.log(`load again (fast: int8 cache read): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / GiB).toFixed(2)} GiB`);
   }
   const ids = new BigInt64Array(batch * seq);
@@ -221,7 +227,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
       mask[b * seq + i] = i < real ? 1n : 0n;
     }
   }
-  const flops = qwen3Flops(cfg, layers, batch, seq);
+  const flops = qwen3Flops(cfg, runLayers, batch, seq);
   let best = Infinity;
   let out: Float32Array = new Float32Array(0);
   for (let r = 0; r < runs; r++) {
@@ -234,13 +240,13 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   await enc.close();
   const peak = peakRssBytes();
-  console.log(`shape: Qwen3-4B, ${layers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${precision === 'fast' ? 'precision fast (int8 projections)' : `weights ${weights}`}`);
+  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${precision === 'fast' ? 'precision fast (int8 projections)' : `weights ${weights}`}`);
   if (opts.compareExact) {
     // after the fast encoder is released, so the two never share the memory; its peak is not the fast mode's
-    const exact = await Qwen3TextEncoder.load(dir, { session, weights });
+    const exact = await Qwen3TextEncoder.load(dir, { session, weights, outputLayers });
     const ref = await exact.embed(ids, mask, batch);
     await exact.close();
-    const e = contextError(out, ref, mask, 3 * cfg.hiddenSize);
+    const e = contextError(out, ref, mask, outputLayers.length * cfg.hiddenSize);
     console.log(`fast vs exact (weights ${weights}), real tokens of the context: rms(fast − exact)/rms(exact) ${e.rms.toExponential(3)}, max |fast − exact|/max |exact| ${e.max.toExponential(3)}`);
   }
   console.log(`seconds (best of ${runs}): ${best.toFixed(2)}`);
@@ -258,6 +264,7 @@ export function registerTextEncoderBench(bench: Command): void {
     .option('--seq <n>', 'tokens per prompt', '512')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
     .option('--weights <mode>', 'runtime-cast (bf16 kept, cast per run), converted (fp32 in memory, fed per run) or prepacked (folded by ORT at load)', 'runtime-cast')
+    .option('--layers <n>', 'run only the first N of the 27 layers (a cheaper run of the same weights)')
     .option('--precision <mode>', 'exact (fp32 products, --weights applies) or fast (int8 projections, quantized once into the int8 cache)', 'exact')
     .option('--compare-exact', 'fast only: also run the exact encoder (--weights) on the same tokens and print the relative error of the context')
     .action((o: BenchOptions) => benchTextEncoder(o));

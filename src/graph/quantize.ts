@@ -100,6 +100,12 @@ export interface QuantizedLinearOptions {
   outFeatures: number;
   /** Base external-data location; the session gets the bytes from `int8ExternalData(location, weight)`. */
   location: string;
+  /**
+   * The int8 `[in, out]` and scale `[out]` initializers already in the graph (e.g. `g.weight()` of the int8 cache's
+   * tensors, read by ORT from the file): then `location` is unused. ORT copies in-memory external data slowly
+   * (measured ~40 s per GB while the machine was loaded), a file it maps.
+   */
+  initializers?: { q: Value; scale: Value };
   /** Optional fp32 bias `[outFeatures]`. */
   bias?: Value;
   hint?: string;
@@ -112,8 +118,8 @@ export interface QuantizedLinearOptions {
  */
 export function quantizedLinear(g: Graph, x: Value, o: QuantizedLinearOptions): Value {
   const loc = int8Locations(o.location);
-  const q = g.inMemoryWeight(`${o.name}.int8`, 'int8', [o.inFeatures, o.outFeatures], loc.q);
-  const scale = g.inMemoryWeight(`${o.name}.scale`, 'float32', [o.outFeatures], loc.scale);
+  const q = o.initializers?.q ?? g.inMemoryWeight(`${o.name}.int8`, 'int8', [o.inFeatures, o.outFeatures], loc.q);
+  const scale = o.initializers?.scale ?? g.inMemoryWeight(`${o.name}.scale`, 'float32', [o.outFeatures], loc.scale);
   const inputs: Array<Value | null> = [x, q, scale];
   if (o.bias) inputs.push(null, o.bias);
   return g.op('DynamicQuantizeMatMul', inputs, {}, { domain: MS_DOMAIN, hint: o.hint ?? o.name });

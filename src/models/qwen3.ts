@@ -8,9 +8,9 @@ import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
 import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
 import { defaultDevice, resolveDevice } from '../graph/device.ts';
-import { Checkpoint, readFloat32, readRaw, type TensorInfo } from '../weights/safetensors.ts';
+import { bf16ToF32, Checkpoint, DTYPE_SIZE, f16ToF32, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 import type { Precision } from '../pipeline/types.ts';
-import { int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
+import { quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError, type Int8CacheOptions } from '../weights/quantized-cache.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
@@ -97,9 +97,16 @@ export interface Qwen3GraphOptions {
   maxPositions: number;
   /** How bf16/f16 projection weights become fp32, see `Qwen3WeightMode`. Default `runtime-cast`. */
   weights?: Qwen3WeightMode;
-  /** `fast`: every projection is an int8 DynamicQuantizeMatMul fed in memory (`int8Location`); default exact. */
+  /**
+   * `fast`: every projection is an int8 DynamicQuantizeMatMul on the int8 cache's tensors (`int8Weights`), the norms
+   * are embedded constants, and the embeddings come in as the `inputs_embeds` input (looked up in JS), so the graph
+   * reads one file: the int8 cache. Default exact.
+   */
   precision?: Precision;
 }
+
+/** Fast mode: where each projection's int8 values and scales are (the int8 cache file). */
+export type Int8Tensors = (tensor: string) => { q: TensorInfo; scale: TensorInfo };
 
 /**
  * How bf16 (or f16) projection weights become fp32 for ORT's CPU MatMul:
@@ -116,13 +123,8 @@ export type Qwen3WeightMode = 'runtime-cast' | 'converted' | 'prepacked';
 export const feedName = (tensor: string): string => `weight:${tensor}`;
 
 /** Bump when the fast-mode graph changes in a way its options do not capture (compiled-graph cache key). */
-const QWEN3_FAST_GRAPH_VERSION = 1;
+const QWEN3_FAST_GRAPH_VERSION = 2;
 
-/** External-data location (base) of a projection quantized to int8 in fast mode. */
-export const int8Location = (tensor: string): string => `qwen3-int8/${tensor}`;
-
-/** External-data location of a stored tensor (embeddings, norms) handed to ORT in memory in fast mode. */
-export const memoryLocation = (tensor: string): string => `qwen3-mem/${tensor}`;
 
 /** The projections fast mode quantizes: every Linear of the decoder layers (norms, RoPE, attention stay fp32). */
 const PROJECTIONS = ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj'] as const;
@@ -203,7 +205,7 @@ export function layersNeeded(opts: Pick<Qwen3GraphOptions, 'outputLayers' | 'hid
  * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`); output `context`
  * `[batch, seq, outputLayers.length · hidden]` and `hidden_states.k` `[batch, seq, hidden]` per extra state.
  */
-export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, inMemory: TensorInfo[] = []): Graph {
+export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, int8Weights?: Int8Tensors): Graph {
   const prefix = keyPrefix(ck);
   const depth = layersNeeded(opts);
   const wanted = [...opts.outputLayers, ...(opts.hiddenStates ?? [])];
@@ -221,24 +223,11 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const W = (name: string): TensorInfo => ck.info(prefix + name);
   const g = new Graph('qwen3');
   const fast = opts.precision === 'fast';
-  // ORT takes external data either all from files or all from memory (it refuses a mix), and fast mode hands it
-  // the int8 projections in memory: so there the other stored tensors (embeddings, norms) go in memory too, each
-  // listed in `inMemory` for the loader to read
-  const storedValues = new Map<string, Value>();
-  const stored = (info: TensorInfo, as?: 'float32'): Value => {
-    if (!fast) return g.weight(info, as);
-    const key = `${info.name}:${as ?? ''}`;
-    let v = storedValues.get(key);
-    if (v) return v;
-    const raw = storedValues.get(`${info.name}:`) ?? g.inMemoryWeight(info.name, elemTypeOf(info.dtype), info.shape, memoryLocation(info.name));
-    if (!storedValues.has(`${info.name}:`)) {
-      storedValues.set(`${info.name}:`, raw);
-      inMemory.push(info);
-    }
-    v = as && elemTypeOf(info.dtype) !== as ? g.op('Cast', [raw], { to: ONNX_ELEM[as] }, { hint: `${info.name}_${as}` }) : raw;
-    storedValues.set(key, v);
-    return v;
-  };
+  if (fast && !int8Weights) throw new Error('buildQwen3Graph: fast mode needs the int8 tensors');
+  // Fast mode's graph reads one file, the int8 cache (ORT maps external data files quickly but copies in-memory
+  // external data slowly, ~40 s per GB on this machine, and it cannot mix both in one session): the small fp32
+  // tensors (norms, biases) are embedded as constants, and the embedding rows come in as an input.
+  const stored = (info: TensorInfo): Value => (fast ? g.constF32(readFloat32(info), info.shape, info.name) : g.weight(info, 'float32'));
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const am = g.input('attention_mask', 'int64', ['batch', 'seq']);
 
@@ -247,7 +236,7 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const mode = opts.weights ?? 'runtime-cast';
   const matrix = (info: TensorInfo): Value => {
     if (mode === 'converted') return g.input(feedName(info.name), 'float32', info.shape);
-    if (mode === 'prepacked' || info.dtype === 'F32') return stored(info, 'float32');
+    if (mode === 'prepacked' || info.dtype === 'F32') return g.weight(info, 'float32');
     // An initializer that is also a graph input may be overridden by a feed, so ORT does not constant-fold
     // the Cast behind it: the weight stays bf16 in memory and is cast when the layer runs.
     const raw = g.weight(info);
@@ -256,16 +245,17 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   };
   const proj = (x: Value, name: string, biasName?: string): Value => {
     const hint = name.split('.').slice(-2, -1)[0];
-    const bias = biasName && ck.has(prefix + biasName) ? stored(W(biasName), 'float32') : undefined;
+    const bias = biasName && ck.has(prefix + biasName) ? stored(W(biasName)) : undefined;
     if (fast) {
       const info = W(name);
-      return quantizedLinear(g, x, { name: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], location: int8Location(info.name), bias, hint });
+      const t = int8Weights!(info.name);
+      return quantizedLinear(g, x, { name: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], location: '', initializers: { q: g.weight(t.q), scale: g.weight(t.scale) }, bias, hint });
     }
     const inputs: Value[] = [x, matrix(W(name))];
     if (bias) inputs.push(bias);
     return g.op('Gemm', inputs, { transB: 1 }, { hint });
   };
-  const normW = (name: string): Value => stored(W(name), 'float32');
+  const normW = (name: string): Value => stored(W(name));
 
   const shapeBL = g.op('Shape', [ids], {}, { hint: 'shape_bl' });
   const seqLen = g.op('Slice', [shapeBL, g.constI64([1]), g.constI64([2])], {}, { hint: 'seq_len' });
@@ -277,7 +267,8 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   // Embedding lookup on the stored table (bf16 in real checkpoints): gather rows first, then cast, so the
   // 151936×2560 table is never converted as a whole.
   let x = g.within('embed_tokens', () => {
-    const table = stored(W('embed_tokens.weight'));
+    if (fast) return g.op('Reshape', [g.input('inputs_embeds', 'float32', ['batch', 'seq', H]), g.constI64([-1, H])]);
+    const table = g.weight(W('embed_tokens.weight'));
     let e = g.op('Gather', [table, ids], { axis: 0 });
     if (ck.info(prefix + 'embed_tokens.weight').dtype !== 'F32') e = g.op('Cast', [e], { to: ONNX_ELEM.float32 });
     return g.op('Reshape', [e, g.constI64([-1, H])]);
@@ -382,19 +373,12 @@ export interface Qwen3Output {
   hiddenStates: Map<number, Float32Array>;
 }
 
-/** A stored tensor's bytes as in-memory external data (its own buffer: small reads come from Node's shared pool). */
-function storedBytes(info: TensorInfo): { path: string; data: Uint8Array } {
-  const raw = readRaw(info);
-  const own = raw.byteOffset === 0 && raw.buffer.byteLength === raw.byteLength;
-  return { path: memoryLocation(info.name), data: own ? raw : new Uint8Array(raw) };
-}
-
 /**
- * Every projection of the first `layers` layers as int8, in the session's external-data form. The first load
- * quantizes them into the on-disk int8 cache (weights/quantized-cache.ts; ~2.7 GB for Qwen3-4B's 27 layers), later
- * loads read it back (crc-checked); a cache found corrupt is rebuilt once.
+ * The int8 cache of every projection of the first `layers` layers (weights/quantized-cache.ts; ~2.7 GB for
+ * Qwen3-4B's 27 layers): the first load quantizes them into it, later loads check every tensor's crc32 (which also
+ * warms the page cache ORT then maps); a cache found corrupt is rebuilt once.
  */
-function int8Projections(ck: Checkpoint, layers: number, onProgress?: (done: number, total: number) => void): { data: Array<{ path: string; data: Uint8Array }>; cache: Int8CacheInfo } {
+function int8Projections(ck: Checkpoint, layers: number, onProgress?: (done: number, total: number) => void): Int8Cache {
   const infos = projectionTensors(ck, layers);
   const opts: Int8CacheOptions = {
     model: 'qwen3-text-encoder',
@@ -402,16 +386,48 @@ function int8Projections(ck: Checkpoint, layers: number, onProgress?: (done: num
     entries: infos.map((info) => ({ key: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], read: () => readFloat32(info) })),
     onProgress: (done, total) => onProgress?.(done, total),
   };
-  const collect = (cache: Int8Cache) => ({
-    data: infos.flatMap((info) => int8ExternalData(int8Location(info.name), cache.get(info.name))),
-    cache: { folder: cache.folder, built: cache.built },
-  });
+  const verified = (cache: Int8Cache) => {
+    if (!cache.built) cache.verifyAll(); // just written: its bytes came from this process
+    return cache;
+  };
   try {
-    return collect(Int8Cache.open(opts));
+    return verified(Int8Cache.open(opts));
   } catch (e) {
     if (!(e instanceof Int8CacheCorruptError)) throw e;
-    return collect(Int8Cache.open(opts)); // the corrupt cache was removed: this open rebuilds it
+    return verified(Int8Cache.open(opts)); // the corrupt cache was removed: this open rebuilds it
   }
+}
+
+/**
+ * The embedding rows of `ids` as fp32 `[ids.length, hidden]`, read from the checkpoint (fast mode): a prompt needs
+ * 512 rows (2.6 MB of bf16) of the 778 MB table, so the table is never loaded.
+ */
+export function embeddingRows(table: TensorInfo, ids: BigInt64Array): Float32Array {
+  const [vocab, H] = table.shape;
+  const rowBytes = H * DTYPE_SIZE[table.dtype];
+  const out = new Float32Array(ids.length * H);
+  const buf = Buffer.allocUnsafe(rowBytes);
+  const fd = fs.openSync(table.file, 'r');
+  try {
+    ids.forEach((id, i) => {
+      if (id < 0n || id >= BigInt(vocab)) throw new Error(`token id ${id} is outside the vocabulary (0..${vocab - 1})`);
+      const at = table.dataOffset + Number(id) * rowBytes;
+      if (fs.readSync(fd, buf, 0, rowBytes, at) !== rowBytes) throw new Error(`${table.file}: embedding row ${id} is cut off`);
+      out.set(toF32(buf, table.dtype), i * H);
+    });
+  } finally {
+    fs.closeSync(fd);
+  }
+  return out;
+}
+
+/** One row of stored values widened to fp32. */
+function toF32(b: Buffer, dtype: TensorInfo['dtype']): Float32Array {
+  const a = new Uint8Array(b).buffer; // aligned copy
+  if (dtype === 'F32') return new Float32Array(a);
+  if (dtype === 'BF16') return bf16ToF32(new Uint16Array(a));
+  if (dtype === 'F16') return f16ToF32(new Uint16Array(a));
+  throw new Qwen3ConfigError(`embed_tokens.weight has dtype ${dtype}; expected F32, BF16 or F16`);
 }
 
 export interface Int8CacheInfo {
@@ -435,9 +451,14 @@ export class Qwen3TextEncoder {
     readonly weightFiles: string[],
     /** `fast`: int8 projections (part of the prompt cache key, see PromptEncoder). */
     readonly precision: Precision,
-    /** Fast mode: where the int8 weights are cached and whether this load quantized them (first load). */
-    readonly int8Cache?: Int8CacheInfo,
+    /** Fast mode: the int8 cache, and the embedding table the rows of `inputs_embeds` are read from. */
+    private readonly fast?: { int8Cache: Int8CacheInfo; embeddings: TensorInfo },
   ) {}
+
+  /** Fast mode: where the int8 weights are cached and whether this load quantized them (first load). */
+  get int8Cache(): Int8CacheInfo | undefined {
+    return this.fast?.int8Cache;
+  }
 
   /** Width of one context token: `outputLayers.length · hidden` (7680 for Qwen3-4B). */
   get contextDim(): number {
@@ -455,24 +476,22 @@ export class Qwen3TextEncoder {
     const precision = opts.precision ?? 'exact';
     if (precision !== 'exact' && precision !== 'fast') throw new Qwen3ConfigError(`precision must be "exact" or "fast", got ${JSON.stringify(precision)}`);
     const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast', ...(precision === 'fast' ? { precision } : {}) };
-    const inMemory: TensorInfo[] = [];
-    const probe = buildQwen3Graph(ck, cfg, graphOpts, inMemory);
+    // fast mode: the int8 cache first (built on the first load), since the graph references its tensors
+    const int8 = precision === 'fast' ? int8Projections(ck, layersNeeded(graphOpts), opts.onProgress) : undefined;
+    const probe = buildQwen3Graph(ck, cfg, graphOpts, int8 && ((t) => int8.tensors(t)));
     // only the files holding tensors of the layers we run count (a 36-layer checkpoint may put the unused tail in
     // a shard of its own); in `converted` mode the graph references just the embeddings and norms, but the model's
     // identity (prompt cache key) is every file we read
     const used = requiredTensors(cfg, keyPrefix(ck), layersNeeded(graphOpts)).map(([n]) => fs.realpathSync(ck.info(n).file));
     const files = [...new Set([...probe.weightFiles, ...used])].sort();
-    // fast mode's graph references no file (everything comes in memory): the checkpoint files still key its cache
-    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION } : { cfg, graphOpts }; // exact keys as before
-    const { file } = compileGraph('qwen3', key, precision === 'fast' ? files : probe.weightFiles, () => probe);
+    // fast mode's graph references the int8 cache file only (so it is compiled into the cache's folder) and embeds
+    // the norms: the checkpoint files key it too
+    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint: files.map((f) => { const st = fs.statSync(f); return `${f}:${st.size}:${Math.floor(st.mtimeMs)}`; }) } : { cfg, graphOpts }; // exact keys as before
+    const { file } = compileGraph('qwen3', key, probe.weightFiles, () => probe);
     const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
     const device = await resolveDevice(sessionCfg.device ?? defaultDevice()); // KLEIN_DEVICE, as openSession does
-    // fast mode: the int8 projections reach ORT as in-memory external data; ORT pre-packs them while the session
-    // opens, so these JS copies are dropped once it exists
-    const int8 = precision === 'fast' ? int8Projections(ck, layersNeeded(graphOpts), opts.onProgress) : undefined;
-    const externalData = int8 ? [...int8.data, ...inMemory.map(storedBytes)] : undefined;
     // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
-    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device, ...(externalData ? { externalData } : {}) }), logSeverityLevel: 3 });
+    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
     const feeds: Record<string, ort.Tensor> = {};
     if (graphOpts.weights === 'converted') {
       for (const name of session.inputNames) {
@@ -481,7 +500,8 @@ export class Qwen3TextEncoder {
         feeds[name] = new ort.Tensor('float32', readFloat32(info), info.shape);
       }
     }
-    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files, precision, int8?.cache);
+    const fastParts = int8 ? { int8Cache: { folder: int8.folder, built: int8.built }, embeddings: ck.info(`${keyPrefix(ck)}embed_tokens.weight`) } : undefined;
+    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files, precision, fastParts);
   }
 
   /** Runs the encoder; ids and mask are `[batch, seq]` row-major. */
@@ -495,7 +515,9 @@ export class Qwen3TextEncoder {
     for (const id of inputIds) {
       if (id < 0n || id >= BigInt(this.config.vocabSize)) throw new Error(`token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
     }
-    const out = await this.session.run({ ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) });
+    const feeds: Record<string, ort.Tensor> = { ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) };
+    if (this.fast) feeds.inputs_embeds = new ort.Tensor('float32', embeddingRows(this.fast.embeddings, inputIds), [batch, seq, this.config.hiddenSize]);
+    const out = await this.session.run(feeds);
     const hiddenStates = new Map<number, Float32Array>();
     for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
     return { context: out.context.data as Float32Array, hiddenStates };

@@ -198,6 +198,51 @@ export class Int8Cache {
     return manifest;
   }
 
+  /**
+   * Where `key`'s int8 values and scales lie in the cache file, for a graph that lets ORT read them from disk
+   * (`Graph.weight`). Call `get` (or `verifyAll`) first: this does not check the bytes.
+   */
+  tensors(key: string): { q: TensorInfo; scale: TensorInfo } {
+    const q = this.st.tensors.get(qName(key));
+    const scale = this.st.tensors.get(sName(key));
+    if (!q || !scale) throw new Error(`int8 cache ${this.file}: no weight ${key}`);
+    return { q, scale };
+  }
+
+  /** Checks every stored tensor against its crc32 (reads the whole file); a mismatch behaves as in `get`. */
+  verifyAll(): void {
+    for (const name of this.st.tensors.keys()) if (name.endsWith('.int8')) this.get(name.slice(0, -'.int8'.length));
+  }
+
+  /**
+   * Checks `key`'s stored bytes against their crc32 without keeping them (read in 4 MiB pieces), for graphs that let
+   * ORT read the tensors from the file (`tensors`). A mismatch behaves as in `get`.
+   */
+  verify(key: string): void {
+    const { q, scale } = this.tensors(key);
+    const buf = Buffer.allocUnsafe(4 << 20);
+    const fd = fs.openSync(this.file, 'r');
+    try {
+      for (const t of [q, scale]) {
+        let crc = 0;
+        for (let done = 0; done < t.byteLength; ) {
+          const n = fs.readSync(fd, buf, 0, Math.min(buf.length, t.byteLength - done), t.dataOffset + done);
+          if (n === 0) this.corrupt(`${t.name}: unexpected end of file`);
+          crc = zlib.crc32(buf.subarray(0, n), crc);
+          done += n;
+        }
+        if (crc !== this.manifest.crc32[t.name]) this.corrupt(`${t.name}: checksum mismatch`);
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  private corrupt(detail: string): never {
+    this.remove();
+    throw new Int8CacheCorruptError(this.file, detail);
+  }
+
   /** Whether the cache holds `key`. */
   has(key: string): boolean {
     return this.st.tensors.has(qName(key));
