@@ -209,9 +209,9 @@ export class Int8Cache {
     return { q, scale };
   }
 
-  /** Checks every stored tensor against its crc32 (reads the whole file); a mismatch behaves as in `get`. */
+  /** `verify` of every stored weight (reads the whole file once, keeps nothing); a mismatch behaves as in `get`. */
   verifyAll(): void {
-    for (const name of this.st.tensors.keys()) if (name.endsWith('.int8')) this.get(name.slice(0, -'.int8'.length));
+    for (const name of this.st.tensors.keys()) if (name.endsWith('.int8')) this.verify(name.slice(0, -'.int8'.length));
   }
 
   /**
