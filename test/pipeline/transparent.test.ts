@@ -88,3 +88,22 @@ test('jpeg + transparent and missing matting weights fail before anything loads'
     await p.close();
   }
 });
+
+test('an RGBA reference is flattened onto white before editing: the same cut-out as the pre-flattened RGB reference', async () => {
+  // a half-transparent disc: what the edit sees must not depend on the colour left under transparent pixels
+  const w = 64, h = 64;
+  const rgba = Buffer.alloc(w * h * 4);
+  for (let i = 0; i < w * h; i++) {
+    const x = i % w, y = Math.floor(i / w);
+    const inside = (x - 32) ** 2 + (y - 32) ** 2 < 400;
+    rgba.set([inside ? 200 : 13, inside ? 40 : 250, 90, inside ? 255 : (x * 4) % 256], i * 4);
+  }
+  const withAlpha = await sharp(rgba, { raw: { width: w, height: h, channels: 4 } }).png().toBuffer();
+  const flat = await sharp(withAlpha).flatten({ background: { r: 255, g: 255, b: 255 } }).removeAlpha().png().toBuffer();
+  assert.equal((await sharp(flat).metadata()).channels, 3);
+  const edit = { ...req, numImages: 1, outputFormat: 'png' as const, prompt: 'make it night' };
+  const a = await pipe.generate({ ...edit, referenceImages: [new Uint8Array(withAlpha)] });
+  const b = await pipe.generate({ ...edit, referenceImages: [new Uint8Array(flat)] });
+  assert.equal(a.images[0].hasAlpha, true);
+  assert.ok(Buffer.from(a.images[0].data).equals(Buffer.from(b.images[0].data)));
+});
