@@ -89,7 +89,7 @@ export function registerPull(program: Command): void {
       } catch (e) {
         bar.stop();
         // 4xx (no such repo, no access) is the user's to fix: exit 2; a network or checksum failure: exit 1
-        if (e instanceof PullError && e.status !== undefined && e.status >= 400 && e.status < 500) throw new UsageError(e.message);
+        if (e instanceof PullError && (e.usage || (e.status !== undefined && e.status >= 400 && e.status < 500))) throw new UsageError(e.message);
         if (e instanceof PullError) {
           console.error(`klein: ${e.message}`);
           process.exitCode = EXIT_FAILED;

@@ -76,6 +76,8 @@ export class PullError extends Error {
   constructor(
     message: string,
     readonly status?: number,
+    /** The request itself was wrong (e.g. `--matting` on a klein repository): the CLI exits 2. */
+    readonly usage = false,
   ) {
     super(message);
   }
@@ -251,6 +253,8 @@ export async function pullModel(opts: PullOptions): Promise<PullResult> {
   const paths = remote.map((f) => f.path);
   const requested = opts.kind ?? 'auto';
   const kind: PullKind = requested !== 'auto' ? requested : filesToPull(paths).length === 0 && isMattingListing(paths) ? 'matting' : 'klein';
+  // a klein checkpoint is top-level .safetensors too: never download 8 GB of transformer as "matting weights"
+  if (kind === 'matting' && filesToPull(paths).length > 0) throw new PullError(`${opts.repo} is a FLUX.2 [klein] model, not matting weights; pull it without --matting`, undefined, true);
   const wanted = opts.files ?? (kind === 'matting' ? mattingFilesToPull(paths) : filesToPull(paths));
   const missing = wanted.filter((p) => !byPath.has(p));
   if (missing.length) throw new PullError(`${opts.repo}@${revision} has no ${missing.join(', ')}`);

@@ -285,4 +285,8 @@ test('klein pull --matting fetches only the BiRefNet weights and config into the
   assert.equal(again.code, 0, again.stderr);
   assert.match(again.stdout, /2 files .* 0 downloaded, 2 already present/);
   assert.match(again.stdout, /matting model: BiRefNet \(custom geometry, 64² input\) for --background transparent/);
+  // --matting on a klein repository is refused before anything is downloaded
+  const wrong = await runKlein(['pull', '--matting', REPO, '--hub-url', hubUrl, '--dir', tmpDir('pull-wrong')], env);
+  assert.equal(wrong.code, 2, wrong.stderr);
+  assert.match(wrong.stderr, /acme\/klein-tiny is a FLUX.2 \[klein\] model, not matting weights; pull it without --matting/);
 });
