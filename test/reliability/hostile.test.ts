@@ -98,6 +98,8 @@ describe('refused at the door: 4xx envelope, nothing stored, server healthy', ()
   cases.push(['num_images 5', T2I, t2i({ ...ok, num_images: 5 }), 422, 'VALIDATION_ERROR']);
   cases.push(['steps 10^9', T2I, t2i({ ...ok, num_inference_steps: 1e9 }), 422, 'VALIDATION_ERROR']);
   cases.push(['seed negative', T2I, t2i({ ...ok, seed: -1 }), 422, 'VALIDATION_ERROR']);
+  cases.push(['background not one of auto/opaque/transparent', T2I, t2i({ ...ok, background: 'glass' }), 422, 'VALIDATION_ERROR']);
+  cases.push(['transparent background as jpeg', T2I, t2i({ ...ok, background: 'transparent', output_format: 'jpeg' }), 422, 'UNSUPPORTED_COMBINATION']);
   cases.push(['image_urls on text-to-image', T2I, t2i({ ...ok, image_urls: ['https://example.com/a.png'] }), 422, 'VALIDATION_ERROR']);
   cases.push(['metadata over 16 KiB', T2I, { input: ok, metadata: { x: 'y'.repeat(20_000) } }, 422, 'VALIDATION_ERROR']);
   cases.push(['callback to loopback', T2I, { input: ok, callback_url: 'https://127.0.0.1/hook' }, 422, 'VALIDATION_ERROR']);
@@ -250,9 +252,9 @@ test('fuzz: arbitrary JSON bodies never crash the server (no 5xx), and every ref
   // a key of its own with room for every case: the fuzz is about parsing, not the creation rate limit
   const auth = { authorization: `Bearer ${h.newKey({ rateLimitPerMin: 100_000 })}` };
   // inputs biased towards the schema's own field names, so the fuzz reaches past the first type check
-  const field = fc.constantFrom('prompt', 'image_size', 'num_images', 'num_inference_steps', 'guidance_scale', 'seed', 'output_format', 'sync_mode', 'image_urls', 'width', 'height', '__proto__', 'constructor');
+  const field = fc.constantFrom('prompt', 'image_size', 'num_images', 'num_inference_steps', 'guidance_scale', 'seed', 'output_format', 'background', 'sync_mode', 'image_urls', 'width', 'height', '__proto__', 'constructor');
   const value = fc.letrec((tie) => ({
-    v: fc.oneof({ depthSize: 'small' }, fc.string(), fc.integer(), fc.double(), fc.boolean(), fc.constant(null), fc.constantFrom('square', 'png', 'data:image/png;base64,AAAA', 'https://127.0.0.1/', '__proto__'),
+    v: fc.oneof({ depthSize: 'small' }, fc.string(), fc.integer(), fc.double(), fc.boolean(), fc.constant(null), fc.constantFrom('square', 'png', 'jpeg', 'transparent', 'data:image/png;base64,AAAA', 'https://127.0.0.1/', '__proto__'),
       fc.array(tie('v'), { maxLength: 5 }), fc.dictionary(fc.oneof(field, fc.string()), tie('v'), { maxKeys: 5 })),
   })).v;
   const body = fc.oneof(
