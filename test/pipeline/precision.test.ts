@@ -13,6 +13,7 @@ import type { GenerateRequest } from '../../src/pipeline/types.ts';
 import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { KLEIN, runKlein } from '../cli/helpers.ts';
+import { startRedis } from '../scale/redis-helper.ts';
 
 /**
  * PSNR of the fast image against the exact one (same seed), measured on this tiny model (int8 text encoder and
@@ -110,8 +111,9 @@ test('klein generate --precision fast writes an image and reports the precision;
   }
 });
 
-test('klein serve --precision fast reports it in /v1/models and /v1/health', async () => {
-  const proc = spawn(process.execPath, [KLEIN, 'serve', '--model', model, '--data', path.join(dir, 'data'), '--port', '0', '--precision', 'fast'], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
+/** Starts `klein serve` with `args`; resolves with its URL once it listens. */
+async function serve(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; url: string }> {
+  const proc = spawn(process.execPath, [KLEIN, 'serve', '--model', model, '--port', '0', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...env } });
   servers.push(proc);
   const url = await new Promise<string>((resolve, reject) => {
     let out = '';
@@ -127,13 +129,39 @@ test('klein serve --precision fast reports it in /v1/models and /v1/health', asy
     });
     proc.on('exit', (code) => reject(new Error(`klein serve exited ${code}: ${out}`)));
   });
+  return { proc, url };
+}
+
+const stop = (proc: ChildProcess) =>
+  new Promise((r) => {
+    proc.once('exit', r);
+    proc.kill('SIGTERM');
+  });
+
+test('klein serve --precision fast reports it in /v1/models and /v1/health', async () => {
+  const { proc, url } = await serve(['--data', path.join(dir, 'data'), '--precision', 'fast']);
   const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: Array<{ id: string; precision: string }> };
   assert.ok(models.data.length > 0);
   for (const m of models.data) assert.equal(m.precision, 'fast', m.id);
   const health = (await (await fetch(`${url}/v1/health`)).json()) as { precision: string };
   assert.equal(health.precision, 'fast');
-  await new Promise((r) => {
-    proc.once('exit', r);
-    proc.kill('SIGTERM');
-  });
+  await stop(proc);
+});
+
+test('scale-out: a queue worker announces its precision (/v1/health workers[].precision)', async () => {
+  const redis = await startRedis();
+  try {
+    const { proc, url } = await serve(['--data', path.join(dir, 'data-queue'), '--precision', 'fast', '--queue', redis.url, '--workers', '1'], { KLEIN_WORKER_TOKEN: 'precision-test-token-0123456789' });
+    let health: { precision: string; workers?: Array<{ precision: string; device: string }> } = { precision: '' };
+    for (let i = 0; i < 50 && !health.workers?.length; i++) {
+      health = (await (await fetch(`${url}/v1/health`)).json()) as typeof health;
+      if (!health.workers?.length) await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.equal(health.precision, 'fast');
+    assert.equal(health.workers?.length, 1, JSON.stringify(health));
+    assert.equal(health.workers![0].precision, 'fast');
+    await stop(proc);
+  } finally {
+    redis.stop();
+  }
 });
