@@ -202,7 +202,8 @@ export function layersNeeded(opts: Pick<Qwen3GraphOptions, 'outputLayers' | 'hid
 }
 
 /**
- * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`); output `context`
+ * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`), in fast mode also
+ * `inputs_embeds` (fp32 `[batch, seq, hidden]`, see `embeddingRows`); output `context`
  * `[batch, seq, outputLayers.length · hidden]` and `hidden_states.k` `[batch, seq, hidden]` per extra state.
  */
 export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, int8Weights?: Int8Tensors): Graph {
@@ -486,7 +487,8 @@ export class Qwen3TextEncoder {
     const files = [...new Set([...probe.weightFiles, ...used])].sort();
     // fast mode's graph references the int8 cache file only (so it is compiled into the cache's folder) and embeds
     // the norms: the checkpoint files key it too
-    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint: files.map((f) => { const st = fs.statSync(f); return `${f}:${st.size}:${Math.floor(st.mtimeMs)}`; }) } : { cfg, graphOpts }; // exact keys as before
+    const identity = (f: string) => `${f}:${fs.statSync(f).size}:${Math.floor(fs.statSync(f).mtimeMs)}`;
+    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint: files.map(identity) } : { cfg, graphOpts }; // exact keys as before
     const { file } = compileGraph('qwen3', key, probe.weightFiles, () => probe);
     const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
     const device = await resolveDevice(sessionCfg.device ?? defaultDevice()); // KLEIN_DEVICE, as openSession does
