@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Flux2Transformer, int8Layer } from '../../src/models/flux2-transformer.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
+import { runKlein } from '../cli/helpers.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
 
@@ -119,4 +120,13 @@ test('a damaged int8 cache is detected while loading and rebuilt; a bad precisio
     await repaired.close();
   }
   await assert.rejects(Flux2Transformer.load(GOLDEN, { precision: 'bogus' as 'fast' }), /precision must be exact or fast, got "bogus"/);
+});
+
+test('klein bench transformer: a bad --precision, and --compare-exact without fast, are usage errors (exit 2)', async () => {
+  const bad = await runKlein(['bench', 'transformer', '--precision', 'bogus']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--precision must be exact or fast, got "bogus"/);
+  const cmp = await runKlein(['bench', 'transformer', '--compare-exact']);
+  assert.equal(cmp.code, 2);
+  assert.match(cmp.stderr, /--compare-exact and --requantize go with --precision fast/);
 });
