@@ -60,6 +60,7 @@ interface WorkerCliOptions {
   keepLoaded: boolean;
   lockMs: string;
   precision?: string;
+  mattingModel?: string;
 }
 
 export function registerWorker(program: Command): void {
@@ -74,6 +75,7 @@ export function registerWorker(program: Command): void {
     .option('--lock-ms <n>', 'job lock; a worker silent this long is presumed dead and its run goes to another', '30000')
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
     .option('--precision <mode>', PRECISION_HELP)
+    .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .action(async (o: WorkerCliOptions) => {
       checkQueueUrl(o.queue);
       const token = workerToken();
@@ -85,7 +87,7 @@ export function registerWorker(program: Command): void {
       const device = await resolveDevice(parseDevice(o.device));
       let pipeline: KleinPipeline;
       try {
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
