@@ -674,8 +674,9 @@ export class Flux2Transformer {
           if (!cache!.built) for (const l of weights) if (l.int8) cache!.verify(l.int8);
           // ORT's arena off for the int8 stages: with it on, every such session kept 30–115 MB of its run's buffers
           // although RUN_OPTIONS shrinks the arena (1 double + 2 single blocks at 256²: 2.43 vs 1.64 GiB anonymous
-          // after two steps; full depth at 512² reached 19.9 GiB), and the steps ran no slower without it (1.00–1.12
-          // vs 1.23–1.40 s per step, quiet machine). The fp32 stages keep the arena (see below).
+          // after two steps; full depth at 512² reached 19.9 GiB), and the steps run as fast without it (4 alternated
+          // bench pairs, 1 double + 2 single blocks at 256²: 441–524 vs 400–536 GFLOP/s, within the machine's
+          // noise). The fp32 stages keep the arena (see below).
           const r = await loadGraph(`flux2-${stage.name}`, { ...key, int8Cache: path.basename(cache!.folder) }, [cache!.file], () => graph, { lowMemory: true, ...session });
           sessions[i] = r.session;
           allCached &&= r.cached;
