@@ -23,6 +23,7 @@ import { benchCheckpoint } from './transformer.ts';
 import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from './text-encoder.ts';
 import { GiB, benchCacheDir, peakRssBytes, resetPeakRss } from './util.ts';
 import { createRequire } from 'node:module';
+import { psnr8 } from '../src/conform/compare.ts';
 
 interface PipelineBenchOptions {
   size: string;
@@ -84,9 +85,7 @@ function randomKlein4b(log: (s: string) => void, blocks: [number, number] = [KLE
 export async function psnr(a: Uint8Array, b: Uint8Array): Promise<number> {
   const [x, y] = await Promise.all([sharp(a).raw().toBuffer(), sharp(b).raw().toBuffer()]);
   if (x.length !== y.length) throw new Error(`psnr: images differ in size (${x.length} vs ${y.length} bytes)`);
-  let se = 0;
-  for (let i = 0; i < x.length; i++) se += (x[i] - y[i]) ** 2;
-  return se === 0 ? Infinity : 10 * Math.log10((255 * 255 * x.length) / se);
+  return psnr8(x, y);
 }
 
 function parseSize(s: string): { width: number; height: number } {

@@ -10,6 +10,7 @@ import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, Qwen3TextEncoder, 
 import { UsageError } from '../src/cli/errors.ts';
 import { parsePrecision } from '../src/cli/precision.ts';
 import { GiB, peakRssBytes, resetPeakRss } from './util.ts';
+import { relativeError } from '../src/conform/compare.ts';
 
 /** HF config.json of Qwen/Qwen3-4B (the klein 4B text encoder). */
 export const QWEN3_4B_CONFIG = {
@@ -151,21 +152,14 @@ interface BenchOptions {
 
 /** Relative error of a context over its real (unmasked) tokens: pad rows carry no information the transformer uses. */
 function contextError(got: Float32Array, ref: Float32Array, mask: BigInt64Array, dim: number): { rms: number; max: number } {
-  let d2 = 0;
-  let r2 = 0;
-  let dMax = 0;
-  let rMax = 0;
-  for (let tok = 0; tok < mask.length; tok++) {
-    if (mask[tok] === 0n) continue;
-    for (let i = tok * dim; i < (tok + 1) * dim; i++) {
-      const d = got[i] - ref[i];
-      d2 += d * d;
-      r2 += ref[i] * ref[i];
-      dMax = Math.max(dMax, Math.abs(d));
-      rMax = Math.max(rMax, Math.abs(ref[i]));
-    }
-  }
-  return { rms: Math.sqrt(d2 / r2), max: dMax / rMax };
+  const real = (x: Float32Array) => {
+    const rows: Float32Array[] = [];
+    for (let tok = 0; tok < mask.length; tok++) if (mask[tok] !== 0n) rows.push(x.subarray(tok * dim, (tok + 1) * dim));
+    const out = new Float32Array(rows.length * dim);
+    rows.forEach((r, i) => out.set(r, i * dim));
+    return out;
+  };
+  return relativeError(real(got), real(ref));
 }
 
 export async function benchTextEncoder(opts: BenchOptions): Promise<void> {

@@ -11,6 +11,7 @@ import { Flux2Transformer, KLEIN_4B, headDim, mlpHidden, writeRandomFlux2Checkpo
 import type { Precision } from '../src/pipeline/types.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { GiB, benchCacheDir, peakRssBytes, resetPeakRss, seconds } from './util.ts';
+import { relativeError } from '../src/conform/compare.ts';
 
 export interface TransformerBenchOptions {
   doubleBlocks: number;
@@ -70,21 +71,6 @@ function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
   return { x, xIds, ctx, ctxIds, timesteps: Float32Array.of(0.9), batch: 1, nTokens: nImg, nCtx: nTxt };
 }
 
-/** rms(a − ref) / rms(ref) and max |a − ref| / max |ref|. */
-export function relativeError(a: Float32Array, ref: Float32Array): { rms: number; max: number } {
-  let se = 0;
-  let sr = 0;
-  let md = 0;
-  let mr = 0;
-  for (let i = 0; i < ref.length; i++) {
-    const d = Math.abs(a[i] - ref[i]);
-    se += d * d;
-    sr += ref[i] * ref[i];
-    if (d > md) md = d;
-    if (Math.abs(ref[i]) > mr) mr = Math.abs(ref[i]);
-  }
-  return { rms: Math.sqrt(se / sr), max: md / mr };
-}
 
 /** The exact model's output for `inp` (loaded, run once, closed before the fast model is loaded). */
 async function exactOutput(file: string, inp: Flux2ForwardInput, threads: number | undefined, log: (s: string) => void): Promise<Float32Array> {

@@ -6,6 +6,7 @@ import path from 'node:path';
 import { Graph } from '../../src/graph/onnx-graph.ts';
 import { dequantizeInt8, int8ExternalData, quantizeInt8, quantizedLinear } from '../../src/graph/quantize.ts';
 import { f32, ort, sessionOptions } from '../../src/graph/session.ts';
+import { relativeError } from '../../src/conform/compare.ts';
 
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-quant-'));
 
@@ -18,15 +19,6 @@ function uniform(n: number, seed: number, amp = 1): Float32Array {
   });
 }
 
-function relRms(a: ArrayLike<number>, ref: ArrayLike<number>): number {
-  let se = 0;
-  let sr = 0;
-  for (let i = 0; i < ref.length; i++) {
-    se += (a[i] - ref[i]) ** 2;
-    sr += ref[i] ** 2;
-  }
-  return Math.sqrt(se / sr);
-}
 
 test('quantizeInt8: exact values, per-output-column scales, transposed [in, out] layout', () => {
   // W [out=2, in=3]: row 0 has max |w| 2.54 → scale 0.02; row 1 is all zero → scale 1, q 0
@@ -57,7 +49,7 @@ test('quantizeInt8: round trip within half a step per element, ~0.6 % rms on uni
   }
   // uniform values over ±127 steps: rms error step/√12 against rms 127·step/√3 → 0.45 %; the outlier column is coarse
   const others = (a: Float32Array) => a.filter((_, i) => Math.floor(i / K) !== 5);
-  const e = relRms(others(back), others(w));
+  const e = relativeError(others(back), others(w)).rms;
   assert.ok(e > 0.003 && e < 0.006, `round-trip rms ${e}`);
   const again = quantizeInt8(w, N, K);
   assert.deepEqual(again.q, qw.q);
@@ -91,7 +83,7 @@ test('quantizedLinear runs DynamicQuantizeMatMul in ORT: x Wᵀ within 1.5 % rms
   try {
     const out = await sess.run({ x: f32(x, [M, K]) });
     const y = out.y.data as Float32Array;
-    const e = relRms(y, ref);
+    const e = relativeError(y, ref).rms;
     // weight rounding (~0.5 %) plus the op's per-tensor uint8 activations (~0.3 %): not exact, but close
     assert.ok(e > 1e-4 && e < 0.015, `relative rms ${e}`);
     const yb = out.yb.data as Float32Array;

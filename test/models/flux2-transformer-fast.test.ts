@@ -8,6 +8,7 @@ import path from 'node:path';
 import { Flux2Transformer, int8Layer } from '../../src/models/flux2-transformer.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { runKlein } from '../cli/helpers.ts';
+import { relativeError } from '../../src/conform/compare.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
 
@@ -21,19 +22,6 @@ const RMS_FLOOR = 0.001;
 // Every load here writes its int8 cache and compiled graphs (the golden folder is read-only) under a fresh root.
 process.env.KLEIN_CACHE_DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-fast-'));
 
-function errors(out: Float32Array, ref: Float32Array): { rms: number; max: number } {
-  let se = 0;
-  let sr = 0;
-  let md = 0;
-  let mr = 0;
-  for (let i = 0; i < ref.length; i++) {
-    se += (out[i] - ref[i]) ** 2;
-    sr += ref[i] ** 2;
-    md = Math.max(md, Math.abs(out[i] - ref[i]));
-    mr = Math.max(mr, Math.abs(ref[i]));
-  }
-  return { rms: Math.sqrt(se / sr), max: md / mr };
-}
 
 async function runCase(model: Flux2Transformer, file: string): Promise<{ out: Float32Array; ref: Float32Array }> {
   const gc = new GoldenCase(file);
@@ -64,7 +52,7 @@ for (const layout of ['bfl', 'diffusers'] as const) {
       assert.equal(fast.int8Cache?.built, true);
       for (const file of cases) {
         const { out, ref } = await runCase(fast, file);
-        const e = errors(out, ref);
+        const e = relativeError(out, ref);
         assert.ok(e.rms < RMS_BOUND && e.max < MAX_BOUND, `${path.basename(file)}: rms ${e.rms}, max ${e.max}`);
         assert.ok(e.rms > RMS_FLOOR, `${path.basename(file)}: rms ${e.rms} is exact-mode small: int8 products did not run`);
         outs.push(out);
@@ -90,7 +78,7 @@ test('exact mode is unchanged by the fast mode: no int8 cache, golden outputs wi
     assert.equal(exact.precision, 'exact');
     assert.equal(exact.int8Cache, undefined);
     const { out, ref } = await runCase(exact, cases[0]);
-    assert.ok(errors(out, ref).max < 1e-4);
+    assert.ok(relativeError(out, ref).max < 1e-4);
   } finally {
     await exact.close();
   }

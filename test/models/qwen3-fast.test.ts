@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Qwen3TextEncoder } from '../../src/models/qwen3.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
+import { relativeError } from '../../src/conform/compare.ts';
 
 const DIR = path.resolve(import.meta.dirname, '../../../shared/golden/text_encoder');
 
@@ -19,21 +20,6 @@ const DIR = path.resolve(import.meta.dirname, '../../../shared/golden/text_encod
 const RMS_BOUND = 0.1;
 const MAX_BOUND = 0.15;
 
-function errors(got: Float32Array, ref: Float32Array): { rms: number; max: number } {
-  assert.equal(got.length, ref.length);
-  let d2 = 0;
-  let r2 = 0;
-  let dMax = 0;
-  let rMax = 0;
-  for (let i = 0; i < ref.length; i++) {
-    const d = got[i] - ref[i];
-    d2 += d * d;
-    r2 += ref[i] * ref[i];
-    dMax = Math.max(dMax, Math.abs(d));
-    rMax = Math.max(rMax, Math.abs(ref[i]));
-  }
-  return { rms: Math.sqrt(d2 / r2), max: dMax / rMax };
-}
 
 const cases = findCases(DIR, /^case.*\.safetensors$/).map((f) => new GoldenCase(f));
 let fast: Qwen3TextEncoder;
@@ -57,12 +43,12 @@ test('fast mode: prompt_embeds of every golden case within the stated int8 error
     const [batch] = c.shape('input_ids');
     const ref = c.f32('prompt_embeds');
     const got = await fast.embed(c.i64('input_ids'), c.i64('attention_mask'), batch);
-    const e = errors(got, ref);
+    const e = relativeError(got, ref);
     assert.ok(e.rms < RMS_BOUND, `${c.name}: rms relative error ${e.rms} ≥ ${RMS_BOUND}`);
     assert.ok(e.max < MAX_BOUND, `${c.name}: max error / max |ref| ${e.max} ≥ ${MAX_BOUND}`);
     // the products are int8: far from the exact mode's ~1e-6 (a silently fp32 "fast" mode fails here)
     assert.ok(e.rms > 1e-3, `${c.name}: fast mode matches the reference to ${e.rms}; are the projections quantized?`);
-    const ex = errors(await exact.embed(c.i64('input_ids'), c.i64('attention_mask'), batch), ref);
+    const ex = relativeError(await exact.embed(c.i64('input_ids'), c.i64('attention_mask'), batch), ref);
     assert.ok(ex.rms < 1e-5, `${c.name}: exact mode drifted to ${ex.rms}`);
   }
 });

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import sharp from 'sharp';
+import { psnr8 as psnr } from '../../src/conform/compare.ts';
 import { KleinPipeline } from '../../src/pipeline/pipeline.ts';
 import type { GenerateRequest } from '../../src/pipeline/types.ts';
 import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
@@ -32,13 +33,6 @@ async function rgb(png: Uint8Array): Promise<{ data: Buffer; width: number; heig
   return { data, width: info.width, height: info.height, channels: info.channels };
 }
 
-function psnr(a: Buffer, b: Buffer): number {
-  assert.equal(a.length, b.length);
-  let se = 0;
-  for (let i = 0; i < a.length; i++) se += (a[i] - b[i]) ** 2;
-  const mse = se / a.length;
-  return mse === 0 ? Infinity : 10 * Math.log10((255 * 255) / mse);
-}
 
 before(() => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-precision-'));
