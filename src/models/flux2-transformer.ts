@@ -10,7 +10,8 @@ import { COMPUTE, concat, layerNormNoAffine, modulate, silu, splitLast } from '.
 import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
 import { resolveDevice, defaultDevice, type Device } from '../graph/device.ts';
-import { deviceResidentIO, f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype, type HostTransfers } from './flux2-gpu.ts';
+import { deviceResidentIO, type HostTransfers } from './flux2-gpu.ts';
+import { f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';

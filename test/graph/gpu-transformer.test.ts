@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { Flux2Transformer, type Flux2ForwardInput } from '../../src/models/flux2-transformer.ts';
-import { F16_MAX, f32ToF16Clamped, parseComputeDtype, resolveComputeDtype, transpose2d } from '../../src/models/flux2-gpu.ts';
+import { F16_MAX, f32ToF16Clamped, parseComputeDtype, resolveComputeDtype, transpose2d } from '../../src/graph/compute-dtype.ts';
 import { FP16_FACTOR } from '../../src/conform/transformer.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { UsageError } from '../../src/cli/errors.ts';

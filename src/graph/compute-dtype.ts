@@ -1,0 +1,89 @@
+// The dtype a model's products compute in on a GPU device, and the weight conversions that go with it: every
+// component (transformer, text encoder, VAE) converts its weights in JS once at load (widen to fp32, transpose a
+// Linear's weight for a plain MatMul, narrow to fp16) and hands ORT only the bytes it computes with.
+import type { Device } from './device.ts';
+import { UsageError } from '../cli/errors.ts';
+
+/** What a model's products compute in: fp32 everywhere, or fp16 weights and GEMMs/convolutions (GPU devices only). */
+export type ComputeDtype = 'fp32' | 'fp16';
+export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['fp32', 'fp16'];
+
+/** Largest finite fp16 value; bf16 reaches ~3.4e38, so a bf16 weight may not fit. */
+export const F16_MAX = 65504;
+
+export function parseComputeDtype(s: string): ComputeDtype {
+  const d = s.trim().toLowerCase();
+  if ((COMPUTE_DTYPES as readonly string[]).includes(d)) return d as ComputeDtype;
+  throw new UsageError(`unknown GPU dtype "${s}"; use one of: ${COMPUTE_DTYPES.join(', ')}`);
+}
+
+/**
+ * The dtype for a model on `device`: the one asked for, else $KLEIN_GPU_DTYPE, else fp16 on a GPU and fp32 on
+ * the CPU. The CPU provider has no fp16 MatMul worth using, so fp16 there is refused when asked for by name and
+ * ignored when it only comes from the environment variable (which is about GPUs).
+ */
+export function resolveComputeDtype(device: Device, requested?: ComputeDtype): ComputeDtype {
+  if (device === 'cpu') {
+    if (requested === 'fp16') throw new UsageError('fp16 compute needs a GPU device (--device webgpu or cuda); the CPU computes in fp32');
+    return 'fp32';
+  }
+  if (requested) return requested;
+  const env = process.env.KLEIN_GPU_DTYPE;
+  return env ? parseComputeDtype(env) : 'fp16';
+}
+
+/** `[rows, cols]` row-major → `[cols, rows]`, in 64×64 tiles so both sides stay in cache. */
+export function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {
+  if (src.length !== rows * cols) throw new RangeError(`transpose2d: ${src.length} values for ${rows}×${cols}`);
+  const out = new Float32Array(src.length);
+  const T = 64;
+  for (let r0 = 0; r0 < rows; r0 += T) {
+    const r1 = Math.min(rows, r0 + T);
+    for (let c0 = 0; c0 < cols; c0 += T) {
+      const c1 = Math.min(cols, c0 + T);
+      for (let r = r0; r < r1; r++) for (let c = c0; c < c1; c++) out[c * rows + r] = src[r * cols + c];
+    }
+  }
+  return out;
+}
+
+/**
+ * fp32 → fp16 bits with round-to-nearest-even, values beyond ±65504 clamped to it (not rounded to ±Inf, which
+ * would turn every product it touches into Inf/NaN). `overflows` counts the clamped values. Modifies nothing.
+ * Works on the bit patterns (klein 4B has 3.9 G weights to convert at load): normal results by shifting the
+ * exponent and mantissa, fp16 subnormals (|x| < 2⁻¹⁴) through float arithmetic, which is exact there.
+ */
+export function f32ToF16Clamped(src: Float32Array): { data: Uint16Array; overflows: number } {
+  const bits = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  const out = new Uint16Array(src.length);
+  let overflows = 0;
+  for (let i = 0; i < bits.length; i++) {
+    const x = bits[i];
+    const sign = (x >>> 16) & 0x8000;
+    const abs = x & 0x7fffffff;
+    if (abs >= 0x38800000) {
+      if (abs > 0x477fe000) {
+        // beyond 65504 (0x477fe000): clamp; NaN stays NaN
+        if (abs > 0x7f800000) out[i] = sign | 0x7e00;
+        else {
+          out[i] = sign | 0x7bff;
+          overflows++;
+        }
+        continue;
+      }
+      // rebias the exponent (127 → 15) and keep 10 mantissa bits; a carry out of the mantissa bumps the exponent
+      let h = (abs >>> 13) - (112 << 10);
+      const rem = abs & 0x1fff;
+      if (rem > 0x1000 || (rem === 0x1000 && h & 1)) h++;
+      out[i] = sign | h;
+    } else {
+      const q = Math.abs(src[i]) * 16777216; // in units of the smallest subnormal, 2⁻²⁴ (exact in float64)
+      let h = Math.floor(q);
+      const frac = q - h;
+      if (frac > 0.5 || (frac === 0.5 && h & 1)) h++;
+      out[i] = sign | h; // h = 1024 is the smallest normal, 2⁻¹⁴: the bit pattern is right as is
+    }
+  }
+  return { data: out, overflows };
+}
+
