@@ -7,6 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import ort from 'onnxruntime-node';
 import type { Graph } from './onnx-graph.ts';
+import type { ComputeDtype } from './compute-dtype.ts';
 import { defaultDevice, executionProviders, resolveDevice, webgpuCpuNodes, type Device, type DeviceRequest } from './device.ts';
 
 export { ort };
@@ -21,6 +22,11 @@ export interface SessionConfig {
   device?: DeviceRequest;
   /** Intra-op threads; default: all cores. */
   threads?: number;
+  /**
+   * GPU devices: what the model's products compute in (default $KLEIN_GPU_DTYPE, else fp16; see
+   * graph/compute-dtype.ts). Ignored on the CPU, which computes in fp32. Each model decides what stays fp32.
+   */
+  gpuDtype?: ComputeDtype;
   /**
    * Large models turn ORT's arena and memory patterns off: with them on, RSS grows by a copy of every
    * activation buffer per run (measured 5.3 GiB vs 1.1 GiB for a 1 GiB bf16 weight).
