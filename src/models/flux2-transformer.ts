@@ -442,6 +442,11 @@ function finalLayer(cx: Ctx, io: StageIO): void {
   io.out('output', linear(cx, modulate(g, layerNormNoAffine(g, img, c.hiddenSize, EPS), shift, scale), 'final_layer.linear.weight'));
 }
 
+/** The stage whose outputs (`txt`, `pe_cos`, `pe_sin`) do not change between denoising steps. */
+export const CONTEXT_STAGE = 'context';
+/** The values a Flux2Context holds for the steps: the context stage's outputs and the text length. */
+const CONTEXT_VALUES = ['txt', 'pe_cos', 'pe_sin', 'n_txt'] as const;
+
 /** One stage of the forward: a name (also its graph's name) and what it computes. */
 export interface Flux2Stage {
   name: string;
@@ -466,14 +471,16 @@ export function flux2Stages(c: Flux2Config): Flux2Stage[] {
   ]) {
     add(out, (cx, io) => io.out(out, modulation(cx, io.in('vec'), w)));
   }
-  add('inputs', (cx, io) => {
-    io.out('img', linear(cx, io.in('x'), 'img_in.weight'));
+  // The step-invariant part: the text stream's projection and the RoPE tables depend on the prompt and the token
+  // positions only, so a sampler computes them once and reuses them every step (Flux2Transformer.prepareContext).
+  add(CONTEXT_STAGE, (cx, io) => {
     io.out('txt', linear(cx, io.in('ctx'), 'txt_in.weight'));
     // positions of the joint sequence, text first, as every attention sees it
     const pe = ropeTables(cx, concat(cx.g, [io.in('ctx_ids'), io.in('x_ids')], 1));
     io.out('pe_cos', pe.cos);
     io.out('pe_sin', pe.sin);
   });
+  add('img_in', (cx, io) => io.out('img', linear(cx, io.in('x'), 'img_in.weight')));
   for (let i = 0; i < c.depth; i++) {
     const p = `double_blocks.${i}`;
     add(`${p}.attn`, (cx, io) => doubleBlockAttention(cx, io, p));
@@ -518,6 +525,43 @@ export interface Flux2ForwardInput {
   nCtx: number;
 }
 
+/** What `prepareContext` reads: the text context and every position; the same for every step of a generation. */
+export type Flux2ContextInput = Pick<Flux2ForwardInput, 'xIds' | 'ctx' | 'ctxIds' | 'batch' | 'nTokens' | 'nCtx'>;
+/** What changes from step to step. */
+export type Flux2StepInput = Pick<Flux2ForwardInput, 'x' | 'timesteps' | 'guidance' | 'batch' | 'nTokens' | 'nCtx'>;
+
+/**
+ * The step-invariant values of a generation (`txt`, the RoPE tables, the text length), made by
+ * `Flux2Transformer.prepareContext`: in WebGPU memory with device-resident I/O, else on the host. `dispose()` frees
+ * the device memory; a disposed context cannot be used.
+ */
+export class Flux2Context {
+  disposed = false;
+  constructor(
+    readonly counts: { batch: number; nTokens: number; nCtx: number },
+    readonly values: ReadonlyMap<string, ort.Tensor>,
+    /** Host↔device copies its preparation made (zero on the CPU). */
+    readonly transfers: HostTransfers,
+  ) {}
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const v of this.values.values()) if (v.location === 'gpu-buffer') v.dispose();
+  }
+}
+
+function checkCounts<T extends { batch: number; nTokens: number; nCtx: number }>(inp: T): T {
+  for (const [k, v] of Object.entries({ batch: inp.batch, nTokens: inp.nTokens, nCtx: inp.nCtx })) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`flux2 forward: ${k} must be a positive integer, got ${v}`);
+  }
+  return inp;
+}
+
+function expectLength(name: string, arr: { length: number } | undefined, n: number): void {
+  if (!arr) throw new RangeError(`flux2 forward: ${name} is required`);
+  if (arr.length !== n) throw new RangeError(`flux2 forward: ${name} has ${arr.length} values, expected ${n}`);
+}
+
 export interface Flux2LoadOptions extends SessionConfig {
   /** Called after each stage's session is ready (loading klein 4B converts 15 GB of weights). */
   onProgress?: (done: number, total: number, stage: string) => void;
@@ -537,7 +581,7 @@ export interface Flux2LoadOptions extends SessionConfig {
 }
 
 /** Bump when the graphs change in a way the config does not capture (the compiled-graph cache key). */
-const FLUX2_GRAPH_VERSION = 5;
+const FLUX2_GRAPH_VERSION = 6; // 6: the `inputs` stage split into `context` (step-invariant) and `img_in`
 
 /** Stored values (F32, BF16 or F16) widened to fp32. */
 function toF32(p: TensorInfo): Float32Array {
@@ -711,42 +755,80 @@ export class Flux2Transformer {
     return model;
   }
 
-  /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3). */
+  /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3): `prepareContext`, then one `step`. */
   async forward(inp: Flux2ForwardInput): Promise<Float32Array> {
-    const c = this.config;
-    const { batch: B, nTokens: N, nCtx: L } = inp;
-    for (const [k, v] of Object.entries({ batch: B, nTokens: N, nCtx: L })) {
-      if (!Number.isInteger(v) || v < 1) throw new RangeError(`flux2 forward: ${k} must be a positive integer, got ${v}`);
+    const context = await this.prepareContext(inp);
+    try {
+      return await this.step(inp, context);
+    } finally {
+      context.dispose();
     }
-    const expect = (name: string, arr: { length: number } | undefined, n: number) => {
-      if (!arr) throw new RangeError(`flux2 forward: ${name} is required`);
-      if (arr.length !== n) throw new RangeError(`flux2 forward: ${name} has ${arr.length} values, expected ${n}`);
-    };
+  }
+
+  /**
+   * Runs the step-invariant stage once: the text projection and the RoPE tables of `inp`'s positions. A sampler
+   * passes the result to every `step` of a generation (same batch, token and text counts) and disposes it after.
+   * On WebGPU with device-resident I/O the context stays in device memory, so a step uploads only `x` and
+   * `timesteps`.
+   */
+  async prepareContext(inp: Flux2ContextInput): Promise<Flux2Context> {
+    const c = this.config;
+    const { batch: B, nTokens: N, nCtx: L } = checkCounts(inp);
     const nAxes = c.axesDim.length;
-    expect('x', inp.x, B * N * c.inChannels);
-    expect('xIds', inp.xIds, B * N * nAxes);
-    expect('timesteps', inp.timesteps, B);
-    expect('ctx', inp.ctx, B * L * c.contextInDim);
-    expect('ctxIds', inp.ctxIds, B * L * nAxes);
-    // the values the stages exchange, starting with the forward's inputs
+    expectLength('xIds', inp.xIds, B * N * nAxes);
+    expectLength('ctx', inp.ctx, B * L * c.contextInDim);
+    expectLength('ctxIds', inp.ctxIds, B * L * nAxes);
     const values = new Map<string, ort.Tensor>([
-      ['x', f32(inp.x, [B, N, c.inChannels])],
       ['x_ids', i64(inp.xIds, [B, N, nAxes])],
-      ['timesteps', f32(inp.timesteps, [B])],
       ['ctx', f32(inp.ctx, [B, L, c.contextInDim])],
       ['ctx_ids', i64(inp.ctxIds, [B, L, nAxes])],
       ['n_txt', i64(BigInt64Array.of(BigInt(L)), [1])],
     ]);
+    const transfers = await this.runStages(this.stages.filter((s) => s.stage.name === CONTEXT_STAGE), values, { keep: new Set(), take: CONTEXT_VALUES });
+    const kept = new Map(CONTEXT_VALUES.map((k) => [k, values.get(k)!]));
+    return new Flux2Context({ batch: B, nTokens: N, nCtx: L }, kept, transfers);
+  }
+
+  /** One model evaluation with a prepared context: velocity for every input token, [batch, nTokens, inChannels]. */
+  async step(inp: Flux2StepInput, context: Flux2Context): Promise<Float32Array> {
+    const c = this.config;
+    const { batch: B, nTokens: N, nCtx: L } = checkCounts(inp);
+    if (context.disposed) throw new Error('flux2 step: the context was disposed');
+    const k = context.counts;
+    if (k.batch !== B || k.nTokens !== N || k.nCtx !== L) {
+      throw new RangeError(`flux2 step: the context is for batch ${k.batch}, ${k.nTokens} tokens, ${k.nCtx} text tokens; the step has ${B}, ${N}, ${L}`);
+    }
+    expectLength('x', inp.x, B * N * c.inChannels);
+    expectLength('timesteps', inp.timesteps, B);
+    // the values the stages exchange: the step's own inputs and the context's (which the step must not dispose)
+    const values = new Map<string, ort.Tensor>([
+      ['x', f32(inp.x, [B, N, c.inChannels])],
+      ['timesteps', f32(inp.timesteps, [B])],
+      ...context.values,
+    ]);
     if (c.useGuidanceEmbed) {
-      expect('guidance', inp.guidance, B);
+      expectLength('guidance', inp.guidance, B);
       values.set('guidance', f32(inp.guidance!, [B]));
     }
-    // With device-resident I/O, values other than the inputs live in device memory: each is disposed as soon as a
-    // stage replaces it (`img` → `img_next`) and the rest when the forward ends, so memory does not grow per step.
+    const owned = new Set(context.values.values());
+    this.lastTransfers = await this.runStages(this.stages.filter((s) => s.stage.name !== CONTEXT_STAGE), values, { keep: owned, take: ['output'] });
+    return values.get('output')!.data as Float32Array;
+  }
+
+  /**
+   * Runs `stages` in order on `values`, which gains their outputs (`<name>_next` replaces `<name>`). With
+   * device-resident I/O, values other than host inputs live in device memory: each is disposed as soon as a stage
+   * replaces it and the rest when the run ends, except the tensors in `keep` (a context's, owned by it) and, when
+   * the run succeeds, the final values named in `take` (handed to the caller), so memory does not grow per step.
+   */
+  private async runStages(stages: StageSession[], values: Map<string, ort.Tensor>, own: { keep: ReadonlySet<ort.Tensor>; take: readonly string[] }): Promise<HostTransfers> {
+    const { keep } = own;
     const transfers: HostTransfers = { uploads: 0, downloads: 0 };
     const onGpu = (v: ort.Tensor) => v.location === 'gpu-buffer';
+    const produced = new Set<ort.Tensor>();
+    let ok = false;
     try {
-      for (const { stage, session } of this.stages) {
+      for (const { stage, session } of stages) {
         const feeds: Record<string, ort.Tensor> = {};
         for (const name of session.inputNames) {
           const v = values.get(name);
@@ -758,15 +840,20 @@ export class Flux2Transformer {
         for (const [name, v] of Object.entries(out)) {
           const key = name.replace(/_next$/, '');
           const old = values.get(key);
-          if (old && old !== v && onGpu(old)) old.dispose();
+          if (old && old !== v && onGpu(old) && !keep.has(old)) {
+            old.dispose();
+            produced.delete(old);
+          }
           values.set(key, v);
+          produced.add(v);
           if (this.device !== 'cpu' && !onGpu(v)) transfers.downloads++;
         }
       }
-      return values.get('output')!.data as Float32Array;
+      ok = true;
+      return transfers;
     } finally {
-      for (const v of values.values()) if (onGpu(v)) v.dispose();
-      this.lastTransfers = transfers;
+      const retain = new Set(ok ? own.take.map((k) => values.get(k)) : []);
+      for (const v of produced) if (onGpu(v) && !keep.has(v) && !retain.has(v)) v.dispose();
     }
   }
 

@@ -100,17 +100,34 @@ test('WebGPU: stage outputs stay on the device (1 download per forward) and give
     assert.equal(dev.deviceIO, true);
     const a = await host.forward(inp);
     const b = await dev.forward(inp);
-    // the host round trip downloads every stage output (time_in, 4 modulations, inputs' 4, 3 per block, …)
+    // the host round trip downloads every stage output (time_in, 4 modulations, img_in, 3 per block, …)
     assert.ok(host.lastTransfers.downloads > 20, `host I/O downloads ${host.lastTransfers.downloads}`);
-    // device-resident: only `output` comes back; the uploads are the forward's own inputs (x, x_ids, timesteps,
-    // ctx, ctx_ids, n_txt), each fed once
-    assert.deepEqual(dev.lastTransfers, { uploads: 6, downloads: 1 });
+    // device-resident: only `output` comes back; a step uploads its own inputs (x, timesteps) and the text length
+    // n_txt (a shape input of the final Slice), each fed once
+    assert.deepEqual(dev.lastTransfers, { uploads: 3, downloads: 1 });
     assert.equal(maxAbsDiff(a, b), 0, 'the same kernels run either way: the results must be identical');
     assert.ok(maxAbsDiff(b, ref) <= 1e-4 * Math.max(1, maxAbs(ref)), 'and match the reference');
     // a second step on the same model: the device tensors of the first were released, not reused stale
     const again = await dev.forward(inp);
     assert.equal(maxAbsDiff(again, b), 0);
-    assert.deepEqual(dev.lastTransfers, { uploads: 6, downloads: 1 });
+    assert.deepEqual(dev.lastTransfers, { uploads: 3, downloads: 1 });
+    // a context prepared once serves several steps (as the sampler uses it): it uploads ctx, ctx_ids and x_ids
+    // once and keeps txt and the RoPE tables on the device; the first step's txt_next must not free them
+    const context = await dev.prepareContext(inp);
+    try {
+      assert.deepEqual(context.transfers, { uploads: 3, downloads: 0 });
+      assert.ok([...context.values.entries()].filter(([k]) => k !== 'n_txt').every(([, v]) => v.location === 'gpu-buffer'));
+      const s1 = await dev.step(inp, context);
+      const shifted = { ...inp, x: inp.x.map((v) => v * 0.5), timesteps: inp.timesteps.map((t) => t * 0.5) };
+      const s2 = await dev.step(shifted, context);
+      const s3 = await dev.step(inp, context);
+      assert.equal(maxAbsDiff(s1, b), 0);
+      assert.equal(maxAbsDiff(s3, b), 0, 'the context is unchanged by the steps that used it');
+      assert.equal(maxAbsDiff(s2, await host.forward(shifted)), 0);
+    } finally {
+      context.dispose();
+    }
+    await assert.rejects(dev.step(inp, context), /disposed/);
   } finally {
     await host.close();
     await dev.close();

@@ -144,6 +144,27 @@ test('one graph for every size; batch samples with their own timesteps equal sin
   }
 });
 
+test('a context prepared once serves every step: steps equal whole forwards, the context is not changed by them', async () => {
+  const dir = tmp();
+  const file = path.join(dir, 'model.safetensors');
+  writeRandomFlux2Checkpoint(file, TINY, { seed: 4, dtype: 'F32' });
+  const m = await Flux2Transformer.load(file);
+  try {
+    const inp = inputs(TINY, 2, 3, 2, 5, [[2, 1]], 7);
+    const context = await m.prepareContext(inp);
+    const later = { ...inp, x: inp.x.map((v) => v * 0.25 + 0.1), timesteps: Float32Array.of(0.3, 0.05) };
+    for (const step of [inp, later, inp]) assert.equal(maxAbsDiff(await m.step(step, context), await m.forward(step)), 0);
+    // the text projection and RoPE tables are really in the context: another prompt's context changes the step
+    const other = await m.prepareContext({ ...inp, ctx: inp.ctx.map((v) => -v) });
+    assert.ok(maxAbsDiff(await m.step(inp, other), await m.step(inp, context)) > 1e-4);
+    await assert.rejects(m.step({ ...inp, batch: 1, x: inp.x.subarray(0, inp.x.length / 2), timesteps: inp.timesteps.subarray(0, 1) }, context), /context is for batch 2, 8 tokens, 5 text tokens; the step has 1, 8, 5/);
+    context.dispose();
+    await assert.rejects(m.step(inp, context), /context was disposed/);
+  } finally {
+    await m.close();
+  }
+});
+
 test('guidance-embedding configs (FLUX.2 dev style) take a guidance input that changes the output', async () => {
   const dir = tmp();
   const cfg: Flux2Config = { ...TINY, useGuidanceEmbed: true, depthSingleBlocks: 0 };
