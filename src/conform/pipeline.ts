@@ -128,7 +128,7 @@ export const pipelineComponent: ConformComponent = {
         // fp32 on GPUs too: these cases check the pipeline's plumbing to 1e-3 over 4 steps and a decode, which the
         // fp16 Linears (≈3e-3 relative per evaluation, checked by the transformer component) would exceed.
         tr: await Flux2Transformer.load(trDir, { ...session, gpuDtype: 'fp32' }),
-        vae: await Flux2VAE.load(vaeFile, session),
+        vae: await Flux2VAE.load(vaeFile, { ...session, gpuDtype: 'fp32' }), // likewise: fp16 convs are ≈1e-2 off
       };
     } catch (e) {
       for (const f of cases) yield errorResult(NAME, `pipeline/${path.basename(f, '.safetensors')}`, e);

@@ -11,6 +11,9 @@ import path from 'node:path';
 import { Graph, MS_DOMAIN, type Value } from '../graph/onnx-graph.ts';
 import { COMPUTE } from '../graph/nn.ts';
 import { f32, loadGraph, ort, type SessionConfig } from '../graph/session.ts';
+import { defaultDevice, resolveDevice, type Device } from '../graph/device.ts';
+import { resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { VaeHalfGraph } from './flux2-vae-gpu.ts';
 import { Checkpoint, readFloat32, writeSafetensors, f32ToBf16, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 
 export interface Flux2VaeConfig {
@@ -147,28 +150,36 @@ export function vaeTensorShapes(c: Flux2VaeConfig): Array<[string, number[]]> {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Graph building blocks. Activations are NCHW float32 throughout.
+// Graph building blocks. Activations are NCHW float32 between ops; with `half` (GPU devices in fp16, see
+// flux2-vae-gpu.ts) the convolutions and attention projections compute in fp16 and every weight is in-memory.
 
 class VaeGraph {
+  readonly half?: VaeHalfGraph;
+
   constructor(
     readonly g: Graph,
     private readonly ckpt: Checkpoint,
     private readonly layout: VaeLayout,
     private readonly levels: number,
-  ) {}
+    fp16: boolean,
+  ) {
+    if (fp16) this.half = new VaeHalfGraph(g);
+  }
 
   info(bflName: string): TensorInfo {
     return this.ckpt.info(vaeKey(bflName, this.layout, this.levels));
   }
 
   w(bflName: string): Value {
-    return this.g.weight(this.info(bflName), COMPUTE);
+    return this.half ? this.half.f32(this.info(bflName)) : this.g.weight(this.info(bflName), COMPUTE);
   }
 
   conv(x: Value, name: string, opts: { stride?: number; pads?: number[] } = {}): Value {
     const wi = this.info(`${name}.weight`);
     const k = wi.shape[2];
     const pads = opts.pads ?? Array(4).fill((k - 1) / 2);
+    const attrs = { kernel_shape: [k, k], strides: [opts.stride ?? 1, opts.stride ?? 1], pads };
+    if (this.half) return this.half.conv(x, wi, this.info(`${name}.bias`), attrs, name);
     return this.g.op('Conv', [x, this.w(`${name}.weight`), this.w(`${name}.bias`)], { kernel_shape: [k, k], strides: [opts.stride ?? 1, opts.stride ?? 1], pads }, { hint: name });
   }
 
@@ -204,6 +215,7 @@ class VaeGraph {
   /** A 1×1 conv applied to tokens [B, N, C]: both layouts' weights become a [C, C] matrix (conv [C,C,1,1] reshaped). */
   private tokenLinear(x: Value, name: string): Value {
     const wi = this.info(`${name}.weight`);
+    if (this.half) return this.half.linear(x, wi, this.info(`${name}.bias`), name);
     let w = this.w(`${name}.weight`);
     if (wi.shape.length === 4) w = this.g.op('Reshape', [w, this.g.constI64([wi.shape[0], wi.shape[1]])]);
     const y = this.g.op('MatMul', [x, this.g.op('Transpose', [w], { perm: [1, 0] })]);
@@ -238,8 +250,14 @@ class VaeGraph {
   }
 }
 
-function open(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig, name: string): VaeGraph {
-  return new VaeGraph(new Graph(name), ckpt, layout, config.chMult.length);
+function open(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig, name: string, fp16: boolean): VaeGraph {
+  return new VaeGraph(new Graph(name), ckpt, layout, config.chMult.length, fp16);
+}
+
+/** A built graph, and for an fp16 graph the builder of its in-memory weights' bytes. */
+export interface VaeGraphBuild {
+  graph: Graph;
+  half?: VaeHalfGraph;
 }
 
 /**
@@ -247,8 +265,8 @@ function open(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig, name:
  * (posterior mean, patchified, BatchNorm-normalised) and `moments` [B, 2z, H/8, W/8] (encoder output after
  * quant_conv, for conformance).
  */
-export function buildVaeEncoder(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig): Graph {
-  const v = open(ckpt, layout, config, 'flux2_vae_encoder');
+export function buildVaeEncoder(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig, opts: { fp16?: boolean } = {}): VaeGraphBuild {
+  const v = open(ckpt, layout, config, 'flux2_vae_encoder', opts.fp16 ?? false);
   const g = v.g;
   const L = config.chMult.length;
   let h = v.conv(g.input('image', 'float32', ['batch', config.inChannels, 'height', 'width']), 'encoder.conv_in');
@@ -273,12 +291,12 @@ export function buildVaeEncoder(ckpt: Checkpoint, layout: VaeLayout, config: Flu
   const { mean: bnMean, std } = v.bnStats();
   const latent = g.op('Div', [g.op('Sub', [patched, bnMean]), std], {}, { hint: 'bn_normalize' });
   g.output(latent, 'latent', 'float32', ['batch', 4 * zc, 'h16', 'w16']);
-  return g;
+  return { graph: g, half: v.half };
 }
 
 /** Decoder graph: `latent` [B, 128, h, w] (normalised) → `image` [B, 3, 16h, 16w], not clamped. */
-export function buildVaeDecoder(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig): Graph {
-  const v = open(ckpt, layout, config, 'flux2_vae_decoder');
+export function buildVaeDecoder(ckpt: Checkpoint, layout: VaeLayout, config: Flux2VaeConfig, opts: { fp16?: boolean } = {}): VaeGraphBuild {
+  const v = open(ckpt, layout, config, 'flux2_vae_decoder', opts.fp16 ?? false);
   const g = v.g;
   const L = config.chMult.length;
   const z = g.input('latent', 'float32', ['batch', 4 * config.zChannels, 'h16', 'w16']);
@@ -301,7 +319,7 @@ export function buildVaeDecoder(ckpt: Checkpoint, layout: VaeLayout, config: Flu
   }
   h = v.conv(v.swish(v.norm(h, 'decoder.norm_out')), 'decoder.conv_out');
   g.output(h, 'image', 'float32', ['batch', config.outChannels, 'height', 'width']);
-  return g;
+  return { graph: g, half: v.half };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -365,6 +383,14 @@ export function resolveVaePath(p: string): string {
 export class Flux2VAE {
   private encoderSession?: ort.InferenceSession;
   private decoderSession?: ort.InferenceSession;
+  /** The device the sessions run on. */
+  device: Device = 'cpu';
+  /**
+   * What the convolutions and attention projections compute in: fp32 on the CPU; on a GPU device
+   * `resolveComputeDtype` (fp16 unless asked otherwise). fp32 on a GPU runs the CPU's graph on the device.
+   */
+  computeDtype: ComputeDtype = 'fp32';
+  private readonly overflows = { encoder: 0, decoder: 0 };
 
   private constructor(
     readonly ckpt: Checkpoint,
@@ -383,9 +409,16 @@ export class Flux2VAE {
       .filter((n) => !ckpt.has(n));
     if (missing.length) throw new Error(`VAE checkpoint (${layout} layout) lacks ${missing.length} tensors, e.g. ${missing.slice(0, 3).join(', ')}`);
     const vae = new Flux2VAE(ckpt, layout, config, opts);
+    vae.device = await resolveDevice(opts.device ?? defaultDevice());
+    vae.computeDtype = resolveComputeDtype(vae.device, opts.gpuDtype);
     if (opts.only !== 'decoder') await vae.encoder();
     if (opts.only !== 'encoder') await vae.decoder();
     return vae;
+  }
+
+  /** Weight values beyond fp16's range, clamped to ±65504 when the open sessions' weights were converted (fp16 only). */
+  get fp16Overflows(): number {
+    return this.overflows.encoder + this.overflows.decoder;
   }
 
   private get weightFiles(): string[] {
@@ -393,19 +426,30 @@ export class Flux2VAE {
   }
 
   private async encoder(): Promise<ort.InferenceSession> {
-    if (!this.encoderSession) {
-      const r = await loadGraph('vae-encoder', { config: this.config, layout: this.layout, v: VAE_GRAPH_VERSION}, this.weightFiles, () => buildVaeEncoder(this.ckpt, this.layout, this.config), { lowMemory: true, ...this.opts });
-      this.encoderSession = r.session;
-    }
+    this.encoderSession ??= await this.openGraph('encoder', buildVaeEncoder);
     return this.encoderSession;
   }
 
   private async decoder(): Promise<ort.InferenceSession> {
-    if (!this.decoderSession) {
-      const r = await loadGraph('vae-decoder', { config: this.config, layout: this.layout, v: VAE_GRAPH_VERSION}, this.weightFiles, () => buildVaeDecoder(this.ckpt, this.layout, this.config), { lowMemory: true, ...this.opts });
-      this.decoderSession = r.session;
-    }
+    this.decoderSession ??= await this.openGraph('decoder', buildVaeDecoder);
     return this.decoderSession;
+  }
+
+  /**
+   * fp32: the graph reads the checkpoint in place (the CPU's graph and cache key, also on a GPU in fp32). fp16: its
+   * own graph and key, every weight converted in JS and handed over in memory (flux2-vae-gpu.ts); the graph is
+   * built even when cached, since it lists the weights whose bytes the session needs.
+   */
+  private async openGraph(direction: 'encoder' | 'decoder', build: typeof buildVaeEncoder): Promise<ort.InferenceSession> {
+    const name = `vae-${direction}`;
+    const key = { config: this.config, layout: this.layout, v: VAE_GRAPH_VERSION };
+    const session = { lowMemory: true, ...this.opts, device: this.device };
+    if (this.computeDtype === 'fp32') return (await loadGraph(name, key, this.weightFiles, () => build(this.ckpt, this.layout, this.config).graph, session)).session;
+    const built = build(this.ckpt, this.layout, this.config, { fp16: true });
+    const stats = { fp16Overflows: 0 };
+    const externalData = built.half!.externalData(stats);
+    this.overflows[direction] = stats.fp16Overflows;
+    return (await loadGraph(name, { ...key, gpu: `gpu-${this.computeDtype}` }, this.weightFiles, () => built.graph, { ...session, externalData })).session;
   }
 
   /** Pixels per latent token side: 2^(levels − 1) from the downsamplers × 2 from the patch (16 for FLUX.2). */
