@@ -7,11 +7,13 @@ import path from 'node:path';
 import { elemTypeOf, Graph, ONNX_ELEM, type Value } from '../graph/onnx-graph.ts';
 import { rmsNorm, silu, splitLast, concat } from '../graph/nn.ts';
 import { compileGraph, i64, sessionOptions, type SessionConfig, ort } from '../graph/session.ts';
-import { defaultDevice, resolveDevice } from '../graph/device.ts';
+import { defaultDevice, resolveDevice, type Device } from '../graph/device.ts';
 import { bf16ToF32, Checkpoint, DTYPE_SIZE, f16ToF32, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 import type { Precision } from '../pipeline/types.ts';
 import { quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError, type Int8CacheOptions } from '../weights/quantized-cache.ts';
+import { f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { UsageError } from '../cli/errors.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
 export const KLEIN_OUTPUT_LAYERS = [9, 18, 27] as const;
@@ -103,6 +105,36 @@ export interface Qwen3GraphOptions {
    * reads one file: the int8 cache. Default exact.
    */
   precision?: Precision;
+  /**
+   * Set on a GPU device only (the CPU graphs and their cache keys never carry it): every projection is
+   * `MatMul(x, Wᵀ)` by a weight transposed to `[in, out]` at load and handed to ORT in memory (`Qwen3GpuWeight`),
+   * in `dtype`; norms, RoPE, attention and the residual stream stay fp32, and the embeddings come in as
+   * `inputs_embeds` like fast mode's. `weights` is then irrelevant.
+   */
+  gpu?: { dtype: ComputeDtype };
+}
+
+/**
+ * A GPU graph's projection weight: ORT gets it from `location` in the session's `externalData`, converted once at
+ * load (`gpuWeightBytes`): widened to fp32, transposed to `[in, out]`, narrowed to fp16 when `fp16`.
+ */
+export interface Qwen3GpuWeight {
+  location: string;
+  info: TensorInfo;
+  fp16: boolean;
+}
+
+/** Bump when the GPU graph changes in a way its options do not capture (compiled-graph cache key). */
+const QWEN3_GPU_GRAPH_VERSION = 1;
+
+/**
+ * The compiled-graph cache key. Exact CPU graphs keep the key they always had (`{cfg, graphOpts}`), so existing
+ * compiled graphs stay valid; fast and GPU graphs embed the norms, so the checkpoint files' identity keys them too.
+ */
+export function qwen3GraphKey(cfg: Qwen3Config, graphOpts: Qwen3GraphOptions, checkpoint: string[]): unknown {
+  if (graphOpts.precision === 'fast') return { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint };
+  if (graphOpts.gpu) return { cfg, graphOpts, gpu: QWEN3_GPU_GRAPH_VERSION, checkpoint };
+  return { cfg, graphOpts };
 }
 
 /** Fast mode: where each projection's int8 values and scales are (the int8 cache file). */
@@ -202,11 +234,12 @@ export function layersNeeded(opts: Pick<Qwen3GraphOptions, 'outputLayers' | 'hid
 }
 
 /**
- * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`), in fast mode also
- * `inputs_embeds` (fp32 `[batch, seq, hidden]`, see `embeddingRows`); output `context`
+ * Builds the encoder graph. Inputs `input_ids`, `attention_mask` (int64 `[batch, seq]`), in fast mode and on a GPU
+ * also `inputs_embeds` (fp32 `[batch, seq, hidden]`, see `embeddingRows`); output `context`
  * `[batch, seq, outputLayers.length · hidden]` and `hidden_states.k` `[batch, seq, hidden]` per extra state.
+ * A GPU graph (`opts.gpu`) appends the projection weights it expects in memory to `gpuWeights`.
  */
-export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, int8Weights?: Int8Tensors): Graph {
+export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3GraphOptions, int8Weights?: Int8Tensors, gpuWeights: Qwen3GpuWeight[] = []): Graph {
   const prefix = keyPrefix(ck);
   const depth = layersNeeded(opts);
   const wanted = [...opts.outputLayers, ...(opts.hiddenStates ?? [])];
@@ -225,10 +258,14 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   const g = new Graph('qwen3');
   const fast = opts.precision === 'fast';
   if (fast && !int8Weights) throw new Error('buildQwen3Graph: fast mode needs the int8 tensors');
+  const gpu = opts.gpu;
+  if (fast && gpu) throw new Error('buildQwen3Graph: fast mode (int8) has no GPU graph');
   // Fast mode's graph reads one file, the int8 cache (ORT maps external data files quickly but copies in-memory
   // external data slowly, ~40 s per GB on this machine, and it cannot mix both in one session): the small fp32
-  // tensors (norms, biases) are embedded as constants, and the embedding rows come in as an input.
-  const stored = (info: TensorInfo): Value => (fast ? g.constF32(readFloat32(info), info.shape, info.name) : g.weight(info, 'float32'));
+  // tensors (norms, biases) are embedded as constants, and the embedding rows come in as an input. A GPU graph
+  // gets its projections in memory, so the same holds for it: nothing is read from the checkpoint files by ORT.
+  const embedded = fast || gpu !== undefined;
+  const stored = (info: TensorInfo): Value => (embedded ? g.constF32(readFloat32(info), info.shape, info.name) : g.weight(info, 'float32'));
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const am = g.input('attention_mask', 'int64', ['batch', 'seq']);
 
@@ -244,9 +281,31 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
     g.input(raw.name, elemTypeOf(info.dtype), info.shape);
     return g.op('Cast', [raw], { to: ONNX_ELEM.float32 }, { hint: `${raw.name}_f32` });
   };
+  // GPU: the fp16 copy of each activation a projection read (q, k and v share one Cast, as do gate and up)
+  const half = new Map<string, Value>();
+  const gpuProj = (x: Value, info: TensorInfo, hint: string): Value => {
+    const fp16 = gpu!.dtype === 'fp16';
+    const [out, inF] = info.shape;
+    const location = `qwen3-mem/${info.name}.T`;
+    gpuWeights.push({ location, info, fp16 });
+    const wt = g.inMemoryWeight(`${info.name}.T`, fp16 ? 'float16' : 'float32', [inF, out], location);
+    if (!fp16) return g.op('MatMul', [x, wt], {}, { hint });
+    let x16 = half.get(x.name);
+    if (!x16) {
+      x16 = g.op('Cast', [x], { to: ONNX_ELEM.float16 }, { hint: 'to_fp16' });
+      half.set(x.name, x16);
+    }
+    return g.op('Cast', [g.op('MatMul', [x16, wt], {}, { hint })], { to: ONNX_ELEM.float32 }, { hint: 'to_fp32' });
+  };
   const proj = (x: Value, name: string, biasName?: string): Value => {
     const hint = name.split('.').slice(-2, -1)[0];
     const bias = biasName && ck.has(prefix + biasName) ? stored(W(biasName)) : undefined;
+    if (gpu) {
+      // MatMul by Wᵀ, not Gemm(transB) on the stored [out, in] weight: Gemm runs on WebGPU too, but only a plain
+      // [in, out] weight can be converted once at load and handed over as fp16; the bias is added in fp32
+      const y = gpuProj(x, W(name), hint);
+      return bias ? g.op('Add', [y, bias], {}, { hint: `${hint}_bias` }) : y;
+    }
     if (fast) {
       const info = W(name);
       const t = int8Weights!(info.name);
@@ -268,7 +327,8 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
   // Embedding lookup on the stored table (bf16 in real checkpoints): gather rows first, then cast, so the
   // 151936×2560 table is never converted as a whole.
   let x = g.within('embed_tokens', () => {
-    if (fast) return g.op('Reshape', [g.input('inputs_embeds', 'float32', ['batch', 'seq', H]), g.constI64([-1, H])]);
+    // fast and GPU: rows read on the host per prompt, so the 151936-row table is never handed to ORT
+    if (embedded) return g.op('Reshape', [g.input('inputs_embeds', 'float32', ['batch', 'seq', H]), g.constI64([-1, H])]);
     const table = g.weight(W('embed_tokens.weight'));
     let e = g.op('Gather', [table, ids], { axis: 0 });
     if (ck.info(prefix + 'embed_tokens.weight').dtype !== 'F32') e = g.op('Cast', [e], { to: ONNX_ELEM.float32 });
@@ -356,12 +416,15 @@ export interface Qwen3LoadOptions {
   hiddenStates?: readonly number[];
   /** Longest sequence accepted (RoPE table size); klein uses 512. */
   maxPositions?: number;
-  /** Default `runtime-cast`: least memory and an instant load; `converted` for fast runs of a resident encoder. */
+  /**
+   * CPU only. Default `runtime-cast`: least memory and an instant load; `converted` for fast runs of a resident
+   * encoder. A GPU device always converts the projections at load (`session.gpuDtype`, see Qwen3GraphOptions.gpu).
+   */
   weights?: Qwen3WeightMode;
   /**
    * `exact` (default): fp32 projections as `weights` says. `fast`: the q/k/v/o/gate/up/down projections as int8
    * products (int8 weights with per-output scales, see graph/quantize.ts), ≈ 1 byte per parameter resident;
-   * `weights` is then irrelevant (no fp32 projection exists).
+   * `weights` is then irrelevant (no fp32 projection exists). CPU only: refused on a GPU device.
    */
   precision?: Precision;
   /** Fast mode: called after each projection is quantized (or read from the cache), for load progress. */
@@ -422,6 +485,20 @@ export function embeddingRows(table: TensorInfo, ids: BigInt64Array): Float32Arr
   return out;
 }
 
+/**
+ * The bytes ORT gets for a GPU projection: the weight widened to fp32, transposed to `[in, out]` and, for fp16,
+ * narrowed with values beyond ±65504 clamped (counted into `stats.fp16Overflows`). Nothing in bf16 reaches ORT:
+ * its WebGPU provider has no bf16 Cast, so the CPU graph's bf16 weights + Cast ran every cast on the CPU provider.
+ */
+export function gpuWeightBytes(w: Qwen3GpuWeight, stats: { fp16Overflows: number }): Uint8Array {
+  const [out, inF] = w.info.shape;
+  const t = transpose2d(readFloat32(w.info), out, inF);
+  if (!w.fp16) return new Uint8Array(t.buffer);
+  const h = f32ToF16Clamped(t);
+  stats.fp16Overflows += h.overflows;
+  return new Uint8Array(h.data.buffer);
+}
+
 /** One row of stored values widened to fp32. */
 function toF32(b: Buffer, dtype: TensorInfo['dtype']): Float32Array {
   const a = new Uint8Array(b).buffer; // aligned copy
@@ -452,14 +529,23 @@ export class Qwen3TextEncoder {
     readonly weightFiles: string[],
     /** `fast`: int8 projections (part of the prompt cache key, see PromptEncoder). */
     readonly precision: Precision,
-    /** Fast mode: the int8 cache, and the embedding table the rows of `inputs_embeds` are read from. */
-    private readonly fast?: { int8Cache: Int8CacheInfo; embeddings: TensorInfo },
+    /** Fast mode: where the int8 weights are cached and whether this load quantized them (first load). */
+    readonly int8Cache: Int8CacheInfo | undefined,
+    /** Fast mode and GPU devices: the embedding table the rows of `inputs_embeds` are read from. */
+    private readonly embeddings: TensorInfo | undefined,
   ) {}
 
-  /** Fast mode: where the int8 weights are cached and whether this load quantized them (first load). */
-  get int8Cache(): Int8CacheInfo | undefined {
-    return this.fast?.int8Cache;
-  }
+  /** The device the session runs on. */
+  device: Device = 'cpu';
+  /**
+   * What the projections compute in: fp32 on the CPU, the GPU dtype on a GPU device (part of the prompt cache key:
+   * an fp16 context differs from an fp32 one).
+   */
+  computeDtype: ComputeDtype = 'fp32';
+  /** fp16 only: projection weights beyond ±65504, clamped at load. */
+  fp16Overflows = 0;
+  /** True when the compiled graph came from the on-disk cache (not rebuilt). */
+  graphCached = false;
 
   /** Width of one context token: `outputLayers.length · hidden` (7680 for Qwen3-4B). */
   get contextDim(): number {
@@ -476,10 +562,25 @@ export class Qwen3TextEncoder {
     const maxPositions = opts.maxPositions ?? 512;
     const precision = opts.precision ?? 'exact';
     if (precision !== 'exact' && precision !== 'fast') throw new Qwen3ConfigError(`precision must be "exact" or "fast", got ${JSON.stringify(precision)}`);
-    const graphOpts: Qwen3GraphOptions = { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast', ...(precision === 'fast' ? { precision } : {}) };
+    const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
+    const requested = sessionCfg.device ?? defaultDevice(); // KLEIN_DEVICE, as openSession does
+    // fast on a named GPU is refused before the device is probed: the answer does not depend on the machine
+    const refuseFast = (d: string) => {
+      if (precision === 'fast' && d !== 'cpu') throw new UsageError(`qwen3: precision fast (int8 products) runs on the CPU only; use precision exact on ${d}`);
+    };
+    if (requested !== 'auto') refuseFast(requested);
+    const device = await resolveDevice(requested);
+    refuseFast(device);
+    const computeDtype = resolveComputeDtype(device, sessionCfg.gpuDtype); // refuses fp16 on the CPU
+    // A GPU device gets its own graph (see Qwen3GraphOptions.gpu); the CPU options, hence graphs and keys, are as before.
+    const graphOpts: Qwen3GraphOptions =
+      device !== 'cpu'
+        ? { outputLayers, hiddenStates, maxPositions, gpu: { dtype: computeDtype } }
+        : { outputLayers, hiddenStates, maxPositions, weights: opts.weights ?? 'runtime-cast', ...(precision === 'fast' ? { precision } : {}) };
     // fast mode: the int8 cache first (built on the first load), since the graph references its tensors
     const int8 = precision === 'fast' ? int8Projections(ck, layersNeeded(graphOpts), opts.onProgress) : undefined;
-    const probe = buildQwen3Graph(ck, cfg, graphOpts, int8 && ((t) => int8.tensors(t)));
+    const gpuWeights: Qwen3GpuWeight[] = [];
+    const probe = buildQwen3Graph(ck, cfg, graphOpts, int8 && ((t) => int8.tensors(t)), gpuWeights);
     // only the files holding tensors of the layers we run count (a 36-layer checkpoint may put the unused tail in
     // a shard of its own); in `converted` mode the graph references just the embeddings and norms, but the model's
     // identity (prompt cache key) is every file we read
@@ -488,12 +589,20 @@ export class Qwen3TextEncoder {
     // fast mode's graph references the int8 cache file only (so it is compiled into the cache's folder) and embeds
     // the norms: the checkpoint files key it too
     const identity = (f: string) => `${f}:${fs.statSync(f).size}:${Math.floor(fs.statSync(f).mtimeMs)}`;
-    const key = precision === 'fast' ? { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint: files.map(identity) } : { cfg, graphOpts }; // exact keys as before
-    const { file } = compileGraph('qwen3', key, probe.weightFiles, () => probe);
-    const sessionCfg: SessionConfig = { lowMemory: true, ...opts.session };
-    const device = await resolveDevice(sessionCfg.device ?? defaultDevice()); // KLEIN_DEVICE, as openSession does
-    // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings
-    const session = await ort.InferenceSession.create(file, { ...sessionOptions({ ...sessionCfg, device }), logSeverityLevel: 3 });
+    const key = qwen3GraphKey(cfg, graphOpts, files.map(identity));
+    // a GPU graph references no checkpoint file (norms embedded, projections in memory): the checkpoint files
+    // place it (their folder) and key it (compileGraph hashes their identity)
+    const { file, cached } = compileGraph('qwen3', key, graphOpts.gpu ? files : probe.weightFiles, () => probe);
+    // GPU: the projections converted now; ORT copies them while the session is created, then they can go
+    const stats = { fp16Overflows: 0 };
+    const externalData = gpuWeights.map((w) => ({ path: w.location, data: gpuWeightBytes(w, stats) }));
+    // ORT warns once per weight that is also a graph input (the runtime-cast trick above): silence warnings,
+    // unless KLEIN_ORT_LOG_LEVEL asks for ORT's log (0 lists which provider got each node)
+    const session = await ort.InferenceSession.create(file, {
+      logSeverityLevel: 3,
+      ...sessionOptions({ ...sessionCfg, device, ...(externalData.length > 0 ? { externalData } : {}) }),
+    });
+    externalData.length = 0;
     const feeds: Record<string, ort.Tensor> = {};
     if (graphOpts.weights === 'converted') {
       for (const name of session.inputNames) {
@@ -502,8 +611,10 @@ export class Qwen3TextEncoder {
         feeds[name] = new ort.Tensor('float32', readFloat32(info), info.shape);
       }
     }
-    const fastParts = int8 ? { int8Cache: { folder: int8.folder, built: int8.built }, embeddings: ck.info(`${keyPrefix(ck)}embed_tokens.weight`) } : undefined;
-    return new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files, precision, fastParts);
+    const int8Cache = int8 ? { folder: int8.folder, built: int8.built } : undefined;
+    const embeddings = int8 || graphOpts.gpu ? ck.info(`${keyPrefix(ck)}embed_tokens.weight`) : undefined;
+    const enc = new Qwen3TextEncoder(dir, cfg, outputLayers, hiddenStates, maxPositions, session, feeds, files, precision, int8Cache, embeddings);
+    return Object.assign(enc, { device, computeDtype, fp16Overflows: stats.fp16Overflows, graphCached: cached });
   }
 
   /** Runs the encoder; ids and mask are `[batch, seq]` row-major. */
@@ -518,7 +629,7 @@ export class Qwen3TextEncoder {
       if (id < 0n || id >= BigInt(this.config.vocabSize)) throw new Error(`token id ${id} is outside the vocabulary (0..${this.config.vocabSize - 1})`);
     }
     const feeds: Record<string, ort.Tensor> = { ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) };
-    if (this.fast) feeds.inputs_embeds = new ort.Tensor('float32', embeddingRows(this.fast.embeddings, inputIds), [batch, seq, this.config.hiddenSize]);
+    if (this.embeddings) feeds.inputs_embeds = new ort.Tensor('float32', embeddingRows(this.embeddings, inputIds), [batch, seq, this.config.hiddenSize]);
     const out = await this.session.run(feeds);
     const hiddenStates = new Map<number, Float32Array>();
     for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
