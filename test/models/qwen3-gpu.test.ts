@@ -5,6 +5,8 @@
 // reason when VK_ICD_FILENAMES is unset.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -165,4 +167,40 @@ test('WebGPU fp16: the golden cases within the stated fp16 tolerance, and really
   } finally {
     await enc.close();
   }
+});
+
+test('WebGPU fp16 on a bf16 checkpoint: every MatMul, Softmax and fp16 Cast on the WebGPU provider; the CPU keeps only shape and mask ops', { skip: noVulkan }, async () => {
+  // ORT lists the session's node placement at log level 0 (verbose): a child process loads the encoder and the log
+  // is parsed here (stdout and stderr into one file, in order). Before the GPU graph, this checkpoint put every
+  // bf16 weight Cast and the embedding Gather on the CPU provider (measured 203 CPU nodes at 27 layers).
+  const logFile = path.join(bf16Dir, 'ort.log');
+  const script = `import { Qwen3TextEncoder } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/qwen3.ts'))};
+    const enc = await Qwen3TextEncoder.load(${JSON.stringify(bf16Dir)}, { outputLayers: [1, 2, 3], maxPositions: 16, session: { device: 'webgpu', gpuDtype: 'fp16' } });
+    await enc.close();`;
+  const fd = fs.openSync(logFile, 'w');
+  try {
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, KLEIN_ORT_LOG_LEVEL: '0' }, stdio: ['ignore', fd, fd] });
+    const [code] = await once(child, 'exit');
+    assert.equal(code, 0, fs.readFileSync(logFile, 'utf8').slice(-2000));
+  } finally {
+    fs.closeSync(fd);
+  }
+  const placed: Record<string, Record<string, number>> = {};
+  let ep = '';
+  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
+    const m = line.match(/Node\(s\) placed on \[(\w+)\]/);
+    if (m) placed[(ep = m[1])] = {};
+    const n = line.match(/VerifyEachNodeIsAssignedToAnEp\] {3}(\w+) \(/);
+    if (n && ep) placed[ep][n[1]] = (placed[ep][n[1]] ?? 0) + 1;
+  }
+  const gpu = placed.WebGpuExecutionProvider ?? {};
+  const cpu = placed.CPUExecutionProvider ?? {};
+  assert.equal(gpu.MatMul, 3 * 9, `7 projections + 2 attention products per layer: ${JSON.stringify(gpu)}`);
+  assert.equal(gpu.Softmax, 3);
+  assert.equal(gpu.Cast, 3 * 11, 'the fp16 casts around the projections');
+  // int64 shape arithmetic and the causal/padding mask: ORT keeps such ops on the CPU on purpose; the one Cast is
+  // the int64 attention mask's to bool
+  const shapeOps = new Set(['Shape', 'Slice', 'Concat', 'Squeeze', 'Unsqueeze', 'Range', 'LessOrEqual', 'Cast']);
+  for (const op of Object.keys(cpu)) assert.ok(shapeOps.has(op), `${op} on the CPU provider: ${JSON.stringify(cpu)}`);
+  assert.ok((cpu.Cast ?? 0) <= 1, `Casts on the CPU: ${JSON.stringify(cpu)}`);
 });
