@@ -1,5 +1,7 @@
 // `klein bench vae`: the FLUX.2 VAE at its real shapes (ch 128, mult [1,2,4,4], z 32; 84 M parameters) with random
-// weights. Decode (and encode) seconds and peak RSS per size; tiled vs untiled error where both run. The last
+// weights. Decode (and encode) seconds and peak RSS per size; tiled vs untiled error where both run. The device comes
+// from KLEIN_DEVICE, the GPU dtype from KLEIN_GPU_DTYPE (fp16 by default on a GPU); both are printed, and on a GPU
+// in fp16 `--compare-fp32` also decodes each size in fp32 on the same device and prints the difference. The last
 // line is `seconds: <decode 1024² seconds>`.
 import fs from 'node:fs';
 import os from 'node:os';
@@ -45,15 +47,20 @@ function randomInput(n: number, seed: number, scale: number): Float32Array {
   return out;
 }
 
-function diffStats(a: Float32Array, b: Float32Array): { max: number; mean: number } {
+/** Differences of `a` from the reference `b`: max and mean |Δ|, and rms(Δ) / rms(b). */
+function diffStats(a: Float32Array, b: Float32Array): { max: number; mean: number; rmsRel: number } {
   let max = 0;
   let sum = 0;
+  let sq = 0;
+  let ref = 0;
   for (let i = 0; i < a.length; i++) {
     const d = Math.abs(a[i] - b[i]);
     if (d > max) max = d;
     sum += d;
+    sq += d * d;
+    ref += b[i] * b[i];
   }
-  return { max, mean: sum / a.length };
+  return { max, mean: sum / a.length, rmsRel: Math.sqrt(sq / ref) };
 }
 
 interface VaeBenchOptions {
@@ -63,6 +70,7 @@ interface VaeBenchOptions {
   threads?: string;
   tiling: string;
   compareTiled: boolean;
+  compareFp32?: boolean;
 }
 
 export async function runVaeBench(opts: VaeBenchOptions): Promise<void> {
@@ -82,6 +90,9 @@ export async function runVaeBench(opts: VaeBenchOptions): Promise<void> {
     let t = performance.now();
     const vae = await Flux2VAE.load(file, { threads });
     console.log(`load (graphs + sessions): ${((performance.now() - t) / 1000).toFixed(2)} s, ${ort_threads(threads)}`);
+    console.log(`device: ${vae.device}, convs in ${vae.computeDtype}${vae.computeDtype === 'fp16' ? ` (${vae.fp16Overflows} weights clamped to ±65504)` : ''}`);
+    if (opts.compareFp32 && vae.computeDtype !== 'fp16') throw new UsageError(`--compare-fp32 compares the fp16 GPU path with fp32; this run computes in ${vae.computeDtype} on ${vae.device} (use KLEIN_DEVICE=webgpu or cuda)`);
+    const fp32 = opts.compareFp32 ? await Flux2VAE.load(file, { threads, only: 'decoder', gpuDtype: 'fp32' }) : undefined;
     let decode1024: number | undefined;
     for (const size of sizes) {
       const n = size / VAE_SCALE;
@@ -103,6 +114,13 @@ export async function runVaeBench(opts: VaeBenchOptions): Promise<void> {
       const how = tiled && plan.starts.length > 1 ? `tiled ${plan.starts.length}×${plan.starts.length} tiles of ${plan.size * VAE_SCALE} px` : 'untiled';
       console.log(`decode ${size}×${size} (${how}): ${s.toFixed(2)} s, peak RSS ${peakRssGiB().toFixed(2)} GiB → image [${dec.dims.join(', ')}]`);
       if (size === 1024) decode1024 = s;
+      if (fp32) {
+        t = performance.now();
+        const ref = await fp32.decode(latent, [1, 128, n, n], { tiling: opts.tiling as 'auto' | 'always' | 'never' });
+        const s32 = (performance.now() - t) / 1000;
+        const d = diffStats(dec.image, ref.image);
+        console.log(`decode ${size}×${size} in fp32 on ${vae.device}: ${s32.toFixed(2)} s; fp16 vs fp32 max |Δ| ${d.max.toFixed(4)}, mean |Δ| ${d.mean.toFixed(5)}, rms rel ${d.rmsRel.toExponential(2)}`);
+      }
       if (opts.compareTiled && !tiled && n > 16) {
         // the same latent through 2×2 tiles (the smallest tiling), to measure what tiling costs in accuracy
         const maxTile = Math.ceil((n + DEFAULT_TILE_OVERLAP) / 2);
@@ -115,6 +133,7 @@ export async function runVaeBench(opts: VaeBenchOptions): Promise<void> {
       }
     }
     await vae.close();
+    await fp32?.close();
     if (decode1024 === undefined) console.log('seconds: n/a (1024 not in --sizes)');
     else console.log(`seconds: ${decode1024.toFixed(2)}`);
   } finally {
@@ -134,6 +153,7 @@ export function registerVaeBench(bench: Command): void {
     .option('--no-encode', 'skip the encoder')
     .option('--tiling <mode>', 'decoder tiling: auto (above 1536²), always, never', 'auto')
     .option('--compare-tiled', 'also decode each untiled size in 2×2 tiles and print the difference')
+    .option('--compare-fp32', 'GPU in fp16: also decode each size in fp32 on the same device and print the difference')
     .option('--dir <dir>', 'keep the random checkpoint (and compiled graphs) in this folder')
     .option('--threads <n>', 'ORT intra-op threads (default: all cores)')
     .action(async (o: VaeBenchOptions) => runVaeBench(o));
