@@ -1,6 +1,8 @@
 // `klein bench text-encoder`: the Qwen3 text encoder at real Qwen3-4B shapes with random weights (only the layers
 // klein runs: 27 of 36), one 512-token batch. Prints seconds, GFLOP/s and peak RSS; the last line is
-// `GFLOP/s: <number>`. Also home of `writeRandomQwen3Checkpoint`, which the tiny-model maker and tests reuse.
+// `GFLOP/s: <number>`. With KLEIN_DEVICE=webgpu|cuda it runs the GPU graph and prints device and dtype
+// (KLEIN_GPU_DTYPE picks fp16 or fp32). Also home of `writeRandomQwen3Checkpoint`, which the tiny-model maker and
+// tests reuse.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -201,7 +203,11 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     lastPct = pct;
   };
   let enc = await Qwen3TextEncoder.load(dir, { session, weights, precision, onProgress, outputLayers });
-  const what = precision === 'fast' ? `fast: int8 projections, cache ${enc.int8Cache?.built ? 'built (first load: quantized)' : 'read'}` : `weights ${weights}`;
+  // on a GPU device (KLEIN_DEVICE, dtype from KLEIN_GPU_DTYPE) the projections are converted at load; --weights is CPU-only
+  const gpu = enc.device !== 'cpu';
+  const mode = gpu ? `${enc.computeDtype} projections converted at load` : `weights ${weights}`;
+  const what = precision === 'fast' ? `fast: int8 projections, cache ${enc.int8Cache?.built ? 'built (first load: quantized)' : 'read'}` : mode;
+  if (gpu) console.log(`device: ${enc.device}, projections in ${enc.computeDtype}${enc.computeDtype === 'fp16' ? ` (${enc.fp16Overflows} weights clamped to ±65504)` : ''}; norms, RoPE, attention in fp32`);
   console.log(`load (graph + session, ${what}): ${((performance.now() - t) / 1000).toFixed(2)} s, RSS ${(process.memoryUsage().rss / GiB).toFixed(2)} GiB`);
   if (enc.int8Cache?.built) {
     // the figure a restart sees: the same load from the int8 cache just written
@@ -234,7 +240,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   await enc.close();
   const peak = peakRssBytes();
-  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${precision === 'fast' ? 'precision fast (int8 projections)' : `weights ${weights}`}`);
+  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${precision === 'fast' ? 'precision fast (int8 projections)' : mode}, device ${enc.device}`);
   if (opts.compareExact) {
     // after the fast encoder is released, so the two never share the memory; its peak is not the fast mode's
     const exact = await Qwen3TextEncoder.load(dir, { session, weights, outputLayers });
