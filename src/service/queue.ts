@@ -18,6 +18,19 @@ import { isoNow } from './time.ts';
 /** A run interrupted by a crash or restart is retried once; the second loss fails it with WORKER_LOST. */
 export const MAX_ATTEMPTS = 2;
 
+/**
+ * A pipeline's way to say an attempt was lost through no fault of the run's input (scale-out: the Redis queue
+ * failed the job because its workers died or could not reach the API, or the job vanished). `counts`: the attempt
+ * is used up and the crash policy applies (retried once, then WORKER_LOST); otherwise it is given back (a stop
+ * handed the job back before any worker took it) and the run simply waits in the queue again.
+ */
+export class AttemptLost extends Error {
+  constructor(message: string, readonly counts = true) {
+    super(message);
+    this.name = 'AttemptLost';
+  }
+}
+
 export type RunEvent =
   | { type: 'status'; run: RunRow }
   | { type: 'progress'; run_id: string; progress: Progress };
@@ -182,6 +195,7 @@ export class RunQueue extends EventEmitter {
       this.settled(run.id);
     } catch (e) {
       if (this.gone(entry)) return this.settleInterrupted(run, entry);
+      if (e instanceof AttemptLost) return this.lost(run, e);
       const err = e as Error;
       // the pipeline re-validates the request against the model variant; its rejections are the client's input
       const inputFault = e instanceof InputError || e instanceof PipelineInputError;
@@ -208,6 +222,22 @@ export class RunQueue extends EventEmitter {
       return;
     }
     this.finishUnbilled(run, 'cancelled', {});
+    this.settled(run.id);
+  }
+
+  /** An attempt lost by the pipeline: back to the queue (the next kick starts it again) or, once too often, WORKER_LOST. */
+  private lost(run: RunRow, e: AttemptLost): void {
+    const log = this.log.child({ run: run.id });
+    if (!this.store.db.open) return; // the service is closing: the row stays `running` and recover() deals with it
+    if (!e.counts || run.attempts < MAX_ATTEMPTS) {
+      const message = e.counts ? `requeued after attempt ${run.attempts} was lost: ${e.message}` : `requeued: ${e.message}`;
+      this.store.updateRun(run.id, { status: 'queued', started_at: null, ...(e.counts ? {} : { attempts: run.attempts - 1 }), progress: JSON.stringify({ stage: 'queued', percent: 0, message }) }, ['running']);
+      log.warn({ reason: e.message, attempts: run.attempts }, 'attempt lost; run requeued');
+      this.announce(run.id);
+      return;
+    }
+    log.warn({ reason: e.message, attempts: run.attempts }, 'attempt lost; run failed');
+    this.finishUnbilled(run, 'failed', { failure_code: 'WORKER_LOST', failure_stage: 'inference', failure_message: `${e.message} (attempt ${run.attempts} of ${MAX_ATTEMPTS}; not retried again)` });
     this.settled(run.id);
   }
 

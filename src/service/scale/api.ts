@@ -59,6 +59,7 @@ export class ScaleApi implements ScaleExtension {
     lines.push('# HELP klein_step_seconds Seconds per denoising step reported by workers', '# TYPE klein_step_seconds summary',
       `klein_step_seconds_sum ${this.remote.stepSeconds.sum}`, `klein_step_seconds_count ${this.remote.stepSeconds.count}`);
     gauge('klein_jobs_taken_over_total', 'Jobs finished by another worker than the one that started them', [[{}, this.remote.takenOver]], 'counter');
+    gauge('klein_jobs_lost_total', 'Attempts settled because their job failed, was removed or vanished in Redis', [[{}, this.remote.lostJobs]], 'counter');
     const live = this.registry.live();
     gauge('klein_workers', 'Live workers (announced within the last 15 s)', [[{}, live.length]]);
     gauge('klein_workers_busy', 'Workers running a job, per model', Object.entries(this.registry.perModel()).map(([m, x]) => [{ model: m }, x.busy]));

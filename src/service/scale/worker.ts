@@ -25,6 +25,10 @@ export interface WorkerOptions {
   log: Logger;
   /** How long a job stays locked without renewal before another worker may take it over (BullMQ lockDuration). */
   lockMs?: number;
+  /** Times a job may go back to the queue after its worker died before BullMQ fails it (default 2). */
+  maxStalledCount?: number;
+  /** First wait before retrying a failed API call (doubling, at most 5 s); default 500 ms. */
+  retryMs?: number;
   id?: string;
 }
 
@@ -55,10 +59,12 @@ export class KleinWorker {
         if (!res.ok) throw new ApiCallError(res.status, `${path}: HTTP ${res.status} ${json?.code ?? ''} ${json?.message ?? ''}`.trim());
         return json;
       } catch (e) {
+        // an API out of reach is an ApiCallError too (status 0), so process() hands it to BullMQ with this message
+        const err = e instanceof ApiCallError ? e : new ApiCallError(0, `${path}: cannot reach the API at ${this.o.apiUrl}: ${((e as Error).cause as Error | undefined)?.message ?? (e as Error).message}`);
         // 4xx answers are final; network errors and 5xx are retried (the API may be restarting)
-        const final = e instanceof ApiCallError && e.status < 500;
-        if (final || attempt >= retries) throw e;
-        await new Promise((r) => setTimeout(r, Math.min(500 * 2 ** attempt, 5000)));
+        const final = err.status >= 400 && err.status < 500;
+        if (final || attempt >= retries) throw err;
+        await new Promise((r) => setTimeout(r, Math.min((this.o.retryMs ?? 500) * 2 ** attempt, 5000)));
       }
     }
   }
@@ -78,8 +84,9 @@ export class KleinWorker {
       concurrency: 1, // one run at a time per device
       lockDuration,
       stalledInterval: Math.max(1000, Math.floor(lockDuration / 2)),
-      // a job whose worker vanished is retried on another; a second loss fails it (the API then retries the run)
-      maxStalledCount: 2,
+      // a job whose worker vanished goes to another, twice; the third loss fails it in BullMQ, and the API then
+      // settles the attempt (AttemptLost: the run is retried once, then fails WORKER_LOST)
+      maxStalledCount: this.o.maxStalledCount ?? 2,
       autorun: true,
     });
     this.worker.on('error', (e) => this.o.log.warn({ err: e }, 'bullmq worker error'));
@@ -129,7 +136,11 @@ export class KleinWorker {
       await this.call(`/jobs/${jobId}/failure`, {
         worker: this.id, message: (e as Error).message, input,
         ...(input ? { code: e.code, ...(e.field ? { field: e.field } : {}) } : e instanceof MattingModelError ? { code: e.code } : {}),
-      }, 6).catch((err) => log.warn({ err }, 'failure report refused'));
+      }, 6).catch((err) => {
+        if (err instanceof ApiCallError && err.status >= 400 && err.status < 500) return log.warn({ err }, 'failure report refused');
+        // the API never heard of it: fail the job in BullMQ with the reason, and the API learns it from there
+        throw new Error(`${(e as Error).message} (the failure could not be reported to the API: ${(err as Error).message})`);
+      });
     } finally {
       this.processed.push(jobId);
       this.current = null;
