@@ -57,7 +57,10 @@ export interface Service {
   log: Logger;
   /** Recover interrupted runs, start the workers and the callback poller, then listen. */
   listen(port: number, host?: string): Promise<{ port: number; url: string }>;
-  /** Graceful: stop accepting, put running runs back in the queue, close the database. */
+  /**
+   * Graceful: stop accepting, put running runs back in the queue, close the database. Scaled out, runs on remote
+   * workers first get the extension's drain time to finish.
+   */
   close(): Promise<void>;
   /** Stop as a killed process would: no state written (restart tests). */
   crash(): Promise<void>;
@@ -180,6 +183,9 @@ export function createApp(opts: CreateAppOptions): Service {
     },
     async close() {
       if (cleanupTimer) clearInterval(cleanupTimer);
+      // scaled out, runs on remote workers may finish: the server keeps answering their uploads (and clients) until
+      // they do or the drain time is up; jobs no worker took go back to the run queue at once
+      if (opts.scale) await queue.drain(opts.scale.drainMs, () => opts.scale!.withdrawWaiting());
       callbacks.stop();
       await stopServer();
       await queue.stop();

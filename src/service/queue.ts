@@ -299,6 +299,20 @@ export class RunQueue extends EventEmitter {
     });
   }
 
+  /**
+   * The first half of a draining stop (scale-out: runs on remote workers can finish while the API still answers
+   * them): start nothing new, run `prepare` (hand back what no worker has taken), then wait at most `ms` for the
+   * running runs to settle by themselves. stop() deals with what is left.
+   */
+  async drain(ms: number, prepare?: () => Promise<unknown>): Promise<void> {
+    this.stopped = true;
+    await prepare?.();
+    if (this.active.size === 0 || ms <= 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([Promise.all([...this.active.values()].map((a) => a.done)), new Promise((res) => (timer = setTimeout(res, ms)))]);
+    clearTimeout(timer);
+  }
+
   /** Graceful stop: running runs are aborted and put back in the queue for the next start. */
   async stop(): Promise<void> {
     this.stopped = true;

@@ -1,7 +1,7 @@
 // Scale-out runs never stay `running`: a job that dies in Redis (failed by BullMQ because its worker could not reach
 // the API or stalled, removed, or lost with the data) settles its attempt — retried once, then failed WORKER_LOST,
-// unbilled, called back. Real redis-server (one database per test), real API on 127.0.0.1, real workers on the tiny
-// model.
+// unbilled, called back — and a stopping API drains the runs on remote workers, then hands the rest to its next
+// start. Real redis-server (one database per test), real API on 127.0.0.1, real workers on the tiny model.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
@@ -66,7 +66,7 @@ async function metric(h: Harness, name: string): Promise<number> {
   return Number(text.match(new RegExp(`^${name} (\\S+)$`, 'm'))?.[1]);
 }
 
-describe('scale-out: lost jobs', () => {
+describe('scale-out: lost jobs and a draining stop', () => {
   let redis: Awaited<ReturnType<typeof startRedis>>;
   let engine: ImagePipeline & { modelDir: string };
   let modelId: string;
@@ -88,7 +88,7 @@ describe('scale-out: lost jobs', () => {
   async function scaledApi(o: { drainMs?: number; dataDir?: string; port?: number; key?: string; queueUrl?: string } = {}) {
     const url = o.queueUrl ?? `${redis.url}/${++db}`;
     const remote = new RemotePipeline(url, modelId, log, 300);
-    const h = await startService({ pipeline: remote, config: { workers: 64 }, scale: new ScaleApi(remote, TOKEN), ...(o.dataDir ? { dataDir: o.dataDir } : {}), ...(o.port ? { port: o.port } : {}), ...(o.key ? { key: o.key } : {}) });
+    const h = await startService({ pipeline: remote, config: { workers: 64 }, scale: new ScaleApi(remote, TOKEN, { drainMs: o.drainMs ?? 0 }), ...(o.dataDir ? { dataDir: o.dataDir } : {}), ...(o.port ? { port: o.port } : {}), ...(o.key ? { key: o.key } : {}) });
     let closed = false;
     const close = async () => {
       if (closed) return;
@@ -172,5 +172,46 @@ describe('scale-out: lost jobs', () => {
     assert.match(run.failure_message, /no longer in Redis .*\(attempt 2 of 2; not retried again\)/);
     assert.equal(await metric(h, 'klein_jobs_lost_total'), 2);
     void second;
+  });
+
+  test('stop with runs on a remote worker: the running one finishes within the drain, the waiting one goes back; one past the drain is requeued; after restarts all succeed, each billed once', { timeout: 120_000 }, async () => {
+    const port = await freePort();
+    const a = await scaledApi({ drainMs: 30_000, port });
+    const restart = (drainMs: number) => scaledApi({ drainMs, port, dataDir: a.h.dataDir, key: a.h.key, queueUrl: a.queueUrl });
+    const w = worker(a.queueUrl, a.h.url);
+    await w.start();
+    const r1 = await a.h.api('POST', T2I, { input: { prompt: 'finish while stopping', image_size: { width: 64, height: 64 }, num_inference_steps: 8 } });
+    const r2 = await a.h.api('POST', T2I, { input: { prompt: 'wait for the next start', image_size: { width: 64, height: 64 }, num_inference_steps: 2 } });
+    await pollUntil(a.h, r1.json.id, (r) => r.progress?.stage === 'denoise', 30_000);
+    let t0 = Date.now();
+    await a.close();
+    const drainedMs = Date.now() - t0;
+    assert.ok(drainedMs < 30_000, `the drain ended with the run (${drainedMs} ms)`);
+    // (the worker records r1's job once the API answered its upload, a moment after the API settled the run)
+    for (const t = Date.now(); w.processed.length < 1 && Date.now() - t < 5_000; ) await sleep(20);
+    await sleep(500);
+    assert.equal(w.processed.length, 1, 'the waiting job was withdrawn before the worker could take it');
+
+    // the next start: r1 finished during the drain; r2 is in the queue again, with no attempt used, and runs now
+    const b = await restart(300);
+    const r1done = (await b.h.api('GET', `/v1/runs/${r1.json.id}`)).json;
+    assert.deepEqual([r1done.status_code, r1done.attempts], ['succeeded', 1], JSON.stringify(r1done));
+    const r2done = await pollUntil(b.h, r2.json.id, terminal, 30_000);
+    assert.deepEqual([r2done.status_code, r2done.attempts], ['succeeded', 1], JSON.stringify(r2done));
+
+    // a run longer than the drain: requeued when the drain is up (the worker's late upload is refused), runs again
+    const r3 = await b.h.api('POST', T2I, { input: { prompt: 'outlive the drain', image_size: { width: 64, height: 64 }, num_inference_steps: 24 } });
+    await pollUntil(b.h, r3.json.id, (r) => r.progress?.stage === 'denoise', 30_000);
+    t0 = Date.now();
+    await b.close();
+    const cutMs = Date.now() - t0;
+    const c = await restart(0);
+    const r3back = (await c.h.api('GET', `/v1/runs/${r3.json.id}`)).json;
+    assert.notEqual(r3back.status_code, 'succeeded', 'the run outlived the drain');
+    const r3done = await pollUntil(c.h, r3.json.id, terminal, 60_000);
+    assert.deepEqual([r3done.status_code, r3done.attempts], ['succeeded', 1], JSON.stringify(r3done));
+    const usage = c.h.svc.store.usage({ keyId: c.h.keyId }).reduce((s, u) => s + u.runs, 0);
+    assert.equal(usage, 3, 'three runs, three ledger rows');
+    console.log(`# drain: r1 finished in ${drainedMs} ms of a 30 s drain; stop past a 300 ms drain took ${cutMs} ms`);
   });
 });

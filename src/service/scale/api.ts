@@ -13,7 +13,17 @@ import { WorkerRegistry } from './registry.ts';
 export interface ScaleExtension {
   register(app: App, deps: Deps): void;
   health(): Record<string, unknown>;
+  /** Graceful stop: how long runs on remote workers get to finish (their uploads still answered) before the rest are requeued. */
+  readonly drainMs: number;
+  /** Graceful stop, first step: jobs no worker has taken leave Redis and their runs wait in the run queue again. */
+  withdrawWaiting(): Promise<number>;
 }
+
+/**
+ * Default drain on stop: a few 4B runs on a GPU finish well within it, and it stays under the 30 s grace period of
+ * Kubernetes' and Docker's default stop (SIGKILL after that would lose the drain's bookkeeping, not the runs).
+ */
+export const DRAIN_MS = 20_000;
 
 const digest = (s: string) => crypto.createHash('sha256').update(s).digest();
 
@@ -21,9 +31,16 @@ export class ScaleApi implements ScaleExtension {
   readonly registry = new WorkerRegistry();
   private token: Buffer;
 
-  constructor(readonly remote: RemotePipeline, token: string) {
+  readonly drainMs: number;
+
+  constructor(readonly remote: RemotePipeline, token: string, opts: { drainMs?: number } = {}) {
     if (token.length < 16) throw new Error('KLEIN_WORKER_TOKEN must be at least 16 characters');
     this.token = digest(token);
+    this.drainMs = opts.drainMs ?? DRAIN_MS;
+  }
+
+  withdrawWaiting(): Promise<number> {
+    return this.remote.withdrawWaiting();
   }
 
   private check(c: Context): void {

@@ -22,6 +22,8 @@ interface Pending {
   workers: Set<string>;
   /** the job is in Redis (queue.add resolved): from then on its fate there is checked */
   added: boolean;
+  /** a stop is removing it from Redis: its 'removed' event is ours, not a loss */
+  withdrawing?: boolean;
 }
 
 /** How often pending jobs are looked up in Redis, for fates no event reported (missed while disconnected, removed). */
@@ -69,7 +71,7 @@ export class RemotePipeline implements ImagePipeline {
   /** Settle a pending attempt whose job is dead in Redis. */
   private lose(jobId: string, reason: string): void {
     const p = this.pending.get(jobId);
-    if (!p) return;
+    if (!p || p.withdrawing) return;
     this.pending.delete(jobId);
     this.lostJobs++;
     this.log.warn({ job: jobId, workers: [...p.workers], reason }, 'job lost in the Redis queue');
@@ -82,7 +84,7 @@ export class RemotePipeline implements ImagePipeline {
    * this API. A result posted meanwhile wins: only jobs still pending after the lookup are settled.
    */
   async sweep(): Promise<void> {
-    const ids = [...this.pending].filter(([, p]) => p.added).map(([id]) => id);
+    const ids = [...this.pending].filter(([, p]) => p.added && !p.withdrawing).map(([id]) => id);
     await Promise.all(ids.map(async (id) => {
       try {
         const state = await this.queue.getJobState(id);
@@ -95,6 +97,25 @@ export class RemotePipeline implements ImagePipeline {
         this.log.warn({ err: e, job: id }, 'cannot look the job up in Redis');
       }
     }));
+  }
+
+  /**
+   * A stopping API hands back the jobs no worker has taken (removed from Redis; their runs go back to the run queue
+   * without using an attempt) and leaves the running ones to finish while it drains. Returns how many it withdrew.
+   */
+  async withdrawWaiting(): Promise<number> {
+    let n = 0;
+    await Promise.all([...this.pending].filter(([, p]) => p.added).map(async ([id, p]) => {
+      p.withdrawing = true;
+      // a job a worker holds is locked: remove() refuses it (0) and it runs on
+      const removed = await this.queue.remove(id).catch(() => 0);
+      p.withdrawing = false;
+      if (removed !== 1 || this.pending.get(id) !== p) return;
+      this.pending.delete(id);
+      n++;
+      p.reject(new AttemptLost('the API stopped before a worker took the job', false));
+    }));
+    return n;
   }
 
   async refresh(): Promise<Record<string, number>> {
