@@ -8,6 +8,8 @@
 // at a time — each is opened for its stage and released after it — unless `keepLoaded`; on a GPU all stay resident.
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { defaultDevice, resolveDevice } from '../graph/device.ts';
 import type { Device, SessionConfig } from '../graph/session.ts';
 import { Flux2Transformer, type Flux2ForwardInput } from '../models/flux2-transformer.ts';
 import { Flux2VAE } from '../models/flux2-vae.ts';
@@ -48,7 +50,16 @@ export interface PipelineOptions {
   precision?: Precision;
   /** Folder of the matting model (BiRefNet) for transparent backgrounds; default: where `klein pull` puts it. */
   mattingModel?: string;
+  /**
+   * GPU devices: the dtype of the text encoder's, transformer's and VAE's weights and products (default
+   * $KLEIN_GPU_DTYPE, else fp16; see graph/compute-dtype.ts). fp16 with the CPU is refused; the matting model is
+   * not affected.
+   */
+  gpuDtype?: ComputeDtype;
 }
+
+/** The large components whose compute dtype a pipeline reports (the matting model always runs fp32). */
+export type DtypeComponent = 'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder';
 
 /** One model evaluation; `Flux2Transformer` is the real one, conformance may wrap it. */
 export interface Denoiser {
@@ -69,6 +80,8 @@ class LazyTextEmbedder implements TextEmbedder {
     readonly weightFiles: string[],
     /** Part of the prompt cache key: a fast (int8) context is never served to an exact request. */
     readonly precision: Precision,
+    /** Part of the prompt cache key too: an fp16 context is never served to an fp32 request, nor the reverse. */
+    readonly computeDtype: ComputeDtype,
     private readonly open: (folder: string) => Promise<Qwen3TextEncoder>,
   ) {
     this.contextDim = KLEIN_OUTPUT_LAYERS.length * readQwen3Config(folder).hiddenSize;
@@ -77,7 +90,16 @@ class LazyTextEmbedder implements TextEmbedder {
     return this.encoder !== undefined;
   }
   async embed(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Float32Array> {
-    this.encoder ??= await this.open(this.folder);
+    if (!this.encoder) {
+      const enc = await this.open(this.folder);
+      // the cache key was fixed before the encoder existed: had it computed in another dtype than the key says,
+      // its contexts would be stored under the other dtype's entries
+      if (enc.computeDtype !== this.computeDtype) {
+        await enc.close();
+        throw new Error(`text encoder computes in ${enc.computeDtype}, but the prompt cache expected ${this.computeDtype}`);
+      }
+      this.encoder = enc;
+    }
     return this.encoder.embed(inputIds, attentionMask, batch);
   }
   async close(): Promise<void> {
@@ -217,14 +239,20 @@ export class KleinPipeline implements ImagePipeline {
   private busy = false;
   /** Set while a stage runs, so lazily loaded components charge their load time and progress to it. */
   private current?: { sw: Stopwatch; o?: GenerateOptions };
+  /** What each component computed in when it was last loaded (kept after a CPU pipeline releases it). */
+  private readonly dtypes: Partial<Record<DtypeComponent, ComputeDtype>> = {};
 
   private constructor(
     readonly model: ModelFolder,
     readonly tokenizer: KleinTokenizer,
     private readonly opts: PipelineOptions,
   ) {
-    this.text = new LazyTextEmbedder(path.dirname(model.textEncoder.config!), model.textEncoder.files, this.precision, (folder) => {
-      const run = () => Qwen3TextEncoder.load(folder, { session: { ...this.session, lowMemory: true }, maxPositions: tokenizer.maxLength, precision: this.precision });
+    this.text = new LazyTextEmbedder(path.dirname(model.textEncoder.config!), model.textEncoder.files, this.precision, this.gpuDtype ?? 'fp32', (folder) => {
+      const run = () =>
+        Qwen3TextEncoder.load(folder, { session: { ...this.session, lowMemory: true }, maxPositions: tokenizer.maxLength, precision: this.precision }).then((enc) => {
+          this.dtypes['text-encoder'] = enc.computeDtype;
+          return enc;
+        });
       const cur = this.current;
       if (!cur) return run();
       this.emit(cur.o, { stage: 'load', message: 'text encoder' });
@@ -237,12 +265,18 @@ export class KleinPipeline implements ImagePipeline {
     this.matting = new MattingComponent({ explicit: opts.mattingModel, modelRoot: model.root });
   }
 
-  /** Validates the model folder and loads the tokenizer; the large components load on first use. */
+  /**
+   * Validates the model folder and loads the tokenizer; the large components load on first use. The device (default
+   * $KLEIN_DEVICE, else cpu) and the GPU dtype are fixed here, so every component loads with the same ones and
+   * what the pipeline reports is what it runs.
+   */
   static async open(opts: PipelineOptions = {}): Promise<KleinPipeline> {
     if (opts.precision !== undefined && opts.precision !== 'exact' && opts.precision !== 'fast') throw new Error(`precision must be "exact" or "fast", got ${JSON.stringify(opts.precision)}`);
+    const device = opts.device ?? (await resolveDevice(defaultDevice()));
+    const dtype = resolveComputeDtype(device, opts.gpuDtype); // refuses fp16 on the CPU
     const model = typeof opts.model === 'object' ? opts.model : openModelFolder(resolveModelPath(opts.model), { variant: opts.variant });
     const tokenizer = KleinTokenizer.fromFolder(model.tokenizer);
-    return new KleinPipeline(model, tokenizer, opts);
+    return new KleinPipeline(model, tokenizer, { ...opts, device, gpuDtype: device === 'cpu' ? undefined : dtype });
   }
 
   get variant() {
@@ -252,6 +286,21 @@ export class KleinPipeline implements ImagePipeline {
   /** `exact` (fp32) or `fast` (int8 Linear layers in the text encoder and the transformer), fixed at open. */
   get precision(): Precision {
     return this.opts.precision ?? 'exact';
+  }
+
+  /** The device every component runs on, resolved at open. */
+  get device(): Device {
+    return this.opts.device!;
+  }
+
+  /** On a GPU device: the dtype asked of every component, fixed at open; undefined on the CPU (always fp32). */
+  get gpuDtype(): ComputeDtype | undefined {
+    return this.opts.gpuDtype;
+  }
+
+  /** What each component loaded so far computes in, as the component itself says (reports, benches, tests). */
+  componentDtypes(): Partial<Record<DtypeComponent, ComputeDtype>> {
+    return { ...this.dtypes };
   }
 
   /** Which large components are in memory now (for tests, health endpoints and memory reports). */
@@ -270,7 +319,13 @@ export class KleinPipeline implements ImagePipeline {
     return this.opts.keepLoaded === true || (this.opts.device !== undefined && this.opts.device !== 'cpu');
   }
 
+  /** The text encoder's, transformer's and VAE's session config: the GPU dtype travels with the device. */
   private get session(): SessionConfig {
+    return { ...this.mattingSession, ...(this.opts.gpuDtype ? { gpuDtype: this.opts.gpuDtype } : {}) };
+  }
+
+  /** The matting model keeps its fp32 graph on every device. */
+  private get mattingSession(): SessionConfig {
     return { device: this.opts.device, threads: this.opts.threads };
   }
 
@@ -302,7 +357,9 @@ export class KleinPipeline implements ImagePipeline {
     if (!this.denoiser) {
       this.emit(o, { stage: 'load', message: 'transformer' });
       const opts = { ...this.session, precision: this.precision };
-      this.denoiser = await sw.time('load', () => Flux2Transformer.load(this.model.transformer.checkpoint, opts));
+      const tr = await sw.time('load', () => Flux2Transformer.load(this.model.transformer.checkpoint, opts));
+      this.dtypes.transformer = tr.computeDtype;
+      this.denoiser = tr;
     }
     return this.denoiser;
   }
@@ -313,6 +370,7 @@ export class KleinPipeline implements ImagePipeline {
     if (cur) return cur;
     this.emit(o, { stage: 'load', message: `VAE ${which}` });
     const vae = await sw.time('load', () => Flux2VAE.load(this.model.vae.checkpoint, { ...this.session, only: which }));
+    this.dtypes[which === 'encoder' ? 'vae-encoder' : 'vae-decoder'] = vae.computeDtype;
     if (which === 'encoder') this.vaeEncoder = vae;
     else this.vaeDecoder = vae;
     return vae;
@@ -417,13 +475,13 @@ export class KleinPipeline implements ImagePipeline {
         await this.releaseTransient('matting');
         if (!this.matting.loaded) {
           this.emit(o, { stage: 'load', message: 'matting model' });
-          await sw.time('load', () => this.matting.load(this.session));
+          await sw.time('load', () => this.matting.load(this.mattingSession));
         }
         pixels = [];
         for (const [b, im] of rgb.entries()) {
           o.signal?.throwIfAborted();
           this.emit(o, { stage: 'matting', step: b + 1, total: B });
-          pixels.push(await sw.time('matting', () => this.matting.cutout(im, this.session)));
+          pixels.push(await sw.time('matting', () => this.matting.cutout(im, this.mattingSession)));
         }
         await this.releaseTransient();
       }

@@ -7,6 +7,7 @@ import { KleinTokenizer } from './tokenizer.ts';
 import { PromptEmbeddingCache, promptKey, type PromptCacheOptions, type PromptCacheStats } from './prompt-cache.ts';
 import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../models/qwen3.ts';
 import type { Precision } from '../pipeline/types.ts';
+import type { ComputeDtype } from '../graph/compute-dtype.ts';
 
 /** The part of the encoder the prompt encoder needs (Qwen3TextEncoder implements it). */
 export interface TextEmbedder {
@@ -15,6 +16,8 @@ export interface TextEmbedder {
   readonly outputLayers: readonly number[];
   /** `fast` = int8 projections: its contexts differ from exact ones, so it is part of the cache key. Default exact. */
   readonly precision?: Precision;
+  /** GPU devices: fp16 contexts differ from fp32 ones, so fp16 is part of the cache key too. Default fp32. */
+  readonly computeDtype?: ComputeDtype;
   embed(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Float32Array>;
   close?(): Promise<void>;
 }
@@ -55,8 +58,8 @@ export class PromptEncoder {
     this.cache = cache;
     this.identity = crypto
       .createHash('sha256')
-      // exact keys stay what they were before fast mode existed, so existing disk caches remain valid
-      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength, ...(encoder.precision === 'fast' ? { precision: 'fast' } : {}) }))
+      // exact fp32 keys stay what they were before fast mode and fp16 existed, so existing disk caches remain valid
+      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength, ...(encoder.precision === 'fast' ? { precision: 'fast' } : {}), ...(encoder.computeDtype === 'fp16' ? { dtype: 'fp16' } : {}) }))
       .digest('hex');
   }
 
