@@ -1,7 +1,8 @@
 // `klein bench pipeline --size 512x512`: text-to-image end to end through the real pipeline (tokenizer, Qwen3,
 // 4 transformer steps, VAE decode, PNG) on random weights of the real klein 4B shapes, or on any model folder
 // (`--model`). Prints seconds and peak RSS of every stage (each component's load separately), then the
-// pipeline's own timings; the last line is `seconds: <total>`.
+// pipeline's own timings; the last line is `seconds: <total>`. On a GPU device (`--device`, default $KLEIN_DEVICE)
+// it also says what each component computes in (`--gpu-dtype`, default $KLEIN_GPU_DTYPE, else fp16) as it loads.
 //
 // The random model folder (BFL layout) is assembled once in the bench cache from the other benches' cached
 // checkpoints, hard-linked rather than copied: the transformer of `klein bench transformer`, the text encoder of
@@ -13,6 +14,8 @@ import type { Command } from 'commander';
 import sharp from 'sharp';
 import { UsageError } from '../src/cli/errors.ts';
 import { parsePrecision } from '../src/cli/precision.ts';
+import { parseGpuDtypeFlag, resolveGpuDtype } from '../src/cli/gpu-dtype.ts';
+import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '../src/graph/device.ts';
 import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
 import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint } from '../src/models/flux2-vae.ts';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3.ts';
@@ -36,6 +39,8 @@ interface PipelineBenchOptions {
   precision: string;
   compareExact?: boolean;
   blocks?: string;
+  device?: string;
+  gpuDtype?: string;
 }
 
 /** Links `src` to `dst` (same filesystem), else copies it; ORT and our readers need real files, not symlinks. */
@@ -128,16 +133,33 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     if (o.model) throw new UsageError('--blocks builds a random model; it cannot be combined with --model');
     blocks = [Number(m[1]), Number(m[2])];
   }
+  parseGpuDtypeFlag(o.gpuDtype); // before a device is probed or weights are written
+  let deviceReq: DeviceRequest;
+  try {
+    deviceReq = o.device ? parseDevice(o.device) : defaultDevice();
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const device = await resolveDevice(deviceReq);
+  const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
   const model = o.model ?? randomKlein4b(log, blocks);
 
   // stage segments: each progress event that names a new stage closes the previous one
   const segments: Array<{ name: string; seconds: number; peak: number }> = [];
   let current = 'open';
   let t0 = performance.now();
+  let pipe: KleinPipeline | undefined;
+  const dtypesSaid = new Set<string>();
   const close = () => {
     const s = (performance.now() - t0) / 1000;
     // streamed as each stage ends, so a long run shows where it is; the summary below merges repeats
     log(`  … ${current} done after ${s.toFixed(2)} s (peak RSS ${(peakRssBytes() / GiB).toFixed(2)} GiB)`);
+    // each component's dtype as soon as it is loaded: a run cut short by a time limit still says them
+    for (const [c, d] of Object.entries(pipe?.componentDtypes() ?? {})) {
+      if (dtypesSaid.has(c)) continue;
+      dtypesSaid.add(c);
+      log(`  … ${c} computes in ${d}`);
+    }
     const prev = segments.find((x) => x.name === current);
     if (prev) {
       prev.seconds += s;
@@ -156,9 +178,9 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   resetPeakRss();
   const start = performance.now();
   const request = { prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' as const };
-  const pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, precision });
+  pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, precision, device, gpuDtype });
   log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
-  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded ? 'kept loaded' : 'loaded one at a time'}, precision ${precision}`);
+  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded || device !== 'cpu' ? 'kept loaded' : 'loaded one at a time'}, precision ${precision}, device ${device}${gpuDtype ? ` (GPU dtype ${gpuDtype} asked)` : ''}`);
   let total: number;
   let image: Uint8Array;
   try {
@@ -167,6 +189,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     total = (performance.now() - start) / 1000;
     for (const s of segments) log(`stage ${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
     log(`pipeline timings: ${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')}`);
+    log(`component dtypes: ${Object.entries(pipe.componentDtypes()).map(([c, d]) => `${c} ${d}`).join(', ')}`);
     log(`image: ${r.images[0].width}x${r.images[0].height} PNG, ${r.images[0].data.length} bytes`);
     image = r.images[0].data;
   } finally {
@@ -177,7 +200,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     // the same request in exact mode, after the fast pipeline is closed (its memory is not the fast figure)
     log('compare: the same request in exact mode …');
     const t = performance.now();
-    const exact = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded });
+    const exact = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, device, gpuDtype });
     try {
       const r = await exact.generate(request);
       log(`compare: exact mode ${((performance.now() - t) / 1000).toFixed(2)} s (${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')})`);
@@ -204,6 +227,8 @@ export function registerPipelineBench(bench: Command): void {
     .option('--prompt <text>', 'the prompt', 'a red fox in fresh snow at dawn, soft light')
     .option('--precision <mode>', 'exact (fp32) or fast (int8 Linear layers in the text encoder and transformer)', 'exact')
     .option('--compare-exact', 'fast only: run the same request in exact mode afterwards and print the PSNR of the fast image against it')
+    .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu)')
+    .option('--gpu-dtype <dtype>', 'GPU devices: fp16 or fp32 for the text encoder, transformer and VAE (default: $KLEIN_GPU_DTYPE, else fp16)')
     .option('--blocks <double,single>', 'random model with a reduced transformer at the real width (klein 4B: 5,20), e.g. 1,2 for an affordable --compare-exact')
     .action(async (o: PipelineBenchOptions) => {
       await runPipelineBench(o);

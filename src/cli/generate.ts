@@ -11,6 +11,7 @@ import type { Background, GenerateRequest, OutputFormat, ProgressEvent } from '.
 import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
+import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 
@@ -33,6 +34,7 @@ export interface ImageCliOptions {
   background?: Background;
   mattingModel?: string;
   precision?: string;
+  gpuDtype?: string;
   json?: boolean;
   quiet?: boolean;
 }
@@ -58,6 +60,7 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .addOption(new Option('--background <mode>', 'transparent: cut the subject out into an RGBA PNG/WebP with the matting model (see `klein pull --matting`); auto (default) = opaque').choices(['auto', 'opaque', 'transparent']))
     .option('--matting-model <folder>', 'BiRefNet weights for --background transparent (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or the pulled ZhengPeng7/BiRefNet-matting)')
     .option('--precision <mode>', PRECISION_HELP)
+    .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
 }
@@ -178,6 +181,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`output folder ${dir} does not exist`);
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
   const precision = resolvePrecision(opts.precision);
+  parseGpuDtypeFlag(opts.gpuDtype); // an unknown dtype fails before a GPU is probed
   let deviceReq: DeviceRequest;
   try {
     deviceReq = opts.device ? parseDevice(opts.device) : defaultDevice();
@@ -185,11 +189,12 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
     throw new UsageError((e as Error).message);
   }
   const device = await resolveDevice(deviceReq);
+  const gpuDtype = resolveGpuDtype(opts.gpuDtype, device);
 
   const bar = stageBar({ quiet: opts.quiet || undefined });
   let pipeline: KleinPipeline | undefined;
   try {
-    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, mattingModel: opts.mattingModel, precision }).catch(asUsage);
+    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, mattingModel: opts.mattingModel, precision, gpuDtype }).catch(asUsage);
     const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined, background: opts.background };
     const ac = new AbortController();
     const onSigint = () => ac.abort(new Error('interrupted'));
@@ -207,6 +212,8 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
           model: pipeline.model.root,
           variant: pipeline.variant.id,
           precision,
+          device,
+          ...(gpuDtype ? { gpu_dtype: gpuDtype, component_dtypes: pipeline.componentDtypes() } : {}),
           steps: steps ?? pipeline.variant.defaultSteps,
           background: opts.background ?? 'auto',
           timings: result.timings,

@@ -19,6 +19,7 @@ import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { parsePort } from './serve.ts';
+import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 
 interface McpOptions {
@@ -31,6 +32,7 @@ interface McpOptions {
   keepLoaded: boolean;
   apiKey?: string;
   precision?: string;
+  gpuDtype?: string;
   mattingModel?: string;
 }
 
@@ -64,10 +66,12 @@ export function registerMcp(program: Command): void {
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
+    .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .action(async (o: McpOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port, '--port') ?? 0;
       const precision = resolvePrecision(o.precision);
+      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before the key and the model are touched
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
@@ -85,13 +89,14 @@ export function registerMcp(program: Command): void {
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
         const device = await resolveDevice(parseDevice(o.device));
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype: resolveGpuDtype(o.gpuDtype, device), mattingModel: o.mattingModel });
       } catch (e) {
         store.close();
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       config.precision = precision;
+      if (pipeline.gpuDtype) config.gpuDtype = pipeline.gpuDtype;
       // stdout carries the MCP messages: everything else goes to stderr
       const log = createLogger(process.env.KLEIN_LOG_LEVEL ?? 'warn');
       const svc = createApp({ pipeline, config, store, logger: log, modelDir: pipeline.model.root, matting: mattingProbe({ explicit: o.mattingModel, modelRoot: pipeline.model.root }) });

@@ -13,6 +13,7 @@ import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
+import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 import { startScale } from './worker.ts';
 
@@ -28,6 +29,7 @@ interface ServeOptions {
   workers: string;
   queue?: string;
   precision?: string;
+  gpuDtype?: string;
   mattingModel?: string;
 }
 
@@ -53,10 +55,12 @@ export function registerServe(program: Command): void {
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
+    .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
       const precision = resolvePrecision(o.precision);
+      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       const workers = parseIntOption(o.workers, '--workers')!;
@@ -70,10 +74,11 @@ export function registerServe(program: Command): void {
         throw new UsageError((e as Error).message);
       }
       const device = await resolveDevice(parseDevice(o.device));
+      const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];
       try {
-        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel }));
+        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel }));
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
@@ -82,10 +87,11 @@ export function registerServe(program: Command): void {
       const first = members[0];
       const local = members.length === 1 ? first : new PipelinePool(members);
       // with a queue, the scheduler hands runs to Redis as fast as keys' concurrency allows: the workers pace them
-      const scale = o.queue ? startScale(o.queue, first.variant.id, log, precision) : null;
+      const scale = o.queue ? startScale(o.queue, first.variant.id, log, precision, gpuDtype) : null;
       const pipeline = scale ? scale.remote : local;
       config.workers = scale ? 256 : workers;
       config.precision = precision;
+      if (gpuDtype) config.gpuDtype = gpuDtype;
       // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
       // workers' files, so a worker without them fails the run instead
       const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: first.model.root });
@@ -101,7 +107,7 @@ export function registerServe(program: Command): void {
         throw e;
       }
       const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
-      console.log(`klein serve: ${first.variant.id} (${precision} precision) from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
+      console.log(`klein serve: ${first.variant.id} (${precision} precision) on ${describeDevice(device, gpuDtype)} from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
       if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
       console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
       if (admin) {

@@ -12,8 +12,10 @@ import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
+import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
 import type { Precision } from '../pipeline/types.ts';
+import type { ComputeDtype } from '../graph/compute-dtype.ts';
 
 function workerToken(): string {
   const t = process.env.KLEIN_WORKER_TOKEN;
@@ -31,7 +33,7 @@ function checkQueueUrl(url: string): void {
 }
 
 /** For `klein serve --queue`: the Redis-backed pipeline, its routes, and optional in-process workers. */
-export function startScale(queueUrl: string, modelId: string, log: Logger, precision: Precision = 'exact') {
+export function startScale(queueUrl: string, modelId: string, log: Logger, precision: Precision = 'exact', gpuDtype?: ComputeDtype) {
   checkQueueUrl(queueUrl);
   const token = workerToken();
   const remote = new RemotePipeline(queueUrl, modelId, log.child({ part: 'scale' }));
@@ -42,7 +44,7 @@ export function startScale(queueUrl: string, modelId: string, log: Logger, preci
       const workers: KleinWorker[] = [];
       // one pipeline runs one request at a time: local workers share it through the pool's waiting line
       for (let i = 0; i < n; i++) {
-        const w = new KleinWorker({ queueUrl, apiUrl, token, pipeline, modelId, device, precision, log: log.child({ part: 'local-worker', i }) });
+        const w = new KleinWorker({ queueUrl, apiUrl, token, pipeline, modelId, device, precision, gpuDtype, log: log.child({ part: 'local-worker', i }) });
         await w.start();
         workers.push(w);
       }
@@ -60,6 +62,7 @@ interface WorkerCliOptions {
   keepLoaded: boolean;
   lockMs: string;
   precision?: string;
+  gpuDtype?: string;
   mattingModel?: string;
 }
 
@@ -75,6 +78,7 @@ export function registerWorker(program: Command): void {
     .option('--lock-ms <n>', 'job lock; a worker silent this long is presumed dead and its run goes to another', '30000')
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
     .option('--precision <mode>', PRECISION_HELP)
+    .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .action(async (o: WorkerCliOptions) => {
       checkQueueUrl(o.queue);
@@ -84,22 +88,24 @@ export function registerWorker(program: Command): void {
       if (lockMs < 1000) throw new UsageError('--lock-ms must be at least 1000');
       const threads = parseIntOption(o.threads, '--threads');
       const precision = resolvePrecision(o.precision);
+      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
       const device = await resolveDevice(parseDevice(o.device));
+      const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       let pipeline: KleinPipeline;
       try {
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, mattingModel: o.mattingModel });
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       const log = createLogger();
-      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), precision, log, lockMs });
+      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), precision, gpuDtype, log, lockMs });
       try {
         await worker.start();
       } catch (e) {
         throw new UsageError(`cannot join ${o.api}: ${(e as Error).message}`);
       }
-      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${device} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
+      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${describeDevice(device, gpuDtype)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

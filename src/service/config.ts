@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Precision } from '../pipeline/types.ts';
+import type { ComputeDtype } from '../graph/compute-dtype.ts';
 import type { ModelPrice } from './pricing.ts';
 
 export interface ServiceConfig {
@@ -16,6 +17,11 @@ export interface ServiceConfig {
    * shown by /v1/models and /v1/health so API users can tell fast (int8) output from exact. Not a config.json field.
    */
   precision?: Precision;
+  /**
+   * The local pipeline's GPU dtype (`klein serve --gpu-dtype`), set only when it runs on a GPU device; shown by
+   * /v1/health beside the precision. Not a config.json field.
+   */
+  gpuDtype?: ComputeDtype;
   /** Runs of one key running at once; the excess waits in `queued`. A key may override it. */
   perKeyConcurrency: number;
   rateLimit: {

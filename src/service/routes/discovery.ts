@@ -13,6 +13,8 @@ const Model = z.object({
   precision: z.enum(['exact', 'fast']).openapi({ description: 'How this server runs the model: exact (fp32, matches the reference) or fast (int8 products; error stated in docs/benchmarks.md). Chosen when the server starts (klein serve --precision).' }),
 }).openapi('Model');
 
+const GpuDtype = z.enum(['fp16', 'fp32']).openapi({ description: 'Only when the server\'s own pipeline runs on a GPU device: what its text encoder, transformer and VAE compute in where they have a GPU fp16 path (klein serve --gpu-dtype). Absent on the CPU, which computes in fp32.' });
+
 const TransparentBackgrounds = z.object({
   status: z.enum(['available', 'unavailable', 'unknown']),
   message: z.string().optional(),
@@ -30,10 +32,10 @@ export const VERSION = '0.1.0';
 export function registerDiscovery(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/health', tags: ['Discovery'], summary: 'Health and queue depth',
-    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']), transparent_backgrounds: TransparentBackgrounds }) } } } },
+    responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']), gpu_dtype: GpuDtype.optional(), transparent_backgrounds: TransparentBackgrounds }) } } } },
   }), (c) => {
     const counts = deps.store.countByStatus();
-    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', transparent_backgrounds: mattingState(deps), ...(deps.healthExtra?.() ?? {}) });
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', ...(deps.cfg.gpuDtype ? { gpu_dtype: deps.cfg.gpuDtype } : {}), transparent_backgrounds: mattingState(deps), ...(deps.healthExtra?.() ?? {}) });
   });
 
   route(app, createRoute({

@@ -56,7 +56,7 @@ export class ScaleApi implements ScaleExtension {
       backend: 'redis',
       redis_queue: { waiting: (c.waiting ?? 0) + (c.prioritized ?? 0), active: c.active ?? 0, delayed: c.delayed ?? 0 },
       models: this.registry.perModel(),
-      workers: this.registry.live().map((w) => ({ id: w.id, model_id: w.model_id, device: w.device, precision: w.precision ?? 'exact', free_memory_bytes: w.free_memory_bytes, busy: w.job !== null, stage: w.stage })),
+      workers: this.registry.live().map((w) => ({ id: w.id, model_id: w.model_id, device: w.device, precision: w.precision ?? 'exact', ...(w.gpu_dtype ? { gpu_dtype: w.gpu_dtype } : {}), free_memory_bytes: w.free_memory_bytes, busy: w.job !== null, stage: w.stage })),
     };
   }
 

@@ -1,6 +1,7 @@
 // What travels between the API and its workers: BullMQ job data (API → Redis → worker) and the JSON bodies of the
 // worker routes (worker → API). Bytes travel as base64 so both fit in JSON.
 import type { Background, GenerateRequest, OutputFormat, Precision, ProgressEvent } from '../../pipeline/types.ts';
+import type { ComputeDtype } from '../../graph/compute-dtype.ts';
 
 /** The BullMQ queue every API and worker of one installation shares. */
 export const QUEUE_NAME = 'klein-runs';
@@ -50,6 +51,8 @@ export interface Announce {
   device: string;
   /** exact or fast (int8); absent from workers that predate fast mode, which run exact */
   precision?: Precision;
+  /** GPU workers: fp16 or fp32 (`klein worker --gpu-dtype`); absent on the CPU and from older workers */
+  gpu_dtype?: ComputeDtype;
   free_memory_bytes: number;
   /** the job it is running, if any */
   job: string | null;

@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { PipelineInputError } from '../../pipeline/request.ts';
 import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { ImagePipeline, Precision, ProgressEvent } from '../../pipeline/types.ts';
+import type { ComputeDtype } from '../../graph/compute-dtype.ts';
 import { type Announce, fromJob, type JobData, QUEUE_NAME, type ResultBody, WORKER_PREFIX } from './protocol.ts';
 import { redisConnection } from './redis.ts';
 import { ANNOUNCE_MS } from './registry.ts';
@@ -22,6 +23,8 @@ export interface WorkerOptions {
   device: string;
   /** Announced to the API (shown per worker in /v1/health); default exact. */
   precision?: Precision;
+  /** GPU devices: the pipeline's dtype, announced beside the precision; undefined on the CPU. */
+  gpuDtype?: ComputeDtype;
   log: Logger;
   /** How long a job stays locked without renewal before another worker may take it over (BullMQ lockDuration). */
   lockMs?: number;
@@ -70,7 +73,7 @@ export class KleinWorker {
   }
 
   private announce(): Promise<void> {
-    const a: Announce = { id: this.id, model_id: this.o.modelId, device: this.o.device, precision: this.o.precision ?? 'exact', free_memory_bytes: os.freemem(), job: this.current };
+    const a: Announce = { id: this.id, model_id: this.o.modelId, device: this.o.device, precision: this.o.precision ?? 'exact', ...(this.o.gpuDtype ? { gpu_dtype: this.o.gpuDtype } : {}), free_memory_bytes: os.freemem(), job: this.current };
     return this.call('/announce', a).then(() => undefined);
   }
 
