@@ -499,6 +499,20 @@ export function gpuWeightBytes(w: Qwen3GpuWeight, stats: { fp16Overflows: number
   return new Uint8Array(h.data.buffer);
 }
 
+/**
+ * fp16 projections: an activation beyond ±65504 becomes ±Inf at its cast to fp16 (or in the fp16 product) and
+ * NaN/Inf spreads to every later layer; said here, rather than handed to the transformer as a black image. Real
+ * Qwen3 checkpoints have a few huge activation channels, so this is a live risk; scanning the context costs
+ * microseconds per prompt.
+ */
+function checkFinite(context: Float32Array): void {
+  for (let i = 0; i < context.length; i++) {
+    if (!Number.isFinite(context[i])) {
+      throw new Error('qwen3: the fp16 text encoder overflowed (the context has non-finite values): run it in fp32 (--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32)');
+    }
+  }
+}
+
 /** One row of stored values widened to fp32. */
 function toF32(b: Buffer, dtype: TensorInfo['dtype']): Float32Array {
   const a = new Uint8Array(b).buffer; // aligned copy
@@ -631,6 +645,7 @@ export class Qwen3TextEncoder {
     const feeds: Record<string, ort.Tensor> = { ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) };
     if (this.embeddings) feeds.inputs_embeds = new ort.Tensor('float32', embeddingRows(this.embeddings, inputIds), [batch, seq, this.config.hiddenSize]);
     const out = await this.session.run(feeds);
+    if (this.computeDtype === 'fp16') checkFinite(out.context.data as Float32Array);
     const hiddenStates = new Map<number, Float32Array>();
     for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
     return { context: out.context.data as Float32Array, hiddenStates };

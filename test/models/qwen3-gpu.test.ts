@@ -204,3 +204,36 @@ test('WebGPU fp16 on a bf16 checkpoint: every MatMul, Softmax and fp16 Cast on t
   for (const op of Object.keys(cpu)) assert.ok(shapeOps.has(op), `${op} on the CPU provider: ${JSON.stringify(cpu)}`);
   assert.ok((cpu.Cast ?? 0) <= 1, `Casts on the CPU: ${JSON.stringify(cpu)}`);
 });
+
+test('WebGPU fp16: an activation beyond fp16 range is reported as an overflow naming fp32, not returned as Inf/NaN', { skip: noVulkan }, async () => {
+  // one layer whose MLP gate/up products reach ~1e7 (all-ones embeddings and norms, gate/up weights 100 over 32
+  // inputs: silu(3200)·3200): finite in fp32, beyond 65504 when cast to fp16 for down_proj
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-qwen3-gpu-overflow-'));
+  const H = 32;
+  const full = (shape: number[], v: number) => ({ dtype: 'F32' as const, shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)).fill(v) });
+  const p = 'model.layers.0.';
+  writeSafetensors(path.join(dir, 'model.safetensors'), {
+    'model.embed_tokens.weight': full([512, H], 1),
+    [`${p}input_layernorm.weight`]: full([H], 1), [`${p}post_attention_layernorm.weight`]: full([H], 1),
+    [`${p}self_attn.q_proj.weight`]: full([64, H], 0.01), [`${p}self_attn.k_proj.weight`]: full([32, H], 0.01), [`${p}self_attn.v_proj.weight`]: full([32, H], 0.01),
+    [`${p}self_attn.o_proj.weight`]: full([H, 64], 0.01), [`${p}self_attn.q_norm.weight`]: full([16], 1), [`${p}self_attn.k_norm.weight`]: full([16], 1),
+    [`${p}mlp.gate_proj.weight`]: full([64, H], 100), [`${p}mlp.up_proj.weight`]: full([64, H], 100), [`${p}mlp.down_proj.weight`]: full([H, 64], 1e-3),
+  });
+  fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(TINY));
+  const ids = BigInt64Array.from([1n, 2n, 3n, 4n]);
+  const mask = BigInt64Array.from([1n, 1n, 1n, 1n]);
+  const fp32 = await Qwen3TextEncoder.load(dir, { outputLayers: [1], maxPositions: 8, session: { device: 'webgpu', gpuDtype: 'fp32' } });
+  try {
+    assert.ok((await fp32.embed(ids, mask, 1)).every(Number.isFinite), 'fp32 holds these activations');
+  } finally {
+    await fp32.close();
+  }
+  const fp16 = await Qwen3TextEncoder.load(dir, { outputLayers: [1], maxPositions: 8, session: { device: 'webgpu', gpuDtype: 'fp16' } });
+  try {
+    assert.equal(fp16.fp16Overflows, 0, 'the weights themselves fit fp16');
+    await assert.rejects(fp16.embed(ids, mask, 1), /the fp16 text encoder overflowed .*KLEIN_GPU_DTYPE=fp32/);
+  } finally {
+    await fp16.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
