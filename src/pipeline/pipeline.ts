@@ -11,7 +11,7 @@ import { performance } from 'node:perf_hooks';
 import { resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { defaultDevice, resolveDevice } from '../graph/device.ts';
 import type { Device, SessionConfig } from '../graph/session.ts';
-import { Flux2Transformer, type Flux2ForwardInput } from '../models/flux2-transformer.ts';
+import { Flux2Transformer, type Flux2Context, type Flux2ContextInput, type Flux2StepInput } from '../models/flux2-transformer.ts';
 import { Flux2VAE } from '../models/flux2-vae.ts';
 import { KLEIN_OUTPUT_LAYERS, Qwen3TextEncoder, readQwen3Config } from '../models/qwen3.ts';
 import { PromptEmbeddingCache } from '../text/prompt-cache.ts';
@@ -61,9 +61,13 @@ export interface PipelineOptions {
 /** The large components whose compute dtype a pipeline reports (the matting model always runs fp32). */
 export type DtypeComponent = 'text-encoder' | 'transformer' | 'vae-encoder' | 'vae-decoder';
 
-/** One model evaluation; `Flux2Transformer` is the real one, conformance may wrap it. */
+/**
+ * The model the sampler evaluates (`Flux2Transformer`): its step-invariant part (text projection, RoPE tables) is
+ * prepared once per generation and chunk size, then every step runs on that context.
+ */
 export interface Denoiser {
-  forward(inp: Flux2ForwardInput): Promise<Float32Array>;
+  prepareContext(inp: Flux2ContextInput): Promise<Flux2Context>;
+  step(inp: Flux2StepInput, context: Flux2Context): Promise<Float32Array>;
   close(): Promise<void>;
 }
 
@@ -164,41 +168,46 @@ export async function denoise(model: Denoiser, inp: DenoiseInput): Promise<Float
   rowIds.set(inp.xIds, 0);
   if (nRef) rowIds.set(inp.refIds!, nImg * 4);
   const steps = inp.timesteps.length - 1;
-  for (let i = 0; i < steps; i++) {
-    inp.signal?.throwIfAborted();
-    const t = inp.timesteps[i];
-    let lastOut: Float32Array = new Float32Array(0);
-    for (let b0 = 0; b0 < batch; b0 += imagesPerCall) {
-      const nb = Math.min(imagesPerCall, batch - b0);
-      const rows = nb * rowsPerImage;
-      // row r: image (r mod nb), context row ⌊r / nb⌋ — uncond rows first, as the reference batches [uncond, cond]
-      const x = new Float32Array(rows * n * C);
-      const ctx = new Float32Array(rows * ctxLen * D);
-      for (let r = 0; r < rows; r++) {
-        const img = b0 + (r % nb);
-        x.set(inp.x.subarray(img * nImg * C, (img + 1) * nImg * C), r * n * C);
-        if (nRef) x.set(inp.refTokens!, (r * n + nImg) * C);
-        const cr = Math.floor(r / nb);
-        ctx.set(inp.ctx.subarray(cr * ctxLen * D, (cr + 1) * ctxLen * D), r * ctxLen * D);
+  // one context per chunk size (the last chunk of a batch may be smaller), prepared at the first step
+  const contexts = new Map<number, Flux2Context>();
+  try {
+    for (let i = 0; i < steps; i++) {
+      inp.signal?.throwIfAborted();
+      const t = inp.timesteps[i];
+      let lastOut: Float32Array = new Float32Array(0);
+      for (let b0 = 0; b0 < batch; b0 += imagesPerCall) {
+        const nb = Math.min(imagesPerCall, batch - b0);
+        const rows = nb * rowsPerImage;
+        const counts = { batch: rows, nTokens: n, nCtx: ctxLen };
+        let context = contexts.get(nb);
+        if (!context) {
+          // row r: image (r mod nb), context row ⌊r / nb⌋ — uncond rows first, as the reference batches [uncond, cond]
+          const ctx = new Float32Array(rows * ctxLen * D);
+          for (let r = 0; r < rows; r++) {
+            const cr = Math.floor(r / nb);
+            ctx.set(inp.ctx.subarray(cr * ctxLen * D, (cr + 1) * ctxLen * D), r * ctxLen * D);
+          }
+          context = await model.prepareContext({ ...counts, ctx, xIds: repeatIds(rowIds, rows), ctxIds: repeatIds(textIds(ctxLen), rows) });
+          contexts.set(nb, context);
+        }
+        const x = new Float32Array(rows * n * C);
+        for (let r = 0; r < rows; r++) {
+          const img = b0 + (r % nb);
+          x.set(inp.x.subarray(img * nImg * C, (img + 1) * nImg * C), r * n * C);
+          if (nRef) x.set(inp.refTokens!, (r * n + nImg) * C);
+        }
+        const out = await model.step({ ...counts, x, timesteps: new Float32Array(rows).fill(t) }, context);
+        lastOut = out;
+        // target part of every row: [rows, nImg, C]
+        let v: Float32Array = new Float32Array(rows * nImg * C);
+        for (let r = 0; r < rows; r++) v.set(out.subarray(r * n * C, r * n * C + nImg * C), r * nImg * C);
+        if (ctxRows === 2) v = cfgCombine(v, inp.guidance ?? 1);
+        eulerStep(inp.x.subarray(b0 * nImg * C, (b0 + nb) * nImg * C), v, t, inp.timesteps[i + 1], nb);
       }
-      const out = await model.forward({
-        x,
-        xIds: repeatIds(rowIds, rows),
-        timesteps: new Float32Array(rows).fill(t),
-        ctx,
-        ctxIds: repeatIds(textIds(ctxLen), rows),
-        batch: rows,
-        nTokens: n,
-        nCtx: ctxLen,
-      });
-      lastOut = out;
-      // target part of every row: [rows, nImg, C]
-      let v: Float32Array = new Float32Array(rows * nImg * C);
-      for (let r = 0; r < rows; r++) v.set(out.subarray(r * n * C, r * n * C + nImg * C), r * nImg * C);
-      if (ctxRows === 2) v = cfgCombine(v, inp.guidance ?? 1);
-      eulerStep(inp.x.subarray(b0 * nImg * C, (b0 + nb) * nImg * C), v, t, inp.timesteps[i + 1], nb);
+      inp.onStep?.(i, steps, lastOut);
     }
-    inp.onStep?.(i, steps, lastOut);
+  } finally {
+    for (const c of contexts.values()) c.dispose();
   }
   return inp.x;
 }
