@@ -193,13 +193,13 @@ describe('scale-out: lost jobs and a draining stop', () => {
     assert.equal(w.processed.length, 1, 'the waiting job was withdrawn before the worker could take it');
 
     // the next start: r1 finished during the drain; r2 is in the queue again, with no attempt used, and runs now
-    const b = await restart(300);
+    const b = await restart(100);
     const r1done = (await b.h.api('GET', `/v1/runs/${r1.json.id}`)).json;
     assert.deepEqual([r1done.status_code, r1done.attempts], ['succeeded', 1], JSON.stringify(r1done));
     const r2done = await pollUntil(b.h, r2.json.id, terminal, 30_000);
     assert.deepEqual([r2done.status_code, r2done.attempts], ['succeeded', 1], JSON.stringify(r2done));
 
-    // a run longer than the drain: requeued when the drain is up (the worker's late upload is refused), runs again
+    // a run longer than the 100 ms drain: requeued when it is up (the worker's late upload is refused), runs again
     const r3 = await b.h.api('POST', T2I, { input: { prompt: 'outlive the drain', image_size: { width: 64, height: 64 }, num_inference_steps: 24 } });
     await pollUntil(b.h, r3.json.id, (r) => r.progress?.stage === 'denoise', 30_000);
     t0 = Date.now();
@@ -212,6 +212,6 @@ describe('scale-out: lost jobs and a draining stop', () => {
     assert.deepEqual([r3done.status_code, r3done.attempts], ['succeeded', 1], JSON.stringify(r3done));
     const usage = c.h.svc.store.usage({ keyId: c.h.keyId }).reduce((s, u) => s + u.runs, 0);
     assert.equal(usage, 3, 'three runs, three ledger rows');
-    console.log(`# drain: r1 finished in ${drainedMs} ms of a 30 s drain; stop past a 300 ms drain took ${cutMs} ms`);
+    console.log(`# drain: r1 finished in ${drainedMs} ms of a 30 s drain; stop past a 100 ms drain took ${cutMs} ms`);
   });
 });
