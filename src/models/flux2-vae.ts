@@ -471,8 +471,9 @@ export class Flux2VAE {
     const s = await this.encoder();
     const r = await s.run({ image: f32(image, dims) });
     const out: EncodeResult = { latent: r.latent.data as Float32Array, dims: r.latent.dims as number[] };
+    this.checkFinite(out.latent, 'encoder');
     if (opts.withMoments) {
-      out.moments = r.moments.data as Float32Array;
+      out.moments = this.checkFinite(r.moments.data as Float32Array, 'encoder');
       out.momentsDims = r.moments.dims as number[];
     }
     return out;
@@ -491,7 +492,7 @@ export class Flux2VAE {
       const s = await this.decoder();
       const r = await s.run({ latent: f32(latent, dims) });
       opts.onTile?.(1, 1);
-      return { image: r.image.data as Float32Array, dims: r.image.dims as number[] };
+      return { image: this.checkFinite(r.image.data as Float32Array, 'decoder'), dims: r.image.dims as number[] };
     }
     return decodeTiled((lat, d) => this.decodeUntiled(lat, d), latent, dims, { maxTile, overlap, scale: this.scale, outChannels: this.config.outChannels, onTile: opts.onTile });
   }
@@ -499,7 +500,20 @@ export class Flux2VAE {
   private async decodeUntiled(latent: Float32Array, dims: number[]): Promise<Float32Array> {
     const s = await this.decoder();
     const r = await s.run({ latent: f32(latent, dims) });
-    return r.image.data as Float32Array;
+    return this.checkFinite(r.image.data as Float32Array, 'decoder');
+  }
+
+  /**
+   * fp16: an activation beyond ±65504 becomes ±Inf at its cast to fp16 (the inputs of conv_in, the shortcut and
+   * upsample convs are the un-normalised residual stream) and NaN spreads from there; said here, rather than handed
+   * on as a black image. The scan costs a few ms per megapixel.
+   */
+  private checkFinite(out: Float32Array, direction: 'encoder' | 'decoder'): Float32Array {
+    if (this.computeDtype !== 'fp16') return out;
+    for (let i = 0; i < out.length; i++) {
+      if (!Number.isFinite(out[i])) throw new Error(`flux2 VAE: the fp16 ${direction} overflowed (its output has non-finite values): run it in fp32 (--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32)`);
+    }
+    return out;
   }
 
   async close(): Promise<void> {

@@ -44,6 +44,22 @@ async function withGoldenVae(fn: (file: string) => Promise<void>): Promise<void>
   }
 }
 
+/** The golden VAE with some tensors changed by `edit` (in place), written to `dir`/ae.safetensors. */
+function writeEditedGolden(dir: string, edit: (name: string, data: Float32Array) => void): string {
+  const src = Checkpoint.open(path.join(GOLDEN, 'model.safetensors'));
+  const tensors: Record<string, TensorToWrite> = {};
+  for (const name of src.names) {
+    const info = src.info(name);
+    if (info.dtype !== 'F32') continue; // bn.num_batches_tracked: never read
+    const data = readFloat32(info);
+    edit(name, data);
+    tensors[name] = { dtype: 'F32', shape: info.shape, data };
+  }
+  const file = path.join(dir, 'ae.safetensors');
+  writeSafetensors(file, tensors);
+  return file;
+}
+
 async function goldenErrors(file: string, opts: VaeLoadOptions): Promise<{ vae: Flux2VAE; image: number; moments: number; latent: number }> {
   const vae = await Flux2VAE.load(file, opts);
   try {
@@ -119,22 +135,36 @@ test('WebGPU fp16: weights beyond ±65504 are clamped and counted', { skip: noVu
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-clamp-'));
   try {
     // the golden VAE with two decoder conv weights pushed out of fp16's range
-    const src = Checkpoint.open(path.join(GOLDEN, 'model.safetensors'));
-    const tensors: Record<string, TensorToWrite> = {};
-    for (const name of src.names) {
-      const info = src.info(name);
-      if (info.dtype !== 'F32') continue; // bn.num_batches_tracked: never read
-      const data = readFloat32(info);
+    const file = writeEditedGolden(dir, (name, data) => {
       if (name === 'decoder.conv_in.weight') [data[0], data[5]] = [1e5, -7e4];
-      tensors[name] = { dtype: 'F32', shape: info.shape, data };
-    }
-    const file = path.join(dir, 'ae.safetensors');
-    writeSafetensors(file, tensors);
+    });
     const vae = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp16', only: 'decoder' });
     try {
       assert.equal(vae.fp16Overflows, 2);
     } finally {
       await vae.close();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('WebGPU fp16: an activation beyond ±65504 is an error naming fp32, not a NaN image', { skip: noVulkan }, async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-overflow-'));
+  try {
+    // post_quant_conv ×1e4: conv_in's input (not normalised) then reaches ~1e5, finite in fp32, Inf at its fp16 cast
+    const file = writeEditedGolden(dir, (name, data) => {
+      if (name.startsWith('decoder.post_quant_conv.')) data.forEach((v, i) => (data[i] = v * 1e4));
+    });
+    const d = new GoldenCase(path.join(GOLDEN, 'decode_case.safetensors'));
+    const fp32 = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp32', only: 'decoder' });
+    const fp16 = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp16', only: 'decoder' });
+    try {
+      assert.ok((await fp32.decode(d.f32('z'), d.shape('z'))).image.every(Number.isFinite), 'fp32 copes');
+      await assert.rejects(fp16.decode(d.f32('z'), d.shape('z')), /fp16 decoder overflowed .*run it in fp32 \(--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32\)/);
+    } finally {
+      await fp32.close();
+      await fp16.close();
     }
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
