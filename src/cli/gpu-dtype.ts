@@ -7,7 +7,7 @@ import { parseComputeDtype, resolveComputeDtype, type ComputeDtype } from '../gr
 import { UsageError } from './errors.ts';
 
 export const GPU_DTYPE_HELP =
-  'GPU devices only: fp16 (weights and matrix products in half precision: half the memory, faster) or fp32 (the reference numbers); norms, softmax and residual sums stay fp32 either way. Default: $KLEIN_GPU_DTYPE, else fp16. The CPU always computes in fp32 (fp16 there is refused)';
+  'GPU devices only: the text encoder\'s and transformer\'s matrix products and weights in fp16 (half the memory) or fp32 (the reference numbers); norms, softmax, residual sums and the VAE stay fp32 either way. Default: $KLEIN_GPU_DTYPE, else fp16. The CPU always computes in fp32 (fp16 there is refused)';
 
 /** The flag parsed on its own, before any device is probed (an unknown value fails fast). */
 export function parseGpuDtypeFlag(flag: string | undefined): ComputeDtype | undefined {

@@ -51,9 +51,9 @@ export interface PipelineOptions {
   /** Folder of the matting model (BiRefNet) for transparent backgrounds; default: where `klein pull` puts it. */
   mattingModel?: string;
   /**
-   * GPU devices: the dtype of the text encoder's, transformer's and VAE's weights and products (default
-   * $KLEIN_GPU_DTYPE, else fp16; see graph/compute-dtype.ts). fp16 with the CPU is refused; the matting model is
-   * not affected.
+   * GPU devices: the dtype of the text encoder's and transformer's weights and products (default $KLEIN_GPU_DTYPE,
+   * else fp16; see graph/compute-dtype.ts). fp16 with the CPU is refused; the VAE and the matting model compute in
+   * fp32 whatever it says (see loadVae).
    */
   gpuDtype?: ComputeDtype;
 }
@@ -328,7 +328,7 @@ export class KleinPipeline implements ImagePipeline {
     return this.opts.keepLoaded === true || (this.opts.device !== undefined && this.opts.device !== 'cpu');
   }
 
-  /** The text encoder's, transformer's and VAE's session config: the GPU dtype travels with the device. */
+  /** The text encoder's, transformer's and VAE's session config: the GPU dtype travels with the device (the VAE overrides it). */
   private get session(): SessionConfig {
     return { ...this.mattingSession, ...(this.opts.gpuDtype ? { gpuDtype: this.opts.gpuDtype } : {}) };
   }
@@ -378,7 +378,10 @@ export class KleinPipeline implements ImagePipeline {
     const cur = which === 'encoder' ? this.vaeEncoder : this.vaeDecoder;
     if (cur) return cur;
     this.emit(o, { stage: 'load', message: `VAE ${which}` });
-    const vae = await sw.time('load', () => Flux2VAE.load(this.model.vae.checkpoint, { ...this.session, only: which }));
+    // fp32 on every device: through ORT's WebGPU Conv, which accumulates in fp16, an fp16 decode at real shapes was
+    // 6.1 % rms off the fp32 one (random weights, 64²), while fp16 would save only 168 MB of its 84 M weights
+    // (docs/benchmarks.md, GPU). Flux2VAE's fp16 path stays for `klein bench vae` and the conformance.
+    const vae = await sw.time('load', () => Flux2VAE.load(this.model.vae.checkpoint, { ...this.session, gpuDtype: 'fp32', only: which }));
     this.dtypes[which === 'encoder' ? 'vae-encoder' : 'vae-decoder'] = vae.computeDtype;
     if (which === 'encoder') this.vaeEncoder = vae;
     else this.vaeDecoder = vae;
