@@ -4,11 +4,10 @@
 // when VK_ICD_FILENAMES is unset.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { ortPlacements } from '../graph/ort-placement.ts';
 import { Flux2VAE, type VaeLoadOptions } from '../../src/models/flux2-vae.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { VAE_FP16_FACTOR } from '../../src/conform/vae.ts';
@@ -172,30 +171,13 @@ test('WebGPU fp16: an activation beyond ±65504 is an error naming fp32, not a N
 });
 
 test('WebGPU fp16: every Conv and MatMul is placed on the WebGPU provider', { skip: noVulkan }, async () => {
-  // ORT lists each session's node placement at log level 0 (verbose): a child process loads both graphs and the
-  // log is parsed here. ORT writes some lines to stdout and some to stderr, so both go to one file, in order.
+  // a child process loads both graphs at ORT's verbose log level (see ort-placement.ts)
   await withGoldenVae(async (file) => {
     const logFile = path.join(path.dirname(file), 'ort.log');
     const script = `import { Flux2VAE } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/flux2-vae.ts'))};
       const vae = await Flux2VAE.load(${JSON.stringify(file)}, { device: 'webgpu', gpuDtype: 'fp16' });
       await vae.close();`;
-    const fd = fs.openSync(logFile, 'w');
-    try {
-      const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, KLEIN_ORT_LOG_LEVEL: '0' }, stdio: ['ignore', fd, fd] });
-      const [code] = await once(child, 'exit');
-      assert.equal(code, 0, fs.readFileSync(logFile, 'utf8').slice(-2000));
-    } finally {
-      fs.closeSync(fd);
-    }
-    const placed: Array<Record<string, Record<string, number>>> = [];
-    let ep = '';
-    for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
-      if (line.includes('Node placements')) placed.push({});
-      const m = line.match(/Node\(s\) placed on \[(\w+)\]/);
-      if (m) placed[placed.length - 1][(ep = m[1])] = {};
-      const n = line.match(/VerifyEachNodeIsAssignedToAnEp\] {3}(\w+) \(/);
-      if (n && ep) placed[placed.length - 1][ep][n[1]] = (placed[placed.length - 1][ep][n[1]] ?? 0) + 1;
-    }
+    const placed = await ortPlacements(script, logFile);
     assert.equal(placed.length, 2, 'two sessions: encoder and decoder');
     for (const p of placed) {
       const cpu = p.CPUExecutionProvider ?? {};

@@ -5,11 +5,10 @@
 // reason when VK_ICD_FILENAMES is unset.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { ortPlacements } from '../graph/ort-placement.ts';
 import onnxProto from 'onnx-proto';
 import { buildQwen3Graph, gpuWeightBytes, qwen3GraphKey, Qwen3TextEncoder, readQwen3Config, weightsPath, type Qwen3GpuWeight, type Qwen3GraphOptions } from '../../src/models/qwen3.ts';
 import { Checkpoint, readFloat32, writeSafetensors } from '../../src/weights/safetensors.ts';
@@ -170,29 +169,15 @@ test('WebGPU fp16: the golden cases within the stated fp16 tolerance, and really
 });
 
 test('WebGPU fp16 on a bf16 checkpoint: every MatMul, Softmax and fp16 Cast on the WebGPU provider; the CPU keeps only shape and mask ops', { skip: noVulkan }, async () => {
-  // ORT lists the session's node placement at log level 0 (verbose): a child process loads the encoder and the log
-  // is parsed here (stdout and stderr into one file, in order). Before the GPU graph, this checkpoint put every
+  // a child process loads the encoder at ORT's verbose log level (see ort-placement.ts). Before the GPU graph, this checkpoint put every
   // bf16 weight Cast and the embedding Gather on the CPU provider (measured 203 CPU nodes at 27 layers).
   const logFile = path.join(bf16Dir, 'ort.log');
   const script = `import { Qwen3TextEncoder } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/qwen3.ts'))};
     const enc = await Qwen3TextEncoder.load(${JSON.stringify(bf16Dir)}, { outputLayers: [1, 2, 3], maxPositions: 16, session: { device: 'webgpu', gpuDtype: 'fp16' } });
     await enc.close();`;
-  const fd = fs.openSync(logFile, 'w');
-  try {
-    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { env: { ...process.env, KLEIN_ORT_LOG_LEVEL: '0' }, stdio: ['ignore', fd, fd] });
-    const [code] = await once(child, 'exit');
-    assert.equal(code, 0, fs.readFileSync(logFile, 'utf8').slice(-2000));
-  } finally {
-    fs.closeSync(fd);
-  }
-  const placed: Record<string, Record<string, number>> = {};
-  let ep = '';
-  for (const line of fs.readFileSync(logFile, 'utf8').split('\n')) {
-    const m = line.match(/Node\(s\) placed on \[(\w+)\]/);
-    if (m) placed[(ep = m[1])] = {};
-    const n = line.match(/VerifyEachNodeIsAssignedToAnEp\] {3}(\w+) \(/);
-    if (n && ep) placed[ep][n[1]] = (placed[ep][n[1]] ?? 0) + 1;
-  }
+  const placements = await ortPlacements(script, logFile);
+  assert.equal(placements.length, 1, 'one session');
+  const placed = placements[0];
   const gpu = placed.WebGpuExecutionProvider ?? {};
   const cpu = placed.CPUExecutionProvider ?? {};
   assert.equal(gpu.MatMul, 3 * 9, `7 projections + 2 attention products per layer: ${JSON.stringify(gpu)}`);
