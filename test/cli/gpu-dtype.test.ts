@@ -5,14 +5,14 @@
 // skipped with that reason when VK_ICD_FILENAMES is unset.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { psnr8 } from '../../src/conform/compare.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { startRedis } from '../scale/redis-helper.ts';
-import { KLEIN, runKlein, tmpDir } from './helpers.ts';
+import { runKlein, startServe, stopProcess, tmpDir } from './helpers.ts';
 
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 
@@ -119,30 +119,13 @@ test('webgpu: klein generate --gpu-dtype fp32 matches the CPU, fp16 differs from
   assert.match(badEnv.stderr, /KLEIN_GPU_DTYPE: unknown GPU dtype "half"/);
 });
 
-/** Starts `klein serve`; resolves with its URL and its start lines once it listens. */
+/** Starts `klein serve` on the tiny model; resolves with its URL and its start lines once it listens. */
 async function serve(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; url: string; out: string }> {
-  const proc = spawn(process.execPath, [KLEIN, 'serve', '--model', model, '--port', '0', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...env } });
-  children.push(proc);
-  return new Promise((resolve, reject) => {
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (http:\/\/\S+)/);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ proc, url: m[1], out });
-      }
-    });
-    proc.on('exit', (code) => reject(new Error(`klein serve exited ${code}: ${out}`)));
-  });
+  const { proc, url, out } = await startServe(['--model', model, '--port', '0', ...args], { env, track: children });
+  return { proc, url, out: out() };
 }
 
-const stop = (proc: ChildProcess) =>
-  new Promise((r) => {
-    proc.once('exit', r);
-    proc.kill('SIGTERM');
-  });
+const stop = stopProcess;
 
 type Health = { precision: string; gpu_dtype?: string; workers?: Array<{ device: string; gpu_dtype?: string }> };
 

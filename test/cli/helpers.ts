@@ -1,6 +1,6 @@
 // Running the real `klein` CLI in a child process (asynchronously, so an HTTP server in the test process can
 // answer it) and small fixtures shared by the CLI tests.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,4 +32,51 @@ export function runKlein(args: string[], env: Record<string, string | undefined>
 
 export function tmpDir(prefix: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `klein-${prefix}-`));
+}
+
+export interface ServeProcess {
+  proc: ChildProcess;
+  /** `http://127.0.0.1:PORT` from the "listening on" line. */
+  url: string;
+  /** Everything it printed so far (stdout and stderr). */
+  out: () => string;
+  /** Its stdout lines up to and including the start (the admin key, on a first start, is the last). */
+  lines: string[];
+}
+
+/**
+ * Starts `klein serve ARGS` (add `--port 0`) and resolves once it listens — and, on a first start, once it has
+ * printed the admin key that follows the listening line. The process is pushed to `track` for the caller's cleanup.
+ */
+export function startServe(args: string[], opts: { env?: Record<string, string>; track?: ChildProcess[]; timeoutMs?: number } = {}): Promise<ServeProcess> {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(process.execPath, [KLEIN, 'serve', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...opts.env } });
+    opts.track?.push(proc);
+    let out = '';
+    let stdout = '';
+    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), opts.timeoutMs ?? 60_000);
+    proc.stderr!.on('data', (d) => (out += d));
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      stdout += d;
+      const m = stdout.match(/listening on (http:\/\/\S+)/);
+      if (m && (!/first start/.test(stdout) || /first start.*\n(kl_live_\S+)\n/.test(stdout))) {
+        clearTimeout(timer);
+        resolve({ proc, url: m[1], out: () => out, lines: stdout.trim().split('\n') });
+      }
+    });
+    proc.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`klein serve exited ${code}: ${out}`));
+    });
+  });
+}
+
+/** SIGTERM, resolved when the process has exited. */
+export function stopProcess(proc: ChildProcess): Promise<unknown> {
+  return new Promise((resolve) => {
+    if (proc.exitCode !== null || proc.signalCode !== null) return resolve(undefined);
+    proc.once('exit', resolve);
+    proc.kill('SIGTERM');
+  });
 }

@@ -3,7 +3,7 @@
 // cache, and the CLI and the server take, check and report --precision.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,7 +13,7 @@ import { KleinPipeline } from '../../src/pipeline/pipeline.ts';
 import type { GenerateRequest } from '../../src/pipeline/types.ts';
 import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
-import { KLEIN, runKlein } from '../cli/helpers.ts';
+import { runKlein, startServe, stopProcess } from '../cli/helpers.ts';
 import { startRedis } from '../scale/redis-helper.ts';
 
 /**
@@ -105,32 +105,14 @@ test('klein generate --precision fast writes an image and reports the precision;
   }
 });
 
-/** Starts `klein serve` with `args`; resolves with its URL once it listens. */
+/** Starts `klein serve` with `args` on the tiny model; resolves with its URL once it listens (fast precision). */
 async function serve(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; url: string }> {
-  const proc = spawn(process.execPath, [KLEIN, 'serve', '--model', model, '--port', '0', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...env } });
-  servers.push(proc);
-  const url = await new Promise<string>((resolve, reject) => {
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (http:\/\/\S+)/);
-      if (m) {
-        clearTimeout(timer);
-        assert.match(out, /\(fast precision\)/);
-        resolve(m[1]);
-      }
-    });
-    proc.on('exit', (code) => reject(new Error(`klein serve exited ${code}: ${out}`)));
-  });
+  const { proc, url, out } = await startServe(['--model', model, '--port', '0', ...args], { env, track: servers });
+  assert.match(out(), /\(fast precision\)/);
   return { proc, url };
 }
 
-const stop = (proc: ChildProcess) =>
-  new Promise((r) => {
-    proc.once('exit', r);
-    proc.kill('SIGTERM');
-  });
+const stop = stopProcess;
 
 test('klein serve --precision fast reports it in /v1/models and /v1/health', async () => {
   const { proc, url } = await serve(['--data', path.join(dir, 'data'), '--precision', 'fast']);

@@ -4,7 +4,7 @@
 // whole image, and the interrupted callback is delivered.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -12,31 +12,16 @@ import path from 'node:path';
 import Database from 'better-sqlite3';
 import sharp from 'sharp';
 import { realPipeline, tempDir } from '../service/helpers.ts';
+import { startServe, type ServeProcess } from '../cli/helpers.ts';
 
-const ROOT = path.resolve(import.meta.dirname, '../..');
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
 const started: ChildProcess[] = [];
 after(() => {
   for (const p of started) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
 });
 
-function serve(modelDir: string, dataDir: string): Promise<{ proc: ChildProcess; url: string; out: () => string }> {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'serve', '--model', modelDir, '--data', dataDir, '--port', '0', '--threads', '1'], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
-    started.push(proc);
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 90_000);
-    proc.stderr!.on('data', (d) => { out += d; });
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (http:\/\/\S+)/);
-      if (m && (!/first start/.test(out) || /first start.*\n(kl_live_\S+)\n/.test(out))) {
-        clearTimeout(timer);
-        resolve({ proc, url: m[1], out: () => out });
-      }
-    });
-    proc.on('exit', (code) => { clearTimeout(timer); reject(new Error(`klein serve exited ${code}: ${out}`)); });
-  });
+function serve(modelDir: string, dataDir: string): Promise<ServeProcess> {
+  return startServe(['--model', modelDir, '--data', dataDir, '--port', '0', '--threads', '1'], { track: started, timeoutMs: 90_000 });
 }
 
 test('kill -9 while a run generates, two are queued and a callback is in flight: after restart all end, ledger matches, callbacks arrive', async () => {

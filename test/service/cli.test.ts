@@ -1,8 +1,9 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { realPipeline, tempDir } from './helpers.ts';
+import { startServe, stopProcess, type ServeProcess } from '../cli/helpers.ts';
 
 const ROOT = path.resolve(import.meta.dirname, '../..');
 const klein = (...args: string[]) => spawnSync(process.execPath, [path.join(ROOT, 'bin/klein.js'), ...args], { encoding: 'utf8', env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
@@ -21,26 +22,11 @@ after(() => {
 });
 
 /** Start `klein serve` on a free port; resolves with the process and everything it printed once listening. */
-function serve(dataDir: string, ...extra: string[]): Promise<{ proc: ChildProcess; lines: string[]; url: string }> {
-  return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [path.join(ROOT, 'bin/klein.js'), 'serve', '--model', modelDir, '--data', dataDir, '--port', '0', ...extra], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent' } });
-    started.push(proc);
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      const m = out.match(/listening on (http:\/\/\S+)/);
-      // the admin key, when there is one, is printed right after the listening line
-      if (m && (!/first start/.test(out) || /first start.*\n(kl_live_\S+)\n/.test(out))) {
-        clearTimeout(timer);
-        resolve({ proc, lines: out.trim().split('\n'), url: m[1] });
-      }
-    });
-    proc.on('exit', (code) => reject(new Error(`klein serve exited ${code}: ${out}`)));
-  });
+function serve(dataDir: string, ...extra: string[]): Promise<ServeProcess> {
+  return startServe(['--model', modelDir, '--data', dataDir, '--port', '0', ...extra], { track: started });
 }
 
-const stop = (p: ChildProcess) => new Promise((r) => { p.once('exit', r); p.kill('SIGTERM'); });
+const stop = stopProcess;
 const me = (url: string, key: string) => fetch(`${url}/v1/auth/me`, { headers: { authorization: `Bearer ${key}` } });
 
 test('klein serve prints an admin key once; klein keys create prints a working key on its last line; list and revoke', async () => {
