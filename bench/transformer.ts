@@ -2,7 +2,9 @@
 // bf16 weights (BFL key names), optionally with fewer blocks. The checkpoint is written once into the bench cache.
 // Prints load time, seconds per step, GFLOP/s and peak RSS, one per line; the last line is `GFLOP/s: <number>`.
 // `--precision fast` runs the int8 fast mode (FLOPs still counted as for fp32, so the figures compare);
-// `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's relative error.
+// `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's relative error;
+// on a GPU in fp16 (KLEIN_DEVICE=webgpu or cuda, the default dtype there) `--compare-fp32` does the same with the
+// fp32 model on the same device, which is what fp16 products cost in accuracy at real widths.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -12,6 +14,8 @@ import type { Precision } from '../src/pipeline/types.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { GiB, benchCacheDir, peakRssBytes, resetPeakRss, seconds } from './util.ts';
 import { relativeError } from '../src/conform/compare.ts';
+import { defaultDevice, resolveDevice } from '../src/graph/device.ts';
+import { resolveComputeDtype } from '../src/graph/compute-dtype.ts';
 
 export interface TransformerBenchOptions {
   doubleBlocks: number;
@@ -25,6 +29,8 @@ export interface TransformerBenchOptions {
   precision?: Precision;
   /** Fast mode: also run exact mode on the same inputs and print the relative error of the fast step. */
   compareExact?: boolean;
+  /** GPU in fp16: also run the model in fp32 on the same device and print the relative error of the fp16 step. */
+  compareFp32?: boolean;
   /** Fast mode: quantize again even if the int8 cache is valid, to time the first load. */
   requantize?: boolean;
 }
@@ -72,28 +78,42 @@ function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
 }
 
 
-/** The exact model's output for `inp` (loaded, run once, closed before the fast model is loaded). */
-async function exactOutput(file: string, inp: Flux2ForwardInput, threads: number | undefined, log: (s: string) => void): Promise<Float32Array> {
-  const [loadS, exact] = await seconds(() => Flux2Transformer.load(file, { threads, precision: 'exact' }));
+/**
+ * The reference model's output for `inp`: exact mode for fast mode, fp32 on the same device for GPU fp16. Loaded,
+ * run once and closed before the measured model loads, so the two never hold memory at once.
+ */
+async function referenceOutput(file: string, inp: Flux2ForwardInput, threads: number | undefined, kind: 'exact' | 'fp32', log: (s: string) => void): Promise<Float32Array> {
+  const opts = kind === 'exact' ? { threads, precision: 'exact' as const } : { threads, gpuDtype: 'fp32' as const };
+  const [loadS, ref] = await seconds(() => Flux2Transformer.load(file, opts));
   try {
-    const [stepS, out] = await seconds(() => exact.forward(inp));
-    log(`exact reference: load ${loadS.toFixed(2)} s, step ${stepS.toFixed(3)} s`);
+    const [stepS, out] = await seconds(() => ref.forward(inp));
+    log(`${kind} reference${kind === 'fp32' ? ` on ${ref.device}` : ''}: load ${loadS.toFixed(2)} s, step ${stepS.toFixed(3)} s`);
     return out;
   } finally {
-    await exact.close();
+    await ref.close();
   }
+}
+
+/** `--compare-fp32` needs an fp16 run to compare; checked before the checkpoint is written or anything loads. */
+async function checkCompareFp32(precision: Precision): Promise<void> {
+  if (precision === 'fast') throw new UsageError('--compare-fp32 compares fp16 with fp32 on a GPU; --precision fast runs on the CPU (use --compare-exact)');
+  const device = await resolveDevice(defaultDevice());
+  const dtype = resolveComputeDtype(device);
+  if (dtype !== 'fp16') throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; this run computes in ${dtype} on ${device} (use KLEIN_DEVICE=webgpu or cuda with KLEIN_GPU_DTYPE unset or fp16)`);
 }
 
 export async function runTransformerBench(o: TransformerBenchOptions, log: (s: string) => void = console.log): Promise<number> {
   const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
   const precision = o.precision ?? 'exact';
+  if (o.compareFp32) await checkCompareFp32(precision);
   const file = benchCheckpoint(cfg, log);
   const gw = o.width / 16;
   const gh = o.height / 16;
   const inp = inputs(cfg, gw, gh, o.txtTokens);
   const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
   const threads = o.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
-  const reference = o.compareExact && precision === 'fast' ? await exactOutput(file, inp, o.threads, log) : undefined;
+  const compare = o.compareExact && precision === 'fast' ? ('exact' as const) : o.compareFp32 ? ('fp32' as const) : undefined;
+  const reference = compare ? await referenceOutput(file, inp, o.threads, compare, log) : undefined;
   resetPeakRss();
   let lastReport = 0;
   const onProgress = (done: number, total: number, stage: string) => {
@@ -121,7 +141,8 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     log(`first step seconds: ${firstS.toFixed(3)}`);
     if (reference) {
       const e = relativeError(firstOut, reference);
-      log(`fast vs exact, same inputs: relative rms error ${(e.rms * 100).toFixed(3)} %, max |error| ${(e.max * 100).toFixed(3)} % of max |exact|`);
+      const [what, ref] = compare === 'exact' ? ['fast', 'exact'] : ['fp16', 'fp32'];
+      log(`${what} vs ${ref}, same inputs: relative rms error ${(e.rms * 100).toFixed(3)} %, max |error| ${(e.max * 100).toFixed(3)} % of max |${ref}|`);
     }
     let best = Infinity;
     let bestCpu = Infinity;
@@ -175,8 +196,9 @@ export function registerTransformerBench(bench: Command): void {
     .option('--steps <n>', 'timed steps after the first (best is reported)', '2')
     .option('--precision <p>', 'exact (fp32 products) or fast (int8 block Linears)', 'exact')
     .option('--compare-exact', 'fast mode: also run exact mode on the same inputs and print the relative error')
+    .option('--compare-fp32', 'GPU in fp16 (KLEIN_DEVICE=webgpu or cuda): also run fp32 on the same device and print the relative error')
     .option('--requantize', 'fast mode: quantize again even if the int8 cache is valid (times the first load)')
-    .action(async (opts: Record<string, string> & { compareExact?: boolean; requantize?: boolean }) => {
+    .action(async (opts: Record<string, string> & { compareExact?: boolean; compareFp32?: boolean; requantize?: boolean }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -189,6 +211,7 @@ export function registerTransformerBench(bench: Command): void {
         steps: Math.max(1, positiveInt('steps', opts.steps)),
         precision: precisionOption(opts.precision),
         compareExact: opts.compareExact === true,
+        compareFp32: opts.compareFp32 === true,
         requantize: opts.requantize === true,
       };
       if ((o.compareExact || o.requantize) && o.precision !== 'fast') throw new UsageError('--compare-exact and --requantize go with --precision fast');

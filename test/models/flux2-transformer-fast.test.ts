@@ -19,6 +19,8 @@ const MAX_BOUND = 0.025;
 // An error this small would mean the int8 path did not run at all (exact mode is ~5e-6).
 const RMS_FLOOR = 0.001;
 
+// The bench's own cache root (its random real-width checkpoints are 0.6 GB and up: written once, not per run).
+const benchCacheRoot = process.env.KLEIN_CACHE_DIR;
 // Every load here writes its int8 cache and compiled graphs (the golden folder is read-only) under a fresh root.
 process.env.KLEIN_CACHE_DIR = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-fast-'));
 
@@ -117,4 +119,37 @@ test('klein bench transformer: a bad --precision, and --compare-exact without fa
   const cmp = await runKlein(['bench', 'transformer', '--compare-exact']);
   assert.equal(cmp.code, 2);
   assert.match(cmp.stderr, /--compare-exact and --requantize go with --precision fast/);
+});
+
+const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
+
+test('klein bench transformer --compare-fp32: refused (exit 2) on the CPU, in fp32 and with --precision fast', async () => {
+  const cpu = await runKlein(['bench', 'transformer', '--compare-fp32'], { KLEIN_DEVICE: 'cpu' });
+  assert.equal(cpu.code, 2, cpu.stderr);
+  assert.match(cpu.stderr, /--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; this run computes in fp32 on cpu \(use KLEIN_DEVICE=webgpu or cuda/);
+  const fast = await runKlein(['bench', 'transformer', '--compare-fp32', '--precision', 'fast'], { KLEIN_DEVICE: 'cpu' });
+  assert.equal(fast.code, 2, fast.stderr);
+  assert.match(fast.stderr, /--precision fast runs on the CPU \(use --compare-exact\)/);
+});
+
+test('klein bench transformer --compare-fp32: refused (exit 2) on WebGPU in fp32', { skip: noVulkan }, async () => {
+  const r = await runKlein(['bench', 'transformer', '--compare-fp32'], { KLEIN_DEVICE: 'webgpu', KLEIN_GPU_DTYPE: 'fp32' });
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, /this run computes in fp32 on webgpu/);
+});
+
+// One single block at klein 4B's width (the dot products as long as the real model's), 4 image + 8 text tokens:
+// ~1.8 min on lavapipe. Measured there: 0.965 % rms, 1.64 % max (ORT's WebGPU MatMul accumulates fp16 products
+// in fp16). Above 1e-4 says fp16 really ran (fp32 on the device is ~1e-6 off the CPU); under 5 % (5× measured)
+// says it is still the same numbers, not garbage.
+test('klein bench transformer --compare-fp32 on WebGPU: one real-width block, fp16 vs fp32 on the device', { skip: noVulkan }, async () => {
+  const r = await runKlein(['bench', 'transformer', '--compare-fp32', '--double-blocks', '0', '--single-blocks', '1', '--size', '32x32', '--txt-tokens', '8', '--steps', '1'], { KLEIN_DEVICE: 'webgpu', KLEIN_GPU_DTYPE: undefined, KLEIN_CACHE_DIR: benchCacheRoot });
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /device: webgpu, Linears in fp16/);
+  const m = /^fp16 vs fp32, same inputs: relative rms error ([0-9.]+) %, max \|error\| ([0-9.]+) % of max \|fp32\|$/m.exec(r.stdout);
+  assert.ok(m, `no comparison line in:\n${r.stdout}`);
+  const rms = Number(m[1]) / 100;
+  const max = Number(m[2]) / 100;
+  assert.ok(rms > 1e-4 && rms < 0.05, `rms ${rms}`);
+  assert.ok(max > 0 && max < 0.1, `max ${max}`);
 });
