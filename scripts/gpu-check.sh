@@ -11,7 +11,8 @@
 # What a run says about the GPU dtype (README, "GPU"): the conformance runs in the default fp16 (the text encoder,
 # transformer and VAE lines say so and use the fp16 tolerances); `klein bench pipeline` prints `<component> computes in <dtype>` as
 # each component loads; the last stages time one transformer step in fp32 and in fp16 on a reduced model at the
-# real width and print one `transformer step … fp32 … fp16 …` comparison line (skipped if the budget is spent).
+# real width and print one `transformer step … fp32 … fp16 …` comparison line, then one `transformer step … fp16 vs
+# fp32 …: relative rms error X %, max |error| Y % of max |fp32|` line (skipped if the budget is spent).
 #
 # Which device: onnxruntime-node's CUDA provider comes only from NuGet (see README, "GPU"), so without network
 # the GPU is reached through the bundled WebGPU provider (Dawn → Vulkan → the NVIDIA driver). If a CUDA provider
@@ -99,8 +100,10 @@ stage() {
 
 # The transformer step in fp32 and in fp16, same random weights (1 double + 2 single blocks at klein 4B's width, the
 # checkpoint the pipeline stage wrote), one line comparing them. Full depth would not fit the budget twice over.
+# Then fp16's error at these shapes: `--compare-fp32` runs fp32 and fp16 on the same inputs in one process. It is a
+# stage of its own so that the timing stages' peak GPU memory stays one dtype's each.
 dtype_compare() {
-  local size="$1" dt s_fp32="" s_fp16="" m_fp32="" m_fp16="" sec
+  local size="$1" dt s_fp32="" s_fp16="" m_fp32="" m_fp16="" sec err
   for dt in fp32 fp16; do
     stage "step $dt ${size}²" 45 env KLEIN_GPU_DTYPE="$dt" node bin/klein.js bench transformer --double-blocks 1 --single-blocks 2 --size "${size}x${size}" --steps 2
     sec="$(sed -n "s/^gpu-check: step $dt ${size}² | seconds\/step: \([0-9.]*\).*/\1/p" "$work/stages.log" | tail -1)"
@@ -111,6 +114,9 @@ dtype_compare() {
   else
     say "transformer step ${size}²: no fp32/fp16 comparison (a stage did not finish: fp32 '${s_fp32}' s, fp16 '${s_fp16}' s)"
   fi
+  stage "step fp16 vs fp32 ${size}²" 75 env KLEIN_GPU_DTYPE=fp16 node bin/klein.js bench transformer --double-blocks 1 --single-blocks 2 --size "${size}x${size}" --steps 1 --compare-fp32
+  err="$(sed -n "s/^gpu-check: step fp16 vs fp32 ${size}² | fp16 vs fp32, same inputs: //p" "$work/stages.log" | tail -1)"
+  say "transformer step ${size}² fp16 vs fp32 on the device (1 double + 2 single blocks, klein 4B width): ${err:-no figure (the stage did not finish)}"
 }
 
 # GPU memory: nvidia-smi samples every 200 ms in the background; each stage reports the peak since it began.
