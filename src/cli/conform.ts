@@ -1,7 +1,8 @@
 import type { Command } from 'commander';
 import { COMPONENTS } from '../conform/index.ts';
 import type { CaseResult } from '../conform/types.ts';
-import { parseDevice, resolveDevice } from '../graph/device.ts';
+import { resolveDevice } from '../graph/device.ts';
+import { requestedDevice } from './device-option.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
 import fs from 'node:fs';
 
@@ -15,13 +16,13 @@ export function registerConform(program: Command): void {
     .description('run every golden case under DIR (laid out like shared/golden) and compare with the reference numbers')
     .argument('<dir>', 'golden folder')
     .option('--component <name>', `only one component: ${COMPONENTS.map((c) => c.name).join(', ')}`)
-    .option('--device <device>', 'execution device: cpu, webgpu, cuda or auto (see `klein devices`)', 'cpu')
+    .option('--device <device>', 'execution device: cpu, webgpu, cuda or auto (see `klein devices`); default: $KLEIN_DEVICE, else cpu')
     .option('--json', 'print one JSON object per case')
-    .action(async (dir: string, opts: { component?: string; device: string; json?: boolean }) => {
+    .action(async (dir: string, opts: { component?: string; device?: string; json?: boolean }) => {
       if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`golden folder not found: ${dir}`);
       const comps = opts.component ? COMPONENTS.filter((c) => c.name === opts.component) : COMPONENTS;
       if (comps.length === 0) throw new UsageError(`unknown component "${opts.component}"; known: ${COMPONENTS.map((c) => c.name).join(', ')}`);
-      const device = await resolveDevice(parseDevice(opts.device)); // fails early, saying how to get the device
+      const device = await resolveDevice(requestedDevice(opts.device)); // fails early, saying how to get the device
       if (device !== 'cpu') console.log(`device: ${device}`);
       let passed = 0;
       let failed = 0;

@@ -3,13 +3,14 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Option, type Command } from 'commander';
-import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '../graph/device.ts';
+import { resolveDevice } from '../graph/device.ts';
 import { ImageInputError } from '../pipeline/images.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
 import { ALPHA_FORMATS, MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
 import type { Background, GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
+import { requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
@@ -182,12 +183,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
   const precision = resolvePrecision(opts.precision);
   parseGpuDtypeFlag(opts.gpuDtype); // an unknown dtype fails before a GPU is probed
-  let deviceReq: DeviceRequest;
-  try {
-    deviceReq = opts.device ? parseDevice(opts.device) : defaultDevice();
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
+  const deviceReq = requestedDevice(opts.device);
   const device = await resolveDevice(deviceReq);
   const gpuDtype = resolveGpuDtype(opts.gpuDtype, device);
 

@@ -6,7 +6,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { parseDevice, resolveDevice } from '../graph/device.ts';
+import { resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
@@ -21,13 +21,14 @@ import { parseIntOption } from './generate.ts';
 import { parsePort } from './serve.ts';
 import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
 import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 
 interface McpOptions {
   model?: string;
   data?: string;
   port?: string;
   publicUrl?: string;
-  device: string;
+  device?: string;
   threads?: string;
   keepLoaded: boolean;
   apiKey?: string;
@@ -61,7 +62,7 @@ export function registerMcp(program: Command): void {
     .option('-p, --port <n>', 'loopback port that serves the image URLs (default 0: a free one)')
     .option('--public-url <url>', 'origin used in image URLs (default: the loopback address)')
     .option('--api-key <key>', 'bill runs to this API key of the data folder (default: $KLEIN_API_KEY, else a local "klein mcp (stdio)" key)')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
+    .option('--device <device>', DEVICE_HELP)
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
@@ -72,6 +73,7 @@ export function registerMcp(program: Command): void {
       const port = parsePort(o.port, '--port') ?? 0;
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before the key and the model are touched
+      const deviceReq = requestedDevice(o.device);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
@@ -88,7 +90,7 @@ export function registerMcp(program: Command): void {
       let pipeline: KleinPipeline;
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
-        const device = await resolveDevice(parseDevice(o.device));
+        const device = await resolveDevice(deviceReq);
         pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype: resolveGpuDtype(o.gpuDtype, device), mattingModel: o.mattingModel });
       } catch (e) {
         store.close();

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { parseDevice, resolveDevice } from '../graph/device.ts';
+import { resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
@@ -11,6 +11,7 @@ import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
+import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
@@ -23,7 +24,7 @@ interface ServeOptions {
   port?: string;
   host: string;
   publicUrl?: string;
-  device: string;
+  device?: string;
   threads?: string;
   keepLoaded: boolean;
   workers: string;
@@ -48,7 +49,7 @@ export function registerServe(program: Command): void {
     .option('-p, --port <n>', 'port (default: $PORT or 8080; 0 picks a free one)')
     .option('--host <addr>', 'address to listen on (0.0.0.0 for every interface)', '127.0.0.1')
     .option('--public-url <url>', 'origin used in file URLs and callbacks (default: the listening address)')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
+    .option('--device <device>', DEVICE_HELP)
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--workers <n>', 'generations at once; each loads its own copy of the model (with --queue: local workers, 0 for none)', '1')
     .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
@@ -61,6 +62,7 @@ export function registerServe(program: Command): void {
       const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
+      const deviceReq = requestedDevice(o.device);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       const workers = parseIntOption(o.workers, '--workers')!;
@@ -73,7 +75,7 @@ export function registerServe(program: Command): void {
       } catch (e) {
         throw new UsageError((e as Error).message);
       }
-      const device = await resolveDevice(parseDevice(o.device));
+      const device = await resolveDevice(deviceReq);
       const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];

@@ -1,7 +1,7 @@
 // `klein worker`: a scale-out worker on another host (or beside the API), and the API side of `klein serve --queue`.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { parseDevice, resolveDevice } from '../graph/device.ts';
+import { resolveDevice } from '../graph/device.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
 import type { ImagePipeline } from '../pipeline/types.ts';
 import { createLogger } from '../service/logger.ts';
@@ -10,6 +10,7 @@ import { parseRedisUrl } from '../service/scale/redis.ts';
 import { RemotePipeline } from '../service/scale/remote-pipeline.ts';
 import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
+import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
@@ -57,7 +58,7 @@ interface WorkerCliOptions {
   queue: string;
   api: string;
   model?: string;
-  device: string;
+  device?: string;
   threads?: string;
   keepLoaded: boolean;
   lockMs: string;
@@ -73,7 +74,7 @@ export function registerWorker(program: Command): void {
     .requiredOption('--queue <redis-url>', 'the Redis the API uses, e.g. redis://10.0.0.5:6379')
     .requiredOption('--api <url>', 'the API this worker reports to, e.g. http://10.0.0.5:8080')
     .option('-m, --model <folder|repo>', 'model folder (default: $KLEIN_MODEL_DIR, $KLEIN_MODEL or the pulled klein 4B)')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto', 'cpu')
+    .option('--device <device>', DEVICE_HELP)
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--lock-ms <n>', 'job lock; a worker silent this long is presumed dead and its run goes to another', '30000')
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
@@ -89,7 +90,8 @@ export function registerWorker(program: Command): void {
       const threads = parseIntOption(o.threads, '--threads');
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
-      const device = await resolveDevice(parseDevice(o.device));
+      const deviceReq = requestedDevice(o.device);
+      const device = await resolveDevice(deviceReq);
       const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       let pipeline: KleinPipeline;
       try {

