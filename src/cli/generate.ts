@@ -13,7 +13,7 @@ import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-
 import { requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 
 export interface ImageCliOptions {
@@ -184,7 +184,10 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const precision = resolvePrecision(opts.precision);
   parseGpuDtypeFlag(opts.gpuDtype); // an unknown dtype fails before a GPU is probed
   const deviceReq = requestedDevice(opts.device);
+  const flags = { precision: opts.precision, device: opts.device };
+  refuseFastOnGpu(precision, deviceReq, flags);
   const device = await resolveDevice(deviceReq);
+  refuseFastOnGpu(precision, device, flags);
   const gpuDtype = resolveGpuDtype(opts.gpuDtype, device);
 
   const bar = stageBar({ quiet: opts.quiet || undefined });

@@ -20,7 +20,7 @@ import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { parsePort } from './serve.ts';
 import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
 import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 
 interface McpOptions {
@@ -74,6 +74,7 @@ export function registerMcp(program: Command): void {
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before the key and the model are touched
       const deviceReq = requestedDevice(o.device);
+      refuseFastOnGpu(precision, deviceReq, o);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
@@ -91,6 +92,7 @@ export function registerMcp(program: Command): void {
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
         const device = await resolveDevice(deviceReq);
+        refuseFastOnGpu(precision, device, o);
         pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype: resolveGpuDtype(o.gpuDtype, device), mattingModel: o.mattingModel });
       } catch (e) {
         store.close();

@@ -1,6 +1,7 @@
 // `--precision exact|fast` for every command that opens a pipeline (generate, edit, serve, worker, mcp), with
 // $KLEIN_PRECISION as the default like $KLEIN_DEVICE, so a host can be switched to fast mode without editing scripts.
 import type { Command } from 'commander';
+import type { Device, DeviceRequest } from '../graph/device.ts';
 import type { Precision } from '../pipeline/types.ts';
 import { UsageError } from './errors.ts';
 
@@ -20,6 +21,20 @@ export function resolvePrecision(flag: string | undefined): Precision {
   if (flag !== undefined) return parsePrecision(flag);
   const env = process.env.KLEIN_PRECISION;
   return env ? parsePrecision(env, 'KLEIN_PRECISION') : 'exact';
+}
+
+/**
+ * Fast mode's int8 products exist only as CPU graphs, so fast with a GPU device is a contradiction in the request:
+ * refused here, before anything loads, instead of failing deep inside a model's load. Call it with the requested
+ * device (a named GPU is refused without probing it: the answer does not depend on the machine) and again with the
+ * resolved one (`auto` that chose a GPU). `flags` are the raw option values: they tell a flag from the variable.
+ */
+export function refuseFastOnGpu(precision: Precision, device: DeviceRequest | Device, flags: { precision?: string; device?: string }): void {
+  if (precision !== 'fast' || device === 'cpu' || device === 'auto') return;
+  const asked = (flags.device ?? process.env.KLEIN_DEVICE ?? '').trim().toLowerCase();
+  const p = `--precision fast${flags.precision === undefined ? ' (from $KLEIN_PRECISION)' : ''}`;
+  const d = `--device ${asked === device ? device : `${asked} (here ${device})`}${flags.device === undefined ? ' (from $KLEIN_DEVICE)' : ''}`;
+  throw new UsageError(`${p} cannot run with ${d}: fast mode (int8 products) runs on the CPU only; use --precision exact on ${device}, or --device cpu`);
 }
 
 /** Adds the option (no commander default: the environment must be able to supply it). */

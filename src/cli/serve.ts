@@ -15,7 +15,7 @@ import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
 import { startScale } from './worker.ts';
 
 interface ServeOptions {
@@ -63,6 +63,7 @@ export function registerServe(program: Command): void {
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
       const deviceReq = requestedDevice(o.device);
+      refuseFastOnGpu(precision, deviceReq, o);
       const threads = parseIntOption(o.threads, '--threads');
       if (threads === 0) throw new UsageError('--threads must be at least 1');
       const workers = parseIntOption(o.workers, '--workers')!;
@@ -76,6 +77,7 @@ export function registerServe(program: Command): void {
         throw new UsageError((e as Error).message);
       }
       const device = await resolveDevice(deviceReq);
+      refuseFastOnGpu(precision, device, o);
       const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
       const members: KleinPipeline[] = [];

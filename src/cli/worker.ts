@@ -14,7 +14,7 @@ import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, resolvePrecision } from './precision.ts';
+import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
 import type { Precision } from '../pipeline/types.ts';
 import type { ComputeDtype } from '../graph/compute-dtype.ts';
 
@@ -91,7 +91,9 @@ export function registerWorker(program: Command): void {
       const precision = resolvePrecision(o.precision);
       parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
       const deviceReq = requestedDevice(o.device);
+      refuseFastOnGpu(precision, deviceReq, o);
       const device = await resolveDevice(deviceReq);
+      refuseFastOnGpu(precision, device, o);
       const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
       let pipeline: KleinPipeline;
       try {

@@ -9,6 +9,7 @@ import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
+import { refuseFastOnGpu } from '../../src/cli/precision.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
@@ -61,3 +62,21 @@ test('$KLEIN_DEVICE: a bad value exits 2 naming the variable on serve, worker, m
   assert.match(bad.stderr, /--device: unknown device "gpu"/);
 });
 
+test('--precision fast with a GPU device exits 2 on every pipeline command before any device is probed, naming the flags or the variables', async () => {
+  for (const c of pipelineCommands()) {
+    // webgpu and cuda are unavailable on a CPU-only machine: probing them would fail with another message
+    const byFlag = await runKlein([...c.args, '--device', 'webgpu', '--precision', 'fast'], { KLEIN_WORKER_TOKEN: WORKER_TOKEN });
+    assert.equal(byFlag.code, 2, `${c.name}: ${byFlag.stderr}`);
+    assert.match(byFlag.stderr, /--precision fast cannot run with --device webgpu: fast mode \(int8 products\) runs on the CPU only; use --precision exact on webgpu, or --device cpu/, c.name);
+    const byEnv = await runKlein(c.args, { KLEIN_WORKER_TOKEN: WORKER_TOKEN, KLEIN_PRECISION: 'fast', KLEIN_DEVICE: 'cuda' });
+    assert.equal(byEnv.code, 2, `${c.name}: ${byEnv.stderr}`);
+    assert.match(byEnv.stderr, /--precision fast \(from \$KLEIN_PRECISION\) cannot run with --device cuda \(from \$KLEIN_DEVICE\): fast mode \(int8 products\) runs on the CPU only/, c.name);
+  }
+});
+
+test('refuseFastOnGpu: auto is judged by the device it chose; the CPU and exact pass', () => {
+  assert.throws(() => refuseFastOnGpu('fast', 'webgpu', { precision: 'fast', device: 'auto' }), /--precision fast cannot run with --device auto \(here webgpu\): fast mode \(int8 products\) runs on the CPU only/);
+  assert.doesNotThrow(() => refuseFastOnGpu('fast', 'auto', { precision: 'fast', device: 'auto' }), 'auto is judged once resolved');
+  assert.doesNotThrow(() => refuseFastOnGpu('fast', 'cpu', { precision: 'fast', device: 'auto' }));
+  assert.doesNotThrow(() => refuseFastOnGpu('exact', 'cuda', { device: 'cuda' }));
+});
