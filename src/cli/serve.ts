@@ -40,6 +40,16 @@ export function parsePort(v: string | undefined, name: string): number | undefin
   return n;
 }
 
+/**
+ * What a stop does to the runs, as the stop line says it (see Service.close): alone, running runs are cut and wait
+ * in the queue for the next start; scaled out, runs on workers first get the drain time to finish.
+ */
+export function stopPlan(drainMs: number | undefined, localWorkers: number): string {
+  if (drainMs === undefined) return 'running runs stop and go back to the queue for the next start';
+  const local = localWorkers > 0 ? 'local workers finish their current run, ' : '';
+  return `${local}runs on remote workers get up to ${Math.round(drainMs / 1000)} s to finish, the rest go back to the queue for the next start`;
+}
+
 export function registerServe(program: Command): void {
   program
     .command('serve')
@@ -120,13 +130,14 @@ export function registerServe(program: Command): void {
       }
       await new Promise<void>((resolve) => {
         const stop = () => {
-          console.log('klein serve: stopping (running runs go back to the queue)');
+          console.log(`klein serve: stopping (${stopPlan(scale?.api.drainMs, localWorkers.length)})`);
           resolve();
         };
         process.once('SIGINT', stop);
         process.once('SIGTERM', stop);
       });
-      // drain: local workers finish their runs, the API stops taking requests and puts unfinished runs back
+      // local queue workers finish their current run; then the API drains the remote runs (scaled out) and puts what
+      // is still running back in the queue
       await Promise.all(localWorkers.map((w) => w.stop()));
       await svc.close();
       await pipeline.close();

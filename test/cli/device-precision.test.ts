@@ -5,13 +5,14 @@
 // and scaled out.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { refuseFastOnGpu } from '../../src/cli/precision.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
-import { runKlein, tmpDir } from './helpers.ts';
+import { startRedis } from '../scale/redis-helper.ts';
+import { KLEIN, runKlein, tmpDir } from './helpers.ts';
 
 let dir: string;
 let model: string;
@@ -60,6 +61,63 @@ test('$KLEIN_DEVICE: a bad value exits 2 naming the variable on serve, worker, m
   const bad = await runKlein(['conform', golden, '--device', 'gpu']);
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /--device: unknown device "gpu"/);
+});
+
+/** Starts `klein serve ARGS`; resolves with the process and its output once it listens. */
+function serve(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; out: () => string }> {
+  const proc = spawn(process.execPath, [KLEIN, 'serve', '-m', model, '--port', '0', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', KLEIN_PRECISION: '', KLEIN_GPU_DTYPE: '', ...env } });
+  children.push(proc);
+  let out = '';
+  proc.stderr!.on('data', (d) => (out += d));
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
+    proc.stdout!.on('data', (d) => {
+      out += d;
+      // on a first start the admin key follows the listening line
+      if (/listening on http/.test(out) && (!/first start/.test(out) || /first start.*\nkl_live_\S+\n/.test(out))) {
+        clearTimeout(timer);
+        resolve({ proc, out: () => out });
+      }
+    });
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`klein serve exited ${code}: ${out}`));
+    });
+  });
+}
+
+/** SIGTERM; resolves with the exit code once the process has exited. */
+function stop(proc: ChildProcess): Promise<number | null> {
+  return new Promise((resolve) => {
+    proc.once('exit', (code) => resolve(code));
+    proc.kill('SIGTERM');
+  });
+}
+
+test('KLEIN_DEVICE=cpu: klein serve runs on the CPU as before, and its stop line says running runs go back to the queue for the next start', async () => {
+  const s = await serve(['--data', path.join(dir, 'serve-cpu')], { KLEIN_DEVICE: 'cpu' });
+  assert.match(s.out(), /klein serve: \S+ \(exact precision\) on cpu from /);
+  assert.equal(await stop(s.proc), 0, s.out());
+  assert.match(s.out(), /klein serve: stopping \(running runs stop and go back to the queue for the next start\)/);
+});
+
+test('klein serve --queue: the stop line says runs on workers get the drain time to finish before the rest go back to the queue', async () => {
+  const redis = await startRedis();
+  try {
+    const env = { KLEIN_DEVICE: 'cpu', KLEIN_WORKER_TOKEN: WORKER_TOKEN };
+    const remoteOnly = await serve(['--data', path.join(dir, 'serve-q0'), '--queue', redis.url, '--workers', '0'], env);
+    assert.equal(await stop(remoteOnly.proc), 0, remoteOnly.out());
+    assert.match(remoteOnly.out(), /klein serve: stopping \(runs on remote workers get up to 20 s to finish, the rest go back to the queue for the next start\)/);
+    const withLocal = await serve(['--data', path.join(dir, 'serve-q1'), '--queue', redis.url, '--workers', '1'], env);
+    // a SIGTERM within moments of the start, while the local worker's BullMQ connections are still opening, ends in
+    // an unhandled ioredis "Connection is closed" (exit 1; 2 of 2 runs here without this wait, 0 of 1 with it): a
+    // start-up race of its own, reported separately; this test is about the stop line of a started server
+    await new Promise((r) => setTimeout(r, 1000));
+    assert.equal(await stop(withLocal.proc), 0, withLocal.out());
+    assert.match(withLocal.out(), /klein serve: stopping \(local workers finish their current run, runs on remote workers get up to 20 s to finish, /);
+  } finally {
+    redis.stop();
+  }
 });
 
 test('--precision fast with a GPU device exits 2 on every pipeline command before any device is probed, naming the flags or the variables', async () => {
