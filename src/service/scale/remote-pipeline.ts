@@ -11,6 +11,7 @@ import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline, ProgressEvent } from '../../pipeline/types.ts';
 import { AttemptLost } from '../queue.ts';
 import { type FailureBody, type JobData, QUEUE_NAME, type ResultBody, toJob } from './protocol.ts';
+import { closableWhileStarting } from './closable.ts';
 import { redisConnection } from './redis.ts';
 
 interface Pending {
@@ -55,10 +56,10 @@ export class RemotePipeline implements ImagePipeline {
   private events: QueueEvents;
 
   constructor(url: string, readonly modelId: string, private log: Logger, sweepMs = SWEEP_MS) {
-    this.queue = new Queue<JobData>(QUEUE_NAME, { connection: redisConnection(url) });
+    this.queue = closableWhileStarting(new Queue<JobData>(QUEUE_NAME, { connection: redisConnection(url) }), log);
     this.queue.on('error', (e) => this.log.warn({ err: e }, 'redis queue error'));
     // its own connection (XREAD blocks); ioredis reconnects and the stream is read on from the last event seen
-    this.events = new QueueEvents(QUEUE_NAME, { connection: redisConnection(url) });
+    this.events = closableWhileStarting(new QueueEvents(QUEUE_NAME, { connection: redisConnection(url) }), log);
     this.events.on('error', (e) => this.log.warn({ err: e }, 'redis queue events error'));
     this.events.on('failed', ({ jobId, failedReason }) => this.lose(jobId, explainFailure(failedReason)));
     this.events.on('removed', ({ jobId }) => this.lose(jobId, 'the job was removed from Redis before a worker finished it'));

@@ -11,6 +11,7 @@ import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { ImagePipeline, Precision, ProgressEvent } from '../../pipeline/types.ts';
 import type { ComputeDtype } from '../../graph/compute-dtype.ts';
 import { type Announce, fromJob, type JobData, QUEUE_NAME, type ResultBody, WORKER_PREFIX } from './protocol.ts';
+import { closableWhileStarting } from './closable.ts';
 import { redisConnection } from './redis.ts';
 import { ANNOUNCE_MS } from './registry.ts';
 
@@ -33,6 +34,23 @@ export interface WorkerOptions {
   /** First wait before retrying a failed API call (doubling, at most 5 s); default 500 ms. */
   retryMs?: number;
   id?: string;
+}
+
+/** How long a stop waits for a worker's Redis connections to finish starting before it closes them anyway. */
+const STARTUP_WAIT_MS = 2_000;
+
+/**
+ * Resolves once the BullMQ worker's connections have started, or after STARTUP_WAIT_MS (Redis out of reach).
+ * Closed while starting, BullMQ 5.81 runs its first stalled-job check after the close and leaves its next-check
+ * timer (stalledInterval: 15 s by default) keeping the process alive: a `klein serve --queue --workers 1` stopped
+ * right after its start took 15 s to exit. Closed once started, it exits at once.
+ */
+function startedOrLate(worker: Worker): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    worker.waitUntilReady().then(() => undefined, () => undefined),
+    new Promise<void>((resolve) => (timer = setTimeout(resolve, STARTUP_WAIT_MS))),
+  ]).finally(() => clearTimeout(timer));
 }
 
 export class ApiCallError extends Error {
@@ -82,7 +100,8 @@ export class KleinWorker {
     await this.announce();
     this.timer = setInterval(() => void this.announce().catch((e) => this.o.log.warn({ err: e }, 'announce failed')), ANNOUNCE_MS);
     const lockDuration = this.o.lockMs ?? 30_000;
-    this.worker = new Worker<JobData>(QUEUE_NAME, (job) => this.process(job), {
+    // a stop may come while its connections are still starting (serve --queue stopped right after its start)
+    this.worker = closableWhileStarting(new Worker<JobData>(QUEUE_NAME, (job) => this.process(job), {
       connection: redisConnection(this.o.queueUrl),
       concurrency: 1, // one run at a time per device
       lockDuration,
@@ -91,7 +110,7 @@ export class KleinWorker {
       // settles the attempt (AttemptLost: the run is retried once, then fails WORKER_LOST)
       maxStalledCount: this.o.maxStalledCount ?? 2,
       autorun: true,
-    });
+    }), this.o.log);
     this.worker.on('error', (e) => this.o.log.warn({ err: e }, 'bullmq worker error'));
   }
 
@@ -157,6 +176,7 @@ export class KleinWorker {
    */
   async stop(force = false): Promise<void> {
     if (this.timer) clearInterval(this.timer);
+    if (this.worker) await startedOrLate(this.worker);
     await this.worker?.close(force);
     await this.call('/leave', { id: this.id }).catch(() => undefined);
   }
