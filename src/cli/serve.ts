@@ -18,6 +18,9 @@ import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } fr
 import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
 import { startScale } from './worker.ts';
 
+/** Scaled out: how long a stop may take beyond the remote runs' drain before the process exits anyway. */
+const STOP_GRACE_MS = 10_000;
+
 interface ServeOptions {
   model?: string;
   data?: string;
@@ -136,6 +139,17 @@ export function registerServe(program: Command): void {
         process.once('SIGINT', stop);
         process.once('SIGTERM', stop);
       });
+      // Scaled out, every step of the stop talks to Redis, and BullMQ waits for an unreachable Redis forever (its
+      // commands queue up while ioredis reconnects; QueueEvents.close() never resolves): a stop with Redis down hung
+      // for good. So the stop gets the drain's time plus a grace, then the process exits with what it has; runs left
+      // `running` in SQLite are recovered at the next start, as after a kill.
+      if (scale) {
+        const limitS = Math.round((scale.api.drainMs + STOP_GRACE_MS) / 1000);
+        setTimeout(() => {
+          console.error(`klein serve: the stop did not finish in ${limitS} s (is Redis at ${o.queue} reachable?); exiting, unfinished runs are recovered at the next start`);
+          process.exit(1);
+        }, scale.api.drainMs + STOP_GRACE_MS).unref();
+      }
       // local queue workers finish their current run; then the API drains the remote runs (scaled out) and puts what
       // is still running back in the queue
       await Promise.all(localWorkers.map((w) => w.stop()));
