@@ -11,7 +11,7 @@ import { DTYPE_SIZE, f16ToF32, f32ToBf16, f32ToF16, readRaw, writeSafetensors, t
 import { loadGraph, f32, i64, ort, type SessionConfig } from '../graph/session.ts';
 import { resolveDevice, defaultDevice, type Device } from '../graph/device.ts';
 import { deviceResidentIO, type HostTransfers } from './flux2-gpu.ts';
-import { f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { deviceWeightBytes, resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';
@@ -606,13 +606,9 @@ function toF32(p: TensorInfo): Float32Array {
  * values clamped to ±65504 into `stats.fp16Overflows`).
  */
 function readWeightBytes(l: MemoryWeight, stats: { fp16Overflows: number }): Uint8Array {
-  let v = readWeightF32(l);
+  const v = readWeightF32(l);
   if (!l.gpu) return new Uint8Array(v.buffer);
-  v = transpose2d(v, l.shape[1], l.shape[0]);
-  if (!l.gpu.fp16) return new Uint8Array(v.buffer);
-  const h = f32ToF16Clamped(v);
-  stats.fp16Overflows += h.overflows;
-  return new Uint8Array(h.data.buffer);
+  return deviceWeightBytes(v, { fp16: l.gpu.fp16, transpose: [l.shape[1], l.shape[0]] }, stats);
 }
 
 /** A weight as fp32 bytes: its row blocks read from the checkpoint, widened, and cut to its column range. */

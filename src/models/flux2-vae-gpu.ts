@@ -14,7 +14,7 @@
 // many products read it: q, k and v share one cast, a resnet's conv1 and nin_shortcut share the block input's) and
 // its output back to fp32 right after.
 import { Graph, type Value } from '../graph/onnx-graph.ts';
-import { f32ToF16Clamped, transpose2d } from '../graph/compute-dtype.ts';
+import { deviceWeightBytes } from '../graph/compute-dtype.ts';
 import { readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 
 const FLOAT = 1;
@@ -83,10 +83,5 @@ export class VaeHalfGraph {
 }
 
 function weightBytes(w: MemoryWeight, stats: { fp16Overflows: number }): Uint8Array {
-  let v = readFloat32(w.info);
-  if (w.transpose) v = transpose2d(v, w.info.shape[0], w.info.shape[1]);
-  if (!w.half) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
-  const h = f32ToF16Clamped(v);
-  stats.fp16Overflows += h.overflows;
-  return new Uint8Array(h.data.buffer);
+  return deviceWeightBytes(readFloat32(w.info), { fp16: w.half, transpose: w.transpose ? [w.info.shape[0], w.info.shape[1]] : undefined }, stats);
 }

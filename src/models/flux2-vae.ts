@@ -12,7 +12,7 @@ import { Graph, MS_DOMAIN, type Value } from '../graph/onnx-graph.ts';
 import { COMPUTE } from '../graph/nn.ts';
 import { f32, loadGraph, ort, type SessionConfig } from '../graph/session.ts';
 import { defaultDevice, resolveDevice, type Device } from '../graph/device.ts';
-import { resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { resolveComputeDtype, throwIfOverflowed, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { VaeHalfGraph } from './flux2-vae-gpu.ts';
 import { Checkpoint, readFloat32, writeSafetensors, f32ToBf16, type TensorInfo, type TensorToWrite } from '../weights/safetensors.ts';
 
@@ -504,16 +504,11 @@ export class Flux2VAE {
   }
 
   /**
-   * fp16: an activation beyond ±65504 becomes ±Inf at its cast to fp16 (the inputs of conv_in, the shortcut and
-   * upsample convs are the un-normalised residual stream) and NaN spreads from there; said here, rather than handed
-   * on as a black image. The scan costs a few ms per megapixel.
+   * fp16: the inputs of conv_in, the shortcut and upsample convs are the un-normalised residual stream, so an
+   * overflow is possible (see throwIfOverflowed). The scan costs a few ms per megapixel.
    */
   private checkFinite(out: Float32Array, direction: 'encoder' | 'decoder'): Float32Array {
-    if (this.computeDtype !== 'fp16') return out;
-    for (let i = 0; i < out.length; i++) {
-      if (!Number.isFinite(out[i])) throw new Error(`flux2 VAE: the fp16 ${direction} overflowed (its output has non-finite values): run it in fp32 (--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32)`);
-    }
-    return out;
+    return this.computeDtype === 'fp16' ? throwIfOverflowed(out, `flux2 VAE: the fp16 ${direction}`) : out;
   }
 
   async close(): Promise<void> {

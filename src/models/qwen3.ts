@@ -12,7 +12,7 @@ import { bf16ToF32, Checkpoint, DTYPE_SIZE, f16ToF32, readFloat32, type TensorIn
 import type { Precision } from '../pipeline/types.ts';
 import { quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError, type Int8CacheOptions } from '../weights/quantized-cache.ts';
-import { f32ToF16Clamped, resolveComputeDtype, transpose2d, type ComputeDtype } from '../graph/compute-dtype.ts';
+import { deviceWeightBytes, resolveComputeDtype, throwIfOverflowed, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { UsageError } from '../cli/errors.ts';
 
 /** The hidden states FLUX.2 [klein] stacks into its text context. */
@@ -501,25 +501,7 @@ export function embeddingRows(table: TensorInfo, ids: BigInt64Array): Float32Arr
  */
 export function gpuWeightBytes(w: Qwen3GpuWeight, stats: { fp16Overflows: number }): Uint8Array {
   const [out, inF] = w.info.shape;
-  const t = transpose2d(readFloat32(w.info), out, inF);
-  if (!w.fp16) return new Uint8Array(t.buffer);
-  const h = f32ToF16Clamped(t);
-  stats.fp16Overflows += h.overflows;
-  return new Uint8Array(h.data.buffer);
-}
-
-/**
- * fp16 projections: an activation beyond ±65504 becomes ±Inf at its cast to fp16 (or in the fp16 product) and
- * NaN/Inf spreads to every later layer; said here, rather than handed to the transformer as a black image. Real
- * Qwen3 checkpoints have a few huge activation channels, so this is a live risk; scanning the context costs
- * microseconds per prompt.
- */
-function checkFinite(context: Float32Array): void {
-  for (let i = 0; i < context.length; i++) {
-    if (!Number.isFinite(context[i])) {
-      throw new Error('qwen3: the fp16 text encoder overflowed (the context has non-finite values): run it in fp32 (--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32)');
-    }
-  }
+  return deviceWeightBytes(readFloat32(w.info), { fp16: w.fp16, transpose: [out, inF] }, stats);
 }
 
 /** One row of stored values widened to fp32. */
@@ -654,7 +636,9 @@ export class Qwen3TextEncoder {
     const feeds: Record<string, ort.Tensor> = { ...this.feeds, input_ids: i64(inputIds, [batch, seq]), attention_mask: i64(attentionMask, [batch, seq]) };
     if (this.embeddings) feeds.inputs_embeds = new ort.Tensor('float32', embeddingRows(this.embeddings, inputIds), [batch, seq, this.config.hiddenSize]);
     const out = await this.session.run(feeds);
-    if (this.computeDtype === 'fp16') checkFinite(out.context.data as Float32Array);
+    // real Qwen3 checkpoints have a few huge activation channels: an fp16 overflow is a live risk, and the scan
+    // of the context costs microseconds per prompt
+    if (this.computeDtype === 'fp16') throwIfOverflowed(out.context.data as Float32Array, 'qwen3: the fp16 text encoder');
     const hiddenStates = new Map<number, Float32Array>();
     for (const k of this.hiddenStates) hiddenStates.set(k, out[`hidden_states.${k}`].data as Float32Array);
     return { context: out.context.data as Float32Array, hiddenStates };
