@@ -5,14 +5,14 @@
 // and scaled out.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { refuseFastOnGpu } from '../../src/cli/precision.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { startRedis } from '../scale/redis-helper.ts';
-import { KLEIN, runKlein, tmpDir } from './helpers.ts';
+import { pipelineCommands, runKlein, startServe, stopProcess, tmpDir, type ServeProcess } from './helpers.ts';
 
 let dir: string;
 let model: string;
@@ -31,22 +31,11 @@ after(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-/** Each command that opens a pipeline, with what it needs to get as far as the device check. */
-function pipelineCommands(): Array<{ name: string; args: string[] }> {
-  const out = path.join(dir, 'never.png');
-  return [
-    { name: 'generate', args: ['generate', 'a fox', '-m', model, '--size', '64x64', '-o', out] },
-    { name: 'edit', args: ['edit', 'a fox', '-i', path.join(dir, 'ref.png'), '-m', model, '--size', '64x64', '-o', out] },
-    { name: 'serve', args: ['serve', '-m', model, '--port', '0', '--data', path.join(dir, 'serve-data')] },
-    { name: 'worker', args: ['worker', '-m', model, '--queue', 'redis://127.0.0.1:1', '--api', 'http://127.0.0.1:1'] },
-    { name: 'mcp', args: ['mcp', '-m', model, '--data', path.join(dir, 'mcp-data')] },
-  ];
-}
 
 test('$KLEIN_DEVICE: a bad value exits 2 naming the variable on serve, worker, mcp and conform; each help says it is the default', async () => {
   const golden = path.join(dir, 'empty-golden');
   fs.mkdirSync(golden);
-  const cmds = [...pipelineCommands().filter((c) => ['serve', 'worker', 'mcp'].includes(c.name)), { name: 'conform', args: ['conform', golden] }];
+  const cmds = [...pipelineCommands(model, dir).filter((c) => ['serve', 'worker', 'mcp'].includes(c.name)), { name: 'conform', args: ['conform', golden] }];
   for (const c of cmds) {
     const r = await runKlein(c.args, { KLEIN_DEVICE: 'bogus', KLEIN_WORKER_TOKEN: WORKER_TOKEN, KLEIN_PRECISION: '' });
     assert.equal(r.code, 2, `${c.name}: ${r.stderr}`);
@@ -63,36 +52,12 @@ test('$KLEIN_DEVICE: a bad value exits 2 naming the variable on serve, worker, m
   assert.match(bad.stderr, /--device: unknown device "gpu"/);
 });
 
-/** Starts `klein serve ARGS`; resolves with the process and its output once it listens. */
-function serve(args: string[], env: Record<string, string> = {}): Promise<{ proc: ChildProcess; out: () => string }> {
-  const proc = spawn(process.execPath, [KLEIN, 'serve', '-m', model, '--port', '0', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', KLEIN_PRECISION: '', KLEIN_GPU_DTYPE: '', ...env } });
-  children.push(proc);
-  let out = '';
-  proc.stderr!.on('data', (d) => (out += d));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`klein serve did not start: ${out}`)), 60_000);
-    proc.stdout!.on('data', (d) => {
-      out += d;
-      // on a first start the admin key follows the listening line
-      if (/listening on http/.test(out) && (!/first start/.test(out) || /first start.*\nkl_live_\S+\n/.test(out))) {
-        clearTimeout(timer);
-        resolve({ proc, out: () => out });
-      }
-    });
-    proc.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`klein serve exited ${code}: ${out}`));
-    });
-  });
+/** Starts `klein serve ARGS` on the tiny model; resolves once it listens (and, on a first start, printed its key). */
+function serve(args: string[], env: Record<string, string> = {}): Promise<ServeProcess> {
+  return startServe(['-m', model, '--port', '0', ...args], { env: { KLEIN_PRECISION: '', KLEIN_GPU_DTYPE: '', ...env }, track: children });
 }
 
-/** SIGTERM; resolves with the exit code once the process has exited. */
-function stop(proc: ChildProcess): Promise<number | null> {
-  return new Promise((resolve) => {
-    proc.once('exit', (code) => resolve(code));
-    proc.kill('SIGTERM');
-  });
-}
+const stop = stopProcess;
 
 test('KLEIN_DEVICE=cpu: klein serve runs on the CPU as before, and its stop line says running runs go back to the queue for the next start', async () => {
   const s = await serve(['--data', path.join(dir, 'serve-cpu')], { KLEIN_DEVICE: 'cpu' });
@@ -119,7 +84,7 @@ test('klein serve --queue: the stop line says runs on workers get the drain time
 });
 
 test('--precision fast with a GPU device exits 2 on every pipeline command before any device is probed, naming the flags or the variables', async () => {
-  for (const c of pipelineCommands()) {
+  for (const c of pipelineCommands(model, dir)) {
     // webgpu and cuda are unavailable on a CPU-only machine: probing them would fail with another message
     const byFlag = await runKlein([...c.args, '--device', 'webgpu', '--precision', 'fast'], { KLEIN_WORKER_TOKEN: WORKER_TOKEN });
     assert.equal(byFlag.code, 2, `${c.name}: ${byFlag.stderr}`);

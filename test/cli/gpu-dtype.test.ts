@@ -12,7 +12,7 @@ import sharp from 'sharp';
 import { psnr8 } from '../../src/conform/compare.ts';
 import { writeTinyModel } from '../../src/weights/tiny-model.ts';
 import { startRedis } from '../scale/redis-helper.ts';
-import { runKlein, startServe, stopProcess, tmpDir } from './helpers.ts';
+import { pipelineCommands, runKlein, startServe, stopProcess, tmpDir } from './helpers.ts';
 
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 
@@ -54,15 +54,7 @@ function maxAbsDiff(a: Buffer, b: Buffer): number {
 
 /** Each command that opens a pipeline, with what it needs to get as far as the dtype check. */
 function commands(): Array<{ name: string; args: string[] }> {
-  const out = path.join(dir, 'never.png');
-  return [
-    { name: 'generate', args: ['generate', 'a fox', '-m', model, '--size', '64x64', '-o', out] },
-    { name: 'edit', args: ['edit', 'a fox', '-i', path.join(dir, 'ref.png'), '-m', model, '--size', '64x64', '-o', out] },
-    { name: 'serve', args: ['serve', '-m', model, '--port', '0', '--data', path.join(dir, 'serve-data')] },
-    { name: 'worker', args: ['worker', '-m', model, '--queue', 'redis://127.0.0.1:1', '--api', 'http://127.0.0.1:1'] },
-    { name: 'mcp', args: ['mcp', '-m', model, '--data', path.join(dir, 'mcp-data')] },
-    { name: 'bench pipeline', args: ['bench', 'pipeline', '--model', model, '--size', '64x64'] },
-  ];
+  return [...pipelineCommands(model, dir), { name: 'bench pipeline', args: ['bench', 'pipeline', '--model', model, '--size', '64x64'] }];
 }
 
 test('--gpu-dtype: an unknown dtype, and fp16 with the CPU, exit 2 with a message on every command; fp32 with the CPU is fine', async () => {

@@ -72,11 +72,26 @@ export function startServe(args: string[], opts: { env?: Record<string, string>;
   });
 }
 
-/** SIGTERM, resolved when the process has exited. */
-export function stopProcess(proc: ChildProcess): Promise<unknown> {
+/** SIGTERM; resolves with the exit code once the process has exited. */
+export function stopProcess(proc: ChildProcess): Promise<number | null> {
   return new Promise((resolve) => {
-    if (proc.exitCode !== null || proc.signalCode !== null) return resolve(undefined);
-    proc.once('exit', resolve);
+    if (proc.exitCode !== null || proc.signalCode !== null) return resolve(proc.exitCode);
+    proc.once('exit', (code) => resolve(code));
     proc.kill('SIGTERM');
   });
+}
+
+/**
+ * Each command that opens a pipeline, with what it needs to get as far as its option checks: `model` a model
+ * folder, `dir` a scratch folder holding `ref.png` (edit's input image).
+ */
+export function pipelineCommands(model: string, dir: string): Array<{ name: string; args: string[] }> {
+  const out = path.join(dir, 'never.png');
+  return [
+    { name: 'generate', args: ['generate', 'a fox', '-m', model, '--size', '64x64', '-o', out] },
+    { name: 'edit', args: ['edit', 'a fox', '-i', path.join(dir, 'ref.png'), '-m', model, '--size', '64x64', '-o', out] },
+    { name: 'serve', args: ['serve', '-m', model, '--port', '0', '--data', path.join(dir, 'serve-data')] },
+    { name: 'worker', args: ['worker', '-m', model, '--queue', 'redis://127.0.0.1:1', '--api', 'http://127.0.0.1:1'] },
+    { name: 'mcp', args: ['mcp', '-m', model, '--data', path.join(dir, 'mcp-data')] },
+  ];
 }
