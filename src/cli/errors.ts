@@ -4,7 +4,9 @@ export const EXIT_FAILED = 1; // the command ran and reported failure (e.g. a co
 export const EXIT_USAGE = 2; // bad arguments or bad input: the user can fix it
 export const EXIT_INTERNAL = 3; // an unexpected internal error
 
-/** An error the user caused and can fix: printed without a stack trace, exit code 2. */
-export class UsageError extends Error {
+import { UserError } from '../errors.ts';
+
+/** An error in the command line the user can fix: printed without a stack trace, exit code 2 (see UserError). */
+export class UsageError extends UserError {
   override name = 'UsageError';
 }

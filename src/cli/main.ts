@@ -1,6 +1,7 @@
 // The `klein` command line. Each command lives in its own module and registers itself here.
 import { Command, CommanderError } from 'commander';
-import { EXIT_INTERNAL, EXIT_USAGE, UsageError } from './errors.ts';
+import { EXIT_INTERNAL, EXIT_USAGE } from './errors.ts';
+import { UserError } from '../errors.ts';
 import { registerConform } from './conform.ts';
 import { registerBench } from './bench.ts';
 import { registerDevices } from './devices.ts';
@@ -46,7 +47,7 @@ export async function main(argv: string[]): Promise<void> {
       process.exitCode = e.exitCode === 0 ? 0 : EXIT_USAGE;
       return;
     }
-    if (e instanceof UsageError) {
+    if (e instanceof UserError) {
       console.error(`klein: ${e.message}`);
       process.exitCode = EXIT_USAGE;
       return;

@@ -1,56 +1,119 @@
-// A small typed builder for ONNX models. Models in src/models/ are TypeScript functions that call it, the way
-// a PyTorch module calls torch ops; the result is an ONNX ModelProto (encoded with onnx-proto / protobufjs) whose
-// large initializers point into the original .safetensors files (ONNX external data at their byte offsets).
-import fs from 'node:fs';
-import path from 'node:path';
+// A small typed builder for ONNX models. Models are TypeScript functions that call it (through the layer library
+// in ./nn), the way a PyTorch module calls torch ops; the result is an ONNX ModelProto (onnx-proto / protobufjs)
+// whose weights are external data in files ORT maps. Every value carries its element type, so a graph can be cut
+// into sessions (./partition.ts) whose inputs and outputs are declared correctly.
 import onnxProto from 'onnx-proto';
-import type { DType, TensorInfo } from '../weights/safetensors.ts';
+import { elemTypeOf, ONNX_ELEM, type ElemType } from '../weights/dtypes.ts';
+import type { WeightRef } from '../weights/weight-ref.ts';
+
+export { ONNX_ELEM, elemTypeOf, type ElemType } from '../weights/dtypes.ts';
 
 const { onnx } = onnxProto;
-
-export type ElemType = 'float32' | 'float16' | 'bfloat16' | 'float64' | 'int64' | 'int32' | 'int8' | 'uint8' | 'bool';
-
-export const ONNX_ELEM: Record<ElemType, number> = {
-  float32: 1, uint8: 2, int8: 3, int32: 6, int64: 7, bool: 9, float16: 10, float64: 11, bfloat16: 16,
-};
-
-const ELEM_SIZE: Record<ElemType, number> = { float32: 4, float16: 2, bfloat16: 2, float64: 8, int64: 8, int32: 4, int8: 1, uint8: 1, bool: 1 };
-
-const DTYPE_TO_ELEM: Partial<Record<DType, ElemType>> = {
-  F32: 'float32', F16: 'float16', BF16: 'bfloat16', F64: 'float64', I64: 'int64', I32: 'int32', I8: 'int8', U8: 'uint8', BOOL: 'bool',
-};
-
-export function elemTypeOf(dtype: DType): ElemType {
-  const e = DTYPE_TO_ELEM[dtype];
-  if (!e) throw new Error(`dtype ${dtype} is not supported yet in graphs`);
-  return e;
-}
 
 /** A named tensor inside the graph under construction. */
 export interface Value {
   readonly name: string;
+  readonly type: ElemType;
 }
 
 export type Dim = number | string;
 export type AttrValue = number | string | number[] | string[] | { float: number } | { floats: number[] } | { tensor: ConstTensor };
-export interface ConstTensor { type: ElemType; dims: number[]; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Uint16Array }
+export interface ConstTensor {
+  type: ElemType;
+  dims: number[];
+  data: Float32Array | Float64Array | BigInt64Array | Int32Array | Int8Array | Uint8Array | Uint16Array;
+}
 
-interface ExternalRef { info: TensorInfo; name: string }
+/** Where the bytes of an external weight are, relative to the folder the model file is written into. */
+export interface ExternalLocation {
+  location: string;
+  offset: number;
+  length: number;
+}
 
 /** ONNX opset used by every graph; com.microsoft contrib ops are available too. */
 export const OPSET = 21;
 export const MS_DOMAIN = 'com.microsoft';
 
+/** A node as the builder keeps it (the proto fields, plus the typed values for partitioning). */
+export interface GraphNode {
+  proto: onnxProto.onnx.INodeProto;
+  inputs: Array<Value | null>;
+  outputs: Value[];
+  /** Partition marks active when the node was added (see `Graph.mark`). */
+  marks: readonly string[];
+}
+
+export interface GraphInput {
+  value: Value;
+  dims?: Dim[];
+}
+
+export interface GraphOutput {
+  value: Value;
+  dims?: Dim[];
+}
+
+/** Output element types of ops whose output is not typed like their first input. */
+function inferTypes(type: string, inputs: Array<Value | null>, attrs: Record<string, AttrValue>, nOut: number): ElemType[] {
+  const first = inputs.find((v): v is Value => v !== null)?.type ?? 'float32';
+  switch (type) {
+    case 'Cast':
+      return [elemFromOnnx(attrs.to as number)];
+    case 'Shape':
+    case 'Size':
+    case 'NonZero':
+    case 'ArgMax':
+    case 'ArgMin':
+      return ['int64'];
+    case 'Equal':
+    case 'Less':
+    case 'LessOrEqual':
+    case 'Greater':
+    case 'GreaterOrEqual':
+    case 'And':
+    case 'Or':
+    case 'Not':
+    case 'IsNaN':
+    case 'IsInf':
+      return ['bool'];
+    case 'Where':
+      return [inputs[1]!.type];
+    case 'MatMulInteger':
+      return ['int32'];
+    case 'DynamicQuantizeLinear':
+      return ['uint8', 'float32', 'uint8'];
+    case 'QuantizeLinear':
+      return [inputs[2]?.type ?? 'uint8'];
+    case 'DequantizeLinear':
+    case 'DynamicQuantizeMatMul':
+    case 'MatMulIntegerToFloat':
+    case 'MatMulNBits':
+      return ['float32'];
+    default:
+      return Array(nOut).fill(first);
+  }
+}
+
+function elemFromOnnx(n: number): ElemType {
+  const e = (Object.entries(ONNX_ELEM) as Array<[ElemType, number]>).find(([, v]) => v === n);
+  if (!e) throw new Error(`unknown ONNX element type ${n}`);
+  return e[0];
+}
+
 export class Graph {
-  private readonly nodes: onnxProto.onnx.INodeProto[] = [];
-  private readonly inputs: onnxProto.onnx.IValueInfoProto[] = [];
-  private readonly outputs: onnxProto.onnx.IValueInfoProto[] = [];
-  private readonly initializers: onnxProto.onnx.ITensorProto[] = [];
-  private readonly external: ExternalRef[] = [];
-  private readonly weightValues = new Map<string, Value>();
+  readonly nodes: GraphNode[] = [];
+  readonly inputs: GraphInput[] = [];
+  readonly outputs: GraphOutput[] = [];
+  /** Constants embedded in the model file (small: tables, shapes, scalars). */
+  readonly constants = new Map<string, onnxProto.onnx.ITensorProto>();
+  /** Weights stored outside the model file, by initializer name. */
+  readonly weights = new Map<string, WeightRef>();
+  private readonly weightByKey = new Map<string, Value>();
   private readonly usedNames = new Set<string>();
+  private readonly markStack: string[] = [];
   private counter = 0;
-  /** Prefix for auto-generated names, so graphs read like the module tree when inspected (netron etc.). */
+  /** Prefix for generated names, so graphs read like the module tree when inspected (netron etc.). */
   scope = '';
 
   constructor(readonly name: string) {}
@@ -74,74 +137,54 @@ export class Graph {
     }
   }
 
-  input(name: string, type: ElemType, dims: Dim[]): Value {
+  /** Runs `fn` with the nodes it adds marked `mark` (a place the runtime planner may cut the graph, see partition.ts). */
+  mark<T>(mark: string, fn: () => T): T {
+    this.markStack.push(mark);
+    try {
+      return fn();
+    } finally {
+      this.markStack.pop();
+    }
+  }
+
+  input(name: string, type: ElemType, dims?: Dim[]): Value {
+    if (this.usedNames.has(name)) throw new Error(`graph ${this.name}: name ${name} is already used`);
     this.usedNames.add(name);
-    this.inputs.push(valueInfo(name, type, dims));
-    return { name };
+    const value = { name, type };
+    this.inputs.push({ value, dims });
+    return value;
   }
 
   /** Declares `v` a graph output named `name` (an Identity is inserted when the names differ). */
-  output(v: Value, name: string, type: ElemType = 'float32', dims?: Dim[]): void {
+  output(v: Value, name: string = v.name, dims?: Dim[]): void {
+    let out = v;
     if (v.name !== name) {
+      if (this.usedNames.has(name)) throw new Error(`graph ${this.name}: name ${name} is already used`);
       this.usedNames.add(name);
-      this.nodes.push({ opType: 'Identity', input: [v.name], output: [name], name: `${name}/Identity` });
+      out = { name, type: v.type };
+      this.nodes.push({ proto: { opType: 'Identity', domain: '', input: [v.name], output: [name], name: `${name}/Identity` }, inputs: [v], outputs: [out], marks: [...this.markStack] });
     }
-    this.outputs.push(valueInfo(name, type, dims));
+    this.outputs.push({ value: out, dims });
   }
 
-  /**
-   * A checkpoint tensor as an initializer stored in place in its .safetensors file. `as` converts it inside the
-   * graph (e.g. bf16 → float32, since ORT's CPU MatMul has no bf16 kernel). Repeated calls share one initializer.
-   */
-  weight(info: TensorInfo, as?: ElemType): Value {
-    const elem = elemTypeOf(info.dtype);
-    const key = `${info.file}:${info.name}:${as ?? elem}`;
-    const cached = this.weightValues.get(key);
-    if (cached) return cached;
-    let name = info.name;
+  /** A weight stored outside the model file (see weight-ref.ts); the same `ref.key` twice gives the same value. */
+  weight(ref: WeightRef): Value {
+    const known = this.weightByKey.get(ref.key);
+    if (known) return known;
+    let name = ref.key;
     while (this.usedNames.has(name)) name = `${name}_`;
     this.usedNames.add(name);
-    this.initializers.push({
-      name,
-      dataType: ONNX_ELEM[elem],
-      dims: info.shape,
-      dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
-      externalData: [], // filled in by serialize(), once the model's folder is known
-    });
-    this.external.push({ info, name });
-    let v: Value = { name };
-    if (as && as !== elem) v = this.op('Cast', [v], { to: ONNX_ELEM[as] }, { hint: `${name}_${as}` });
-    this.weightValues.set(key, v);
+    this.weights.set(name, ref);
+    const v = { name, type: ref.type };
+    this.weightByKey.set(ref.key, v);
     return v;
-  }
-
-  /**
-   * An initializer whose bytes the session receives in memory, from `location` in its `externalData` option
-   * (`InferenceSession.create(model, {externalData: [{path: location, data}]})`): weights converted at load time.
-   */
-  inMemoryWeight(name: string, type: ElemType, dims: number[], location: string, offset = 0): Value {
-    if (this.usedNames.has(name)) throw new Error(`initializer name ${name} is already used`);
-    this.usedNames.add(name);
-    const length = dims.reduce((a, b) => a * b, 1) * ELEM_SIZE[type];
-    this.initializers.push({
-      name,
-      dataType: ONNX_ELEM[type],
-      dims,
-      dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
-      externalData: [
-        { key: 'location', value: location },
-        { key: 'offset', value: String(offset) },
-        { key: 'length', value: String(length) },
-      ],
-    });
-    return { name };
   }
 
   /** A small tensor embedded in the model (constants, RoPE tables, reshape targets). */
   const(t: ConstTensor, hint = 'const'): Value {
     const name = this.fresh(hint);
-    this.initializers.push(tensorProto(name, t));
-    return { name };
+    this.constants.set(name, tensorProto(name, t));
+    return { name, type: t.type };
   }
 
   constF32(values: ArrayLike<number>, dims: number[] = [values.length], hint = 'const'): Value {
@@ -157,46 +200,54 @@ export class Graph {
   }
 
   /** Adds a node; returns its single output. Pass `null` for an omitted optional input. */
-  op(type: string, inputs: Array<Value | null>, attrs: Record<string, AttrValue> = {}, opts: { domain?: string; hint?: string } = {}): Value {
+  op(type: string, inputs: Array<Value | null>, attrs: Record<string, AttrValue> = {}, opts: OpOptions = {}): Value {
     return this.opN(type, inputs, 1, attrs, opts)[0];
   }
 
   /** Adds a node with `nOut` outputs. */
-  opN(type: string, inputs: Array<Value | null>, nOut: number, attrs: Record<string, AttrValue> = {}, opts: { domain?: string; hint?: string } = {}): Value[] {
-    const outs = Array.from({ length: nOut }, () => ({ name: this.fresh(opts.hint ?? type) }));
+  opN(type: string, inputs: Array<Value | null>, nOut: number, attrs: Record<string, AttrValue> = {}, opts: OpOptions = {}): Value[] {
+    const types = opts.types ?? inferTypes(type, inputs, attrs, nOut);
+    const outs = Array.from({ length: nOut }, (_, i) => ({ name: this.fresh(opts.hint ?? type), type: types[i] ?? types[0] }));
     this.nodes.push({
-      opType: type,
-      domain: opts.domain ?? '',
-      name: `${outs[0].name}/${type}`,
-      input: inputs.map((v) => (v ? v.name : '')),
-      output: outs.map((o) => o.name),
-      attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+      proto: {
+        opType: type,
+        domain: opts.domain ?? '',
+        name: `${outs[0].name}/${type}`,
+        input: inputs.map((v) => (v ? v.name : '')),
+        output: outs.map((o) => o.name),
+        attribute: Object.entries(attrs).map(([k, v]) => attribute(k, v)),
+      },
+      inputs,
+      outputs: outs,
+      marks: [...this.markStack],
     });
     return outs;
   }
 
-  /** Weight files (real paths) this graph references. */
-  get weightFiles(): string[] {
-    return [...new Set(this.external.map((e) => fs.realpathSync(e.info.file)))];
+  /** `x` converted to `to` (no node when it already is). */
+  cast(x: Value, to: ElemType, hint?: string): Value {
+    return x.type === to ? x : this.op('Cast', [x], { to: ONNX_ELEM[to] }, { hint: hint ?? `to_${to}` });
   }
 
   /**
-   * Encodes the model. External data locations are written relative to `modelDir`, which must contain every
-   * weight file (ORT rejects absolute paths and paths that leave the model's folder). `linked` maps a weight
-   * file's real path to another name for the same bytes inside `modelDir` (a hard link, for read-only folders).
+   * Encodes the model. `locate` says where each external weight's bytes are, relative to the folder the model
+   * file is written into (ORT resolves external data only below the model's own folder).
    */
-  serialize(modelDir: string, linked?: ReadonlyMap<string, string>): Uint8Array {
-    const dir = fs.realpathSync(modelDir);
-    const byName = new Map(this.initializers.map((t) => [t.name, t]));
-    for (const { info, name } of this.external) {
-      const real = fs.realpathSync(info.file);
-      const rel = path.relative(dir, linked?.get(real) ?? real);
-      if (rel.startsWith('..') || path.isAbsolute(rel)) throw new Error(`weight file ${info.file} is outside the model folder ${dir}`);
-      byName.get(name)!.externalData = [
-        { key: 'location', value: rel.split(path.sep).join('/') },
-        { key: 'offset', value: String(info.dataOffset) },
-        { key: 'length', value: String(info.byteLength) },
-      ];
+  serialize(locate: (ref: WeightRef) => ExternalLocation = noWeights): Uint8Array {
+    const initializer: onnxProto.onnx.ITensorProto[] = [...this.constants.values()];
+    for (const [name, ref] of this.weights) {
+      const at = locate(ref);
+      initializer.push({
+        name,
+        dataType: ONNX_ELEM[ref.type],
+        dims: ref.dims,
+        dataLocation: onnx.TensorProto.DataLocation.EXTERNAL,
+        externalData: [
+          { key: 'location', value: at.location },
+          { key: 'offset', value: String(at.offset) },
+          { key: 'length', value: String(at.length) },
+        ],
+      });
     }
     const model = onnx.ModelProto.create({
       irVersion: 10,
@@ -204,10 +255,10 @@ export class Graph {
       opsetImport: [{ domain: '', version: OPSET }, { domain: MS_DOMAIN, version: 1 }],
       graph: {
         name: this.name,
-        node: this.nodes,
-        input: this.inputs,
-        output: this.outputs,
-        initializer: this.initializers,
+        node: this.nodes.map((n) => n.proto),
+        input: this.inputs.map((i) => valueInfo(i.value, i.dims)),
+        output: this.outputs.map((o) => valueInfo(o.value, o.dims)),
+        initializer,
       },
     });
     return onnx.ModelProto.encode(model).finish();
@@ -218,12 +269,23 @@ export class Graph {
   }
 }
 
-function valueInfo(name: string, type: ElemType, dims?: Dim[]): onnxProto.onnx.IValueInfoProto {
+function noWeights(ref: WeightRef): never {
+  throw new Error(`weight ${ref.key} needs a weight store to be serialized`);
+}
+
+export interface OpOptions {
+  domain?: string;
+  hint?: string;
+  /** Output element types, when the builder cannot infer them (see inferTypes). */
+  types?: ElemType[];
+}
+
+function valueInfo(v: Value, dims?: Dim[]): onnxProto.onnx.IValueInfoProto {
   return {
-    name,
+    name: v.name,
     type: {
       tensorType: {
-        elemType: ONNX_ELEM[type],
+        elemType: ONNX_ELEM[v.type],
         shape: dims ? { dim: dims.map((d) => (typeof d === 'number' ? { dimValue: d } : { dimParam: d })) } : undefined,
       },
     },
@@ -250,3 +312,5 @@ function attribute(name: string, v: AttrValue): onnxProto.onnx.IAttributeProto {
   if ('floats' in v) return { name, type: T.FLOATS, floats: v.floats };
   return { name, type: T.TENSOR, t: tensorProto(name, v.tensor) };
 }
+
+export { elemFromOnnx };

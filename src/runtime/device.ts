@@ -5,13 +5,12 @@
 // `webgpu` even when Dawn finds no adapter. So every candidate is probed with a real tiny session, once per
 // process, and a failed probe is turned into an error that says how to get that device.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import onnxProto from 'onnx-proto';
 import ort from 'onnxruntime-node';
-import { UsageError } from '../cli/errors.ts';
-import { Graph, MS_DOMAIN } from './onnx-graph.ts';
+import { UserError } from '../errors.ts';
+import { Graph, MS_DOMAIN } from '../graph/onnx-graph.ts';
 
 export type Device = 'cpu' | 'webgpu' | 'cuda';
 /** What a user may ask for: a device, or `auto` = the best one that works here. */
@@ -23,7 +22,7 @@ export const DEVICE_REQUESTS: readonly DeviceRequest[] = [...DEVICES, 'auto'];
 const AUTO_ORDER: readonly Device[] = ['cuda', 'webgpu', 'cpu'];
 
 /** A requested device cannot be used here; the message says how to get it. Exit code 2 from the CLI. */
-export class DeviceUnavailableError extends UsageError {
+export class DeviceUnavailableError extends UserError {
   override name = 'DeviceUnavailableError';
   readonly code = 'device_unavailable';
   constructor(
@@ -51,7 +50,7 @@ export interface DeviceProbe {
 export function parseDevice(s: string): DeviceRequest {
   const d = s.trim().toLowerCase();
   if ((DEVICE_REQUESTS as readonly string[]).includes(d)) return d as DeviceRequest;
-  throw new UsageError(`unknown device "${s}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
+  throw new UserError(`unknown device "${s}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
 }
 
 /**
@@ -96,7 +95,7 @@ export async function attentionError(device: Device, positions: number): Promise
   const g = new Graph('klein-attention-check');
   const ins = ['q', 'k', 'v'].map((n) => g.input(n, 'float32', [1, positions, heads * dh]));
   g.output(g.op('MultiHeadAttention', ins, { num_heads: heads }, { domain: MS_DOMAIN }), 'y');
-  const model = g.serialize(os.tmpdir());
+  const model = g.serialize();
   let seed = 1;
   const rnd = (amp: number) => Float32Array.from({ length: positions * heads * dh }, () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 31 - 1) * amp);
   const dims = [1, positions, heads * dh];
@@ -188,7 +187,7 @@ function tinyModel(): Uint8Array {
     const g = new Graph('klein-device-probe');
     const x = g.input('x', 'float32', [2, 4]);
     g.output(g.op('Add', [g.op('Mul', [x, g.scalarF32(2)]), g.scalarF32(1)]), 'y');
-    probeModel = g.serialize(os.tmpdir());
+    probeModel = g.serialize();
   }
   return probeModel;
 }
@@ -248,7 +247,7 @@ export async function resolveDevice(req: DeviceRequest = 'cpu'): Promise<Device>
     for (const d of AUTO_ORDER) if (d === 'cpu' || (await probeDevice(d)).available) return d;
     return 'cpu';
   }
-  if (!(DEVICES as readonly string[]).includes(req)) throw new UsageError(`unknown device "${String(req)}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
+  if (!(DEVICES as readonly string[]).includes(req)) throw new UserError(`unknown device "${String(req)}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
   const p = await probeDevice(req);
   if (!p.available) throw new DeviceUnavailableError(req, `device ${req} is not available: ${p.reason}`);
   return req;

@@ -8,22 +8,16 @@
 // ever converted or written.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Checkpoint, DTYPE_SIZE, SafetensorsError, type TensorInfo } from './safetensors.ts';
-import type { Flux2Config } from '../models/flux2-transformer.ts';
+import { Checkpoint, type TensorInfo } from '../../weights/safetensors.ts';
+import { rowSlice } from '../../weights/weight-ref.ts';
+import type { ModelWeights } from '../../graph/nn/layers.ts';
+import type { Flux2Config } from './config.ts';
 
 export type Flux2Layout = 'bfl' | 'diffusers';
 
 /** Raised for a checkpoint that is not a FLUX.2 transformer or does not match its config. */
 export class Flux2CheckpointError extends Error {
   override name = 'Flux2CheckpointError';
-}
-
-/** `rows[start:end]` of a 2-D (or 1-D) tensor as its own TensorInfo, pointing at the same bytes. */
-export function rowSlice(t: TensorInfo, start: number, end: number): TensorInfo {
-  const rowElems = t.shape.slice(1).reduce((a, b) => a * b, 1);
-  const rowBytes = rowElems * DTYPE_SIZE[t.dtype];
-  if (start < 0 || end > t.shape[0] || start >= end) throw new SafetensorsError(t.file, `row slice [${start}, ${end}) out of range for shape ${JSON.stringify(t.shape)}`, t.name);
-  return { ...t, name: `${t.name}.rows_${start}_${end}`, shape: [end - start, ...t.shape.slice(1)], dataOffset: t.dataOffset + start * rowBytes, byteLength: (end - start) * rowBytes };
 }
 
 /** Every BFL tensor of a config with its shape, in checkpoint order (spec §3.2). */
@@ -119,29 +113,24 @@ export function storedNames(layout: Flux2Layout, bfl: string): string[] {
  * The weights of one FLUX.2 transformer checkpoint, addressed by BFL name. `get(name)` returns the row blocks
  * that, concatenated along axis 0, give the BFL tensor (one block for every weight of a BFL checkpoint).
  */
-export class Flux2Weights {
+export class Flux2Weights implements ModelWeights {
   constructor(readonly checkpoint: Checkpoint, readonly layout: Flux2Layout, readonly config: Flux2Config) {}
 
-  get(bfl: string): TensorInfo[] {
+  has(bfl: string): boolean {
+    try {
+      return storedNames(this.layout, bfl).every((n) => this.checkpoint.has(n));
+    } catch {
+      return false; // not a FLUX.2 weight name at all
+    }
+  }
+
+  parts(bfl: string): TensorInfo[] {
     if (this.layout === 'bfl') return [this.checkpoint.info(bfl)];
     const src = diffusersSource(bfl);
     if ('parts' in src) return src.parts.map((n) => this.checkpoint.info(n));
     const t = this.checkpoint.info(src.swapHalves);
     const half = t.shape[0] / 2;
     return [rowSlice(t, half, 2 * half), rowSlice(t, 0, half)];
-  }
-
-  /** Rows `[start, end)` of BFL weight `bfl`, as views into whichever stored tensors hold them. */
-  rows(bfl: string, start: number, end: number): TensorInfo[] {
-    const out: TensorInfo[] = [];
-    let at = 0;
-    for (const p of this.get(bfl)) {
-      const [a, b] = [Math.max(start, at), Math.min(end, at + p.shape[0])];
-      if (a < b) out.push(a === at && b === at + p.shape[0] ? p : rowSlice(p, a - at, b - at));
-      at += p.shape[0];
-    }
-    if (start < 0 || end > at || start >= end) throw new Flux2CheckpointError(`${this.describe()}: rows [${start}, ${end}) out of range for ${bfl} (${at} rows)`);
-    return out;
   }
 
   /** Files the graph will reference. */
@@ -155,7 +144,7 @@ export class Flux2Weights {
     for (const { name, shape } of expected) {
       let parts: TensorInfo[];
       try {
-        parts = this.get(name);
+        parts = this.parts(name);
       } catch (e) {
         throw new Flux2CheckpointError(`${this.describe()}: ${(e as Error).message}`);
       }

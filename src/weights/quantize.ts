@@ -1,14 +1,13 @@
 // int8 weight quantization for the fast mode (issue 13): a PyTorch Linear weight `W [out, in]` becomes int8 values
-// with one fp32 scale per output column, in the layout of ONNX Runtime's com.microsoft DynamicQuantizeMatMul, and
-// `quantizedLinear` emits that op. The activations are quantized by the op itself at run time (uint8, one scale and
+// with one fp32 scale per output column, in the layout of ONNX Runtime's com.microsoft DynamicQuantizeMatMul (the int8 weight policy emits that op). The activations are quantized by the op itself at run time (uint8, one scale and
 // zero point per tensor), so the product runs on the CPU's int8 dot-product units (AVX512-VNNI / AVX-VNNI): measured
 // 3–4× the fp32 MatMul at klein's shapes, ~0.55 % relative rms error per product (docs/benchmarks.md, "Fast mode").
 //
 // Scheme (INT8_SCHEME): symmetric, per output column n: scale[n] = max_k |W[n, k]| / 127 (fp32),
 // q[k, n] = round(W[n, k] · (1 / scale[n])) rounded half away from zero, in [-127, 127]; an all-zero column gets scale 1
 // and q 0. Per-column scales keep a column with large weights from costing every other column its precision.
-import type { Graph, Value } from './onnx-graph.ts';
-import { MS_DOMAIN } from './onnx-graph.ts';
+
+import { sourceShape, type WeightRef } from './weight-ref.ts';
 
 /** Names the quantization scheme; part of every quantized-weight cache key. Bump when the numbers change. */
 export const INT8_SCHEME = 'int8-sym-per-column-v1';
@@ -79,48 +78,25 @@ export function dequantizeInt8(qw: Int8Weight): Float32Array {
   return w;
 }
 
-/** External-data locations of a quantized weight's two initializers, given the weight's base location. */
-export function int8Locations(location: string): { q: string; scale: string } {
-  return { q: `${location}.int8`, scale: `${location}.scale` };
-}
-
-/** The in-memory external data (`SessionConfig.externalData`) of a quantized weight emitted at `location`. */
-export function int8ExternalData(location: string, qw: Int8Weight): Array<{ path: string; data: Uint8Array }> {
-  const loc = int8Locations(location);
-  return [
-    { path: loc.q, data: new Uint8Array(qw.q.buffer, qw.q.byteOffset, qw.q.byteLength) },
-    { path: loc.scale, data: new Uint8Array(qw.scale.buffer, qw.scale.byteOffset, qw.scale.byteLength) },
-  ];
-}
-
-export interface QuantizedLinearOptions {
-  /** Initializer name stem (unique in the graph), e.g. the weight's checkpoint name. */
-  name: string;
-  inFeatures: number;
-  outFeatures: number;
-  /** Base external-data location; the session gets the bytes from `int8ExternalData(location, weight)`. */
-  location: string;
-  /**
-   * The int8 `[in, out]` and scale `[out]` initializers already in the graph (e.g. `g.weight()` of the int8 cache's
-   * tensors, read by ORT from the file): then `location` is unused. ORT copies in-memory external data slowly
-   * (measured ~40 s per GB while the machine was loaded), a file it maps.
-   */
-  initializers?: { q: Value; scale: Value };
-  /** Optional fp32 bias `[outFeatures]`. */
-  bias?: Value;
-  hint?: string;
+/** Identity of a weight's source (files, offsets, column range): quantized outputs of one source are computed once. */
+function sourceKey(ref: WeightRef): string {
+  return JSON.stringify([ref.source.parts.map((p) => [p.file, p.dataOffset, p.byteLength]), ref.source.cols ?? null]);
 }
 
 /**
- * `y ≈ x Wᵀ (+ bias)` for x `[…, in]` with W quantized by `quantizeInt8`: com.microsoft DynamicQuantizeMatMul, which
- * quantizes x to uint8 per tensor at run time, multiplies in int8 and rescales to fp32. B is a constant initializer,
- * so ORT pre-packs it once when the session opens (the initializer itself is then released).
+ * One output of a quantization scheme for `ref`'s `[out, in]` source, as the bytes its initializer holds. `read`
+ * gives the fp32 source; `memo` keeps the last source's outputs so its sibling refs reuse them.
  */
-export function quantizedLinear(g: Graph, x: Value, o: QuantizedLinearOptions): Value {
-  const loc = int8Locations(o.location);
-  const q = o.initializers?.q ?? g.inMemoryWeight(`${o.name}.int8`, 'int8', [o.inFeatures, o.outFeatures], loc.q);
-  const scale = o.initializers?.scale ?? g.inMemoryWeight(`${o.name}.scale`, 'float32', [o.outFeatures], loc.scale);
-  const inputs: Array<Value | null> = [x, q, scale];
-  if (o.bias) inputs.push(null, o.bias);
-  return g.op('DynamicQuantizeMatMul', inputs, {}, { domain: MS_DOMAIN, hint: o.hint ?? o.name });
+export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => Float32Array): Uint8Array {
+  const key = `${scheme}:${sourceKey(ref)}`;
+  if (memo.key !== key) {
+    if (scheme !== INT8_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
+    const [out, inF] = sourceShape(ref.source);
+    const qw = quantizeInt8(read(), out, inF);
+    memo.key = key;
+    memo.outputs = { q: new Uint8Array(qw.q.buffer), scale: new Uint8Array(qw.scale.buffer) };
+  }
+  const bytes = memo.outputs![output];
+  if (!bytes) throw new Error(`${ref.key}: scheme ${scheme} has no output ${output}`);
+  return bytes;
 }

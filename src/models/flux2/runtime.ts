@@ -1,0 +1,164 @@
+// The FLUX.2 transformer at run time: the forward (forward.ts) cut by the planner into its step-invariant part —
+// the text projection and the RoPE tables, which depend on the prompt and the token positions only — computed once
+// per image (`prepareContext`), and the per-step part (`step`). On a GPU the context stays in device memory, so a
+// step uploads the latent (and its 4-byte timestep) and downloads the velocity, nothing else.
+import { Graph } from '../../graph/onnx-graph.ts';
+import { Layers } from '../../graph/nn/layers.ts';
+import { splitInvariant } from '../../graph/partition.ts';
+import { openGraphs, policyFor, type GraphSession, type HostTransfers } from '../../runtime/component.ts';
+import { f32, i64, ort } from '../../runtime/session.ts';
+import type { ExecutionTarget } from '../../runtime/target.ts';
+import { openFlux2Checkpoint, type Flux2Weights } from './checkpoint.ts';
+import { isBlockLinear, type Flux2Config } from './config.ts';
+import { buildFlux2Forward, STEP_INVARIANT_INPUTS } from './forward.ts';
+
+export interface Flux2ForwardInput {
+  /** [batch, nTokens, inChannels]: target-image tokens followed by reference-image tokens. */
+  x: Float32Array;
+  /** [batch, nTokens, 4] positions (t, h, w, l). */
+  xIds: BigInt64Array;
+  /** [batch] sigma in [0, 1], one per sample. */
+  timesteps: Float32Array;
+  /** [batch, nCtx, contextInDim] text context. */
+  ctx: Float32Array;
+  /** [batch, nCtx, 4] text positions (0, 0, 0, l). */
+  ctxIds: BigInt64Array;
+  /** [batch] guidance values; only for guidance-embedding models (FLUX.2 [dev]). */
+  guidance?: Float32Array;
+  batch: number;
+  nTokens: number;
+  nCtx: number;
+}
+
+/** What `prepareContext` reads: the text context and every position; the same for every step of a generation. */
+export type Flux2ContextInput = Pick<Flux2ForwardInput, 'xIds' | 'ctx' | 'ctxIds' | 'batch' | 'nTokens' | 'nCtx'>;
+/** What changes from step to step. */
+export type Flux2StepInput = Pick<Flux2ForwardInput, 'x' | 'timesteps' | 'guidance' | 'batch' | 'nTokens' | 'nCtx'>;
+
+type Counts = { batch: number; nTokens: number; nCtx: number };
+
+/** The step-invariant values of one generation (device memory on a GPU); `dispose()` frees them. */
+export class Flux2Context {
+  disposed = false;
+  constructor(
+    readonly counts: Counts,
+    readonly values: ReadonlyMap<string, ort.Tensor>,
+    /** Host↔device copies its preparation made (zero on the CPU). */
+    readonly transfers: HostTransfers,
+  ) {}
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const v of this.values.values()) if (v.location === 'gpu-buffer') v.dispose();
+  }
+}
+
+export interface Flux2LoadOptions {
+  target: ExecutionTarget;
+  /** First load of a checkpoint with a weight policy: after each weight is converted or quantized into the store. */
+  onWeights?: (done: number, total: number, key: string) => void;
+  /** Convert the weights again even if their store is valid (benchmarks of the first load). */
+  rebuild?: boolean;
+}
+
+function checkCounts(inp: Counts): Counts {
+  for (const [k, v] of Object.entries({ batch: inp.batch, nTokens: inp.nTokens, nCtx: inp.nCtx })) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`flux2 forward: ${k} must be a positive integer, got ${v}`);
+  }
+  return { batch: inp.batch, nTokens: inp.nTokens, nCtx: inp.nCtx };
+}
+
+function expectLength(name: string, arr: { length: number } | undefined, n: number): void {
+  if (!arr) throw new RangeError(`flux2 forward: ${name} is required`);
+  if (arr.length !== n) throw new RangeError(`flux2 forward: ${name} has ${arr.length} values, expected ${n}`);
+}
+
+/** A loaded FLUX.2 transformer: `forward` runs one model evaluation (one denoising step). */
+export class Flux2Transformer {
+  /** Host↔device copies of the last `step` (zero on the CPU). */
+  lastTransfers: HostTransfers = { uploads: 0, downloads: 0 };
+
+  private constructor(
+    private readonly context: GraphSession,
+    private readonly stepper: GraphSession,
+    readonly config: Flux2Config,
+    readonly layout: Flux2Weights['layout'],
+    readonly target: ExecutionTarget,
+    /** What the products compute in: fp32, fp16 (GPU) or int8 (fast mode's block Linears; the rest fp32). */
+    readonly computeDtype: 'fp32' | 'fp16' | 'int8',
+    /** True when this load converted the weights (no valid weight store existed). */
+    readonly weightsBuilt: boolean,
+    /** fp16: weights beyond ±65504 clamped when the store was built. */
+    readonly fp16Overflows: number,
+    /** True when both compiled graphs came from the cache. */
+    readonly graphCached: boolean,
+  ) {}
+
+  /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) on `opts.target`. */
+  static async load(pathOrFolder: string, opts: Flux2LoadOptions): Promise<Flux2Transformer> {
+    const w = openFlux2Checkpoint(pathOrFolder);
+    const policy = policyFor(opts.target, { int8: isBlockLinear });
+    const g = new Graph('flux2');
+    buildFlux2Forward(new Layers({ g, weights: w, policy }), w.config);
+    const { invariant, rest } = splitInvariant(g, STEP_INVARIANT_INPUTS);
+    const carried = invariant.outputs.map((o) => o.value.name);
+    const { store, sessions } = await openGraphs([invariant, rest], { name: 'flux2-transformer', target: opts.target, policy, onWeights: opts.onWeights, rebuild: opts.rebuild }, [carried]);
+    const [context, stepper] = sessions;
+    return new Flux2Transformer(context, stepper, w.config, w.layout, opts.target, policy.dtype, store.built, store.stats.fp16Overflows, context.cached && stepper.cached);
+  }
+
+  /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3): `prepareContext`, then one `step`. */
+  async forward(inp: Flux2ForwardInput): Promise<Float32Array> {
+    const context = await this.prepareContext(inp);
+    try {
+      return await this.step(inp, context);
+    } finally {
+      context.dispose();
+    }
+  }
+
+  /** Runs the step-invariant part once; a sampler passes the result to every `step` of a generation. */
+  async prepareContext(inp: Flux2ContextInput): Promise<Flux2Context> {
+    const c = this.config;
+    const counts = checkCounts(inp);
+    const { batch: B, nTokens: N, nCtx: L } = counts;
+    const nAxes = c.axesDim.length;
+    expectLength('xIds', inp.xIds, B * N * nAxes);
+    expectLength('ctx', inp.ctx, B * L * c.contextInDim);
+    expectLength('ctxIds', inp.ctxIds, B * L * nAxes);
+    const feeds = new Map<string, ort.Tensor>([
+      ['x_ids', i64(inp.xIds, [B, N, nAxes])],
+      ['ctx', f32(inp.ctx, [B, L, c.contextInDim])],
+      ['ctx_ids', i64(inp.ctxIds, [B, L, nAxes])],
+    ]);
+    const transfers = { uploads: 0, downloads: 0 };
+    const out = await this.context.run(feeds, transfers);
+    return new Flux2Context(counts, new Map(Object.entries(out)), transfers);
+  }
+
+  /** One model evaluation with a prepared context: velocity for every input token, [batch, nTokens, inChannels]. */
+  async step(inp: Flux2StepInput, context: Flux2Context): Promise<Float32Array> {
+    const c = this.config;
+    const { batch: B, nTokens: N, nCtx: L } = checkCounts(inp);
+    if (context.disposed) throw new Error('flux2 step: the context was disposed');
+    const k = context.counts;
+    if (k.batch !== B || k.nTokens !== N || k.nCtx !== L) {
+      throw new RangeError(`flux2 step: the context is for batch ${k.batch}, ${k.nTokens} tokens, ${k.nCtx} text tokens; the step has ${B}, ${N}, ${L}`);
+    }
+    expectLength('x', inp.x, B * N * c.inChannels);
+    expectLength('timesteps', inp.timesteps, B);
+    const values = new Map<string, ort.Tensor>([...context.values, ['x', f32(inp.x, [B, N, c.inChannels])], ['timesteps', f32(inp.timesteps, [B])]]);
+    if (c.useGuidanceEmbed) {
+      expectLength('guidance', inp.guidance, B);
+      values.set('guidance', f32(inp.guidance!, [B]));
+    }
+    const transfers = { uploads: 0, downloads: 0 };
+    const out = await this.stepper.run(values, transfers);
+    this.lastTransfers = transfers;
+    return out.output.data as Float32Array;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([this.context.release(), this.stepper.release()]);
+  }
+}

@@ -1,0 +1,33 @@
+// Worker thread of weight-store.ts: computes every weight of a folder (weight-values.ts) and writes it into
+// `weights.bin` at its offset, reporting progress, the spot checksums and the conversion statistics.
+import fs from 'node:fs';
+import { parentPort, workerData } from 'node:worker_threads';
+import { computeWeight, type ConversionStats, type QuantizeMemo } from './weight-values.ts';
+import { spotCrc, type ConvertJob, type ConvertMessage } from './weight-store.ts';
+
+const { file, size, jobs } = workerData.data as { file: string; size: number; jobs: ConvertJob[] };
+const post = (m: ConvertMessage) => parentPort!.postMessage(m);
+
+try {
+  const fd = fs.openSync(file, 'w');
+  try {
+    fs.ftruncateSync(fd, size);
+    const stats: ConversionStats = { fp16Overflows: 0 };
+    const memo: QuantizeMemo = {};
+    const crcs: Array<{ head: number; tail: number }> = [];
+    jobs.forEach((job, i) => {
+      const bytes = computeWeight(job.ref, stats, memo);
+      if (bytes.byteLength !== job.length) throw new Error(`${job.ref.key}: computed ${bytes.byteLength} bytes, expected ${job.length}`);
+      let done = 0;
+      while (done < bytes.byteLength) done += fs.writeSync(fd, bytes, done, bytes.byteLength - done, job.offset + done);
+      crcs.push(spotCrc(bytes));
+      post({ kind: 'progress', done: i + 1, key: job.ref.key });
+    });
+    fs.fsyncSync(fd);
+    post({ kind: 'done', result: { crcs, stats } });
+  } finally {
+    fs.closeSync(fd);
+  }
+} catch (e) {
+  post({ kind: 'error', message: (e as Error).message });
+}
