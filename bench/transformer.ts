@@ -1,21 +1,21 @@
 // `klein bench transformer`: one denoising step of the FLUX.2 transformer at the real klein 4B shapes with random
 // bf16 weights (BFL key names), optionally with fewer blocks. The checkpoint is written once into the bench cache.
-// Prints load time, seconds per step, GFLOP/s and peak RSS, one per line; the last line is `GFLOP/s: <number>`.
-// `--precision fast` runs the int8 fast mode (FLOPs still counted as for fp32, so the figures compare);
-// `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's relative error;
-// on a GPU in fp16 (KLEIN_DEVICE=webgpu or cuda, the default dtype there) `--compare-fp32` does the same with the
-// fp32 model on the same device, which is what fp16 products cost in accuracy at real widths.
+// Prints load time, seconds per step, GFLOP/s and peak RSS (anonymous and file-backed), one per line; the last line
+// is `GFLOP/s: <number>`. `--precision fast` runs the int8 fast mode (FLOPs still counted as for fp32, so the
+// figures compare); `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's
+// relative error; on a GPU in fp16 `--compare-fp32` does the same with the fp32 model on the same device.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { Flux2Transformer, KLEIN_4B, headDim, mlpHidden, writeRandomFlux2Checkpoint, type Flux2Config, type Flux2ForwardInput } from '../src/models/flux2-transformer.ts';
-import type { Precision } from '../src/pipeline/types.ts';
+import { KLEIN_4B, headDim, mlpHidden, type Flux2Config } from '../src/models/flux2/config.ts';
+import { Flux2Transformer, type Flux2ForwardInput } from '../src/models/flux2/runtime.ts';
+import { writeRandomFlux2Checkpoint } from '../src/fixtures/flux2.ts';
+import type { ExecutionTarget } from '../src/runtime/target.ts';
 import { UsageError } from '../src/cli/errors.ts';
-import { GiB, benchCacheDir, peakRssBytes, resetPeakRss, seconds } from './util.ts';
+import { addTargetOptions, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
+import { GiB, MemorySampler, benchCacheDir, formatMemory, resetPeakRss, seconds } from './util.ts';
 import { relativeError } from '../src/conform/compare.ts';
-import { defaultDevice, resolveDevice } from '../src/graph/device.ts';
-import { resolveComputeDtype } from '../src/graph/compute-dtype.ts';
 
 export interface TransformerBenchOptions {
   doubleBlocks: number;
@@ -23,16 +23,14 @@ export interface TransformerBenchOptions {
   width: number;
   height: number;
   txtTokens: number;
-  threads?: number;
   steps: number;
-  /** Default exact. */
-  precision?: Precision;
+  target: ExecutionTarget;
   /** Fast mode: also run exact mode on the same inputs and print the relative error of the fast step. */
   compareExact?: boolean;
   /** GPU in fp16: also run the model in fp32 on the same device and print the relative error of the fp16 step. */
   compareFp32?: boolean;
-  /** Fast mode: quantize again even if the int8 cache is valid, to time the first load. */
-  requantize?: boolean;
+  /** Convert (or quantize) the weights again even if their store is valid, to time the first load. */
+  rebuild?: boolean;
 }
 
 /**
@@ -82,93 +80,85 @@ function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
  * The reference model's output for `inp`: exact mode for fast mode, fp32 on the same device for GPU fp16. Loaded,
  * run once and closed before the measured model loads, so the two never hold memory at once.
  */
-async function referenceOutput(file: string, inp: Flux2ForwardInput, threads: number | undefined, kind: 'exact' | 'fp32', log: (s: string) => void): Promise<Float32Array> {
-  const opts = kind === 'exact' ? { threads, precision: 'exact' as const } : { threads, gpuDtype: 'fp32' as const };
-  const [loadS, ref] = await seconds(() => Flux2Transformer.load(file, opts));
+async function referenceOutput(file: string, inp: Flux2ForwardInput, target: ExecutionTarget, log: (s: string) => void): Promise<Float32Array> {
+  const [loadS, ref] = await seconds(() => Flux2Transformer.load(file, { target }));
   try {
     const [stepS, out] = await seconds(() => ref.forward(inp));
-    log(`${kind} reference${kind === 'fp32' ? ` on ${ref.device}` : ''}: load ${loadS.toFixed(2)} s, step ${stepS.toFixed(3)} s`);
+    log(`reference (${ref.computeDtype} on ${target.device}): load ${loadS.toFixed(2)} s, step ${stepS.toFixed(3)} s`);
     return out;
   } finally {
     await ref.close();
   }
 }
 
-/** `--compare-fp32` needs an fp16 run to compare; checked before the checkpoint is written or anything loads. */
-async function checkCompareFp32(precision: Precision): Promise<void> {
-  if (precision === 'fast') throw new UsageError('--compare-fp32 compares fp16 with fp32 on a GPU; --precision fast runs on the CPU (use --compare-exact)');
-  const device = await resolveDevice(defaultDevice());
-  const dtype = resolveComputeDtype(device);
-  if (dtype !== 'fp16') throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; this run computes in ${dtype} on ${device} (use KLEIN_DEVICE=webgpu or cuda with KLEIN_GPU_DTYPE unset or fp16)`);
+/** A throttled progress line for the weight store's first build. */
+function weightProgress(log: (s: string) => void): (done: number, total: number, key: string) => void {
+  let last = 0;
+  return (done, total, key) => {
+    if (performance.now() - last > 5000 || done === total) {
+      last = performance.now();
+      log(`  weights ${done}/${total} converted (${key})`);
+    }
+  };
 }
 
 export async function runTransformerBench(o: TransformerBenchOptions, log: (s: string) => void = console.log): Promise<number> {
   const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
-  const precision = o.precision ?? 'exact';
-  if (o.compareFp32) await checkCompareFp32(precision);
+  const t = o.target;
+  if (o.compareFp32 && (t.device === 'cpu' || t.gpuDtype !== 'fp16')) {
+    throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; this run computes in ${t.device === 'cpu' ? 'fp32' : t.gpuDtype} on ${t.device} (use --device webgpu or cuda with fp16)`);
+  }
   const file = benchCheckpoint(cfg, log);
-  const gw = o.width / 16;
-  const gh = o.height / 16;
-  const inp = inputs(cfg, gw, gh, o.txtTokens);
+  const inp = inputs(cfg, o.width / 16, o.height / 16, o.txtTokens);
   const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
-  const threads = o.threads ?? Number(process.env.KLEIN_THREADS ?? os.availableParallelism());
-  const compare = o.compareExact && precision === 'fast' ? ('exact' as const) : o.compareFp32 ? ('fp32' as const) : undefined;
-  const reference = compare ? await referenceOutput(file, inp, o.threads, compare, log) : undefined;
+  const threads = t.threads ?? os.availableParallelism();
+  const refTarget = o.compareExact ? { ...t, precision: 'exact' as const } : o.compareFp32 ? { ...t, gpuDtype: 'fp32' as const } : undefined;
+  const reference = refTarget ? await referenceOutput(file, inp, refTarget, log) : undefined;
   resetPeakRss();
-  let lastReport = 0;
-  const onProgress = (done: number, total: number, stage: string) => {
-    if (performance.now() - lastReport > 5000 || done === total) {
-      lastReport = performance.now();
-      log(`  loaded ${done}/${total} stages (${stage})`);
-    }
-  };
-  let lastQuant = 0;
-  const onQuantizeProgress = (done: number, total: number, weight: string) => {
-    if (performance.now() - lastQuant > 5000 || done === total) {
-      lastQuant = performance.now();
-      log(`  quantized ${done}/${total} weights to int8 (${weight})`);
-    }
-  };
-  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { threads: o.threads, onProgress, precision, onQuantizeProgress, requantize: o.requantize }));
-  const loadPeak = peakRssBytes();
+  const loadMem = new MemorySampler();
+  const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { target: t, onWeights: weightProgress(log), rebuild: o.rebuild }));
+  const loadPeak = loadMem.stop();
   resetPeakRss();
-  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, precision ${precision}`);
-  const int8 = model.int8Cache ? (model.int8Cache.built ? ', int8 weights quantized and cached' : ', int8 weights from the cache') : '';
-  log(`load seconds: ${loadS.toFixed(2)}${model.graphCached ? '' : ' (graph compiled)'}${int8}`);
-  if (model.device !== 'cpu') log(`device: ${model.device}, Linears in ${model.computeDtype}${model.computeDtype === 'fp16' ? ` (${model.fp16Overflows} weights clamped to ±65504)` : ''}, stage I/O ${model.deviceIO ? 'in device memory' : 'through the host'}`);
+  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, products in ${model.computeDtype} on ${t.device}`);
+  log(`load seconds: ${loadS.toFixed(2)}${model.weightsBuilt ? ' (weights converted into the store)' : ' (weights from the store)'}${model.graphCached ? '' : ' (graphs compiled)'}`);
+  if (model.computeDtype === 'fp16') log(`fp16: ${model.fp16Overflows} weights clamped to ±65504`);
+  const stepMem = new MemorySampler();
   try {
     const [firstS, firstOut] = await seconds(() => model.forward(inp));
     log(`first step seconds: ${firstS.toFixed(3)}`);
     if (reference) {
       const e = relativeError(firstOut, reference);
-      const [what, ref] = compare === 'exact' ? ['fast', 'exact'] : ['fp16', 'fp32'];
+      const [what, ref] = o.compareExact ? ['fast', 'exact'] : ['fp16', 'fp32'];
       log(`${what} vs ${ref}, same inputs: relative rms error ${(e.rms * 100).toFixed(3)} %, max |error| ${(e.max * 100).toFixed(3)} % of max |${ref}|`);
     }
+    // the sampler's steps: context once, then steps on it
+    const context = await model.prepareContext(inp);
     let best = Infinity;
     let bestCpu = Infinity;
-    for (let i = 0; i < o.steps; i++) {
-      const cpu0 = process.cpuUsage();
-      best = Math.min(best, (await seconds(() => model.forward(inp)))[0]);
-      const cpu = process.cpuUsage(cpu0);
-      bestCpu = Math.min(bestCpu, (cpu.user + cpu.system) / 1e6);
+    try {
+      for (let i = 0; i < o.steps; i++) {
+        const cpu0 = process.cpuUsage();
+        best = Math.min(best, (await seconds(() => model.step(inp, context)))[0]);
+        const cpu = process.cpuUsage(cpu0);
+        bestCpu = Math.min(bestCpu, (cpu.user + cpu.system) / 1e6);
+      }
+    } finally {
+      context.dispose();
     }
     const flops = flux2StepFlops(cfg, inp.nTokens, o.txtTokens);
-    const stepPeak = peakRssBytes();
-    const peak = Math.max(loadPeak, stepPeak);
+    const stepPeak = stepMem.stop();
     const gflops = flops / best / 1e9;
-    // fast mode: bytes per parameter says how close the int8 weights come to 1 byte each (fp32 would be 4)
-    const perParam = (b: number) => (precision === 'fast' ? `, ${(b / (weightBytesF32 / 4)).toFixed(2)} bytes per parameter` : '');
-    const ratio = (b: number) => `${(b / GiB).toFixed(2)} GiB = ${(b / weightBytesF32).toFixed(2)}× the ${(weightBytesF32 / GiB).toFixed(2)} GiB of fp32 weights${perParam(b)}`;
     log(`GFLOP per step: ${(flops / 1e9).toFixed(1)}`);
-    if (model.device !== 'cpu') log(`host transfers per step: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
+    if (t.device !== 'cpu') log(`host transfers per step: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
     log(`seconds/step: ${best.toFixed(3)} (best of ${o.steps})`);
     // On a shared machine wall time includes other people's work; CPU time per step (all threads) does not.
     log(`CPU seconds/step: ${bestCpu.toFixed(3)} (${threads} threads: ${(flops / (bestCpu / threads) / 1e9).toFixed(1)} GFLOP/s if they had the cores to themselves)`);
-    log(`peak RSS while stepping: ${ratio(stepPeak)}`);
-    log(`peak RSS: ${ratio(peak)} (loading included)`);
+    log(`peak RSS while loading: ${formatMemory(loadPeak)}`);
+    log(`peak RSS while stepping: ${formatMemory(stepPeak)}; fp32 weights would be ${(weightBytesF32 / GiB).toFixed(2)} GiB`);
     log(`GFLOP/s: ${gflops.toFixed(1)}`);
     return gflops;
   } finally {
+    stepMem.stop();
     await model.close();
   }
 }
@@ -179,26 +169,21 @@ function positiveInt(name: string, v: string): number {
   return n;
 }
 
-function precisionOption(v: string): Precision {
-  if (v !== 'exact' && v !== 'fast') throw new UsageError(`--precision must be exact or fast, got "${v}"`);
-  return v;
-}
-
 export function registerTransformerBench(bench: Command): void {
-  bench
-    .command('transformer')
+  const cmd = bench.command('transformer');
+  addTargetOptions(cmd);
+  cmd
     .description('one FLUX.2 transformer step at klein 4B shapes (random bf16 weights): seconds/step, GFLOP/s, peak RSS')
     .option('--double-blocks <n>', 'double-stream blocks', '5')
     .option('--single-blocks <n>', 'single-stream blocks', '20')
     .option('--size <WxH>', 'image size in pixels (multiples of 16)', '512x512')
     .option('--txt-tokens <n>', 'text tokens', '512')
-    .option('--threads <n>', 'intra-op threads (default: all cores)')
+    .option('--threads <n>', 'intra-op threads (default: $KLEIN_THREADS, else all cores)')
     .option('--steps <n>', 'timed steps after the first (best is reported)', '2')
-    .option('--precision <p>', 'exact (fp32 products) or fast (int8 block Linears)', 'exact')
     .option('--compare-exact', 'fast mode: also run exact mode on the same inputs and print the relative error')
-    .option('--compare-fp32', 'GPU in fp16 (KLEIN_DEVICE=webgpu or cuda): also run fp32 on the same device and print the relative error')
-    .option('--requantize', 'fast mode: quantize again even if the int8 cache is valid (times the first load)')
-    .action(async (opts: Record<string, string> & { compareExact?: boolean; compareFp32?: boolean; requantize?: boolean }) => {
+    .option('--compare-fp32', 'GPU in fp16: also run fp32 on the same device and print the relative error')
+    .option('--rebuild', 'convert (or quantize) the weights again even if their store is valid (times the first load)')
+    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -207,16 +192,14 @@ export function registerTransformerBench(bench: Command): void {
         width: Number(m[1]),
         height: Number(m[2]),
         txtTokens: positiveInt('txt-tokens', opts.txtTokens),
-        threads: opts.threads === undefined ? undefined : positiveInt('threads', opts.threads),
         steps: Math.max(1, positiveInt('steps', opts.steps)),
-        precision: precisionOption(opts.precision),
+        target: await targetFromFlags(opts),
         compareExact: opts.compareExact === true,
         compareFp32: opts.compareFp32 === true,
-        requantize: opts.requantize === true,
+        rebuild: opts.rebuild === true,
       };
-      if ((o.compareExact || o.requantize) && o.precision !== 'fast') throw new UsageError('--compare-exact and --requantize go with --precision fast');
+      if (o.compareExact && o.target.precision !== 'fast') throw new UsageError('--compare-exact goes with --precision fast');
       if (o.txtTokens < 1) throw new UsageError('--txt-tokens must be at least 1');
-      if (o.threads === 0) throw new UsageError('--threads must be at least 1');
       await runTransformerBench(o);
     });
 }

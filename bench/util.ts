@@ -42,3 +42,44 @@ export async function seconds<T>(fn: () => Promise<T> | T): Promise<[number, T]>
 }
 
 export const GiB = 2 ** 30;
+
+/** Resident memory split as the kernel reports it: anonymous (heap, ORT arenas) vs file-backed (mapped weights). */
+export interface MemoryFigures {
+  rss: number;
+  anon: number;
+  file: number;
+}
+
+export function memoryNow(): MemoryFigures {
+  const s = fs.readFileSync('/proc/self/status', 'utf8');
+  const kb = (k: string) => Number(new RegExp(`${k}:\\s+(\\d+) kB`).exec(s)?.[1] ?? 0) * 1024;
+  return { rss: kb('VmRSS'), anon: kb('RssAnon'), file: kb('RssFile') };
+}
+
+/**
+ * Peak resident memory, anonymous and file-backed separately, sampled every `ms` while the event loop is free
+ * (ORT runs on its own threads, so sampling continues during a step). The kernel's VmHWM covers the total only.
+ */
+export class MemorySampler {
+  peak: MemoryFigures = { rss: 0, anon: 0, file: 0 };
+  private readonly timer: NodeJS.Timeout;
+  constructor(ms = 100) {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), ms);
+    this.timer.unref();
+  }
+  sample(): void {
+    const m = memoryNow();
+    this.peak = { rss: Math.max(this.peak.rss, m.rss, peakRssBytes()), anon: Math.max(this.peak.anon, m.anon), file: Math.max(this.peak.file, m.file) };
+  }
+  stop(): MemoryFigures {
+    clearInterval(this.timer);
+    this.sample();
+    return this.peak;
+  }
+}
+
+/** `12.34 GiB (anonymous 1.23, file-backed 11.11)`. */
+export function formatMemory(m: MemoryFigures): string {
+  return `${(m.rss / GiB).toFixed(2)} GiB (anonymous ${(m.anon / GiB).toFixed(2)}, file-backed ${(m.file / GiB).toFixed(2)})`;
+}

@@ -5,7 +5,8 @@
 // (FP16_FACTOR: measured 2.7e-3–3.1e-3 on WebGPU/lavapipe, see docs/benchmarks.md), and the case name says fp16.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Flux2Transformer } from '../models/flux2-transformer.ts';
+import { Flux2Transformer } from '../models/flux2/runtime.ts';
+import { resolveTarget } from '../runtime/target.ts';
 import { GoldenCase, errorResult, findCases, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -69,7 +70,7 @@ export const transformerComponent: ConformComponent = {
     for (const { label, folder } of folders) {
       let model: Flux2Transformer;
       try {
-        model = await Flux2Transformer.load(folder, { device: opts.device });
+        model = await Flux2Transformer.load(folder, { target: opts.target ?? (await resolveTarget({ device: opts.device })) });
       } catch (e) {
         for (const c of cases) yield errorResult(COMPONENT, `${COMPONENT}/${path.basename(c, '.safetensors')} (${label})`, e);
         continue;

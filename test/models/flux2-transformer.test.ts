@@ -3,11 +3,16 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { FLUX2_DEV, Flux2Transformer, KLEIN_4B, KLEIN_9B, readFlux2Config, writeRandomFlux2Checkpoint, type Flux2Config } from '../../src/models/flux2-transformer.ts';
-import { Flux2CheckpointError, flux2BflShapes, openFlux2Checkpoint } from '../../src/weights/flux2-layouts.ts';
+import { FLUX2_DEV, KLEIN_4B, KLEIN_9B, type Flux2Config } from '../../src/models/flux2/config.ts';
+import { Flux2Transformer } from '../../src/models/flux2/runtime.ts';
+import { Flux2CheckpointError, flux2BflShapes, openFlux2Checkpoint } from '../../src/models/flux2/checkpoint.ts';
+import { writeRandomFlux2Checkpoint } from '../../src/fixtures/flux2.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { Checkpoint, SafetensorsFile, readRaw, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const readFlux2Config = (p: string) => openFlux2Checkpoint(p).config;
+const load = (p: string) => Flux2Transformer.load(p, { target: cpuTarget() });
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-flux2-'));
 
 /** A tiny config like the golden one but with other numbers (3 heads, odd depths, unequal RoPE axes). */
@@ -91,7 +96,7 @@ test('random checkpoints: BFL and diffusers layouts (and a sharded diffusers fol
   const inp = inputs(TINY, 1, 3, 2, 5, [[2, 2]]);
   const outs: Float32Array[] = [];
   for (const p of [bflFile, path.dirname(diffFile), sharded]) {
-    const m = await Flux2Transformer.load(p);
+    const m = await load(p);
     assert.deepEqual(m.config, TINY);
     outs.push(await m.forward(inp));
     await m.close();
@@ -106,10 +111,12 @@ test('one graph for every size; batch samples with their own timesteps equal sin
   const dir = tmp();
   const file = path.join(dir, 'model.safetensors');
   writeRandomFlux2Checkpoint(file, TINY, { seed: 3, dtype: 'F32' });
-  const m = await Flux2Transformer.load(file);
+  const m = await load(file);
   assert.equal(m.graphCached, false);
-  const m2 = await Flux2Transformer.load(file);
+  assert.equal(m.weightsBuilt, true, 'the first load materialises the weight store');
+  const m2 = await load(file);
   assert.equal(m2.graphCached, true, 'second load reuses the compiled graphs');
+  assert.equal(m2.weightsBuilt, false, 'second load reuses the weight store');
   await m2.close();
   try {
     const batch = inputs(TINY, 2, 4, 3, 6, [], 5);
@@ -148,7 +155,7 @@ test('a context prepared once serves every step: steps equal whole forwards, the
   const dir = tmp();
   const file = path.join(dir, 'model.safetensors');
   writeRandomFlux2Checkpoint(file, TINY, { seed: 4, dtype: 'F32' });
-  const m = await Flux2Transformer.load(file);
+  const m = await load(file);
   try {
     const inp = inputs(TINY, 2, 3, 2, 5, [[2, 1]], 7);
     const context = await m.prepareContext(inp);
@@ -170,7 +177,7 @@ test('guidance-embedding configs (FLUX.2 dev style) take a guidance input that c
   const cfg: Flux2Config = { ...TINY, useGuidanceEmbed: true, depthSingleBlocks: 0 };
   const file = path.join(dir, 'model.safetensors');
   writeRandomFlux2Checkpoint(file, cfg, { seed: 2 });
-  const m = await Flux2Transformer.load(file);
+  const m = await load(file);
   try {
     const inp = inputs(cfg, 1, 2, 2, 3);
     await assert.rejects(m.forward(inp), /guidance is required/);
@@ -183,7 +190,7 @@ test('guidance-embedding configs (FLUX.2 dev style) take a guidance input that c
 });
 
 test('clear errors: bad inputs, wrong files, shape mismatches, float8', async () => {
-  const m = await Flux2Transformer.load(GOLDEN);
+  const m = await load(GOLDEN);
   try {
     const inp = inputs(m.config, 1, 2, 2, 3);
     await assert.rejects(m.forward({ ...inp, x: inp.x.subarray(1) }), /x has 511 values, expected 512/);
