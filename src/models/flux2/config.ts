@@ -44,11 +44,19 @@ export function isBlockLinear(name: string): boolean {
   return /^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])\.weight$/.test(name);
 }
 
-/** Parameters and FLOPs of one step, for memory plans and benchmarks. */
+/** Parameters of the whole transformer (spec §1.1; klein 4B: 3,875,544,576), for memory plans. */
 export function flux2Params(c: Flux2Config): number {
   const H = c.hiddenSize;
+  const hd = headDim(c);
+  const embed = H * c.inChannels + H * c.contextInDim + (256 * H + H * H) * (c.useGuidanceEmbed ? 2 : 1);
+  const modulation = (6 + 6 + 3 + 2) * H * H;
+  const norms = (4 * c.depth + 2 * c.depthSingleBlocks) * hd;
+  return embed + modulation + norms + flux2BlockParams(c) + c.inChannels * H;
+}
+
+/** Parameters of the block Linears (`isBlockLinear`): what fast mode stores as int8. */
+export function flux2BlockParams(c: Flux2Config): number {
+  const H = c.hiddenSize;
   const M = mlpHidden(c);
-  const block = 2 * (3 * H * H + H * H + 2 * M * H + M * H);
-  const single = (3 * H + 2 * M) * H + H * (H + M);
-  return H * c.inChannels + H * c.contextInDim + 256 * H + H * H + (6 + 6 + 3 + 2) * H * H + c.depth * block + c.depthSingleBlocks * single + c.inChannels * H;
+  return c.depth * 2 * (3 * H * H + H * H + 2 * M * H + M * H) + c.depthSingleBlocks * ((3 * H + 2 * M) * H + H * (H + M));
 }
