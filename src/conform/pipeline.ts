@@ -5,7 +5,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Flux2Transformer } from '../models/flux2-transformer.ts';
-import { Flux2VAE } from '../models/flux2-vae.ts';
+import { Flux2VAE } from '../models/vae/runtime.ts';
+import { resolveTarget } from '../runtime/target.ts';
 import { Qwen3TextEncoder } from '../models/qwen3.ts';
 import { rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
 import { imagePositionIds, latentToTokens, referenceTokens, tokensToLatent } from '../pipeline/latents.ts';
@@ -128,7 +129,7 @@ export const pipelineComponent: ConformComponent = {
         // fp32 on GPUs too: these cases check the pipeline's plumbing to 1e-3 over 4 steps and a decode, which the
         // fp16 Linears (≈3e-3 relative per evaluation, checked by the transformer component) would exceed.
         tr: await Flux2Transformer.load(trDir, { ...session, gpuDtype: 'fp32' }),
-        vae: await Flux2VAE.load(vaeFile, { ...session, gpuDtype: 'fp32' }), // likewise: fp16 convs are ≈1e-2 off
+        vae: await Flux2VAE.load(vaeFile, { target: await resolveTarget({ device: opts.device }), gpuDtype: 'fp32' }), // likewise: fp16 convs are ≈1e-2 off
       };
     } catch (e) {
       for (const f of cases) yield errorResult(NAME, `pipeline/${path.basename(f, '.safetensors')}`, e);

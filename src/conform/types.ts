@@ -1,5 +1,5 @@
 // A conformance component runs every golden case it finds under a folder laid out like ../shared/golden.
-import type { Device } from '../graph/session.ts';
+import type { Device } from '../runtime/device.ts';
 
 export interface CaseResult {
   component: string;

@@ -1,13 +1,16 @@
 // Conformance of the FLUX.2 VAE against `vae/decode_case*.safetensors` and `vae/encode_case*.safetensors`, once
 // with the BFL checkpoint as shipped in the golden folder and once with a diffusers-layout copy built from
 // `diffusers_key_mapping_from_bfl.json` (the golden folder stores only the mapping, not a second weight copy).
-// Outputs must match within 1e-4 · max(1, max|ref|); on a GPU device in fp16 (the default there, see
-// models/flux2-vae-gpu.ts) within VAE_FP16_FACTOR, and each line says fp16.
+// Outputs must match within 1e-4 · max(1, max|ref|); on a GPU device in fp16 (the default there) within
+// VAE_FP16_FACTOR, and each line says fp16.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { Checkpoint, readFloat32, readInt64, readUint8, writeSafetensors, type TensorToWrite } from '../weights/safetensors.ts';
-import { Flux2VAE, type VaeLayout } from '../models/flux2-vae.ts';
+import { kleinCacheRoot } from '../weights/weight-store.ts';
+import type { VaeLayout } from '../models/vae/checkpoint.ts';
+import { Flux2VAE } from '../models/vae/runtime.ts';
+import { resolveTarget } from '../runtime/target.ts';
 import { errorResult, findCases, GoldenCase, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -84,6 +87,17 @@ async function* runCases(component: string, vae: Flux2VAE, layout: VaeLayout, di
   }
 }
 
+/**
+ * The diffusers twin of the golden VAE, written once into the cache (keyed by the golden files' contents): its weight
+ * store then stays valid from one run to the next instead of a new one per temporary copy.
+ */
+function diffusersCopy(model: string, mapping: string): string {
+  const hash = crypto.createHash('sha256').update(fs.readFileSync(model)).update(fs.readFileSync(mapping)).digest('hex').slice(0, 16);
+  const file = path.join(kleinCacheRoot(), 'conform', `vae-diffusers-${hash}`, 'diffusion_pytorch_model.safetensors');
+  if (!fs.existsSync(file)) writeDiffusersVaeCopy(model, mapping, file); // writeSafetensors renames into place
+  return file;
+}
+
 export const vaeComponent: ConformComponent = {
   name: 'vae',
   async *run(goldenDir: string, opts: ConformOptions): AsyncIterable<CaseResult> {
@@ -95,41 +109,29 @@ export const vaeComponent: ConformComponent = {
       yield errorResult('vae', 'vae/model.safetensors', new Error('missing'));
       return;
     }
-    // The compiled graph must sit beside its weights and the golden folder is read-only: work on copies.
-    const work = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-conform-vae-'));
-    try {
-      const layouts: Array<[VaeLayout, string]> = [];
-      const bfl = path.join(work, 'bfl', 'ae.safetensors');
-      fs.mkdirSync(path.dirname(bfl));
-      fs.copyFileSync(model, bfl);
-      layouts.push(['bfl', bfl]);
-      const mapping = path.join(dir, 'diffusers_key_mapping_from_bfl.json');
-      if (fs.existsSync(mapping)) {
-        const df = path.join(work, 'diffusers', 'diffusion_pytorch_model.safetensors');
-        try {
-          writeDiffusersVaeCopy(model, mapping, df);
-          layouts.push(['diffusers', df]);
-        } catch (e) {
-          yield errorResult('vae', 'vae/diffusers layout copy', e);
-        }
+    const layouts: Array<[VaeLayout, string]> = [['bfl', model]];
+    const mapping = path.join(dir, 'diffusers_key_mapping_from_bfl.json');
+    if (fs.existsSync(mapping)) {
+      try {
+        layouts.push(['diffusers', diffusersCopy(model, mapping)]);
+      } catch (e) {
+        yield errorResult('vae', 'vae/diffusers layout copy', e);
       }
-      for (const [layout, file] of layouts) {
-        let vae: Flux2VAE;
-        try {
-          vae = await Flux2VAE.load(file, { device: opts.device });
-          if (vae.layout !== layout) throw new Error(`detected ${vae.layout} layout, expected ${layout}`);
-        } catch (e) {
-          yield errorResult('vae', `vae/model (${layout})`, e);
-          continue;
-        }
-        try {
-          yield* runCases('vae', vae, layout, dir);
-        } finally {
-          await vae.close();
-        }
+    }
+    for (const [layout, file] of layouts) {
+      let vae: Flux2VAE;
+      try {
+        vae = await Flux2VAE.load(file, { target: await resolveTarget({ device: opts.device }) });
+        if (vae.layout !== layout) throw new Error(`detected ${vae.layout} layout, expected ${layout}`);
+      } catch (e) {
+        yield errorResult('vae', `vae/model (${layout})`, e);
+        continue;
       }
-    } finally {
-      fs.rmSync(work, { recursive: true, force: true });
+      try {
+        yield* runCases('vae', vae, layout, dir);
+      } finally {
+        await vae.close();
+      }
     }
   },
 };

@@ -6,7 +6,8 @@ import path from 'node:path';
 import { vaeComponent, writeDiffusersVaeCopy } from '../../src/conform/vae.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
 import { Checkpoint } from '../../src/weights/safetensors.ts';
-import { detectVaeLayout, FLUX2_VAE_CONFIG, inferVaeConfig, vaeKey } from '../../src/models/flux2-vae.ts';
+import { detectVaeLayout, inferVaeConfig, vaeKey } from '../../src/models/vae/checkpoint.ts';
+import { FLUX2_VAE_CONFIG } from '../../src/models/vae/config.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 

@@ -1,4 +1,4 @@
-// The FLUX.2 VAE on GPU devices (models/flux2-vae-gpu.ts): fp16 convolutions against the golden reference, fp32 on
+// The FLUX.2 VAE on GPU devices (GpuPolicy in fp16 or fp32): fp16 convolutions against the golden reference, fp32 on
 // the device, tiled decoding in fp16, the fp16 weight clamping count, and where ORT places the nodes. The WebGPU
 // tests run on Mesa 25 lavapipe on a CPU-only machine (scripts/setup-webgpu.sh) and are skipped with that reason
 // when VK_ICD_FILENAMES is unset.
@@ -8,10 +8,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ortPlacements } from '../graph/ort-placement.ts';
-import { Flux2VAE, type VaeLoadOptions } from '../../src/models/flux2-vae.ts';
+import { Flux2VAE } from '../../src/models/vae/runtime.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { VAE_FP16_FACTOR } from '../../src/conform/vae.ts';
-import { UsageError } from '../../src/cli/errors.ts';
+import { UserError } from '../../src/errors.ts';
+import { cpuTarget, type ExecutionTarget, type GpuDtype } from '../../src/runtime/target.ts';
 import { Checkpoint, readFloat32, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/vae');
@@ -31,16 +32,11 @@ function relErr(a: Float32Array, ref: Float32Array): number {
   return m / Math.max(1, r);
 }
 
-/** The golden VAE copied to a scratch folder (compiled graphs are written beside their weights). */
-async function withGoldenVae(fn: (file: string) => Promise<void>): Promise<void> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-'));
-  try {
-    const file = path.join(dir, 'ae.safetensors');
-    fs.copyFileSync(path.join(GOLDEN, 'model.safetensors'), file);
-    await fn(file);
-  } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
+const GOLDEN_VAE = path.join(GOLDEN, 'model.safetensors');
+
+/** WebGPU with its products in `gpuDtype` (what resolveTarget gives for `--device webgpu --gpu-dtype …`). */
+function webgpu(gpuDtype: GpuDtype): { target: ExecutionTarget } {
+  return { target: { device: 'webgpu', precision: 'exact', gpuDtype } };
 }
 
 /** The golden VAE with some tensors changed by `edit` (in place), written to `dir`/ae.safetensors. */
@@ -59,7 +55,7 @@ function writeEditedGolden(dir: string, edit: (name: string, data: Float32Array)
   return file;
 }
 
-async function goldenErrors(file: string, opts: VaeLoadOptions): Promise<{ vae: Flux2VAE; image: number; moments: number; latent: number }> {
+async function goldenErrors(file: string, opts: Parameters<typeof Flux2VAE.load>[1]): Promise<{ vae: Flux2VAE; image: number; moments: number; latent: number }> {
   const vae = await Flux2VAE.load(file, opts);
   try {
     const d = new GoldenCase(path.join(GOLDEN, 'decode_case.safetensors'));
@@ -73,61 +69,57 @@ async function goldenErrors(file: string, opts: VaeLoadOptions): Promise<{ vae: 
 }
 
 test('on the CPU the VAE computes in fp32 and refuses fp16', async () => {
-  await withGoldenVae(async (file) => {
-    const r = await goldenErrors(file, { device: 'cpu' });
-    assert.equal(r.vae.device, 'cpu');
-    assert.equal(r.vae.computeDtype, 'fp32');
-    assert.equal(r.vae.fp16Overflows, 0);
-    for (const err of [r.image, r.moments, r.latent]) assert.ok(err < FP32_FLOOR, `${err}`);
-    await assert.rejects(Flux2VAE.load(file, { device: 'cpu', gpuDtype: 'fp16' }), (e: unknown) => e instanceof UsageError && /fp16 compute needs a GPU device/.test(e.message));
-  });
+  const r = await goldenErrors(GOLDEN_VAE, { target: cpuTarget() });
+  assert.equal(r.vae.device, 'cpu');
+  assert.equal(r.vae.computeDtype, 'fp32');
+  assert.equal(r.vae.fp16Overflows, 0);
+  for (const err of [r.image, r.moments, r.latent]) assert.ok(err < FP32_FLOOR, `${err}`);
+  await assert.rejects(Flux2VAE.load(GOLDEN_VAE, { target: cpuTarget(), gpuDtype: 'fp16' }), (e: unknown) => e instanceof UserError && /fp16 compute needs a GPU device/.test(e.message));
 });
 
 test('WebGPU fp16: golden encode and decode within VAE_FP16_FACTOR, and really fp16', { skip: noVulkan }, async () => {
-  await withGoldenVae(async (file) => {
-    const r = await goldenErrors(file, { device: 'webgpu', gpuDtype: 'fp16' });
-    assert.equal(r.vae.device, 'webgpu');
-    assert.equal(r.vae.computeDtype, 'fp16');
-    assert.equal(r.vae.fp16Overflows, 0);
-    // measured on lavapipe: image 1.19e-2, moments 1.27e-2, latent 9.5e-3 (VAE_FP16_FACTOR 4e-2 is ~3× that);
-    // fp32 on the same device gives ~2e-6, so an error below FP32_FLOOR means the fp16 graph did not run
-    for (const [name, err] of Object.entries({ image: r.image, moments: r.moments, latent: r.latent })) {
-      assert.ok(err < VAE_FP16_FACTOR, `${name}: ${err}`);
-      assert.ok(err > FP32_FLOOR, `${name}: ${err} is fp32-level: the fp16 path did not run`);
-    }
-  });
+  const r = await goldenErrors(GOLDEN_VAE, webgpu('fp16'));
+  assert.equal(r.vae.device, 'webgpu');
+  assert.equal(r.vae.computeDtype, 'fp16');
+  assert.equal(r.vae.fp16Overflows, 0);
+  // measured on lavapipe: image 1.19e-2, moments 1.27e-2, latent 9.5e-3 (VAE_FP16_FACTOR 4e-2 is ~3× that);
+  // fp32 on the same device gives ~2e-6, so an error below FP32_FLOOR means the fp16 graph did not run
+  for (const [name, err] of Object.entries({ image: r.image, moments: r.moments, latent: r.latent })) {
+    assert.ok(err < VAE_FP16_FACTOR, `${name}: ${err}`);
+    assert.ok(err > FP32_FLOOR, `${name}: ${err} is fp32-level: the fp16 path did not run`);
+  }
 });
 
 test('WebGPU fp32 stays at the CPU\'s accuracy', { skip: noVulkan }, async () => {
-  await withGoldenVae(async (file) => {
-    const r = await goldenErrors(file, { device: 'webgpu', gpuDtype: 'fp32' });
-    assert.equal(r.vae.computeDtype, 'fp32');
-    // measured ~2e-6 on lavapipe
-    for (const err of [r.image, r.moments, r.latent]) assert.ok(err < 2e-5, `${err}`);
-  });
+  const r = await goldenErrors(GOLDEN_VAE, webgpu('fp32'));
+  assert.equal(r.vae.computeDtype, 'fp32');
+  // measured ~2e-6 on lavapipe
+  for (const err of [r.image, r.moments, r.latent]) assert.ok(err < 2e-5, `${err}`);
+  // the pipeline's case: an fp16 target with the VAE's fp32 override
+  const o = await goldenErrors(GOLDEN_VAE, { ...webgpu('fp16'), gpuDtype: 'fp32' });
+  assert.equal(o.vae.computeDtype, 'fp32');
+  for (const err of [o.image, o.moments, o.latent]) assert.ok(err < 2e-5, `${err}`);
 });
 
 test('WebGPU fp16: tiled decoding runs and matches the CPU\'s tiled decode within the fp16 tolerance', { skip: noVulkan }, async () => {
-  await withGoldenVae(async (file) => {
-    const dims = [1, 128, 12, 16];
-    const lat = Float32Array.from({ length: 128 * 12 * 16 }, (_, i) => Math.sin(i * 1.7) * 1.2);
-    const tiling = { tiling: 'always' as const, maxTile: 10, overlap: 4 };
-    const cpu = await Flux2VAE.load(file, { device: 'cpu', only: 'decoder' });
-    const gpu = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp16', only: 'decoder' });
-    try {
-      const ref = await cpu.decode(lat, dims, tiling);
-      let tiles = 0;
-      const out = await gpu.decode(lat, dims, { ...tiling, onTile: () => tiles++ });
-      assert.equal(tiles, 4, '2×2 tiles of 10 tokens');
-      assert.deepEqual(out.dims, [1, 3, 192, 256]);
-      // measured 1.73e-2 on lavapipe (a larger latent than the golden case's, hence above its 1.2e-2)
-      const err = relErr(out.image, ref.image);
-      assert.ok(err < VAE_FP16_FACTOR && err > FP32_FLOOR, `fp16 tiled vs CPU tiled: ${err}`);
-    } finally {
-      await cpu.close();
-      await gpu.close();
-    }
-  });
+  const dims = [1, 128, 12, 16];
+  const lat = Float32Array.from({ length: 128 * 12 * 16 }, (_, i) => Math.sin(i * 1.7) * 1.2);
+  const tiling = { tiling: 'always' as const, maxTile: 10, overlap: 4 };
+  const cpu = await Flux2VAE.load(GOLDEN_VAE, { target: cpuTarget(), only: 'decoder' });
+  const gpu = await Flux2VAE.load(GOLDEN_VAE, { ...webgpu('fp16'), only: 'decoder' });
+  try {
+    const ref = await cpu.decode(lat, dims, tiling);
+    let tiles = 0;
+    const out = await gpu.decode(lat, dims, { ...tiling, onTile: () => tiles++ });
+    assert.equal(tiles, 4, '2×2 tiles of 10 tokens');
+    assert.deepEqual(out.dims, [1, 3, 192, 256]);
+    // measured 1.73e-2 on lavapipe (a larger latent than the golden case's, hence above its 1.2e-2)
+    const err = relErr(out.image, ref.image);
+    assert.ok(err < VAE_FP16_FACTOR && err > FP32_FLOOR, `fp16 tiled vs CPU tiled: ${err}`);
+  } finally {
+    await cpu.close();
+    await gpu.close();
+  }
 });
 
 test('WebGPU fp16: weights beyond ±65504 are clamped and counted', { skip: noVulkan }, async () => {
@@ -137,7 +129,7 @@ test('WebGPU fp16: weights beyond ±65504 are clamped and counted', { skip: noVu
     const file = writeEditedGolden(dir, (name, data) => {
       if (name === 'decoder.conv_in.weight') [data[0], data[5]] = [1e5, -7e4];
     });
-    const vae = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp16', only: 'decoder' });
+    const vae = await Flux2VAE.load(file, { ...webgpu('fp16'), only: 'decoder' });
     try {
       assert.equal(vae.fp16Overflows, 2);
     } finally {
@@ -156,8 +148,8 @@ test('WebGPU fp16: an activation beyond ±65504 is an error naming fp32, not a N
       if (name.startsWith('decoder.post_quant_conv.')) data.forEach((v, i) => (data[i] = v * 1e4));
     });
     const d = new GoldenCase(path.join(GOLDEN, 'decode_case.safetensors'));
-    const fp32 = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp32', only: 'decoder' });
-    const fp16 = await Flux2VAE.load(file, { device: 'webgpu', gpuDtype: 'fp16', only: 'decoder' });
+    const fp32 = await Flux2VAE.load(file, { ...webgpu('fp32'), only: 'decoder' });
+    const fp16 = await Flux2VAE.load(file, { ...webgpu('fp16'), only: 'decoder' });
     try {
       assert.ok((await fp32.decode(d.f32('z'), d.shape('z'))).image.every(Number.isFinite), 'fp32 copes');
       await assert.rejects(fp16.decode(d.f32('z'), d.shape('z')), /fp16 decoder overflowed .*run it in fp32 \(--gpu-dtype fp32 or KLEIN_GPU_DTYPE=fp32\)/);
@@ -172,10 +164,11 @@ test('WebGPU fp16: an activation beyond ±65504 is an error naming fp32, not a N
 
 test('WebGPU fp16: every Conv and MatMul is placed on the WebGPU provider', { skip: noVulkan }, async () => {
   // a child process loads both graphs at ORT's verbose log level (see ort-placement.ts)
-  await withGoldenVae(async (file) => {
-    const logFile = path.join(path.dirname(file), 'ort.log');
-    const script = `import { Flux2VAE } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/flux2-vae.ts'))};
-      const vae = await Flux2VAE.load(${JSON.stringify(file)}, { device: 'webgpu', gpuDtype: 'fp16' });
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-'));
+  try {
+    const logFile = path.join(dir, 'ort.log');
+    const script = `import { Flux2VAE } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/vae/runtime.ts'))};
+      const vae = await Flux2VAE.load(${JSON.stringify(GOLDEN_VAE)}, ${JSON.stringify(webgpu('fp16'))});
       await vae.close();`;
     const placed = await ortPlacements(script, logFile);
     assert.equal(placed.length, 2, 'two sessions: encoder and decoder');
@@ -186,5 +179,7 @@ test('WebGPU fp16: every Conv and MatMul is placed on the WebGPU provider', { sk
       assert.equal(cpu.Cast, undefined, `Cast on the CPU: ${JSON.stringify(cpu)}`);
       assert.ok((p.WebGpuExecutionProvider?.Conv ?? 0) >= 27, JSON.stringify(p.WebGpuExecutionProvider));
     }
-  });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -10,7 +10,8 @@ import {
   capPixelsSize, centreCropBox, decodeImage, encodeImage, ImageInputError, prepareReferenceImage, probeImage, referencePixelLimit, rgbToTensor,
   sniffFormat, tensorToRgb, toUint8Round, toUint8Truncate, type ImageErrorCode, type RgbImage,
 } from '../../src/pipeline/images.ts';
-import { Flux2VAE } from '../../src/models/flux2-vae.ts';
+import { Flux2VAE } from '../../src/models/vae/runtime.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 
@@ -121,7 +122,7 @@ test('images go through the VAE helpers: encode → latent [1,128,H/16,W/16] →
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-img-'));
   try {
     fs.copyFileSync(path.join(GOLDEN, 'vae/model.safetensors'), path.join(dir, 'ae.safetensors'));
-    const vae = await Flux2VAE.load(dir);
+    const vae = await Flux2VAE.load(dir, { target: cpuTarget() });
     const png = await encodeImage(pattern(96, 64), 'png');
     const ref = await prepareReferenceImage(png);
     const enc = await vae.encode(ref.tensor, ref.dims);
