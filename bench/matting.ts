@@ -8,9 +8,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Command } from 'commander';
-import { BiRefNet, BIREFNET_CONFIGS, writeRandomBiRefNetCheckpoint } from '../src/models/birefnet.ts';
+import { BIREFNET_CONFIGS } from '../src/models/birefnet/config.ts';
+import { writeRandomBiRefNetCheckpoint } from '../src/fixtures/birefnet.ts';
 import { estimateForeground } from '../src/pipeline/matting.ts';
+import { MattingPredictor } from '../src/pipeline/matting-model.ts';
+import { cpuTarget } from '../src/runtime/target.ts';
 import { UsageError } from '../src/cli/errors.ts';
+import { benchCacheDir, GiB, MemorySampler, resetPeakRss } from './util.ts';
 
 type Variant = 'full' | 'lite';
 const VARIANTS: Variant[] = ['full', 'lite'];
@@ -21,7 +25,6 @@ interface Options {
   runs: string;
   weights?: string;
   threads?: string;
-  lowMemory?: boolean;
 }
 
 interface Result {
@@ -35,6 +38,9 @@ interface Result {
   best_predict_s: number;
   foreground_s: number;
   peak_rss_gib: number;
+  /** Peak resident memory split: anonymous (heap, ORT arena) and file-backed (mapped weights). */
+  peak_anon_gib: number;
+  peak_file_gib: number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -48,8 +54,7 @@ function positiveInt(v: string | undefined, what: string): number | undefined {
 
 /** A random checkpoint of the variant's geometry, written once into the klein cache and reused. */
 function randomWeights(variant: Variant): string {
-  const root = process.env.KLEIN_CACHE_DIR ?? path.join(os.homedir(), '.cache', 'klein');
-  const file = path.join(root, 'bench', `birefnet-${variant}-random`, 'model.safetensors');
+  const file = path.join(benchCacheDir(`birefnet-${variant}-random`), 'model.safetensors');
   if (!fs.existsSync(file)) {
     console.log(`writing random ${variant} weights to ${file} …`);
     const t = performance.now();
@@ -83,12 +88,15 @@ async function benchOne(variant: string, opts: Options): Promise<Result> {
   const weights = opts.weights ?? randomWeights(variant as Variant);
   if (!fs.existsSync(weights)) throw new UsageError(`weights not found: ${weights}`);
 
-  console.log(`birefnet ${variant} at ${size}², ${threads} threads${opts.lowMemory ? ', low-memory sessions' : ''}`);
+  console.log(`birefnet ${variant} at ${size}², ${threads} threads`);
+  resetPeakRss(); // the random checkpoint written just before is not the model's memory
+  const memory = new MemorySampler(50);
   let t = performance.now();
-  const model = await BiRefNet.load(weights, { inputSize: size, session: { threads, lowMemory: opts.lowMemory } });
+  const model = await MattingPredictor.load(weights, { target: cpuTarget('exact', threads), inputSize: size });
   const load = (performance.now() - t) / 1000;
-  console.log(`load (compile or reuse the graph, open the session): ${load.toFixed(2)} s`);
-  console.log(`  geometry: embed ${model.config.embedDim}, depths ${model.config.depths.join('/')}, window ${model.config.windowSize}`);
+  console.log(`load (weight store, compile or reuse the graph, open the session): ${load.toFixed(2)} s`);
+  const c = model.net.config;
+  console.log(`  geometry: embed ${c.embedDim}, depths ${c.depths.join('/')}, window ${c.windowSize}`);
   const img = testImage(size);
   try {
     t = performance.now();
@@ -106,9 +114,9 @@ async function benchOne(variant: string, opts: Options): Promise<Result> {
     estimateForeground(img, alpha, size, size);
     const fgTime = (performance.now() - t) / 1000;
     console.log(`foreground estimate (blur fusion r=90, 6): ${fgTime.toFixed(3)} s`);
-    const peak = (process.resourceUsage().maxRSS * 1024) / 2 ** 30;
-    console.log(`peak RSS: ${peak.toFixed(2)} GiB`);
-    return { variant, size, weights, threads, load_s: load, warmup_s: warmup, predict_s: times, best_predict_s: Math.min(...times), foreground_s: fgTime, peak_rss_gib: peak };
+    const peak = memory.stop();
+    console.log(`peak RSS: ${(peak.rss / GiB).toFixed(2)} GiB (RssAnon ${(peak.anon / GiB).toFixed(2)} GiB, RssFile ${(peak.file / GiB).toFixed(2)} GiB, sampled)`);
+    return { variant, size, weights, threads, load_s: load, warmup_s: warmup, predict_s: times, best_predict_s: Math.min(...times), foreground_s: fgTime, peak_rss_gib: peak.rss / GiB, peak_anon_gib: peak.anon / GiB, peak_file_gib: peak.file / GiB };
   } finally {
     await model.close();
   }
@@ -154,7 +162,6 @@ export function registerMattingBench(bench: Command): void {
     .option('--runs <n>', 'timed runs after one warm-up', '2')
     .option('--weights <path>', 'a real BiRefNet checkpoint instead of random weights (one variant)')
     .option('--threads <n>', 'intra-op threads (default: all cores)')
-    .option('--low-memory', 'sessions without ORT arena and memory patterns')
     .action(async (opts: Options) => {
       const variants = opts.variant === 'all' ? (opts.weights ? ['checkpoint'] : VARIANTS) : [opts.variant];
       for (const v of variants) if (!opts.weights && !VARIANTS.includes(v as Variant)) throw new UsageError(`unknown --variant "${v}"; use ${VARIANTS.join(', ')} or all`);
@@ -167,7 +174,6 @@ export function registerMattingBench(bench: Command): void {
       for (const v of variants) {
         const args = [path.join(here, '..', 'bin', 'klein.js'), 'bench', 'matting', '--variant', v, '--size', opts.size, '--runs', opts.runs];
         if (opts.threads) args.push('--threads', opts.threads);
-        if (opts.lowMemory) args.push('--low-memory');
         results.push(await runChild(args, v));
       }
       console.log(JSON.stringify(results));

@@ -1,8 +1,10 @@
 // `klein models`: what is installed in the model cache (or a given folder), with variant, layout, size and health;
 // matting weights (transparent backgrounds) are listed with their geometry.
 import type { Command } from 'commander';
-import { listInstalledModels, modelsDir, openModelFolder, ModelFolderError, type InstalledModel } from '../weights/model-folder.ts';
+import { modelsDir } from '../weights/cache-dirs.ts';
+import { listInstalledModels, openModelFolder, ModelFolderError, type InstalledModel } from '../weights/model-folder.ts';
 import { openMattingFolder, type MattingFolder } from '../weights/matting-folder.ts';
+import { inspectMattingFolder } from '../pipeline/matting-model.ts';
 import { UsageError } from './errors.ts';
 import { fmtBytes } from './progress-bars.ts';
 
@@ -10,8 +12,18 @@ function inputSizeText(s: unknown): string {
   return Array.isArray(s) ? `${s[1]}×${s[0]}` : s === 'dynamic' ? 'dynamic size' : `${String(s)}²`;
 }
 
+/** A matting folder's geometry and input size (read off its weights), or why it is unusable. */
+function describeMatting(m: InstalledModel, matting: MattingFolder) {
+  try {
+    const info = inspectMattingFolder(matting);
+    return { name: m.name, path: m.path, ok: true, kind: 'matting' as const, geometry: info.geometry, input_size: info.inputSize, bytes: info.bytes };
+  } catch (e) {
+    return { name: m.name, path: m.path, ok: false, problem: (e as Error).message };
+  }
+}
+
 function describe(m: InstalledModel) {
-  if (m.matting) return { name: m.name, path: m.path, ok: true, kind: 'matting' as const, geometry: m.matting.geometry, input_size: m.matting.inputSize, bytes: m.matting.bytes };
+  if (m.matting) return describeMatting(m, m.matting);
   return m.model
     ? { name: m.name, path: m.path, ok: true, kind: 'klein' as const, variant: m.model.variant.id, layout: m.model.layout, bytes: m.model.bytes, steps: m.model.variant.defaultSteps, guidance: m.model.variant.distilled ? null : m.model.variant.defaultGuidance }
     : { name: m.name, path: m.path, ok: false, problem: m.error };

@@ -4,7 +4,9 @@
 import path from 'node:path';
 import type { Command } from 'commander';
 import { DEFAULT_MATTING_REPO, defaultMattingDir, openMattingFolder } from '../weights/matting-folder.ts';
-import { DEFAULT_REPO, isRepoId, openModelFolder } from '../weights/model-folder.ts';
+import { isRepoId } from '../weights/cache-dirs.ts';
+import { DEFAULT_REPO, openModelFolder } from '../weights/model-folder.ts';
+import { inspectMattingFolder } from '../pipeline/matting-model.ts';
 import { PullError, pullModel } from '../weights/hub.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
 import { fmtBytes, stageBar } from './progress-bars.ts';
@@ -23,7 +25,7 @@ interface PullCliOptions {
 function check(kind: 'klein' | 'matting', dir: string): { variant?: string; matting?: { geometry: string; input_size: unknown }; problem?: string } {
   try {
     if (kind === 'klein') return { variant: openModelFolder(dir).variant.id };
-    const m = openMattingFolder(dir);
+    const m = inspectMattingFolder(openMattingFolder(dir));
     return { matting: { geometry: m.geometry, input_size: m.inputSize } };
   } catch (e) {
     return { problem: (e as Error).message };

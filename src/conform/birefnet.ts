@@ -5,8 +5,10 @@
 // blur-fusion foreground estimate.
 import path from 'node:path';
 import fs from 'node:fs';
-import { BiRefNet, normalizeImage, pilResize } from '../models/birefnet.ts';
+import { resolveTarget } from '../runtime/target.ts';
+import { normalizeImage, pilResize } from '../pipeline/image-resize.ts';
 import { estimateForeground, truncateToUint8 } from '../pipeline/matting.ts';
+import { MattingPredictor } from '../pipeline/matting-model.ts';
 import { GoldenCase, findCases, relResult, absResult, errorResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -45,7 +47,8 @@ async function* runCase(gc: GoldenCase, weights: string, label: string, opts: Co
   yield absResult(NAME, `${label} resized_image_uint8_hwc`, resized, gc.u8('resized_image_uint8_hwc'), U8_TOL);
   yield relResult(NAME, `${label} input`, normalizeImage(gc.u8('resized_image_uint8_hwc'), w, h), gc.f32('input'));
 
-  const model = await BiRefNet.load(weights, { inputSize: [h, w], session: { device: opts.device } });
+  // exact on every device: the model always computes in fp32
+  const model = await MattingPredictor.load(weights, { target: await resolveTarget({ device: opts.device }), inputSize: [h, w] });
   try {
     const out = await model.run(gc.f32('input'), h, w);
     yield relResult(NAME, `${label} logits`, out.logits, gc.f32('logits'));

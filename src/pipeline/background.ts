@@ -2,10 +2,9 @@
 // decode from a matting model (BiRefNet) and the foreground colours at soft edges are recovered (matting.ts).
 // This module holds the two pieces around that: the prompt conditioning that makes the subject easy to cut out,
 // and the matting model as a pipeline component (opened lazily, released after its stage on the CPU).
-import { BiRefNet } from '../models/birefnet.ts';
-import type { SessionConfig } from '../graph/session.ts';
-import { findMattingModel, type MattingFolder } from '../weights/matting-folder.ts';
+import type { ExecutionTarget } from '../runtime/target.ts';
 import { cutout } from './matting.ts';
+import { MattingPredictor, resolveMattingModel, type MattingModelInfo } from './matting-model.ts';
 import type { RgbImage, RgbaImage } from './images.ts';
 
 export { MattingModelError, DEFAULT_MATTING_REPO, MATTING_PULL_COMMAND } from '../weights/matting-folder.ts';
@@ -47,17 +46,18 @@ export function promptForBackground(prompt: string, background: 'opaque' | 'tran
 
 /**
  * The matting model as a pipeline component: where its weights are is settled up front (`resolve`, cheap: the
- * safetensors header), the graph is built and loaded only when the matting stage runs.
+ * safetensors header), the graph is built and loaded only when the matting stage runs. It computes in fp32 on
+ * every device.
  */
 export class MattingComponent {
-  private folder?: MattingFolder;
-  private model?: BiRefNet;
+  private folder?: MattingModelInfo;
+  private model?: MattingPredictor;
 
   constructor(private readonly where: { explicit?: string; modelRoot?: string }) {}
 
   /** Finds the weights (throws `MattingModelError` naming the pull command); remembered once found. */
-  resolve(): MattingFolder {
-    this.folder ??= findMattingModel(this.where);
+  resolve(): MattingModelInfo {
+    this.folder ??= resolveMattingModel(this.where);
     return this.folder;
   }
 
@@ -65,15 +65,15 @@ export class MattingComponent {
     return this.model !== undefined;
   }
 
-  async load(session: SessionConfig): Promise<BiRefNet> {
+  async load(target: ExecutionTarget): Promise<MattingPredictor> {
     const f = this.resolve();
-    this.model ??= await BiRefNet.load(f.path, { inputSize: f.inputSize, session });
+    this.model ??= await MattingPredictor.load(f.path, { target, inputSize: f.inputSize });
     return this.model;
   }
 
   /** Straight RGBA of one decoded image: matte, foreground colours at the edges, RGB 0 where alpha is 0. */
-  async cutout(img: RgbImage, session: SessionConfig): Promise<RgbaImage> {
-    const model = await this.load(session);
+  async cutout(img: RgbImage, target: ExecutionTarget): Promise<RgbaImage> {
+    const model = await this.load(target);
     const { rgba } = await cutout(model, img.data, img.width, img.height);
     return { data: rgba, width: img.width, height: img.height, channels: 4 };
   }

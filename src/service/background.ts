@@ -2,7 +2,8 @@
 // can cut subjects out at all (the matting weights are a separate download). Both are checked when a run is created,
 // so a request that can only fail is refused before anything is stored, queued or quoted.
 import { z } from '@hono/zod-openapi';
-import { findMattingModel, MattingModelError } from '../weights/matting-folder.ts';
+import { MattingModelError } from '../weights/matting-folder.ts';
+import { resolveMattingModel } from '../pipeline/matting-model.ts';
 import { ApiError } from './errors.ts';
 
 export const BACKGROUNDS = ['auto', 'opaque', 'transparent'] as const;
@@ -33,7 +34,7 @@ export type MattingProbe = () => string | null;
 export function mattingProbe(where: { explicit?: string; modelRoot?: string }): MattingProbe {
   return () => {
     try {
-      findMattingModel(where);
+      resolveMattingModel(where);
       return null;
     } catch (e) {
       if (e instanceof MattingModelError) return e.message;

@@ -13,7 +13,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { listFiles } from '@huggingface/hub';
 import { isMattingListing, mattingFilesToPull } from './matting-folder.ts';
-import { filesToPull, modelCacheDir } from './model-folder.ts';
+import { modelCacheDir } from './cache-dirs.ts';
+import { filesToPull } from './model-folder.ts';
 
 export const DEFAULT_HUB_URL = 'https://huggingface.co';
 

@@ -1,4 +1,4 @@
-// Where the matting model (BiRefNet, for transparent backgrounds) lives and whether a folder holds one.
+// Where the matting model (BiRefNet, for transparent backgrounds) lives and whether a folder holds readable weights.
 //
 // A matting folder is what `klein pull ZhengPeng7/BiRefNet-matting` leaves: `model.safetensors` (the official key
 // layout, any BiRefNet geometry) and the repo's config.json. It is looked up, first match wins:
@@ -7,12 +7,13 @@
 //   3. `matting/` inside the klein model folder (what `klein dev make-tiny-model` writes, so a tiny model folder is
 //      self-contained and its random matting weights can never be picked up for a real model),
 //   4. the pulled default in the model cache (`$KLEIN_HOME/models/ZhengPeng7--BiRefNet-matting`).
-// Only the safetensors header is read here (geometry inference); the graph is built when the matting stage runs.
+// Only files are checked here: the safetensors headers parse, they carry the Swin backbone's patch embedding (what
+// tells a BiRefNet checkpoint from other weights), config.json's `klein_input_size` is valid. The geometry and the
+// model input are the model's business (models/birefnet/config.ts); pipeline/matting-model.ts joins the two.
 import fs from 'node:fs';
 import path from 'node:path';
-import { BiRefNetWeights, defaultInputSize, inferBiRefNetConfig, type BiRefNetConfig, type InputSize } from '../models/birefnet.ts';
 import { Checkpoint } from './safetensors.ts';
-import { modelCacheDir } from './model-folder.ts';
+import { modelCacheDir } from './cache-dirs.ts';
 
 /** The default matting weights: BiRefNet trained for soft alpha (hair, fur), 1024² input, MIT licence. */
 export const DEFAULT_MATTING_REPO = 'ZhengPeng7/BiRefNet-matting';
@@ -23,16 +24,18 @@ export const MATTING_PULL_COMMAND = 'klein pull --matting';
 
 export type MattingSource = 'option' | 'env' | 'model folder' | 'cache';
 
+/** A model input as config.json's `klein_input_size` may set it: a side, `[height, width]` or `'dynamic'`. */
+export type ConfiguredInputSize = number | [number, number] | 'dynamic';
+
 export interface MattingFolder {
-  /** The folder (or file) handed to `BiRefNet.load`. */
+  /** The folder (or file) handed to the model's loader. */
   path: string;
   source: MattingSource;
-  config: BiRefNetConfig;
-  /** The model input: 1024² for the published fixed-size checkpoints, 2048² for HR, or config.json's `klein_input_size`. */
-  inputSize: InputSize;
-  /** 'full' (Swin-L), 'lite' (Swin-T) or 'custom' (another geometry, e.g. the tiny test one). */
-  geometry: 'full' | 'lite' | 'custom';
+  /** The .safetensors files of the checkpoint (shards included). */
+  files: string[];
   bytes: number;
+  /** config.json's `klein_input_size`, when the folder sets one (checked: multiples of 32). */
+  configuredInputSize?: ConfiguredInputSize;
 }
 
 /**
@@ -49,14 +52,8 @@ export class MattingModelError extends Error {
   }
 }
 
-function geometryOf(c: BiRefNetConfig): MattingFolder['geometry'] {
-  if (c.embedDim === 192 && c.windowSize === 12) return 'full';
-  if (c.embedDim === 96 && c.windowSize === 7) return 'lite';
-  return 'custom';
-}
-
 /** `klein_input_size` in the folder's config.json: a side, `[height, width]` or `"dynamic"` (checked). */
-function configuredInputSize(dir: string): InputSize | undefined {
+function configuredInputSize(dir: string): ConfiguredInputSize | undefined {
   const file = path.join(dir, 'config.json');
   if (!fs.existsSync(file)) return undefined;
   let v: unknown;
@@ -67,27 +64,34 @@ function configuredInputSize(dir: string): InputSize | undefined {
   }
   if (v === undefined) return undefined;
   const ok32 = (n: unknown) => Number.isInteger(n) && (n as number) > 0 && (n as number) % 32 === 0;
-  if (v === 'dynamic' || ok32(v)) return v as InputSize;
+  if (v === 'dynamic' || ok32(v)) return v as ConfiguredInputSize;
   if (Array.isArray(v) && v.length === 2 && v.every(ok32)) return [v[0], v[1]];
   throw new MattingModelError('matting_model_invalid', `${file}: klein_input_size must be a positive multiple of 32, [height, width] or "dynamic", got ${JSON.stringify(v)}`);
 }
 
-/** Checks that `p` (folder or .safetensors file) holds a BiRefNet checkpoint and reads its geometry. */
+/** A tensor every BiRefNet checkpoint has (maybe behind DataParallel / torch.compile prefixes). */
+const SIGNATURE_TENSOR = 'bb.patch_embed.proj.weight';
+
+/** Checks that `p` (folder or .safetensors file) holds readable BiRefNet-like weights and a valid config.json. */
 export function openMattingFolder(p: string, source: MattingSource = 'option'): MattingFolder {
   const abs = path.resolve(p);
   if (!fs.existsSync(abs)) throw new MattingModelError('matting_model_invalid', `no matting model at ${abs}. Install the default one with \`${MATTING_PULL_COMMAND}\`.`);
   let ckpt: Checkpoint;
-  let config: BiRefNetConfig;
   try {
     ckpt = Checkpoint.open(abs);
-    config = inferBiRefNetConfig(new BiRefNetWeights(ckpt));
   } catch (e) {
-    throw new MattingModelError('matting_model_invalid', `${abs} does not hold BiRefNet matting weights (${(e as Error).message}). Install the default ones with \`${MATTING_PULL_COMMAND}\`.`);
+    throw invalidMattingWeights(abs, (e as Error).message);
   }
+  if (!ckpt.names.some((n) => n === SIGNATURE_TENSOR || n.endsWith(`.${SIGNATURE_TENSOR}`))) throw invalidMattingWeights(abs, `no tensor ${SIGNATURE_TENSOR}`);
   const dir = fs.statSync(abs).isDirectory() ? abs : path.dirname(abs);
-  const inputSize = configuredInputSize(dir) ?? defaultInputSize(abs);
-  const bytes = ckpt.files.reduce((n, f) => n + fs.statSync(f.file).size, 0);
-  return { path: abs, source, config, inputSize, geometry: geometryOf(config), bytes };
+  const files = ckpt.files.map((f) => f.file);
+  const bytes = files.reduce((n, f) => n + fs.statSync(f).size, 0);
+  return { path: abs, source, files, bytes, configuredInputSize: configuredInputSize(dir) };
+}
+
+/** The error for a configured path whose weights are not BiRefNet matting weights (unreadable, or another model). */
+export function invalidMattingWeights(p: string, why: string): MattingModelError {
+  return new MattingModelError('matting_model_invalid', `${p} does not hold BiRefNet matting weights (${why}). Install the default ones with \`${MATTING_PULL_COMMAND}\`.`);
 }
 
 /** A folder counts as installed once its weights are complete (an interrupted pull leaves only `.part` files). */

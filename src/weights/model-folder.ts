@@ -6,8 +6,8 @@
 //     (`text_encoder/` or `qwen3/`, with its tokenizer inside or in `tokenizer/`).
 // A folder that is missing pieces is reported once, listing everything missing and how to get it.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
+import { isRepoId, modelCacheDir, modelsDir, repoOfCacheDir } from './cache-dirs.ts';
 import { openMattingFolder, type MattingFolder } from './matting-folder.ts';
 import { SafetensorsFile } from './safetensors.ts';
 
@@ -79,27 +79,6 @@ export interface ModelFolder {
 
 // ---------------------------------------------------------------------------------------------- locations
 
-/** `$KLEIN_HOME` (default `~/.cache/klein`): models, compiled-graph links, prompt caches. */
-export function kleinHome(): string {
-  return process.env.KLEIN_HOME ?? path.join(os.homedir(), '.cache', 'klein');
-}
-
-export function modelsDir(): string {
-  return path.join(kleinHome(), 'models');
-}
-
-const REPO_RE = /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/;
-
-export function isRepoId(s: string): boolean {
-  return REPO_RE.test(s) && !s.startsWith('.') && !s.includes('..');
-}
-
-/** The cache folder of a Hub repository: `<models>/<owner>--<name>`. */
-export function modelCacheDir(repo: string): string {
-  if (!isRepoId(repo)) throw new ModelFolderError('model_invalid', `"${repo}" is not a Hub repository id (owner/name)`);
-  return path.join(modelsDir(), repo.replace('/', '--'));
-}
-
 /**
  * `--model` to a folder: an existing path is used as is; `owner/name` means its cache folder; nothing means
  * `$KLEIN_MODEL` or the default repository. Does not validate the folder (see `openModelFolder`).
@@ -111,14 +90,6 @@ export function resolveModelPath(spec?: string): string {
   // a path that does not exist (yet): openModelFolder reports it with how to get a model
   if (path.isAbsolute(s) || s.startsWith('.') || s.includes(path.sep)) return path.resolve(s);
   throw new ModelFolderError('model_not_found', `model "${s}" is neither a folder nor a Hub repository id (owner/name)`);
-}
-
-/** The repository a cache folder was pulled from (`owner--name` → `owner/name`), if it is one. */
-export function repoOfCacheDir(dir: string): string | undefined {
-  const rel = path.relative(modelsDir(), dir);
-  if (rel.startsWith('..') || rel.includes(path.sep)) return undefined;
-  const i = rel.indexOf('--');
-  return i > 0 ? `${rel.slice(0, i)}/${rel.slice(i + 2)}` : undefined;
 }
 
 // ---------------------------------------------------------------------------------------------- detection

@@ -8,10 +8,12 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint, type Flux2VaeConfig } from '../models/flux2-vae.ts';
+import { FLUX2_VAE_CONFIG, type Flux2VaeConfig } from '../models/vae/config.ts';
+import { writeRandomVaeCheckpoint } from '../fixtures/vae.ts';
 import { writeRandomFlux2Checkpoint, type Flux2Config } from '../models/flux2-transformer.ts';
 import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
-import { BIREFNET_CONFIGS, writeRandomBiRefNetCheckpoint } from '../models/birefnet.ts';
+import { BIREFNET_CONFIGS } from '../models/birefnet/config.ts';
+import { writeRandomBiRefNetCheckpoint } from '../fixtures/birefnet.ts';
 import { BUNDLED_MATTING_DIR } from './matting-folder.ts';
 import { VARIANTS, type VariantId } from './model-folder.ts';
 

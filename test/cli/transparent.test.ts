@@ -6,9 +6,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
-import { BiRefNet } from '../../src/models/birefnet.ts';
 import { transparentPrompt } from '../../src/pipeline/background.ts';
 import { cutoutRGBA } from '../../src/pipeline/matting.ts';
+import { inspectMattingFolder, MattingPredictor } from '../../src/pipeline/matting-model.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { openMattingFolder } from '../../src/weights/matting-folder.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
@@ -53,8 +54,8 @@ test('transparent PNG and WebP: 4 channels, alpha from the matting model on the 
 
   const got = await raw(png);
   assert.deepEqual([got.width, got.height, got.channels, got.format, got.hasAlpha], [64, 64, 4, 'png', true]);
-  const folder = openMattingFolder(path.join(model, 'matting'));
-  const net = await BiRefNet.load(folder.path, { inputSize: folder.inputSize });
+  const folder = inspectMattingFolder(openMattingFolder(path.join(model, 'matting')));
+  const net = await MattingPredictor.load(folder.path, { target: cpuTarget(), inputSize: folder.inputSize });
   const alpha = await net.predict(rgb.data, 64, 64);
   await net.close();
   const want = cutoutRGBA(rgb.data, alpha, 64, 64);

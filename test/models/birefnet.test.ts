@@ -1,18 +1,28 @@
-import { test } from 'node:test';
+import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  BiRefNet, BiRefNetWeights, BIREFNET_CONFIGS, biRefNetStateDictShapes, inferBiRefNetConfig, relativePositionIndex,
-  shiftRegionIds, writeRandomBiRefNetCheckpoint, defaultInputSize, pilResize, resizeBilinearAlignCorners, type BiRefNetConfig,
-} from '../../src/models/birefnet.ts';
+import { BIREFNET_CONFIGS, defaultInputSize, inferBiRefNetConfig, type BiRefNetConfig } from '../../src/models/birefnet/config.ts';
+import { BiRefNetWeights, biRefNetStateDictShapes } from '../../src/models/birefnet/checkpoint.ts';
+import { BiRefNet } from '../../src/models/birefnet/runtime.ts';
+import { relativePositionIndex, shiftRegionIds } from '../../src/models/birefnet/swin.ts';
+import { writeRandomBiRefNetCheckpoint } from '../../src/fixtures/birefnet.ts';
+import { MattingPredictor } from '../../src/pipeline/matting-model.ts';
+import { pilResize, resizeBilinearAlignCorners } from '../../src/pipeline/image-resize.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { compareRelative } from '../../src/conform/compare.ts';
 import { Checkpoint, readFloat32, readInt64, writeSafetensors, f32ToF16, type TensorToWrite } from '../../src/weights/safetensors.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 const MODEL = path.join(GOLDEN, 'birefnet/model.safetensors');
+const target = cpuTarget();
+
+// weight stores and compiled graphs of this file's checkpoints (some in temporary folders) go to a fresh root
+const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-birefnet-cache-'));
+process.env.KLEIN_CACHE_DIR = cacheRoot;
+after(() => fs.rmSync(cacheRoot, { recursive: true, force: true }));
 
 function tmpdir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'klein-birefnet-'));
@@ -68,7 +78,7 @@ test('relative position index and shift regions match the reference buffers and 
 
 test('intermediates of the non-square case match the reference (padding in both directions, odd patch merging)', async () => {
   const gc = new GoldenCase(path.join(GOLDEN, 'birefnet/case2.safetensors'));
-  const model = await BiRefNet.load(MODEL, { inputSize: [96, 160], debug: true });
+  const model = await BiRefNet.load(MODEL, { target, inputSize: [96, 160], debug: true });
   try {
     const out = await model.run(gc.f32('input'), 96, 160);
     const names = Object.keys(out.debug).filter((n) => gc.has(n));
@@ -82,6 +92,17 @@ test('intermediates of the non-square case match the reference (padding in both 
   }
 });
 
+test('an fp32 checkpoint is used in place: the weight store hard-links it and converts nothing', async () => {
+  const model = await BiRefNet.load(MODEL, { target, inputSize: 64 });
+  await model.close();
+  const root = path.join(cacheRoot, 'weights');
+  const ino = fs.statSync(MODEL).ino;
+  const linksModel = (dir: string) => fs.existsSync(path.join(dir, 'src')) && fs.readdirSync(path.join(dir, 'src')).some((f) => fs.statSync(path.join(dir, 'src', f)).ino === ino);
+  const stores = fs.readdirSync(root).filter((n) => n.startsWith('birefnet-fp32-')).map((n) => path.join(root, n)).filter(linksModel);
+  assert.equal(stores.length, 1, 'one weight store links the golden checkpoint');
+  assert.equal(fs.statSync(path.join(stores[0], 'weights.bin')).size, 0, 'no weight was converted');
+});
+
 test('DataParallel / torch.compile key prefixes are stripped', async () => {
   const dir = tmpdir();
   try {
@@ -93,7 +114,7 @@ test('DataParallel / torch.compile key prefixes are stripped', async () => {
     }
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
     const gc = new GoldenCase(path.join(GOLDEN, 'birefnet/case1.safetensors'));
-    const model = await BiRefNet.load(dir, { inputSize: 128 });
+    const model = await BiRefNet.load(dir, { target, inputSize: 128 });
     try {
       const { logits } = await model.run(gc.f32('input'), 128, 128);
       const c = compareRelative(logits, gc.f32('logits'), 1e-4);
@@ -106,7 +127,7 @@ test('DataParallel / torch.compile key prefixes are stripped', async () => {
   }
 });
 
-test('an fp16 checkpoint runs through the in-graph cast and stays close to the fp32 reference', async () => {
+test('an fp16 checkpoint is widened to fp32 once in the weight store and stays close to the fp32 reference', async () => {
   const dir = tmpdir();
   try {
     const golden = Checkpoint.open(MODEL);
@@ -117,7 +138,7 @@ test('an fp16 checkpoint runs through the in-graph cast and stays close to the f
     }
     writeSafetensors(path.join(dir, 'model.safetensors'), tensors);
     const gc = new GoldenCase(path.join(GOLDEN, 'birefnet/case1.safetensors'));
-    const model = await BiRefNet.load(dir, { inputSize: 128 });
+    const model = await BiRefNet.load(dir, { target, inputSize: 128 });
     try {
       const { alpha } = await model.run(gc.f32('input'), 128, 128);
       // fp16 weight rounding alone (measured 0.024 with these random weights); a wrong cast would be far off
@@ -147,8 +168,8 @@ test('random tiny matting weights: real layout, deterministic, a soft non-consta
 
     const w = 90, h = 70;
     const img = discImage(w, h);
-    const model = await BiRefNet.load(a, { inputSize: 64 });
-    const other = await BiRefNet.load(b, { inputSize: 64 });
+    const model = await MattingPredictor.load(a, { target, inputSize: 64 });
+    const other = await MattingPredictor.load(b, { target, inputSize: 64 });
     try {
       const alpha = await model.predict(img, w, h);
       assert.equal(alpha.length, w * h);
@@ -185,9 +206,9 @@ test('the default input size follows the checkpoint name', () => {
 });
 
 test('dynamic input size follows the image, rounded to a multiple of 32', async () => {
-  const model = await BiRefNet.load(MODEL, { inputSize: 'dynamic' });
+  const model = await MattingPredictor.load(MODEL, { target, inputSize: 'dynamic' });
   try {
-    assert.deepEqual(model.modelSize(200, 150), [160, 192]);
+    assert.deepEqual(model.net.modelSize(200, 150), [160, 192]);
     const alpha = await model.predict(discImage(70, 40), 70, 40);
     assert.equal(alpha.length, 70 * 40);
   } finally {
@@ -196,10 +217,10 @@ test('dynamic input size follows the image, rounded to a multiple of 32', async 
 });
 
 test('bad input gets clear errors', async () => {
-  await assert.rejects(BiRefNet.load(path.join(GOLDEN, 'vae/model.safetensors'), { inputSize: 64 }), /not a BiRefNet checkpoint.*bb\.patch_embed\.proj\.weight/);
-  await assert.rejects(BiRefNet.load(path.join(os.tmpdir(), 'no-such-birefnet.safetensors')), /cannot open BiRefNet weights/);
-  await assert.rejects(BiRefNet.load(MODEL, { inputSize: 100 }), /multiple of 32/);
-  const model = await BiRefNet.load(MODEL, { inputSize: 64 });
+  await assert.rejects(BiRefNet.load(path.join(GOLDEN, 'vae/model.safetensors'), { target, inputSize: 64 }), /not a BiRefNet checkpoint.*bb\.patch_embed\.proj\.weight/);
+  await assert.rejects(BiRefNet.load(path.join(os.tmpdir(), 'no-such-birefnet.safetensors'), { target }), /cannot open BiRefNet weights/);
+  await assert.rejects(BiRefNet.load(MODEL, { target, inputSize: 100 }), /multiple of 32/);
+  const model = await MattingPredictor.load(MODEL, { target, inputSize: 64 });
   try {
     await assert.rejects(model.predict(new Uint8Array(10), 4, 4), /expected 4×4×3/);
     await assert.rejects(model.predict(new Uint8Array(48), 0, 4), /bad image size/);

@@ -4,7 +4,8 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { BIREFNET_CONFIGS } from '../../src/models/birefnet.ts';
+import { BIREFNET_CONFIGS } from '../../src/models/birefnet/config.ts';
+import { inspectMattingFolder, resolveMattingModel } from '../../src/pipeline/matting-model.ts';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
 import { writeTinyMattingModel, TINY_MATTING_INPUT_SIZE } from '../../src/weights/tiny-model.ts';
 import { DEFAULT_MATTING_REPO, MattingModelError, findMattingModel, isMattingListing, mattingFilesToPull, openMattingFolder } from '../../src/weights/matting-folder.ts';
@@ -26,19 +27,23 @@ after(() => {
   }
 });
 
-test('the tiny matting folder opens with its geometry and the input size from config.json', () => {
+test('the tiny matting folder opens with its files and input size from config.json; the model reads its geometry', () => {
   const dir = path.join(work, 'tiny-matting');
   writeTinyMattingModel(dir, 3);
-  const m = openMattingFolder(dir);
+  const folder = openMattingFolder(dir);
+  assert.deepEqual(folder.files, [path.join(dir, 'model.safetensors')]);
+  assert.equal(folder.bytes, fs.statSync(path.join(dir, 'model.safetensors')).size);
+  assert.equal(folder.configuredInputSize, TINY_MATTING_INPUT_SIZE);
+  const m = inspectMattingFolder(folder);
   assert.deepEqual(m.config, BIREFNET_CONFIGS.tiny);
   assert.equal(m.geometry, 'custom');
   assert.equal(m.inputSize, TINY_MATTING_INPUT_SIZE);
-  assert.equal(m.bytes, fs.statSync(path.join(dir, 'model.safetensors')).size);
   // a bad klein_input_size is named, not ignored
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ klein_input_size: 100 }));
   assert.throws(() => openMattingFolder(dir), (e: unknown) => e instanceof MattingModelError && e.code === 'matting_model_invalid' && /klein_input_size must be a positive multiple of 32.*100/.test(e.message));
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ architectures: ['BiRefNet'] }));
-  assert.equal(openMattingFolder(dir).inputSize, 1024, 'no klein_input_size: the published checkpoints take 1024²');
+  assert.equal(openMattingFolder(dir).configuredInputSize, undefined);
+  assert.equal(inspectMattingFolder(openMattingFolder(dir)).inputSize, 1024, 'no klein_input_size: the published checkpoints take 1024²');
 });
 
 test('resolution order: option, then $KLEIN_MATTING_MODEL, then the model folder\'s matting/, then the pulled default', () => {
@@ -70,6 +75,11 @@ test('no matting weights: the error names the pull command; a foreign folder say
   const foreign = path.join(work, 'foreign');
   writeSafetensors(path.join(foreign, 'model.safetensors'), { 'encoder.weight': { dtype: 'F32', shape: [2, 2], data: new Float32Array(4) } });
   assert.throws(() => findMattingModel({ explicit: foreign }), (e: unknown) => e instanceof MattingModelError && e.code === 'matting_model_invalid' && /does not hold BiRefNet matting weights/.test(e.message));
+  // a BiRefNet-looking file whose other weights are missing: the model's own reading refuses it
+  const partial = path.join(work, 'partial');
+  writeSafetensors(path.join(partial, 'model.safetensors'), { 'bb.patch_embed.proj.weight': { dtype: 'F32', shape: [8, 3, 4, 4], data: new Float32Array(8 * 48) } });
+  assert.ok(findMattingModel({ explicit: partial }));
+  assert.throws(() => resolveMattingModel({ explicit: partial }), (e: unknown) => e instanceof MattingModelError && e.code === 'matting_model_invalid' && /does not hold BiRefNet matting weights.*expected a 4-stage Swin backbone/.test(e.message));
   assert.throws(() => findMattingModel({ explicit: path.join(work, 'missing') }), (e: unknown) => e instanceof MattingModelError && /no matting model at .*missing/.test(e.message));
 });
 
