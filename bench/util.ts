@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 
 /**
  * Resets the process's peak-RSS mark (Linux: writing "5" to /proc/self/clear_refs), so a figure covers only the
@@ -57,23 +58,49 @@ export function memoryNow(): MemoryFigures {
 }
 
 /**
- * Peak resident memory, anonymous and file-backed separately, sampled every `ms` while the event loop is free
- * (ORT runs on its own threads, so sampling continues during a step). The kernel's VmHWM covers the total only.
+ * Samples this process's /proc/self/status every `ms` into `peaks` (KiB: VmRSS, RssAnon, RssFile), from a worker
+ * thread: onnxruntime-node runs a session synchronously on the main thread, so a timer there never fires mid-run.
+ */
+const SAMPLER_WORKER = `
+const { workerData } = require('node:worker_threads');
+const fs = require('node:fs');
+const peaks = new Int32Array(workerData.peaks);
+const keys = ['VmRSS', 'RssAnon', 'RssFile'];
+setInterval(() => {
+  const s = fs.readFileSync('/proc/self/status', 'utf8');
+  keys.forEach((k, i) => {
+    const m = new RegExp(k + ':\\s+(\\d+) kB').exec(s);
+    if (m && Number(m[1]) > Atomics.load(peaks, i)) Atomics.store(peaks, i, Number(m[1]));
+  });
+}, workerData.ms);
+`;
+
+/**
+ * Peak resident memory, anonymous and file-backed separately, sampled every `ms` by a worker thread (so also while
+ * a session runs). The kernel's VmHWM covers the total only.
  */
 export class MemorySampler {
   peak: MemoryFigures = { rss: 0, anon: 0, file: 0 };
-  private readonly timer: NodeJS.Timeout;
+  private readonly peaks = new Int32Array(new SharedArrayBuffer(12));
+  private readonly worker?: Worker;
   constructor(ms = 100) {
     this.sample();
-    this.timer = setInterval(() => this.sample(), ms);
-    this.timer.unref();
+    if (fs.existsSync('/proc/self/status')) {
+      this.worker = new Worker(SAMPLER_WORKER, { eval: true, workerData: { peaks: this.peaks.buffer, ms } });
+      this.worker.unref();
+    }
   }
   sample(): void {
     const m = memoryNow();
-    this.peak = { rss: Math.max(this.peak.rss, m.rss, peakRssBytes()), anon: Math.max(this.peak.anon, m.anon), file: Math.max(this.peak.file, m.file) };
+    const kib = (i: number) => Atomics.load(this.peaks, i) * 1024;
+    this.peak = {
+      rss: Math.max(this.peak.rss, m.rss, kib(0), peakRssBytes()),
+      anon: Math.max(this.peak.anon, m.anon, kib(1)),
+      file: Math.max(this.peak.file, m.file, kib(2)),
+    };
   }
   stop(): MemoryFigures {
-    clearInterval(this.timer);
+    void this.worker?.terminate();
     this.sample();
     return this.peak;
   }
