@@ -19,12 +19,12 @@ import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '.
 import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
 import { FLUX2_VAE_CONFIG } from '../src/models/vae/config.ts';
 import { writeRandomVaeCheckpoint } from '../src/fixtures/vae.ts';
-import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3.ts';
+import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3/config.ts';
 import { KleinPipeline } from '../src/pipeline/pipeline.ts';
 import { SIZE_PRESETS, checkSize } from '../src/pipeline/request.ts';
 import type { ProgressEvent } from '../src/pipeline/types.ts';
 import { benchCheckpoint } from './transformer.ts';
-import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from './text-encoder.ts';
+import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from '../src/fixtures/qwen3.ts';
 import { GiB, benchCacheDir, peakRssBytes, resetPeakRss } from './util.ts';
 import { createRequire } from 'node:module';
 import { psnr8 } from '../src/conform/compare.ts';

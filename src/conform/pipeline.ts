@@ -7,7 +7,7 @@ import path from 'node:path';
 import { Flux2Transformer } from '../models/flux2-transformer.ts';
 import { Flux2VAE } from '../models/vae/runtime.ts';
 import { resolveTarget } from '../runtime/target.ts';
-import { Qwen3TextEncoder } from '../models/qwen3.ts';
+import { Qwen3TextEncoder } from '../models/qwen3/runtime.ts';
 import { rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
 import { imagePositionIds, latentToTokens, referenceTokens, tokensToLatent } from '../pipeline/latents.ts';
 import { denoise } from '../pipeline/pipeline.ts';
@@ -125,7 +125,7 @@ export const pipelineComponent: ConformComponent = {
       const vaeFile = path.join(goldenDir, 'vae', 'model.safetensors');
       for (const p of [teDir, trDir, vaeFile]) if (!fs.existsSync(p)) throw new Error(`the pipeline cases need the tiny weights: ${p} is missing`);
       models = {
-        te: await Qwen3TextEncoder.load(teDir, { session: { ...session, gpuDtype: 'fp32' } }), // fp16 contexts are ≈6e-3 off (text-encoder component)
+        te: await Qwen3TextEncoder.load(teDir, { target: await resolveTarget({ device: opts.device, gpuDtype: 'fp32' }) }), // fp16 contexts are ≈6e-3 off (text-encoder component)
         // fp32 on GPUs too: these cases check the pipeline's plumbing to 1e-3 over 4 steps and a decode, which the
         // fp16 Linears (≈3e-3 relative per evaluation, checked by the transformer component) would exceed.
         tr: await Flux2Transformer.load(trDir, { ...session, gpuDtype: 'fp32' }),

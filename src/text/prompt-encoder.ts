@@ -5,9 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { KleinTokenizer } from './tokenizer.ts';
 import { PromptEmbeddingCache, promptKey, type PromptCacheOptions, type PromptCacheStats } from './prompt-cache.ts';
-import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../models/qwen3.ts';
-import type { Precision } from '../pipeline/types.ts';
-import type { ComputeDtype } from '../graph/compute-dtype.ts';
+import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../models/qwen3/runtime.ts';
+import type { Precision } from '../runtime/target.ts';
 
 /** The part of the encoder the prompt encoder needs (Qwen3TextEncoder implements it). */
 export interface TextEmbedder {
@@ -16,8 +15,8 @@ export interface TextEmbedder {
   readonly outputLayers: readonly number[];
   /** `fast` = int8 projections: its contexts differ from exact ones, so it is part of the cache key. Default exact. */
   readonly precision?: Precision;
-  /** GPU devices: fp16 contexts differ from fp32 ones, so fp16 is part of the cache key too. Default fp32. */
-  readonly computeDtype?: ComputeDtype;
+  /** fp16 (GPU) and int8 (fast) contexts differ from fp32 ones, so they are part of the cache key too. Default fp32. */
+  readonly computeDtype?: 'fp32' | 'fp16' | 'int8';
   embed(inputIds: BigInt64Array, attentionMask: BigInt64Array, batch: number): Promise<Float32Array>;
   close?(): Promise<void>;
 }
@@ -59,12 +58,12 @@ export class PromptEncoder {
     this.identity = crypto
       .createHash('sha256')
       // exact fp32 keys stay what they were before fast mode and fp16 existed, so existing disk caches remain valid
-      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength, ...(encoder.precision === 'fast' ? { precision: 'fast' } : {}), ...(encoder.computeDtype === 'fp16' ? { dtype: 'fp16' } : {}) }))
+      .update(JSON.stringify({ tokenizer: tokenizer.identity, weights: filesIdentity(encoder.weightFiles), layers: encoder.outputLayers, length: tokenizer.maxLength, ...(encoder.precision === 'fast' || encoder.computeDtype === 'int8' ? { precision: 'fast' } : {}), ...(encoder.computeDtype === 'fp16' ? { dtype: 'fp16' } : {}) }))
       .digest('hex');
   }
 
   /** Opens the HF text-encoder folder (config.json + weights) and its tokenizer. */
-  static async load(textEncoderFolder: string, opts: PromptEncoderLoadOptions = {}): Promise<PromptEncoder> {
+  static async load(textEncoderFolder: string, opts: PromptEncoderLoadOptions): Promise<PromptEncoder> {
     const tokDir = opts.tokenizer ?? path.join(path.dirname(path.resolve(textEncoderFolder)), 'tokenizer');
     const tokenizer = KleinTokenizer.fromFolder(tokDir);
     const encoder = await Qwen3TextEncoder.load(textEncoderFolder, { maxPositions: tokenizer.maxLength, ...opts });

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { FLUX2_VAE_CONFIG, type Flux2VaeConfig } from '../models/vae/config.ts';
 import { writeRandomVaeCheckpoint } from '../fixtures/vae.ts';
 import { writeRandomFlux2Checkpoint, type Flux2Config } from '../models/flux2-transformer.ts';
-import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
+import { writeRandomQwen3Checkpoint } from '../fixtures/qwen3.ts';
 import { BIREFNET_CONFIGS } from '../models/birefnet/config.ts';
 import { writeRandomBiRefNetCheckpoint } from '../fixtures/birefnet.ts';
 import { BUNDLED_MATTING_DIR } from './matting-folder.ts';

@@ -1,26 +1,34 @@
-// The Qwen3 text encoder on GPU devices: the GPU graph's shape (every projection a MatMul by an in-memory [in, out]
-// weight in the compute dtype, nothing bf16 handed to ORT, embeddings fed from the host), the weight conversion,
-// the refusal of fast mode, the CPU graph key left as it was, and — on WebGPU (Mesa 25 lavapipe on a CPU-only
-// machine, see scripts/setup-webgpu.sh) — the golden cases in fp32 and fp16. The WebGPU tests are skipped with that
-// reason when VK_ICD_FILENAMES is unset.
+// The Qwen3 text encoder on GPU devices: the GPU graph's shape (every projection a MatMul by an [in, out] weight in
+// the compute dtype, nothing bf16 handed to ORT, embeddings fed from the host), the weight conversion, the refusal of
+// fast mode, and — on WebGPU (Mesa 25 lavapipe on a CPU-only machine, see scripts/setup-webgpu.sh) — the golden
+// cases in fp32 and fp16. The WebGPU tests are skipped with that reason when VK_ICD_FILENAMES is unset.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ortPlacements } from '../graph/ort-placement.ts';
-import onnxProto from 'onnx-proto';
-import { buildQwen3Graph, gpuWeightBytes, qwen3GraphKey, Qwen3TextEncoder, readQwen3Config, weightsPath, type Qwen3GpuWeight, type Qwen3GraphOptions } from '../../src/models/qwen3.ts';
+import { Graph } from '../../src/graph/onnx-graph.ts';
+import { Layers } from '../../src/graph/nn/layers.ts';
+import { policyFor } from '../../src/runtime/component.ts';
+import { cpuTarget, resolveTarget, type ExecutionTarget } from '../../src/runtime/target.ts';
+import { Qwen3Weights } from '../../src/models/qwen3/checkpoint.ts';
+import { isProjection } from '../../src/models/qwen3/config.ts';
+import { buildQwen3Forward } from '../../src/models/qwen3/forward.ts';
+import { Qwen3TextEncoder } from '../../src/models/qwen3/runtime.ts';
 import { Checkpoint, readFloat32, writeSafetensors } from '../../src/weights/safetensors.ts';
-import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
+import { convertedRef } from '../../src/weights/weight-ref.ts';
+import { computeWeight } from '../../src/weights/weight-values.ts';
+import { writeRandomQwen3Checkpoint } from '../../src/fixtures/qwen3.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { relativeError } from '../../src/conform/compare.ts';
 import { TEXT_FP16_FACTOR } from '../../src/conform/text-encoder.ts';
-import { UsageError } from '../../src/cli/errors.ts';
+import { UserError } from '../../src/errors.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/text_encoder');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 const STATES = [1, 9, 18, 27, 35, 36];
+const webgpu = (gpuDtype: 'fp32' | 'fp16'): Promise<ExecutionTarget> => resolveTarget({ device: 'webgpu', gpuDtype });
 
 // the golden tiny shape in bf16, as real checkpoints are stored: 3 layers are enough for the graph's structure
 const TINY = {
@@ -30,47 +38,44 @@ const TINY = {
 const bf16Dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-qwen3-gpu-bf16-'));
 writeRandomQwen3Checkpoint(bf16Dir, TINY, { seed: 5, dtype: 'BF16', layers: 3 });
 
-/** Op types, initializers and inputs of a graph as ONNX would store it. */
-function inspect(dir: string, opts: Qwen3GraphOptions): { ops: Map<string, number>; inits: onnxProto.onnx.ITensorProto[]; inputs: string[]; gpuWeights: Qwen3GpuWeight[] } {
-  const ck = Checkpoint.open(weightsPath(dir));
-  const gpuWeights: Qwen3GpuWeight[] = [];
-  const g = buildQwen3Graph(ck, readQwen3Config(dir), opts, undefined, gpuWeights);
-  const model = onnxProto.onnx.ModelProto.decode(g.serialize(dir));
+/** The encoder's graph for layers 1–3 on `target`: op counts, inputs and the weights it asks the store for. */
+function inspect(target: ExecutionTarget): { ops: Map<string, number>; g: Graph } {
+  const w = Qwen3Weights.open(bf16Dir);
+  const g = new Graph('qwen3');
+  buildQwen3Forward(new Layers({ g, weights: w, policy: policyFor(target, { int8: isProjection }) }), w.config, { outputLayers: [1, 2, 3], hiddenStates: [], maxPositions: 16 });
   const ops = new Map<string, number>();
-  for (const n of model.graph!.node!) ops.set(n.opType!, (ops.get(n.opType!) ?? 0) + 1);
-  return { ops, inits: model.graph!.initializer!, inputs: model.graph!.input!.map((i) => i.name!), gpuWeights };
+  for (const n of g.nodes) ops.set(n.proto.opType!, (ops.get(n.proto.opType!) ?? 0) + 1);
+  return { ops, g };
 }
 
-test('GPU graph: every projection is a MatMul by an in-memory [in, out] weight in the compute dtype; nothing bf16 reaches ORT', () => {
-  const base = { outputLayers: [1, 2, 3], maxPositions: 16 };
-  const cpu = inspect(bf16Dir, { ...base, weights: 'runtime-cast' });
-  // the CPU graph as it always was: Gemm(transB) on the stored bf16 weights, each behind a Cast, the table gathered
-  assert.equal(cpu.ops.get('Gemm'), 3 * 7);
-  assert.ok(cpu.inits.some((t) => t.dataType === 16), 'the CPU graph keeps its bf16 weights');
-  assert.ok(!cpu.inputs.includes('inputs_embeds'));
+test('GPU graph: every projection is a MatMul by an [in, out] weight in the compute dtype; nothing bf16 reaches ORT', () => {
+  // the exact CPU graph: FusedMatMul(transB) on the [out, in] weights widened to fp32
+  const cpu = inspect(cpuTarget());
+  assert.equal(cpu.ops.get('FusedMatMul'), 3 * 7);
+  assert.ok([...cpu.g.weights.values()].every((r) => r.type === 'float32' && r.transform.kind === 'convert' && !r.transform.transpose));
   for (const dtype of ['fp32', 'fp16'] as const) {
-    const gpu = inspect(bf16Dir, { ...base, gpu: { dtype } });
-    assert.equal(gpu.ops.get('Gemm'), undefined, `${dtype}: no Gemm`);
-    assert.equal(gpu.ops.get('Gather'), undefined, `${dtype}: the embedding table is not in the graph`);
-    assert.ok(gpu.inputs.includes('inputs_embeds'));
+    const { ops, g } = inspect({ device: 'webgpu', precision: 'exact', gpuDtype: dtype });
+    assert.equal(ops.get('Gemm'), undefined, `${dtype}: no Gemm`);
+    assert.equal(ops.get('FusedMatMul'), undefined, `${dtype}: no FusedMatMul (WebGPU has none)`);
+    assert.equal(ops.get('Gather'), undefined, `${dtype}: the embedding table is not in the graph`);
+    assert.ok(g.inputs.some((i) => i.value.name === 'inputs_embeds'));
     // 7 projections per layer plus the two attention products (scores, probs·V) per layer
-    assert.equal(gpu.ops.get('MatMul'), 3 * 9);
-    assert.equal(gpu.gpuWeights.length, 3 * 7);
-    assert.ok(gpu.gpuWeights.every((w) => w.fp16 === (dtype === 'fp16')));
-    assert.ok(gpu.inits.every((t) => t.dataType === 1 || t.dataType === 7 || t.dataType === 10), `${dtype}: only fp32, int64 and fp16 initializers`);
-    const mem = gpu.inits.filter((t) => t.externalData?.some((e) => e.key === 'location' && e.value!.startsWith('qwen3-mem/')));
-    assert.equal(mem.length, 3 * 7, 'the projections come from memory');
-    assert.ok(mem.every((t) => t.dataType === (dtype === 'fp16' ? 10 : 1)));
-    const q = mem.find((t) => t.name === 'model.layers.0.self_attn.q_proj.weight.T')!;
-    assert.deepEqual(q.dims!.map(Number), [32, 64], 'q_proj [64, 32] is stored transposed');
-    // no tensor read from the checkpoint files by ORT (it cannot mix that with in-memory data)
-    assert.ok(gpu.inits.every((t) => !t.externalData?.length || mem.includes(t)));
+    assert.equal(ops.get('MatMul'), 3 * 9);
+    const refs = [...g.weights.values()];
+    const projections = refs.filter((r) => r.transform.kind === 'convert' && r.transform.transpose);
+    assert.equal(projections.length, 3 * 7, 'the projections, transposed to [in, out]');
+    assert.ok(projections.every((r) => r.type === (dtype === 'fp16' ? 'float16' : 'float32')));
+    const q = projections.find((r) => r.key === 'layers.0.self_attn.q_proj.weight.T')!;
+    assert.deepEqual(q.dims, [32, 64], 'q_proj [64, 32] is stored transposed');
+    // the norms stay fp32; no bf16 tensor is handed to ORT, and the 512-row embedding table not at all
+    assert.ok(refs.every((r) => r.type === 'float32' || r.type === 'float16'), `${dtype}: only fp32 and fp16 weights`);
+    assert.ok(!refs.some((r) => r.key.includes('embed_tokens')));
     // fp16: q/k/v share the cast of their input, as do gate/up: 4 casts in and 7 back per layer
-    assert.equal(gpu.ops.get('Cast') ?? 0, (dtype === 'fp16' ? 3 * 11 : 0) + 1, `${dtype}: casts (+1 for the mask)`);
+    assert.equal(ops.get('Cast') ?? 0, (dtype === 'fp16' ? 3 * 11 : 0) + 1, `${dtype}: casts (+1 for the mask)`);
   }
 });
 
-test('gpuWeightBytes: bf16 widened, transposed to [in, out], narrowed to fp16 with values beyond ±65504 clamped and counted', () => {
+test('GPU weights: bf16 widened, transposed to [in, out], narrowed to fp16 with values beyond ±65504 clamped and counted', () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-qwen3-gpu-w-'));
   const file = path.join(dir, 'w.safetensors');
   // [out 2, in 3] in bf16: 1, 2, 3 / -1.5, 70000 (bf16 → 70144), -1e5 (bf16 → -99840)
@@ -79,35 +84,29 @@ test('gpuWeightBytes: bf16 widened, transposed to [in, out], narrowed to fp16 wi
   const info = Checkpoint.open(file).info('w');
   const f32 = readFloat32(info);
   const stats = { fp16Overflows: 0 };
-  const t32 = new Float32Array(gpuWeightBytes({ location: 'x', info, fp16: false }, stats).buffer);
-  assert.deepEqual(Array.from(t32), [f32[0], f32[3], f32[1], f32[4], f32[2], f32[5]]);
+  const bytes = (type: 'float32' | 'float16') => computeWeight(convertedRef('w.T', { parts: [info] }, type, { transpose: true }), stats, {});
+  const t32 = bytes('float32');
+  assert.deepEqual(Array.from(new Float32Array(t32.buffer, t32.byteOffset, 6)), [f32[0], f32[3], f32[1], f32[4], f32[2], f32[5]]);
   assert.equal(stats.fp16Overflows, 0);
-  const t16 = new Uint16Array(gpuWeightBytes({ location: 'x', info, fp16: true }, stats).buffer);
-  assert.deepEqual(Array.from(t16), [0x3c00, 0xbe00, 0x4000, 0x7bff, 0x4200, 0xfbff]);
+  const t16 = bytes('float16');
+  assert.deepEqual(Array.from(new Uint16Array(t16.buffer, t16.byteOffset, 6)), [0x3c00, 0xbe00, 0x4000, 0x7bff, 0x4200, 0xfbff]);
   assert.equal(stats.fp16Overflows, 2);
 });
 
-test('fast (int8) precision on a GPU device is refused clearly, before the device is probed', async () => {
+test('fast (int8) precision on a GPU device, and fp16 on the CPU, are refused clearly, before the device is probed', async () => {
   for (const device of ['webgpu', 'cuda'] as const) {
     await assert.rejects(
-      Qwen3TextEncoder.load(GOLDEN, { precision: 'fast', session: { device } }),
-      (e: unknown) => e instanceof UsageError && e.message === `qwen3: precision fast (int8 products) runs on the CPU only; use precision exact on ${device}`,
+      resolveTarget({ device, precision: 'fast' }),
+      (e: unknown) => e instanceof UserError && e.message === `precision fast (int8 products) runs on the CPU only; use precision exact on ${device}`,
     );
   }
-  await assert.rejects(Qwen3TextEncoder.load(GOLDEN, { session: { device: 'cpu', gpuDtype: 'fp16' } }), /fp16 compute needs a GPU device/);
+  await assert.rejects(resolveTarget({ device: 'cpu', gpuDtype: 'fp16' }), /fp16 compute needs a GPU device/);
 });
 
-test('on the CPU the encoder computes in fp32 and its exact graphs keep the key they always had', async () => {
-  const cfg = readQwen3Config(GOLDEN);
-  const graphOpts: Qwen3GraphOptions = { outputLayers: [9, 18, 27], hiddenStates: [], maxPositions: 512, weights: 'runtime-cast' };
-  // compiled graphs on disk are found by this key: a new field would silently recompile every user's graphs
-  assert.deepEqual(qwen3GraphKey(cfg, graphOpts, ['f:1:2']), { cfg, graphOpts });
-  const gpu16 = qwen3GraphKey(cfg, { ...graphOpts, weights: undefined, gpu: { dtype: 'fp16' } }, ['f:1:2']);
-  const gpu32 = qwen3GraphKey(cfg, { ...graphOpts, weights: undefined, gpu: { dtype: 'fp32' } }, ['f:1:2']);
-  assert.notDeepEqual(gpu16, gpu32);
-  const enc = await Qwen3TextEncoder.load(GOLDEN, { session: { device: 'cpu' } });
+test('on the CPU the encoder computes in fp32', async () => {
+  const enc = await Qwen3TextEncoder.load(GOLDEN, { target: cpuTarget() });
   try {
-    assert.equal(enc.device, 'cpu');
+    assert.equal(enc.target.device, 'cpu');
     assert.equal(enc.computeDtype, 'fp32');
     assert.equal(enc.fp16Overflows, 0);
   } finally {
@@ -138,9 +137,9 @@ async function goldenErrors(enc: Qwen3TextEncoder): Promise<Array<{ name: string
 }
 
 test('WebGPU fp32: the golden prompt_embeds and hidden states within 1e-4 of the reference', { skip: noVulkan }, async () => {
-  const enc = await Qwen3TextEncoder.load(GOLDEN, { hiddenStates: STATES, session: { device: 'webgpu', gpuDtype: 'fp32' } });
+  const enc = await Qwen3TextEncoder.load(GOLDEN, { hiddenStates: STATES, target: await webgpu('fp32') });
   try {
-    assert.equal(enc.device, 'webgpu');
+    assert.equal(enc.target.device, 'webgpu');
     assert.equal(enc.computeDtype, 'fp32');
     // measured on lavapipe: 1.0e-6–1.6e-6 (max) and ~7e-7 (rms), the CPU's level
     for (const e of await goldenErrors(enc)) {
@@ -153,7 +152,7 @@ test('WebGPU fp32: the golden prompt_embeds and hidden states within 1e-4 of the
 });
 
 test('WebGPU fp16: the golden cases within the stated fp16 tolerance, and really fp16', { skip: noVulkan }, async () => {
-  const enc = await Qwen3TextEncoder.load(GOLDEN, { hiddenStates: STATES, session: { device: 'webgpu', gpuDtype: 'fp16' } });
+  const enc = await Qwen3TextEncoder.load(GOLDEN, { hiddenStates: STATES, target: await webgpu('fp16') });
   try {
     assert.equal(enc.computeDtype, 'fp16');
     assert.equal(enc.fp16Overflows, 0);
@@ -172,8 +171,14 @@ test('WebGPU fp16 on a bf16 checkpoint: every MatMul, Softmax and fp16 Cast on t
   // a child process loads the encoder at ORT's verbose log level (see ort-placement.ts). Before the GPU graph, this checkpoint put every
   // bf16 weight Cast and the embedding Gather on the CPU provider (measured 203 CPU nodes at 27 layers).
   const logFile = path.join(bf16Dir, 'ort.log');
-  const script = `import { Qwen3TextEncoder } from ${JSON.stringify(path.resolve(import.meta.dirname, '../../src/models/qwen3.ts'))};
-    const enc = await Qwen3TextEncoder.load(${JSON.stringify(bf16Dir)}, { outputLayers: [1, 2, 3], maxPositions: 16, session: { device: 'webgpu', gpuDtype: 'fp16' } });
+  // the weight store is built here first: its conversion worker cannot start under the child's --input-type flag
+  const options = { target: await webgpu('fp16'), outputLayers: [1, 2, 3], maxPositions: 16 };
+  await (await Qwen3TextEncoder.load(bf16Dir, options)).close();
+  const src = (f: string) => JSON.stringify(path.resolve(import.meta.dirname, '../../src', f));
+  const script = `import { Qwen3TextEncoder } from ${src('models/qwen3/runtime.ts')};
+    import { resolveTarget } from ${src('runtime/target.ts')};
+    const target = await resolveTarget({ device: 'webgpu', gpuDtype: 'fp16' });
+    const enc = await Qwen3TextEncoder.load(${JSON.stringify(bf16Dir)}, { target, outputLayers: [1, 2, 3], maxPositions: 16 });
     await enc.close();`;
   const placements = await ortPlacements(script, logFile);
   assert.equal(placements.length, 1, 'one session');
@@ -207,13 +212,13 @@ test('WebGPU fp16: an activation beyond fp16 range is reported as an overflow na
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(TINY));
   const ids = BigInt64Array.from([1n, 2n, 3n, 4n]);
   const mask = BigInt64Array.from([1n, 1n, 1n, 1n]);
-  const fp32 = await Qwen3TextEncoder.load(dir, { outputLayers: [1], maxPositions: 8, session: { device: 'webgpu', gpuDtype: 'fp32' } });
+  const fp32 = await Qwen3TextEncoder.load(dir, { target: await webgpu('fp32'), outputLayers: [1], maxPositions: 8 });
   try {
     assert.ok((await fp32.embed(ids, mask, 1)).every(Number.isFinite), 'fp32 holds these activations');
   } finally {
     await fp32.close();
   }
-  const fp16 = await Qwen3TextEncoder.load(dir, { outputLayers: [1], maxPositions: 8, session: { device: 'webgpu', gpuDtype: 'fp16' } });
+  const fp16 = await Qwen3TextEncoder.load(dir, { target: await webgpu('fp16'), outputLayers: [1], maxPositions: 8 });
   try {
     assert.equal(fp16.fp16Overflows, 0, 'the weights themselves fit fp16');
     await assert.rejects(fp16.embed(ids, mask, 1), /the fp16 text encoder overflowed .*KLEIN_GPU_DTYPE=fp32/);

