@@ -2,7 +2,7 @@
 // the device, tiled decoding in fp16, the fp16 weight clamping count, and where ORT places the nodes. The WebGPU
 // tests run on Mesa 25 lavapipe on a CPU-only machine (scripts/setup-webgpu.sh) and are skipped with that reason
 // when VK_ICD_FILENAMES is unset.
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -16,6 +16,10 @@ import { cpuTarget, type ExecutionTarget, type GpuDtype } from '../../src/runtim
 import { Checkpoint, readFloat32, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/vae');
+// weight stores of this file's edited checkpoints go to a cache folder of their own
+const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-cache-'));
+process.env.KLEIN_CACHE_DIR = cacheRoot;
+after(() => fs.rmSync(cacheRoot, { recursive: true, force: true }));
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 /** fp32 on the device measured ~2e-6 (max err / max(1, max|ref|)); fp16 1e-2: this floor tells them apart. */
 const FP32_FLOOR = 1e-4;

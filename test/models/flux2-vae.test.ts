@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -12,6 +12,23 @@ import { writeRandomVaeCheckpoint } from '../../src/fixtures/vae.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 
 const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+// weight stores of this file's temporary checkpoints go to a cache folder of their own
+const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-cache-'));
+process.env.KLEIN_CACHE_DIR = cacheRoot;
+after(() => fs.rmSync(cacheRoot, { recursive: true, force: true }));
+
+/** The `weights.bin` of each weight store of `component` (`flux2-vae-decoder-fp32`) and the inodes it links. */
+function stores(component: string): Array<{ converted: number; links: number[] }> {
+  const root = path.join(cacheRoot, 'weights');
+  return fs
+    .readdirSync(root)
+    .filter((n) => n.startsWith(`${component}-`) && !n.includes('.tmp-'))
+    .map((n) => {
+      const src = path.join(root, n, 'src');
+      const links = fs.existsSync(src) ? fs.readdirSync(src).map((f) => fs.statSync(path.join(src, f)).ino) : [];
+      return { converted: fs.statSync(path.join(root, n, 'weights.bin')).size, links };
+    });
+}
 
 test('the real VAE config has the tensors and parameters of spec §0/§3.4 (251 and 84 046 372 with bn.num_batches_tracked)', () => {
   const shapes = vaeTensorShapes(FLUX2_VAE_CONFIG);
@@ -103,6 +120,31 @@ test('random checkpoints load in both layouts and bf16, with the config read bac
       assert.ok(dec.image.every(Number.isFinite));
       await vae.close();
     }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an fp32 checkpoint is used in place, a bf16 one is widened to fp32 once', async () => {
+  const golden = path.join(GOLDEN, 'vae/model.safetensors');
+  const ino = fs.statSync(golden).ino;
+  const vae = await Flux2VAE.load(golden, { target: cpuTarget(), only: 'decoder' });
+  await vae.close();
+  const linked = stores('flux2-vae-decoder-fp32').filter((s) => s.links.includes(ino));
+  assert.equal(linked.length, 1, 'one weight store links the golden checkpoint');
+  assert.equal(linked[0].converted, 0, 'no weight converted');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-bf16-'));
+  try {
+    const cfg: Flux2VaeConfig = { inChannels: 3, outChannels: 3, ch: 32, chMult: [1, 2], numResBlocks: 1, zChannels: 8 };
+    const f = path.join(dir, 'ae.safetensors');
+    writeRandomVaeCheckpoint(f, cfg, { seed: 5, dtype: 'BF16' });
+    const before = stores('flux2-vae-encoder-fp32').length;
+    const bf16 = await Flux2VAE.load(dir, { target: cpuTarget(), only: 'encoder' });
+    await bf16.close();
+    const built = stores('flux2-vae-encoder-fp32');
+    assert.equal(built.length, before + 1);
+    const encoderParams = vaeTensorShapes(cfg).filter(([n]) => n.startsWith('encoder.') || n.startsWith('bn.')).reduce((a, [, s]) => a + s.reduce((x, y) => x * y, 1), 0);
+    assert.ok(built.some((s) => s.converted >= 4 * encoderParams && s.links.length === 0), JSON.stringify(built));
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
