@@ -69,7 +69,7 @@ const keys = ['VmRSS', 'RssAnon', 'RssFile'];
 setInterval(() => {
   const s = fs.readFileSync('/proc/self/status', 'utf8');
   keys.forEach((k, i) => {
-    const m = new RegExp(k + ':\\s+(\\d+) kB').exec(s);
+    const m = new RegExp(k + ':\\\\s+(\\\\d+) kB').exec(s);
     if (m && Number(m[1]) > Atomics.load(peaks, i)) Atomics.store(peaks, i, Number(m[1]));
   });
 }, workerData.ms);
