@@ -3,8 +3,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { birefnetComponent } from '../../src/conform/birefnet.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 test('klein conform: every BiRefNet golden output passes', async () => {
   const results: CaseResult[] = [];

@@ -4,8 +4,7 @@ import path from 'node:path';
 import { tokenizerComponent } from '../../src/conform/tokenizer.ts';
 import { textEncoderComponent } from '../../src/conform/text-encoder.ts';
 import type { CaseResult, ConformComponent } from '../../src/conform/types.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 async function run(c: ConformComponent): Promise<CaseResult[]> {
   const out: CaseResult[] = [];

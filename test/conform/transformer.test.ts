@@ -7,8 +7,8 @@ import path from 'node:path';
 import { transformerComponent } from '../../src/conform/transformer.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
 import { SafetensorsFile, readRaw, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 const root = path.resolve(import.meta.dirname, '../..');
 
 async function collect(dir: string): Promise<CaseResult[]> {

@@ -7,8 +7,7 @@ import { vaeComponent, writeDiffusersVaeCopy } from '../../src/conform/vae.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
 import { Checkpoint } from '../../src/weights/safetensors.ts';
 import { detectVaeLayout, FLUX2_VAE_CONFIG, inferVaeConfig, vaeKey } from '../../src/models/flux2-vae.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 test('klein conform: every VAE golden output passes in both key layouts', async () => {
   const results: CaseResult[] = [];

@@ -9,8 +9,9 @@ import { F16_MAX, f32ToF16Clamped, parseComputeDtype, resolveComputeDtype, trans
 import { FP16_FACTOR } from '../../src/conform/transformer.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { UsageError } from '../../src/cli/errors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const GOLDEN = path.join(GOLDEN_DIR, 'transformer');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 
 function goldenInput(file: string): { inp: Flux2ForwardInput; ref: Float32Array } {

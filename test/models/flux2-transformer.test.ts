@@ -6,8 +6,9 @@ import path from 'node:path';
 import { FLUX2_DEV, Flux2Transformer, KLEIN_4B, KLEIN_9B, readFlux2Config, writeRandomFlux2Checkpoint, type Flux2Config } from '../../src/models/flux2-transformer.ts';
 import { Flux2CheckpointError, flux2BflShapes, openFlux2Checkpoint } from '../../src/weights/flux2-layouts.ts';
 import { Checkpoint, SafetensorsFile, readRaw, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const GOLDEN = path.join(GOLDEN_DIR, 'transformer');
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-flux2-'));
 
 /** A tiny config like the golden one but with other numbers (3 heads, odd depths, unequal RoPE axes). */

@@ -13,8 +13,9 @@ import { GoldenCase } from '../../src/conform/golden.ts';
 import { VAE_FP16_FACTOR } from '../../src/conform/vae.ts';
 import { UsageError } from '../../src/cli/errors.ts';
 import { Checkpoint, readFloat32, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/vae');
+const GOLDEN = path.join(GOLDEN_DIR, 'vae');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 /** fp32 on the device measured ~2e-6 (max err / max(1, max|ref|)); fp16 1e-2: this floor tells them apart. */
 const FP32_FLOOR = 1e-4;

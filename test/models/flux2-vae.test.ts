@@ -7,8 +7,7 @@ import { Checkpoint } from '../../src/weights/safetensors.ts';
 import {
   decodeTiled, detectVaeLayout, Flux2VAE, inferVaeConfig, planTiles, vaeTensorShapes, writeRandomVaeCheckpoint, FLUX2_VAE_CONFIG, type Flux2VaeConfig,
 } from '../../src/models/flux2-vae.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 test('the real VAE config has the tensors and parameters of spec §0/§3.4 (251 and 84 046 372 with bn.num_batches_tracked)', () => {
   const shapes = vaeTensorShapes(FLUX2_VAE_CONFIG);

@@ -8,8 +8,9 @@ import path from 'node:path';
 import { Qwen3TextEncoder } from '../../src/models/qwen3.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { relativeError } from '../../src/conform/compare.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const DIR = path.resolve(import.meta.dirname, '../../../shared/golden/text_encoder');
+const DIR = path.join(GOLDEN_DIR, 'text_encoder');
 
 /**
  * Measured on the golden tiny model (36 layers of width 32, stacked states 9/18/27; CPU, ORT 1.30):

@@ -11,8 +11,7 @@ import {
   sniffFormat, tensorToRgb, toUint8Round, toUint8Truncate, type ImageErrorCode, type RgbImage,
 } from '../../src/pipeline/images.ts';
 import { Flux2VAE } from '../../src/models/flux2-vae.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 /** A deterministic test picture: red rises left→right, green top→bottom, blue is a checkerboard. */
 function pattern(width: number, height: number): RgbImage {
