@@ -5,6 +5,10 @@ import { resolveDevice } from '../graph/device.ts';
 import { requestedDevice } from './device-option.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
 import fs from 'node:fs';
+import path from 'node:path';
+
+/** The golden vectors shipped with the repository (test/golden, see its README). */
+export const DEFAULT_GOLDEN_DIR = path.resolve(import.meta.dirname, '../../test/golden');
 
 function fmt(x: number): string {
   return Number.isFinite(x) ? x.toExponential(2) : String(x);
@@ -13,8 +17,8 @@ function fmt(x: number): string {
 export function registerConform(program: Command): void {
   program
     .command('conform')
-    .description('run every golden case under DIR (laid out like shared/golden) and compare with the reference numbers')
-    .argument('<dir>', 'golden folder')
+    .description('run every golden case under DIR (laid out like test/golden) and compare with the reference numbers')
+    .argument('[dir]', 'golden folder', path.relative(process.cwd(), DEFAULT_GOLDEN_DIR) || '.')
     .option('--component <name>', `only one component: ${COMPONENTS.map((c) => c.name).join(', ')}`)
     .option('--device <device>', 'execution device: cpu, webgpu, cuda or auto (see `klein devices`); default: $KLEIN_DEVICE, else cpu')
     .option('--json', 'print one JSON object per case')

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { Flux2Transformer } from '../models/flux2-transformer.ts';
 import { Flux2VAE } from '../models/flux2-vae.ts';
 import { Qwen3TextEncoder } from '../models/qwen3.ts';
-import { rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
+import { encodeImage, prepareReferenceImage, tensorToRgb } from '../pipeline/images.ts';
 import { imagePositionIds, latentToTokens, referenceTokens, tokensToLatent } from '../pipeline/latents.ts';
 import { denoise } from '../pipeline/pipeline.ts';
 import { getSchedule, imageSeqLen } from '../pipeline/schedule.ts';
@@ -50,16 +50,19 @@ async function* runCase(file: string, m: Models): AsyncGenerator<CaseResult> {
   const ctx = await m.te.embed(c.i64('input_ids'), c.i64('attention_mask'), ctxRows);
   yield relResult(NAME, `${tag} ctx`, ctx, c.f32('ctx'));
 
-  // references: uint8 HWC → [-1, 1] → VAE encode → tokens at t = 10, 20, …
+  // references: uint8 HWC → the pipeline's own preparation (pixel cap, centre crop to multiples of 16, [-1, 1]),
+  // fed a lossless PNG of the stored pixels as the pipeline is fed an upload → VAE encode → tokens at t = 10, 20, …
   let refs: ReturnType<typeof referenceTokens> | undefined;
-  if (c.has('ref_image_uint8_hwc')) {
+  const refSuffixes: string[] = [];
+  for (let k = 0; c.has(`ref_image_uint8_hwc${k ? `.${k}` : ''}`); k++) refSuffixes.push(k ? `.${k}` : '');
+  if (refSuffixes.length) {
     const latents = [];
-    for (let k = 0; c.has(`ref_image_uint8_hwc${k ? `.${k}` : ''}`); k++) {
-      const sfx = k ? `.${k}` : '';
+    for (const sfx of refSuffixes) {
       const [h, w] = c.shape(`ref_image_uint8_hwc${sfx}`);
-      const t = rgbToTensor({ data: c.u8(`ref_image_uint8_hwc${sfx}`), width: w, height: h });
-      yield absResult(NAME, `${tag} ref_image_tensor${sfx}`, t.data, c.f32(`ref_image_tensor${sfx}`), 1e-6);
-      const e = await m.vae.encode(t.data, t.dims);
+      const png = await encodeImage({ data: c.u8(`ref_image_uint8_hwc${sfx}`), width: w, height: h }, 'png');
+      const t = await prepareReferenceImage(png, { numReferences: refSuffixes.length });
+      yield absResult(NAME, `${tag} ref_image_tensor${sfx}`, t.tensor, c.f32(`ref_image_tensor${sfx}`), 1e-6);
+      const e = await m.vae.encode(t.tensor, t.dims);
       yield absResult(NAME, `${tag} ref_latent${sfx}`, e.latent, c.f32(`ref_latent${sfx}`), LATENT_TOL);
       latents.push({ data: e.latent, dims: e.dims });
     }

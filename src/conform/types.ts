@@ -1,4 +1,4 @@
-// A conformance component runs every golden case it finds under a folder laid out like ../shared/golden.
+// A conformance component runs every golden case it finds under a folder laid out like test/golden.
 import type { Device } from '../graph/session.ts';
 
 export interface CaseResult {
