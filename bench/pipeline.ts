@@ -20,7 +20,8 @@ import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
 import { FLUX2_VAE_CONFIG, writeRandomVaeCheckpoint } from '../src/models/flux2-vae.ts';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3.ts';
 import { KleinPipeline } from '../src/pipeline/pipeline.ts';
-import { SIZE_PRESETS, checkSize } from '../src/pipeline/request.ts';
+import { PRESET_NAMES, parseSizeSpec } from '../src/pipeline/limits.ts';
+import { checkSize } from '../src/pipeline/request.ts';
 import type { ProgressEvent } from '../src/pipeline/types.ts';
 import { benchCheckpoint } from './transformer.ts';
 import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from './text-encoder.ts';
@@ -94,10 +95,8 @@ export async function psnr(a: Uint8Array, b: Uint8Array): Promise<number> {
 }
 
 function parseSize(s: string): { width: number; height: number } {
-  const preset = SIZE_PRESETS[s];
-  const m = /^(\d+)x(\d+)$/i.exec(s);
-  const size = preset ?? (m ? { width: Number(m[1]), height: Number(m[2]) } : undefined);
-  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT or a preset (${Object.keys(SIZE_PRESETS).join(', ')}), got "${s}"`);
+  const size = parseSizeSpec(s);
+  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT or a preset (${PRESET_NAMES.join(', ')}), got "${s}"`);
   try {
     checkSize(size.width, size.height);
   } catch (e) {

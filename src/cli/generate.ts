@@ -6,7 +6,8 @@ import { Option, type Command } from 'commander';
 import { resolveDevice } from '../graph/device.ts';
 import { ImageInputError } from '../pipeline/images.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { ALPHA_FORMATS, MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
+import { DEFAULT_PRESET, LIMITS, PRESET_NAMES, SIZE_PRESETS, parseSizeSpec } from '../pipeline/limits.ts';
+import { ALPHA_FORMATS, PipelineInputError, checkSize } from '../pipeline/request.ts';
 import type { Background, GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
@@ -46,15 +47,15 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('-o, --output <file>', `output file; with --num-images > 1, NAME-1.EXT, NAME-2.EXT, … (default ${defaultOutput}.<format>)`)
     .option('-m, --model <folder|repo>', 'model folder or Hub repo id in the cache (default: $KLEIN_MODEL or black-forest-labs/FLUX.2-klein-4B)')
     .addOption(new Option('--variant <id>', 'override the detected variant').choices(['klein-4b', 'klein-9b', 'klein-base-4b', 'klein-base-9b']))
-    .option('-s, --size <preset|WxH>', `image size: ${Object.keys(SIZE_PRESETS).join(', ')}, or WIDTHxHEIGHT`)
+    .option('-s, --size <preset|WxH>', `image size: ${PRESET_NAMES.join(', ')}, or WIDTHxHEIGHT`)
     .option('-W, --width <px>', 'width in pixels (multiple of 16, ≥ 64)')
     .option('-H, --height <px>', 'height in pixels (multiple of 16, ≥ 64)')
     .option('--seed <n>', 'random seed (default: random, printed); image i of a batch uses seed + i')
-    .option('--steps <n>', 'sampling steps (default: 4 for klein, 50 for klein base)')
+    .option('--steps <n>', `sampling steps, 1–${LIMITS.maxSteps} (default: 4 for klein, 50 for klein base)`)
     .option('--guidance <g>', 'CFG scale for klein base (default 4.0); ignored by the distilled klein')
     .addOption(new Option('-f, --format <fmt>', 'png, jpeg or webp (default: from the output name, else png)').choices(['png', 'jpeg', 'jpg', 'webp']))
     .option('--quality <q>', 'JPEG/WebP quality 1–100 (default 90)')
-    .option('-n, --num-images <n>', 'images in one batch, 1–4', '1')
+    .option('-n, --num-images <n>', `images in one batch, 1–${LIMITS.maxImages}`, '1')
     .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time')
     .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu); on a GPU every component stays loaded')
     .option('--threads <n>', 'CPU threads (default: all cores)')
@@ -97,11 +98,9 @@ export function resolveFormat(output: string | undefined, format: string | undef
 export function resolveSize(opts: ImageCliOptions, fallback: { width: number; height: number }): { width: number; height: number } {
   let size = { ...fallback };
   if (opts.size) {
-    const preset = SIZE_PRESETS[opts.size];
-    const m = /^(\d+)x(\d+)$/i.exec(opts.size);
-    if (preset) size = { ...preset };
-    else if (m) size = { width: Number(m[1]), height: Number(m[2]) };
-    else throw new UsageError(`unknown --size "${opts.size}": use ${Object.keys(SIZE_PRESETS).join(', ')} or WIDTHxHEIGHT`);
+    const named = parseSizeSpec(opts.size);
+    if (!named) throw new UsageError(`unknown --size "${opts.size}": use ${PRESET_NAMES.join(', ')} or WIDTHxHEIGHT`);
+    size = named;
   }
   const w = parseIntOption(opts.width, '--width');
   const h = parseIntOption(opts.height, '--height');
@@ -162,9 +161,9 @@ function asUsage(e: unknown): never {
 /** Everything of generate/edit after the command-specific parts: validate, run, write files, report. */
 export async function runImageCommand(prompt: string, opts: ImageCliOptions, refs: { paths: string[]; bytes: Uint8Array[] }, defaultSize: { width: number; height: number }, defaultOutput: string): Promise<void> {
   const numImages = parseIntOption(opts.numImages, '--num-images')!;
-  if (numImages < 1 || numImages > 4) throw new UsageError(`--num-images must be 1 to 4, got ${numImages}`);
+  if (numImages < 1 || numImages > LIMITS.maxImages) throw new UsageError(`--num-images must be 1 to ${LIMITS.maxImages}, got ${numImages}`);
   const seed = parseIntOption(opts.seed, '--seed') ?? crypto.randomInt(0, 2 ** 32);
-  if (seed > MAX_SEED) throw new UsageError(`--seed must be at most ${MAX_SEED}`);
+  if (seed > LIMITS.maxSeed) throw new UsageError(`--seed must be at most ${LIMITS.maxSeed}`);
   const steps = parseIntOption(opts.steps, '--steps');
   const guidance = parseNumberOption(opts.guidance, '--guidance');
   const quality = parseIntOption(opts.quality, '--quality');
@@ -237,6 +236,6 @@ export function registerGenerate(program: Command): void {
     .argument('<prompt>', 'what to draw');
   addImageOptions(cmd, 'klein').action(async (prompt: string, opts: ImageCliOptions) => {
     // fal's default image_size, landscape_4_3
-    await runImageCommand(prompt, opts, { paths: [], bytes: [] }, SIZE_PRESETS.landscape_4_3, 'klein');
+    await runImageCommand(prompt, opts, { paths: [], bytes: [] }, SIZE_PRESETS[DEFAULT_PRESET], 'klein');
   });
 }

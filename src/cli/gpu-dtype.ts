@@ -1,7 +1,6 @@
 // `--gpu-dtype fp16|fp32` for every command that opens a pipeline (generate, edit, serve, worker, mcp), with
 // $KLEIN_GPU_DTYPE as the default. The rules themselves live in graph/compute-dtype.ts; this only names the source
 // of a bad value (the flag or the environment variable) in the error, so the user knows which one to fix.
-import type { Command } from 'commander';
 import type { Device } from '../graph/device.ts';
 import { parseComputeDtype, resolveComputeDtype, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { UsageError } from './errors.ts';
@@ -32,11 +31,6 @@ export function resolveGpuDtype(flag: string | undefined, device: Device): Compu
     throw new UsageError(`${requested ? `--gpu-dtype ${requested}` : 'KLEIN_GPU_DTYPE'}: ${(e as Error).message}`);
   }
   return device === 'cpu' ? undefined : dtype;
-}
-
-/** Adds the option (no commander default: the environment must be able to supply it). */
-export function addGpuDtypeOption(cmd: Command): Command {
-  return cmd.option('--gpu-dtype <dtype>', GPU_DTYPE_HELP);
 }
 
 /** `cpu`, or `webgpu in fp16`: the device as start lines print it. */

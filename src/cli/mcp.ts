@@ -100,6 +100,7 @@ export function registerMcp(program: Command): void {
         throw e;
       }
       config.precision = precision;
+      config.variant = pipeline.variant.id;
       if (pipeline.gpuDtype) config.gpuDtype = pipeline.gpuDtype;
       // stdout carries the MCP messages: everything else goes to stderr
       const log = createLogger(process.env.KLEIN_LOG_LEVEL ?? 'warn');

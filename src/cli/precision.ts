@@ -1,6 +1,5 @@
 // `--precision exact|fast` for every command that opens a pipeline (generate, edit, serve, worker, mcp), with
 // $KLEIN_PRECISION as the default like $KLEIN_DEVICE, so a host can be switched to fast mode without editing scripts.
-import type { Command } from 'commander';
 import type { Device, DeviceRequest } from '../graph/device.ts';
 import type { Precision } from '../pipeline/types.ts';
 import { UsageError } from './errors.ts';
@@ -35,9 +34,4 @@ export function refuseFastOnGpu(precision: Precision, device: DeviceRequest | De
   const p = `--precision fast${flags.precision === undefined ? ' (from $KLEIN_PRECISION)' : ''}`;
   const d = `--device ${asked === device ? device : `${asked} (here ${device})`}${flags.device === undefined ? ' (from $KLEIN_DEVICE)' : ''}`;
   throw new UsageError(`${p} cannot run with ${d}: fast mode (int8 products) runs on the CPU only; use --precision exact on ${device}, or --device cpu`);
-}
-
-/** Adds the option (no commander default: the environment must be able to supply it). */
-export function addPrecisionOption(cmd: Command): Command {
-  return cmd.option('--precision <mode>', PRECISION_HELP);
 }

@@ -26,7 +26,7 @@ import { resolveRequest } from './request.ts';
 import { cfgCombine, eulerStep, getSchedule, imageSeqLen } from './schedule.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, Precision, ProgressEvent } from './types.ts';
 
-export { PipelineInputError, SIZE_PRESETS, checkSize } from './request.ts';
+export { PipelineInputError, checkSize } from './request.ts';
 export { MattingModelError, TRANSPARENT_PROMPT_HINT, transparentPrompt } from './background.ts';
 
 /** Latent channels of FLUX.2 (32 VAE channels × 2×2 patch). */
