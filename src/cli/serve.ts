@@ -108,6 +108,7 @@ export function registerServe(program: Command): void {
       const pipeline = scale ? scale.remote : local;
       config.workers = scale ? 256 : workers;
       config.precision = precision;
+      config.variant = first.variant.id;
       if (gpuDtype) config.gpuDtype = gpuDtype;
       // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
       // workers' files, so a worker without them fails the run instead
