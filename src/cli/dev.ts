@@ -6,6 +6,7 @@ import { Option, type Command } from 'commander';
 import { Flux2CheckpointError, openFlux2Checkpoint } from '../weights/flux2-layouts.ts';
 import { TINY_LORA_FORMATS, writeTinyLoras, type TinyLoraFormat } from '../weights/lora-tiny.ts';
 import { SafetensorsError } from '../weights/safetensors.ts';
+import { VARIANTS, type VariantId } from '../weights/model-folder.ts';
 import { writeTinyModel } from '../weights/tiny-model.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
@@ -13,6 +14,7 @@ import { fmtBytes } from './progress-bars.ts';
 
 interface TinyCli {
   base?: boolean;
+  variant?: VariantId;
   seed: string;
   hidden: string;
   depth: string;
@@ -40,6 +42,7 @@ export function registerDev(program: Command): void {
     .description('write a random tiny FLUX.2 [klein] model (HF layout, real Qwen3 tokenizer) for tests and trying the CLI/service')
     .argument('<dir>', 'output folder (created; must be empty unless --force)')
     .option('--base', 'a klein base variant (50 steps, CFG) instead of the distilled 4-step klein')
+    .addOption(new Option('--variant <id>', 'the variant the folder names (tiny weights whatever it says; 9B needs --layout bfl)').choices(Object.keys(VARIANTS)))
     .option('--seed <n>', 'weights seed', '0')
     .option('--hidden <n>', 'transformer width (multiple of 32)', '64')
     .option('--depth <n>', 'double-stream blocks', '1')
@@ -56,6 +59,7 @@ export function registerDev(program: Command): void {
       try {
         const info = writeTinyModel(dir, {
           base: o.base,
+          variant: o.variant,
           seed: n(o.seed, '--seed'),
           hidden: n(o.hidden, '--hidden'),
           depth: n(o.depth, '--depth'),

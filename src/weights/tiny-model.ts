@@ -18,6 +18,11 @@ import { VARIANTS, type VariantId } from './model-folder.ts';
 export interface TinyModelOptions {
   /** Base variant: 50 steps and CFG; default the distilled 4-step klein. */
   base?: boolean;
+  /**
+   * The variant the folder says it holds (default klein 4B, or base 4B with `base`); only the names differ, the
+   * weights stay tiny. 9B needs the bfl layout: diffusers folders tell 9B by a 12288-wide text input.
+   */
+  variant?: VariantId;
   seed?: number;
   /** Transformer width (head dim 32 per head), double and single blocks. */
   hidden?: number;
@@ -81,8 +86,9 @@ export function writeTinyModel(dir: string, opts: TinyModelOptions = {}): TinyMo
   if (!Number.isInteger(textHidden) || textHidden < 16 || textHidden % 16 !== 0) throw new RangeError(`text hidden size must be a multiple of 16, got ${textHidden}`);
   const vaeCh = opts.vaeChannels ?? 32;
   if (!Number.isInteger(vaeCh) || vaeCh < 32 || vaeCh % 32 !== 0) throw new RangeError(`VAE channels must be a multiple of 32, got ${vaeCh}`);
-  const variant: VariantId = opts.base ? 'klein-base-4b' : 'klein-4b';
+  const variant: VariantId = opts.variant ?? (opts.base ? 'klein-base-4b' : 'klein-4b');
   const layout = opts.layout ?? 'diffusers';
+  if (layout === 'diffusers' && variant.endsWith('9b')) throw new RangeError(`a tiny ${variant} model needs the bfl layout: the diffusers layout tells 9B from 4B by the transformer's text width, which a tiny model does not have`);
   fs.mkdirSync(dir, { recursive: true });
 
   const tcfg: Flux2Config = {
@@ -136,7 +142,7 @@ export function writeTinyModel(dir: string, opts: TinyModelOptions = {}): TinyMo
   writeJson(path.join(dir, 'model_index.json'), {
     _class_name: 'Flux2KleinPipeline',
     _diffusers_version: '0.37.0',
-    is_distilled: !opts.base,
+    is_distilled: VARIANTS[variant].distilled,
     scheduler: ['diffusers', 'FlowMatchEulerDiscreteScheduler'],
     text_encoder: ['transformers', 'Qwen3ForCausalLM'],
     tokenizer: ['transformers', 'Qwen2TokenizerFast'],

@@ -92,7 +92,7 @@ function parseSize(size: string | null | undefined, kind: ModelEntry['kind']): {
 // nothing here (one quality level, no moderation model); unknown fields are refused, as OpenAI refuses them.
 const common = {
   prompt: z.string().openapi({ description: 'What to draw (or, for edits, what to change).' }),
-  model: z.string().nullish().openapi({ description: 'A model id from GET /v1/models (`flux-2-klein-4b`, …). OpenAI image model names (`gpt-image-1`, `dall-e-3`, …) mean the model this server runs, as does leaving it out.' }),
+  model: z.string().nullish().openapi({ description: 'A model id from GET /v1/models. OpenAI image model names (`gpt-image-1`, `dall-e-3`, …) mean the model this server runs, as does leaving it out.' }),
   n: z.coerce.number().int().min(1).max(LIMITS.maxImages).nullish().openapi({ description: `Images, 1–${LIMITS.maxImages}; image i uses seed + i.` }),
   size: z.string().nullish().openapi({ description: `\`WIDTHxHEIGHT\` (${SIZE_RULE}) or \`auto\` (1024x1024; for edits, the first image's aspect at up to 1 MP).`, example: '1024x1024' }),
   response_format: z.enum(['b64_json', 'url']).nullish().openapi({ description: '`b64_json` (default) or `url` (a signed, expiring URL of the stored image).' }),
