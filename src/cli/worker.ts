@@ -2,8 +2,8 @@
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
 import { resolveDevice } from '../graph/device.ts';
-import { KleinPipeline } from '../pipeline/pipeline.ts';
 import type { ImagePipeline } from '../pipeline/types.ts';
+import { openEngines } from '../service/engine-host.ts';
 import { createLogger } from '../service/logger.ts';
 import { ScaleApi } from '../service/scale/api.ts';
 import { parseRedisUrl } from '../service/scale/redis.ts';
@@ -65,6 +65,7 @@ interface WorkerCliOptions {
   precision?: string;
   gpuDtype?: string;
   mattingModel?: string;
+  inProcess?: boolean;
 }
 
 export function registerWorker(program: Command): void {
@@ -81,6 +82,7 @@ export function registerWorker(program: Command): void {
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
+    .option('--in-process', 'run the engine on this process\'s event loop instead of a child process (debugging: the heartbeat to Redis waits while it computes)')
     .action(async (o: WorkerCliOptions) => {
       checkQueueUrl(o.queue);
       const token = workerToken();
@@ -95,21 +97,25 @@ export function registerWorker(program: Command): void {
       const device = await resolveDevice(deviceReq);
       refuseFastOnGpu(precision, device, o);
       const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
-      let pipeline: KleinPipeline;
+      const log = createLogger();
+      let engines;
       try {
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel });
+        // the engine computes in its own process: BullMQ's lock renewal and the announcements keep their rhythm
+        engines = await openEngines({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel }, 1, { log: log.child({ part: 'engine' }), inProcess: o.inProcess });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
-      const log = createLogger();
-      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), precision, gpuDtype, log, lockMs });
+      const pipeline = engines.members[0];
+      const modelId = engines.info.variant.id;
+      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId, device: String(device), precision, gpuDtype, log, lockMs });
       try {
         await worker.start();
       } catch (e) {
+        await pipeline.close();
         throw new UsageError(`cannot join ${o.api}: ${(e as Error).message}`);
       }
-      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${describeDevice(device, gpuDtype)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
+      console.log(`klein worker ${worker.id}: ${modelId} on ${describeDevice(device, gpuDtype)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

@@ -3,7 +3,7 @@
 // loop; a native crash or an OOM kill takes only this process. It exits when the parent goes away.
 import { KleinPipeline } from '../pipeline/pipeline.ts';
 import type { GenerateRequest } from '../pipeline/types.ts';
-import { type EngineInfo, type EngineOptions, type FromEngine, serializeError, type ToEngine } from './engine-protocol.ts';
+import { engineInfo, type EngineOptions, type FromEngine, serializeError, type ToEngine } from './engine-protocol.ts';
 
 let pipeline: KleinPipeline | undefined;
 const running = new Map<number, AbortController>();
@@ -20,8 +20,7 @@ function send(m: FromEngine): void {
 async function open(options: EngineOptions): Promise<void> {
   try {
     pipeline = await KleinPipeline.open(options);
-    const info: EngineInfo = { variant: { ...pipeline.variant }, modelRoot: pipeline.model.root, device: pipeline.device, precision: pipeline.precision, ...(pipeline.gpuDtype ? { gpuDtype: pipeline.gpuDtype } : {}) };
-    send({ type: 'ready', info });
+    send({ type: 'ready', info: engineInfo(pipeline) });
   } catch (e) {
     send({ type: 'open-failed', error: serializeError(e) });
   }

@@ -7,7 +7,7 @@ import { type ChildProcess, fork } from 'node:child_process';
 import os from 'node:os';
 import type { Logger } from 'pino';
 import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline } from '../pipeline/types.ts';
-import { deserializeError, type EngineInfo, type EngineOptions, type FromEngine, type ToEngine } from './engine-protocol.ts';
+import { deserializeError, engineInfo, type EngineInfo, type EngineOptions, type FromEngine, type ToEngine } from './engine-protocol.ts';
 import { AttemptLost } from './queue.ts';
 
 export type { EngineInfo, EngineOptions } from './engine-protocol.ts';
@@ -108,6 +108,7 @@ export class EngineHost implements ImagePipeline {
           this.child = child;
           child.on('message', (x: FromEngine) => this.onMessage(x));
           child.once('exit', (code, signal) => this.onExit(child, code, signal));
+          this.holdOpen(this.pending !== null);
           resolve(child);
         } else if (m.type === 'open-failed') {
           done();
@@ -172,7 +173,24 @@ export class EngineHost implements ImagePipeline {
   private settle(p: Pending, fn: () => void): void {
     if (this.pending !== p) return;
     this.pending = null;
+    this.holdOpen(false);
     fn();
+  }
+
+  /**
+   * An idle engine does not keep this process alive (a CLI that fails after starting it still exits, and the child
+   * follows when its channel closes); a pending generation does, as an in-process one would.
+   */
+  private holdOpen(hold: boolean): void {
+    const child = this.child;
+    if (!child) return;
+    if (hold) {
+      child.ref();
+      child.channel?.ref();
+    } else {
+      child.unref();
+      child.channel?.unref();
+    }
   }
 
   async generate(req: GenerateRequest, opts: GenerateOptions = {}): Promise<GenerateResult> {
@@ -183,6 +201,7 @@ export class EngineHost implements ImagePipeline {
     let p!: Pending;
     const done = new Promise<GenerateResult>((resolve, reject) => (p = { id, resolve, reject, opts }));
     this.pending = p;
+    this.holdOpen(true);
     const onAbort = () => {
       if (this.child) this.post(this.child, { type: 'cancel', id });
     };
@@ -209,10 +228,37 @@ export class EngineHost implements ImagePipeline {
     await this.starting?.catch(() => undefined);
     const child = this.child;
     if (!child) return;
+    this.holdOpen(true);
     const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
     const timer = setTimeout(() => child.kill('SIGKILL'), this.o.closeMs ?? 10_000);
     this.post(child, { type: 'close' });
     await exited;
     clearTimeout(timer);
+  }
+}
+
+/**
+ * The pipelines `klein serve` and `klein worker` generate with: `count` engine processes (each loads its own copy
+ * of the model), or with `inProcess` KleinPipelines on this event loop (debugging: requests then wait while the
+ * engine computes). Rejects with the engine's own error (ModelFolderError for a bad model folder).
+ */
+export async function openEngines(options: EngineOptions, count: number, o: EngineHostOptions & { inProcess?: boolean } = {}): Promise<{ members: ImagePipeline[]; info: EngineInfo }> {
+  const members: ImagePipeline[] = [];
+  try {
+    if (o.inProcess) {
+      const { KleinPipeline } = await import('../pipeline/pipeline.ts');
+      let info: EngineInfo | undefined;
+      for (let i = 0; i < count; i++) {
+        const p = await KleinPipeline.open(options);
+        members.push(p);
+        info ??= engineInfo(p);
+      }
+      return { members, info: info! };
+    }
+    for (let i = 0; i < count; i++) members.push(await EngineHost.start(options, o));
+    return { members, info: (members[0] as EngineHost).info };
+  } catch (e) {
+    await Promise.all(members.map((m) => m.close().catch(() => undefined)));
+    throw e;
   }
 }

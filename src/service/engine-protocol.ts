@@ -3,6 +3,7 @@
 // errors keep the fields the service maps to run failure codes.
 import type { ComputeDtype } from '../graph/compute-dtype.ts';
 import type { Device } from '../graph/session.ts';
+import type { KleinPipeline } from '../pipeline/pipeline.ts';
 import { PipelineInputError, type PipelineInputCode } from '../pipeline/request.ts';
 import type { GenerateRequest, GenerateResult, Precision, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
@@ -26,6 +27,11 @@ export interface EngineInfo {
   device: Device;
   precision: Precision;
   gpuDtype?: ComputeDtype;
+}
+
+/** The EngineInfo of an opened pipeline (in the child, or in this process with `--in-process`). */
+export function engineInfo(p: KleinPipeline): EngineInfo {
+  return { variant: { ...p.variant }, modelRoot: p.model.root, device: p.device, precision: p.precision, ...(p.gpuDtype ? { gpuDtype: p.gpuDtype } : {}) };
 }
 
 export type ToEngine =

@@ -88,7 +88,8 @@ describe('scale-out API and worker', () => {
     const ok = await h.api('POST', T2I, { input: { prompt: 'remote', image_size: { width: 64, height: 64 }, num_inference_steps: 4 } });
     const done = await pollUntil(h, ok.json.id, terminal, 60_000);
     assert.equal(done.status_code, 'succeeded', JSON.stringify(done));
-    assert.ok(remote.stepSeconds.count >= 1, 'denoise steps were reported by the worker');
+    const metrics = await (await fetch(`${h.url}/metrics`, { headers: { authorization: `Bearer ${h.newKey({ admin: true })}` } })).text();
+    assert.ok(Number(metrics.match(/^klein_step_seconds_count (\S+)$/m)?.[1]) >= 1, 'denoise steps were reported by the worker');
 
     // cancel while the worker runs it: the worker's next progress post is told to stop
     const c = await h.api('POST', T2I, { input: { prompt: 'cancel me', image_size: { width: 64, height: 64 } } });

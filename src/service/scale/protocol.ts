@@ -76,7 +76,7 @@ export interface FailureBody {
   message: string;
   /** the pipeline rejected the request itself (the client's input), not a fault of the worker */
   input: boolean;
-  /** PipelineInputError's code and field, when `input`; else MattingModelError's code (no matting weights there) */
+  /** PipelineInputError's code and field, when `input`; else MattingModelError's code (no matting weights there) or ENGINE_CRASHED (its engine process died: the attempt is lost and retried once) */
   code?: string;
   field?: string;
 }
