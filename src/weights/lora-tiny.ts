@@ -107,6 +107,8 @@ export interface TinyLoraOptions {
   rank?: number;
   /** Override the stored alpha (formats that store none keep alpha = rank). */
   alpha?: number;
+  /** Compute `expected` (dense deltas; default true — leave off for real-size benchmark files). */
+  expected?: boolean;
 }
 
 export interface TinyLora {
@@ -149,6 +151,7 @@ export function writeTinyLora(file: string, format: TinyLoraFormat, cfg: Flux2Co
     tensors[spec.key(p.module, 'down')] = { dtype: spec.dtype, shape: [r, inF], data: down.data };
     tensors[spec.key(p.module, 'up')] = { dtype: spec.dtype, shape: [out, r], data: up.data };
     if (spec.alphaIn === 'tensor') tensors[spec.key(p.module, 'alpha')] = { dtype: 'F32', shape: [], data: Float32Array.of(alpha) };
+    if (opts.expected === false) continue;
     const dense = expected.get(p.weight) ?? new Float64Array(rows * inF);
     for (let i = 0; i < out; i++) {
       // diffusers norm_out rows are scale|shift, BFL's shift|scale
