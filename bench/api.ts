@@ -9,11 +9,12 @@ import type { Command } from 'commander';
 import { UsageError } from '../src/cli/errors.ts';
 import { parseIntOption } from '../src/cli/generate.ts';
 import { openPipeline } from '../src/pipeline/pipeline.ts';
+import { cpuTarget } from '../src/runtime/target.ts';
 import { createApp } from '../src/service/app.ts';
 import { createKey } from '../src/service/auth.ts';
 import { loadConfig } from '../src/service/config.ts';
 import { createLogger } from '../src/service/logger.ts';
-import { writeTinyModel } from '../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../src/fixtures/tiny-model.ts';
 import { benchCacheDir } from './util.ts';
 
 interface ApiBenchOptions {
@@ -59,7 +60,7 @@ export function registerApiBench(bench: Command): void {
         if (!fs.existsSync(path.join(model, 'model_index.json'))) writeTinyModel(model, { layout: 'diffusers' });
       }
       const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-bench-api-'));
-      const pipeline = await openPipeline({ model, keepLoaded: true });
+      const pipeline = await openPipeline({ model, target: cpuTarget(), keepLoaded: true });
       const svc = createApp({
         pipeline,
         config: loadConfig(dataDir, { rateLimit: { createsPerMinute: 1e9, requestsPerMinute: 1e9 } }),

@@ -12,12 +12,14 @@ import { UsageError } from '../src/cli/errors.ts';
 import { parseIntOption } from '../src/cli/generate.ts';
 import type { ImagePipeline } from '../src/pipeline/types.ts';
 import { openPipeline } from '../src/pipeline/pipeline.ts';
+import { cpuTarget } from '../src/runtime/target.ts';
 import { createApp } from '../src/service/app.ts';
 import { createKey } from '../src/service/auth.ts';
 import { loadConfig } from '../src/service/config.ts';
 import { createLogger } from '../src/service/logger.ts';
-import { writeTinyModel } from '../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../src/fixtures/tiny-model.ts';
 import { percentile } from './api.ts';
+import { printDuringGeneration, runDuringGeneration } from './load-generation.ts';
 import { benchCacheDir } from './util.ts';
 
 export interface LoadOptions {
@@ -122,32 +124,58 @@ export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
   };
 }
 
-interface LoadCliOptions { model?: string; clients: string; requests: string; seconds: string; createLimit: string }
+interface LoadCliOptions {
+  model?: string; clients: string; requests: string; seconds?: string; createLimit: string;
+  duringGeneration?: boolean; size: string; steps?: string; rate: string; precision?: string; inProcess?: boolean; threads?: string;
+}
+
+/** `--during-generation`: a real `klein serve` answering a fixed-rate mix while it generates one large image. */
+async function duringGeneration(o: LoadCliOptions, model: string): Promise<void> {
+  const size = /^(\d+)x(\d+)$/.exec(o.size);
+  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT, e.g. 1024x1024, got "${o.size}"`);
+  const rate = Number(o.rate);
+  if (!(rate > 0 && rate <= 2000)) throw new UsageError(`--rate must be requests per second in (0, 2000], got "${o.rate}"`);
+  const seconds = parseIntOption(o.seconds, '--seconds') ?? 1800;
+  if (seconds < 1 || seconds > 7200) throw new UsageError('--seconds must be 1–7200');
+  const steps = parseIntOption(o.steps, '--steps');
+  const threads = parseIntOption(o.threads, '--threads');
+  process.stderr.write(`bench load --during-generation: ${o.size} on ${model}, ${rate} requests/s while it runs…\n`);
+  const f = await runDuringGeneration({ model, width: Number(size[1]), height: Number(size[2]), steps, rate, maxSeconds: seconds, precision: o.precision, inProcess: o.inProcess, threads });
+  printDuringGeneration(f);
+}
 
 export function registerLoadBench(bench: Command): void {
   bench
     .command('load')
-    .description('load over loopback (tiny model): concurrent clients creating and polling runs; requests/s, p50/p99, errors, memory')
+    .description('load over loopback (tiny model): concurrent clients creating and polling runs; requests/s, p50/p99, errors, memory (--during-generation: API latency while the engine generates)')
     .option('-m, --model <dir>', 'model folder (default: a tiny random model in the bench cache)')
     .option('--clients <n>', 'concurrent clients', '200')
     .option('--requests <n>', 'total requests (bounded)', '20000')
-    .option('--seconds <n>', 'time bound', '60')
+    .option('--seconds <n>', 'time bound (default 60; with --during-generation 1800)')
     .option('--create-limit <n>', 'run creations per minute for the key (429 past it)', '600')
+    .option('--during-generation', 'a real `klein serve` generating one large image while health, poll, create and SSE requests arrive at --rate; p50/p99/max per endpoint')
+    .option('--size <WxH>', 'with --during-generation: the large image', '1024x1024')
+    .option('--steps <n>', 'with --during-generation: its denoising steps (default: the model\'s)')
+    .option('--rate <n>', 'with --during-generation: requests per second, all endpoints together', '200')
+    .option('--precision <mode>', 'with --during-generation: passed to klein serve (fast for real-size weights)')
+    .option('--threads <n>', 'with --during-generation: passed to klein serve')
+    .option('--in-process', 'with --during-generation: the server runs its engine on its own event loop (the old way, for comparison)')
     .action(async (o: LoadCliOptions) => {
-      const clients = parseIntOption(o.clients, '--clients')!;
-      const requests = parseIntOption(o.requests, '--requests')!;
-      const seconds = parseIntOption(o.seconds, '--seconds')!;
-      const limit = parseIntOption(o.createLimit, '--create-limit')!;
-      if (clients < 1 || clients > 2000) throw new UsageError('--clients must be 1–2000');
-      if (requests < 1 || requests > 1_000_000) throw new UsageError('--requests must be 1–1000000');
-      if (seconds < 1 || seconds > 3600) throw new UsageError('--seconds must be 1–3600');
-      if (limit < 1) throw new UsageError('--create-limit must be at least 1');
       let model = o.model;
       if (!model) {
         model = benchCacheDir('api-tiny-model');
         if (!fs.existsSync(path.join(model, 'model_index.json'))) writeTinyModel(model, { layout: 'diffusers' });
       }
-      const pipeline = await openPipeline({ model, keepLoaded: true });
+      if (o.duringGeneration) return duringGeneration(o, model);
+      const clients = parseIntOption(o.clients, '--clients')!;
+      const requests = parseIntOption(o.requests, '--requests')!;
+      const seconds = parseIntOption(o.seconds, '--seconds') ?? 60;
+      const limit = parseIntOption(o.createLimit, '--create-limit')!;
+      if (clients < 1 || clients > 2000) throw new UsageError('--clients must be 1–2000');
+      if (requests < 1 || requests > 1_000_000) throw new UsageError('--requests must be 1–1000000');
+      if (seconds < 1 || seconds > 3600) throw new UsageError('--seconds must be 1–3600');
+      if (limit < 1) throw new UsageError('--create-limit must be at least 1');
+      const pipeline = await openPipeline({ model, target: cpuTarget(), keepLoaded: true });
       process.stderr.write(`bench load: ${clients} clients, at most ${requests} requests or ${seconds} s…\n`);
       try {
         const f = await runLoad({ pipeline, clients, requests, maxSeconds: seconds, createsPerMinute: limit });

@@ -13,35 +13,31 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import sharp from 'sharp';
 import { UsageError } from '../src/cli/errors.ts';
-import { parsePrecision } from '../src/cli/precision.ts';
-import { parseGpuDtypeFlag, resolveGpuDtype } from '../src/cli/gpu-dtype.ts';
-import { defaultDevice, parseDevice, resolveDevice, type DeviceRequest } from '../src/graph/device.ts';
-import { KLEIN_4B } from '../src/models/flux2-transformer.ts';
+import { addTargetOptions, describeTarget, memoryLimitFromFlag, MEMORY_LIMIT_HELP, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
+import { KLEIN_4B } from '../src/models/flux2/config.ts';
 import { FLUX2_VAE_CONFIG } from '../src/models/vae/config.ts';
 import { writeRandomVaeCheckpoint } from '../src/fixtures/vae.ts';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded } from '../src/models/qwen3/config.ts';
 import { KleinPipeline } from '../src/pipeline/pipeline.ts';
-import { SIZE_PRESETS, checkSize } from '../src/pipeline/request.ts';
+import { PRESET_NAMES, parseSizeSpec } from '../src/pipeline/limits.ts';
+import { checkSize } from '../src/pipeline/request.ts';
 import type { ProgressEvent } from '../src/pipeline/types.ts';
 import { benchCheckpoint } from './transformer.ts';
 import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint } from '../src/fixtures/qwen3.ts';
-import { GiB, benchCacheDir, peakRssBytes, resetPeakRss } from './util.ts';
+import { GiB, MemorySampler, benchCacheDir, formatMemory, resetPeakRss, type MemoryFigures } from './util.ts';
 import { createRequire } from 'node:module';
 import { psnr8 } from '../src/conform/compare.ts';
 
-interface PipelineBenchOptions {
+interface PipelineBenchOptions extends TargetFlags {
   size: string;
   model?: string;
   steps?: string;
   seed: string;
-  threads?: string;
   keepLoaded?: boolean;
+  memoryLimit?: string;
   prompt: string;
-  precision: string;
   compareExact?: boolean;
   blocks?: string;
-  device?: string;
-  gpuDtype?: string;
 }
 
 /** Links `src` to `dst` (same filesystem), else copies it; ORT and our readers need real files, not symlinks. */
@@ -95,10 +91,8 @@ export async function psnr(a: Uint8Array, b: Uint8Array): Promise<number> {
 }
 
 function parseSize(s: string): { width: number; height: number } {
-  const preset = SIZE_PRESETS[s];
-  const m = /^(\d+)x(\d+)$/i.exec(s);
-  const size = preset ?? (m ? { width: Number(m[1]), height: Number(m[2]) } : undefined);
-  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT or a preset (${Object.keys(SIZE_PRESETS).join(', ')}), got "${s}"`);
+  const size = parseSizeSpec(s);
+  if (!size) throw new UsageError(`--size must be WIDTHxHEIGHT or a preset (${PRESET_NAMES.join(', ')}), got "${s}"`);
   try {
     checkSize(size.width, size.height);
   } catch (e) {
@@ -116,17 +110,11 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     return n;
   };
   const steps = int(o.steps, 'steps');
-  const threads = int(o.threads, 'threads');
   const seed = Number(o.seed);
   if (!Number.isSafeInteger(seed) || seed < 0) throw new UsageError(`--seed must be a whole number ≥ 0, got "${o.seed}"`);
-  const precision = (() => {
-    try {
-      return parsePrecision(o.precision);
-    } catch (e) {
-      throw new UsageError((e as Error).message);
-    }
-  })();
-  if (o.compareExact && precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
+  const target = await targetFromFlags(o); // before a device is probed further or weights are written
+  const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
+  if (o.compareExact && target.precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
   let blocks: [number, number] | undefined;
   if (o.blocks !== undefined) {
     const m = /^(\d+),(\d+)$/.exec(o.blocks);
@@ -134,39 +122,26 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     if (o.model) throw new UsageError('--blocks builds a random model; it cannot be combined with --model');
     blocks = [Number(m[1]), Number(m[2])];
   }
-  parseGpuDtypeFlag(o.gpuDtype); // before a device is probed or weights are written
-  let deviceReq: DeviceRequest;
-  try {
-    deviceReq = o.device ? parseDevice(o.device) : defaultDevice();
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const device = await resolveDevice(deviceReq);
-  const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
   const model = o.model ?? randomKlein4b(log, blocks);
 
   // stage segments: each progress event that names a new stage closes the previous one
-  const segments: Array<{ name: string; seconds: number; peak: number }> = [];
+  const segments: Array<{ name: string; seconds: number; peak: MemoryFigures }> = [];
   let current = 'open';
   let t0 = performance.now();
-  let pipe: KleinPipeline | undefined;
-  const dtypesSaid = new Set<string>();
+  let sampler = new MemorySampler();
   const close = () => {
     const s = (performance.now() - t0) / 1000;
+    const peak = sampler.stop();
     // streamed as each stage ends, so a long run shows where it is; the summary below merges repeats
-    log(`  … ${current} done after ${s.toFixed(2)} s (peak RSS ${(peakRssBytes() / GiB).toFixed(2)} GiB)`);
-    // each component's dtype as soon as it is loaded: a run cut short by a time limit still says them
-    for (const [c, d] of Object.entries(pipe?.componentDtypes() ?? {})) {
-      if (dtypesSaid.has(c)) continue;
-      dtypesSaid.add(c);
-      log(`  … ${c} computes in ${d}`);
-    }
+    log(`  … ${current} done after ${s.toFixed(2)} s (peak RSS ${formatMemory(peak)})`);
     const prev = segments.find((x) => x.name === current);
+    const max = (a: MemoryFigures, b: MemoryFigures): MemoryFigures => ({ rss: Math.max(a.rss, b.rss), anon: Math.max(a.anon, b.anon), file: Math.max(a.file, b.file) });
     if (prev) {
       prev.seconds += s;
-      prev.peak = Math.max(prev.peak, peakRssBytes());
-    } else segments.push({ name: current, seconds: s, peak: peakRssBytes() });
+      prev.peak = max(prev.peak, peak);
+    } else segments.push({ name: current, seconds: s, peak });
     resetPeakRss();
+    sampler = new MemorySampler();
     t0 = performance.now();
   };
   const onProgress = (e: ProgressEvent) => {
@@ -179,29 +154,34 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   resetPeakRss();
   const start = performance.now();
   const request = { prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' as const };
-  pipe = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, precision, device, gpuDtype });
+  const keepLoaded = o.keepLoaded ?? false;
+  const pipe = await KleinPipeline.open({ model, target, keepLoaded, memoryLimit });
   log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
-  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${threads ?? (process.env.KLEIN_THREADS || os.availableParallelism())} threads, components ${o.keepLoaded || device !== 'cpu' ? 'kept loaded' : 'loaded one at a time'}, precision ${precision}, device ${device}${gpuDtype ? ` (GPU dtype ${gpuDtype} asked)` : ''}`);
+  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${target.threads ?? os.availableParallelism()} threads, on ${describeTarget(target)}, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  log(`component dtypes: ${Object.entries(pipe.componentDtypes()).map(([c, d]) => `${c} ${d}`).join(', ')}`);
   let total: number;
   let image: Uint8Array;
   try {
     const r = await pipe.generate(request, { onProgress });
     close();
+    sampler.stop();
     total = (performance.now() - start) / 1000;
-    for (const s of segments) log(`stage ${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${(s.peak / GiB).toFixed(2)} GiB`);
+    const plan = pipe.residency;
+    if (plan) log(`memory plan: ${plan.keepLoaded ? 'every component resident' : 'one component at a time'}, planned peak ${(plan.peak / GiB).toFixed(2)} GiB (anonymous ${(plan.peakAnon / GiB).toFixed(2)})`);
+    for (const s of segments) log(`stage ${s.name}: ${s.seconds.toFixed(2)} s, peak RSS ${formatMemory(s.peak)}`);
     log(`pipeline timings: ${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')}`);
-    log(`component dtypes: ${Object.entries(pipe.componentDtypes()).map(([c, d]) => `${c} ${d}`).join(', ')}`);
     log(`image: ${r.images[0].width}x${r.images[0].height} PNG, ${r.images[0].data.length} bytes`);
     image = r.images[0].data;
   } finally {
+    sampler.stop();
     await pipe.close();
   }
-  const peak = Math.max(...segments.map((s) => s.peak));
+  const peak = segments.reduce((a, s) => ({ rss: Math.max(a.rss, s.peak.rss), anon: Math.max(a.anon, s.peak.anon), file: Math.max(a.file, s.peak.file) }), { rss: 0, anon: 0, file: 0 });
   if (o.compareExact) {
     // the same request in exact mode, after the fast pipeline is closed (its memory is not the fast figure)
     log('compare: the same request in exact mode …');
     const t = performance.now();
-    const exact = await KleinPipeline.open({ model, threads, keepLoaded: o.keepLoaded, device, gpuDtype });
+    const exact = await KleinPipeline.open({ model, target: { ...target, precision: 'exact' }, keepLoaded, memoryLimit });
     try {
       const r = await exact.generate(request);
       log(`compare: exact mode ${((performance.now() - t) / 1000).toFixed(2)} s (${Object.entries(r.timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ')})`);
@@ -210,26 +190,25 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
       await exact.close();
     }
   }
-  log(`peak RSS: ${(peak / GiB).toFixed(2)} GiB`);
+  log(`peak RSS: ${formatMemory(peak)}`);
   log(`seconds: ${total.toFixed(2)}`);
   return total;
 }
 
 export function registerPipelineBench(bench: Command): void {
-  bench
-    .command('pipeline')
+  const cmd = bench.command('pipeline');
+  addTargetOptions(cmd);
+  cmd
     .description('text-to-image end to end (random klein 4B weights, or --model): seconds and peak RSS per stage')
     .option('--size <WxH>', 'image size or preset', '512x512')
     .option('--model <folder>', 'bench this model folder instead of the random klein 4B one')
     .option('--steps <n>', 'sampling steps (default: the variant\'s)')
     .option('--seed <n>', 'noise seed', '0')
-    .option('--threads <n>', 'intra-op threads (default: all cores)')
-    .option('--keep-loaded', 'keep every component loaded (needs memory for all)')
+    .option('--threads <n>', 'intra-op threads (default: $KLEIN_THREADS, else all cores)')
+    .option('--keep-loaded', 'keep every component loaded (refused when they do not fit together)')
+    .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--prompt <text>', 'the prompt', 'a red fox in fresh snow at dawn, soft light')
-    .option('--precision <mode>', 'exact (fp32) or fast (int8 Linear layers in the text encoder and transformer)', 'exact')
     .option('--compare-exact', 'fast only: run the same request in exact mode afterwards and print the PSNR of the fast image against it')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu)')
-    .option('--gpu-dtype <dtype>', 'GPU devices: fp16 or fp32 for the text encoder, transformer and VAE (default: $KLEIN_GPU_DTYPE, else fp16)')
     .option('--blocks <double,single>', 'random model with a reduced transformer at the real width (klein 4B: 5,20), e.g. 1,2 for an affordable --compare-exact')
     .action(async (o: PipelineBenchOptions) => {
       await runPipelineBench(o);

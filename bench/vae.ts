@@ -13,7 +13,7 @@ import { Flux2VAE } from '../src/models/vae/runtime.ts';
 import { AUTO_TILE_ABOVE_PIXELS, DEFAULT_MAX_TILE, DEFAULT_TILE_OVERLAP, planTiles } from '../src/models/vae/tiling.ts';
 import { writeRandomVaeCheckpoint } from '../src/fixtures/vae.ts';
 import type { ExecutionTarget } from '../src/runtime/target.ts';
-import { benchCacheDir, formatMemory, GiB, MemorySampler, resetPeakRss, seconds, type MemoryFigures } from './util.ts';
+import { benchCacheDir, formatMemory, GiB, memoryNow, MemorySampler, resetPeakRss, seconds, type MemoryFigures } from './util.ts';
 
 type Tiling = 'auto' | 'always' | 'never';
 
@@ -114,7 +114,7 @@ export async function runVaeBench(o: VaeBenchOptions): Promise<void> {
   const fp32 = o.compareFp32 ? await Flux2VAE.load(file, { target: t, only: 'decoder', gpuDtype: 'fp32' }) : undefined;
   let decode1024: number | undefined;
   try {
-    const base = new MemorySampler().stop();
+    const base = memoryNow();
     console.log(`resident before the first run: ${formatMemory(base)} (${(base.file / GiB).toFixed(2)} GiB mapped)`);
     for (const size of o.sizes) {
       const s = await benchSize(vae, fp32, size, o, base);

@@ -57,12 +57,12 @@ do_pack() {
     --exclude='*.map' --exclude='*.md' --exclude='*.d.ts' --exclude='*.d.mts' --exclude='*.d.cts' -T "$pack/modules.list") |
     xz -T0 -6 >"$pack/modules.tar.xz.tmp"
   mv "$pack/modules.tar.xz.tmp" "$pack/modules.tar.xz"
-  local golden="${KLEIN_GOLDEN:-$repo/../shared/golden}"
+  local golden="${KLEIN_GOLDEN:-$repo/test/golden}"
   if [ -d "$golden" ]; then
     # Size: the tokenizer cases are pure JS (no device; tokenizer.json is 11 MB of the 27), and BiRefNet's
     # DeformConv runs on the CPU under every GPU provider here (5.7 MB).
     say "packing $golden (without tokenizer/ and birefnet/)"
-    tar -C "$(dirname "$golden")" -cf - --exclude='golden/tokenizer' --exclude='golden/birefnet' "$(basename "$golden")" | xz -T0 -6 >"$pack/golden.tar.xz"
+    tar -C "$(dirname "$golden")" -cf - --exclude='golden/tokenizer' --exclude='golden/birefnet' --exclude=".klein-*" "$(basename "$golden")" | xz -T0 -6 >"$pack/golden.tar.xz"
   fi
   # The Vulkan loader: Dawn dlopens libvulkan.so.1, which a bare GPU image may lack. The NVIDIA ICD comes with
   # the driver, but it lives in libGLX_nvidia.so.0, which needs glvnd's libGLdispatch (without it the loader

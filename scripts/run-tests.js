@@ -1,6 +1,8 @@
 #!/usr/bin/env node
-// Runs every test/**/*.test.ts with node's built-in test runner (through tsx), so CI reads its summary.
-// Optional arguments filter test files by substring: `npm test -- service`.
+// `npm test`: first sets the machine up (scripts/setup-debian.sh: redis-server, chromium and Mesa's WebGPU driver on
+// Debian 12; only checks when they are there), then runs test/**/*.test.ts with node's built-in test runner (through
+// tsx), so CI reads its summary. A run of every file type-checks first (`npm run typecheck`).
+// Arguments filter test files by substring: `npm test -- service`. KLEIN_TEST_SETUP=skip leaves the machine as it is.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,6 +17,23 @@ function walk(dir) {
   });
 }
 
+/** The environment after the set-up script's `export` lines (VK_ICD_FILENAMES, LD_LIBRARY_PATH for lavapipe). */
+function preparedEnv() {
+  if (process.env.KLEIN_TEST_SETUP === 'skip') return process.env;
+  const script = 'out="$(scripts/setup-debian.sh)" && eval "$out" && env -0';
+  const r = spawnSync('bash', ['-c', script], { cwd: root, stdio: ['inherit', 'pipe', 'inherit'], maxBuffer: 16 << 20 });
+  if (r.status !== 0) {
+    console.error('npm test: the machine set-up failed (see above); KLEIN_TEST_SETUP=skip runs the tests without it');
+    process.exit(1);
+  }
+  const env = {};
+  for (const entry of r.stdout.toString('utf8').split('\0')) {
+    const eq = entry.indexOf('=');
+    if (eq > 0) env[entry.slice(0, eq)] = entry.slice(eq + 1);
+  }
+  return env;
+}
+
 const files = walk(path.join(root, 'test'))
   .map((f) => path.relative(root, f))
   .filter((f) => filters.length === 0 || filters.some((s) => f.includes(s)))
@@ -23,6 +42,14 @@ if (files.length === 0) {
   console.error('no test files matched');
   process.exit(1);
 }
+const env = preparedEnv();
+if (filters.length === 0) {
+  const tc = spawnSync('npm', ['run', '--silent', 'typecheck'], { cwd: root, stdio: 'inherit', env });
+  if (tc.status !== 0) {
+    console.error('npm test: the type check failed (npm run typecheck); no test was run');
+    process.exit(tc.status ?? 1);
+  }
+}
 const args = ['--import', 'tsx', '--test', '--test-reporter=spec', `--test-concurrency=${process.env.TEST_CONCURRENCY ?? 1}`, ...files];
-const r = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit', env: { ...process.env, KLEIN_LOG_LEVEL: process.env.KLEIN_LOG_LEVEL ?? 'silent' } });
+const r = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit', env: { ...env, KLEIN_LOG_LEVEL: env.KLEIN_LOG_LEVEL ?? 'silent' } });
 process.exit(r.status ?? 1);

@@ -68,9 +68,11 @@ needed=(libvulkan1)
 for p in $(sed 's/([^)]*)//g; s/|[^,]*//g; s/,/ /g' "$dest/depends"); do
   case "$p" in libdrm* | libvulkan1) ;; *) needed+=("$p") ;; esac
 done
+# One dpkg-query for the whole list (one call per package took seconds on every test run).
+installed="$(dpkg-query -W -f='${Package} ${Status}\n' "${needed[@]}" 2>/dev/null | awk '/install ok installed$/ { sub(/:.*/, "", $1); print $1 }' || true)"
 missing=()
 for p in "${needed[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  grep -qxF "$p" <<<"$installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing from Debian 12: ${missing[*]}"

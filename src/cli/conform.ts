@@ -1,10 +1,13 @@
 import type { Command } from 'commander';
 import { COMPONENTS } from '../conform/index.ts';
 import type { CaseResult } from '../conform/types.ts';
-import { resolveDevice } from '../graph/device.ts';
-import { requestedDevice } from './device-option.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, targetFromFlags, type TargetFlags } from './target-options.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
 import fs from 'node:fs';
+import path from 'node:path';
+
+/** The golden vectors shipped with the repository (test/golden, see its README). */
+export const DEFAULT_GOLDEN_DIR = path.resolve(import.meta.dirname, '../../test/golden');
 
 function fmt(x: number): string {
   return Number.isFinite(x) ? x.toExponential(2) : String(x);
@@ -13,21 +16,23 @@ function fmt(x: number): string {
 export function registerConform(program: Command): void {
   program
     .command('conform')
-    .description('run every golden case under DIR (laid out like shared/golden) and compare with the reference numbers')
-    .argument('<dir>', 'golden folder')
+    .description('run every golden case under DIR (laid out like test/golden) and compare with the reference numbers')
+    .argument('[dir]', 'golden folder', path.relative(process.cwd(), DEFAULT_GOLDEN_DIR) || '.')
     .option('--component <name>', `only one component: ${COMPONENTS.map((c) => c.name).join(', ')}`)
-    .option('--device <device>', 'execution device: cpu, webgpu, cuda or auto (see `klein devices`); default: $KLEIN_DEVICE, else cpu')
+    .option('--device <device>', DEVICE_HELP)
+    .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--json', 'print one JSON object per case')
-    .action(async (dir: string, opts: { component?: string; device?: string; json?: boolean }) => {
+    .action(async (dir: string, opts: { component?: string; json?: boolean } & TargetFlags) => {
       if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`golden folder not found: ${dir}`);
       const comps = opts.component ? COMPONENTS.filter((c) => c.name === opts.component) : COMPONENTS;
       if (comps.length === 0) throw new UsageError(`unknown component "${opts.component}"; known: ${COMPONENTS.map((c) => c.name).join(', ')}`);
-      const device = await resolveDevice(requestedDevice(opts.device)); // fails early, saying how to get the device
-      if (device !== 'cpu') console.log(`device: ${device}`);
+      // conformance checks the reference numbers: exact (fast mode's int8 error is stated, not conformant)
+      const target = { ...(await targetFromFlags({ ...opts, precision: 'exact' })), precision: 'exact' as const };
+      if (target.device !== 'cpu') console.log(`device: ${target.device} (${target.gpuDtype})`);
       let passed = 0;
       let failed = 0;
       for (const comp of comps) {
-        for await (const r of comp.run(dir, { device })) {
+        for await (const r of comp.run(dir, { target })) {
           report(r, opts.json);
           if (r.passed) passed++;
           else failed++;

@@ -1,6 +1,6 @@
 // `klein devices`: which execution devices work on this machine, and why the others do not.
 import type { Command } from 'commander';
-import { attentionError, probeDevices, resolveDevice, type Device } from '../graph/device.ts';
+import { attentionError, probeDevices, resolveDevice, type Device } from '../runtime/device.ts';
 
 export function registerDevices(program: Command): void {
   program

@@ -1,8 +1,8 @@
 // `klein edit -i a.png [-i b.png …] "make it night" -o out.png`: image editing with 1–4 reference images.
 import fs from 'node:fs';
 import type { Command } from 'commander';
-import { ImageInputError, capPixelsSize, probeImage } from '../pipeline/images.ts';
-import { MAX_REFERENCES, MIN_SIDE } from '../pipeline/request.ts';
+import { ImageInputError, probeImage } from '../pipeline/images.ts';
+import { LIMITS, sizeFromReference } from '../pipeline/limits.ts';
 import { UsageError } from './errors.ts';
 import { addImageOptions, runImageCommand, type ImageCliOptions } from './generate.ts';
 
@@ -10,14 +10,10 @@ interface EditCliOptions extends ImageCliOptions {
   image: string[];
 }
 
-/**
- * Default output size: the first reference's, capped at 1024² pixels like diffusers' reference preprocessing and
- * cut down to multiples of 16.
- */
+/** Default output size: the first reference's, as the API sizes an edit without image_size. */
 async function sizeOfFirstReference(bytes: Uint8Array): Promise<{ width: number; height: number }> {
   const p = await probeImage(bytes);
-  const c = capPixelsSize(p.width, p.height, 1024 * 1024);
-  return { width: Math.max(MIN_SIDE, Math.floor(c.width / 16) * 16), height: Math.max(MIN_SIDE, Math.floor(c.height / 16) * 16) };
+  return sizeFromReference(p.width, p.height);
 }
 
 export function registerEdit(program: Command): void {
@@ -29,7 +25,7 @@ export function registerEdit(program: Command): void {
   addImageOptions(cmd, 'klein-edit').action(async (prompt: string, opts: EditCliOptions) => {
     const paths = opts.image ?? [];
     if (paths.length === 0) throw new UsageError('edit needs at least one reference image: -i FILE');
-    if (paths.length > MAX_REFERENCES) throw new UsageError(`at most ${MAX_REFERENCES} reference images, got ${paths.length}`);
+    if (paths.length > LIMITS.maxRefs) throw new UsageError(`at most ${LIMITS.maxRefs} reference images, got ${paths.length}`);
     const bytes = paths.map((p) => {
       if (!fs.existsSync(p) || !fs.statSync(p).isFile()) throw new UsageError(`reference image not found: ${p}`);
       return new Uint8Array(fs.readFileSync(p));

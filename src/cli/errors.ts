@@ -1,5 +1,4 @@
 // Exit codes distinguish what the user can fix from what went wrong inside klein.
-export const EXIT_OK = 0;
 export const EXIT_FAILED = 1; // the command ran and reported failure (e.g. a conformance case failed)
 export const EXIT_USAGE = 2; // bad arguments or bad input: the user can fix it
 export const EXIT_INTERNAL = 3; // an unexpected internal error

@@ -3,17 +3,16 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Option, type Command } from 'commander';
-import { resolveDevice } from '../graph/device.ts';
 import { ImageInputError } from '../pipeline/images.ts';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { ALPHA_FORMATS, MAX_SEED, PipelineInputError, SIZE_PRESETS, checkSize } from '../pipeline/request.ts';
+import { DEFAULT_PRESET, LIMITS, PRESET_NAMES, SIZE_PRESETS, parseSizeSpec } from '../pipeline/limits.ts';
+import { ALPHA_FORMATS, PipelineInputError, checkSize } from '../pipeline/request.ts';
 import type { Background, GenerateRequest, OutputFormat, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
-import { requestedDevice } from './device-option.ts';
+import { UserError } from '../errors.ts';
 import { UsageError } from './errors.ts';
-import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 
 export interface ImageCliOptions {
@@ -36,6 +35,7 @@ export interface ImageCliOptions {
   mattingModel?: string;
   precision?: string;
   gpuDtype?: string;
+  memoryLimit?: string;
   json?: boolean;
   quiet?: boolean;
 }
@@ -46,22 +46,23 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('-o, --output <file>', `output file; with --num-images > 1, NAME-1.EXT, NAME-2.EXT, … (default ${defaultOutput}.<format>)`)
     .option('-m, --model <folder|repo>', 'model folder or Hub repo id in the cache (default: $KLEIN_MODEL or black-forest-labs/FLUX.2-klein-4B)')
     .addOption(new Option('--variant <id>', 'override the detected variant').choices(['klein-4b', 'klein-9b', 'klein-base-4b', 'klein-base-9b']))
-    .option('-s, --size <preset|WxH>', `image size: ${Object.keys(SIZE_PRESETS).join(', ')}, or WIDTHxHEIGHT`)
+    .option('-s, --size <preset|WxH>', `image size: ${PRESET_NAMES.join(', ')}, or WIDTHxHEIGHT`)
     .option('-W, --width <px>', 'width in pixels (multiple of 16, ≥ 64)')
     .option('-H, --height <px>', 'height in pixels (multiple of 16, ≥ 64)')
     .option('--seed <n>', 'random seed (default: random, printed); image i of a batch uses seed + i')
-    .option('--steps <n>', 'sampling steps (default: 4 for klein, 50 for klein base)')
+    .option('--steps <n>', `sampling steps, 1–${LIMITS.maxSteps} (default: 4 for klein, 50 for klein base)`)
     .option('--guidance <g>', 'CFG scale for klein base (default 4.0); ignored by the distilled klein')
     .addOption(new Option('-f, --format <fmt>', 'png, jpeg or webp (default: from the output name, else png)').choices(['png', 'jpeg', 'jpg', 'webp']))
     .option('--quality <q>', 'JPEG/WebP quality 1–100 (default 90)')
-    .option('-n, --num-images <n>', 'images in one batch, 1–4', '1')
-    .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time')
-    .option('--device <device>', 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu); on a GPU every component stays loaded')
+    .option('-n, --num-images <n>', `images in one batch, 1–${LIMITS.maxImages}`, '1')
+    .option('--keep-loaded', 'keep every model component in memory instead of loading one at a time (refused when they do not fit together)')
+    .option('--device <device>', `${DEVICE_HELP}; on a GPU every component stays loaded`)
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .addOption(new Option('--background <mode>', 'transparent: cut the subject out into an RGBA PNG/WebP with the matting model (see `klein pull --matting`); auto (default) = opaque').choices(['auto', 'opaque', 'transparent']))
     .option('--matting-model <folder>', 'BiRefNet weights for --background transparent (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or the pulled ZhengPeng7/BiRefNet-matting)')
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
+    .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
 }
@@ -97,11 +98,9 @@ export function resolveFormat(output: string | undefined, format: string | undef
 export function resolveSize(opts: ImageCliOptions, fallback: { width: number; height: number }): { width: number; height: number } {
   let size = { ...fallback };
   if (opts.size) {
-    const preset = SIZE_PRESETS[opts.size];
-    const m = /^(\d+)x(\d+)$/i.exec(opts.size);
-    if (preset) size = { ...preset };
-    else if (m) size = { width: Number(m[1]), height: Number(m[2]) };
-    else throw new UsageError(`unknown --size "${opts.size}": use ${Object.keys(SIZE_PRESETS).join(', ')} or WIDTHxHEIGHT`);
+    const named = parseSizeSpec(opts.size);
+    if (!named) throw new UsageError(`unknown --size "${opts.size}": use ${PRESET_NAMES.join(', ')} or WIDTHxHEIGHT`);
+    size = named;
   }
   const w = parseIntOption(opts.width, '--width');
   const h = parseIntOption(opts.height, '--height');
@@ -155,6 +154,7 @@ function progressPrinter(bar: StageBar): (e: ProgressEvent) => void {
 
 /** Maps the engine's typed input errors to exit code 2. */
 function asUsage(e: unknown): never {
+  if (e instanceof UserError) throw e;
   if (e instanceof PipelineInputError || e instanceof ImageInputError || e instanceof ModelFolderError || e instanceof MattingModelError) throw new UsageError(e.message);
   throw e;
 }
@@ -162,14 +162,13 @@ function asUsage(e: unknown): never {
 /** Everything of generate/edit after the command-specific parts: validate, run, write files, report. */
 export async function runImageCommand(prompt: string, opts: ImageCliOptions, refs: { paths: string[]; bytes: Uint8Array[] }, defaultSize: { width: number; height: number }, defaultOutput: string): Promise<void> {
   const numImages = parseIntOption(opts.numImages, '--num-images')!;
-  if (numImages < 1 || numImages > 4) throw new UsageError(`--num-images must be 1 to 4, got ${numImages}`);
+  if (numImages < 1 || numImages > LIMITS.maxImages) throw new UsageError(`--num-images must be 1 to ${LIMITS.maxImages}, got ${numImages}`);
   const seed = parseIntOption(opts.seed, '--seed') ?? crypto.randomInt(0, 2 ** 32);
-  if (seed > MAX_SEED) throw new UsageError(`--seed must be at most ${MAX_SEED}`);
+  if (seed > LIMITS.maxSeed) throw new UsageError(`--seed must be at most ${LIMITS.maxSeed}`);
   const steps = parseIntOption(opts.steps, '--steps');
   const guidance = parseNumberOption(opts.guidance, '--guidance');
   const quality = parseIntOption(opts.quality, '--quality');
-  const threads = parseIntOption(opts.threads, '--threads');
-  if (threads === 0) throw new UsageError('--threads must be at least 1');
+  const memoryLimit = memoryLimitFromFlag(opts.memoryLimit);
   const format = resolveFormat(opts.output, opts.format);
   // checked before anything loads, and never answered by switching the format
   if (opts.background === 'transparent' && !ALPHA_FORMATS.includes(format)) {
@@ -181,19 +180,14 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const dir = path.dirname(path.resolve(output));
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`output folder ${dir} does not exist`);
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
-  const precision = resolvePrecision(opts.precision);
-  parseGpuDtypeFlag(opts.gpuDtype); // an unknown dtype fails before a GPU is probed
-  const deviceReq = requestedDevice(opts.device);
-  const flags = { precision: opts.precision, device: opts.device };
-  refuseFastOnGpu(precision, deviceReq, flags);
-  const device = await resolveDevice(deviceReq);
-  refuseFastOnGpu(precision, device, flags);
-  const gpuDtype = resolveGpuDtype(opts.gpuDtype, device);
+  const target = await targetFromFlags(opts);
+  const { device, precision } = target;
+  const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
 
   const bar = stageBar({ quiet: opts.quiet || undefined });
   let pipeline: KleinPipeline | undefined;
   try {
-    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, device, threads, keepLoaded: opts.keepLoaded, mattingModel: opts.mattingModel, precision, gpuDtype }).catch(asUsage);
+    pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, target, keepLoaded: opts.keepLoaded ?? false, memoryLimit, mattingModel: opts.mattingModel }).catch(asUsage);
     const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined, background: opts.background };
     const ac = new AbortController();
     const onSigint = () => ac.abort(new Error('interrupted'));
@@ -212,7 +206,8 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
           variant: pipeline.variant.id,
           precision,
           device,
-          ...(gpuDtype ? { gpu_dtype: gpuDtype, component_dtypes: pipeline.componentDtypes() } : {}),
+          ...(gpuDtype ? { gpu_dtype: gpuDtype } : {}),
+          component_dtypes: pipeline.componentDtypes(),
           steps: steps ?? pipeline.variant.defaultSteps,
           background: opts.background ?? 'auto',
           timings: result.timings,
@@ -237,6 +232,6 @@ export function registerGenerate(program: Command): void {
     .argument('<prompt>', 'what to draw');
   addImageOptions(cmd, 'klein').action(async (prompt: string, opts: ImageCliOptions) => {
     // fal's default image_size, landscape_4_3
-    await runImageCommand(prompt, opts, { paths: [], bytes: [] }, SIZE_PRESETS.landscape_4_3, 'klein');
+    await runImageCommand(prompt, opts, { paths: [], bytes: [] }, SIZE_PRESETS[DEFAULT_PRESET], 'klein');
   });
 }

@@ -6,7 +6,6 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
 import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
@@ -19,9 +18,7 @@ import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { parsePort } from './serve.ts';
-import { GPU_DTYPE_HELP, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
-import { DEVICE_HELP, requestedDevice } from './device-option.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, requestedDevice, requestedPrecision, refuseFastOnGpu, targetFromFlags } from './target-options.ts';
 
 interface McpOptions {
   model?: string;
@@ -34,6 +31,7 @@ interface McpOptions {
   apiKey?: string;
   precision?: string;
   gpuDtype?: string;
+  memoryLimit?: string;
   mattingModel?: string;
 }
 
@@ -68,15 +66,14 @@ export function registerMcp(program: Command): void {
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
+    .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .action(async (o: McpOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port, '--port') ?? 0;
-      const precision = resolvePrecision(o.precision);
-      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before the key and the model are touched
-      const deviceReq = requestedDevice(o.device);
-      refuseFastOnGpu(precision, deviceReq, o);
-      const threads = parseIntOption(o.threads, '--threads');
-      if (threads === 0) throw new UsageError('--threads must be at least 1');
+      // bad values fail before the key and the model are touched
+      const precision = requestedPrecision(o.precision);
+      refuseFastOnGpu(precision, requestedDevice(o.device), o);
+      const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
       fs.mkdirSync(dataDir, { recursive: true });
       let config;
@@ -91,16 +88,16 @@ export function registerMcp(program: Command): void {
       let pipeline: KleinPipeline;
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
-        const device = await resolveDevice(deviceReq);
-        refuseFastOnGpu(precision, device, o);
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype: resolveGpuDtype(o.gpuDtype, device), mattingModel: o.mattingModel });
+        const target = await targetFromFlags(o);
+        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, target, keepLoaded: o.keepLoaded ? 'auto' : false, memoryLimit, mattingModel: o.mattingModel });
       } catch (e) {
         store.close();
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
       config.precision = precision;
-      if (pipeline.gpuDtype) config.gpuDtype = pipeline.gpuDtype;
+      config.variant = pipeline.variant.id;
+      if (pipeline.target.device !== 'cpu') config.gpuDtype = pipeline.target.gpuDtype;
       // stdout carries the MCP messages: everything else goes to stderr
       const log = createLogger(process.env.KLEIN_LOG_LEVEL ?? 'warn');
       const svc = createApp({ pipeline, config, store, logger: log, modelDir: pipeline.model.root, matting: mattingProbe({ explicit: o.mattingModel, modelRoot: pipeline.model.root }) });

@@ -1,21 +1,19 @@
-// `klein serve`: the runs API on one machine — SQLite and files in a data folder, the pipeline in this process.
+// `klein serve`: the runs API on one machine — SQLite and files in a data folder, the pipeline in engine processes
+// beside this one (engine-host.ts), so the API answers while the engine computes.
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
-import { KleinPipeline } from '../pipeline/pipeline.ts';
-import { resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
+import { openEngines } from '../service/engine-host.ts';
 import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
-import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
-import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { startScale } from './worker.ts';
 
 /** Scaled out: how long a stop may take beyond the remote runs' drain before the process exits anyway. */
@@ -34,7 +32,9 @@ interface ServeOptions {
   queue?: string;
   precision?: string;
   gpuDtype?: string;
+  memoryLimit?: string;
   mattingModel?: string;
+  inProcess?: boolean;
 }
 
 export function parsePort(v: string | undefined, name: string): number | undefined {
@@ -56,7 +56,7 @@ export function stopPlan(drainMs: number | undefined, localWorkers: number): str
 export function registerServe(program: Command): void {
   program
     .command('serve')
-    .description('run the HTTP API (Runflow-compatible runs, callbacks, keys, usage) with the model in this process')
+    .description('run the HTTP API (Runflow-compatible runs, callbacks, keys, usage) with the model in an engine process beside it')
     .option('-m, --model <folder|repo>', 'model folder or Hub repo id (default: $KLEIN_MODEL_DIR, $KLEIN_MODEL or the pulled klein 4B)')
     .option('--data <dir>', 'data folder: database, output images, config.json (default: $KLEIN_DATA_DIR or ~/.klein)')
     .option('-p, --port <n>', 'port (default: $PORT or 8080; 0 picks a free one)')
@@ -66,19 +66,16 @@ export function registerServe(program: Command): void {
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--workers <n>', 'generations at once; each loads its own copy of the model (with --queue: local workers, 0 for none)', '1')
     .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
-    .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
+    .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident when they fit (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
+    .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
+    .option('--in-process', 'run the engine on the API\'s own event loop instead of a child process (debugging: requests wait while it computes)')
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port ?? process.env.PORT, o.port !== undefined ? '--port' : 'PORT') ?? 8080;
-      const precision = resolvePrecision(o.precision);
-      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
-      const deviceReq = requestedDevice(o.device);
-      refuseFastOnGpu(precision, deviceReq, o);
-      const threads = parseIntOption(o.threads, '--threads');
-      if (threads === 0) throw new UsageError('--threads must be at least 1');
+      const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
       const workers = parseIntOption(o.workers, '--workers')!;
       if (workers < (o.queue ? 0 : 1) || workers > 16) throw new UsageError(`--workers must be 1–16, got ${workers}`);
       if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
@@ -89,30 +86,31 @@ export function registerServe(program: Command): void {
       } catch (e) {
         throw new UsageError((e as Error).message);
       }
-      const device = await resolveDevice(deviceReq);
-      refuseFastOnGpu(precision, device, o);
-      const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
+      const target = await targetFromFlags(o);
+      const { device, precision } = target;
+      const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
       const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
-      const members: KleinPipeline[] = [];
+      const log = createLogger();
+      let engines;
       try {
-        for (let i = 0; i < Math.max(1, workers); i++) members.push(await KleinPipeline.open({ model: modelSpec, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel }));
+        engines = await openEngines({ model: modelSpec, target, keepLoaded: o.keepLoaded ? 'auto' : false, memoryLimit, mattingModel: o.mattingModel }, Math.max(1, workers), { log: log.child({ part: 'engine' }), inProcess: o.inProcess });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
-      const log = createLogger();
-      const first = members[0];
-      const local = members.length === 1 ? first : new PipelinePool(members);
+      const { members, info } = engines;
+      const local = members.length === 1 ? members[0] : new PipelinePool(members);
       // with a queue, the scheduler hands runs to Redis as fast as keys' concurrency allows: the workers pace them
-      const scale = o.queue ? startScale(o.queue, first.variant.id, log, precision, gpuDtype) : null;
+      const scale = o.queue ? startScale(o.queue, info.variant.id, log, precision, gpuDtype) : null;
       const pipeline = scale ? scale.remote : local;
       config.workers = scale ? 256 : workers;
       config.precision = precision;
+      config.variant = info.variant.id;
       if (gpuDtype) config.gpuDtype = gpuDtype;
       // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
       // workers' files, so a worker without them fails the run instead
-      const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: first.model.root });
-      const svc = createApp({ pipeline, config, logger: log, modelDir: first.model.root, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
+      const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: info.modelRoot });
+      const svc = createApp({ pipeline, config, logger: log, modelDir: info.modelRoot, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
       const admin = ensureAdminKey(svc.store);
       let listening;
       try {
@@ -124,7 +122,7 @@ export function registerServe(program: Command): void {
         throw e;
       }
       const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
-      console.log(`klein serve: ${first.variant.id} (${precision} precision) on ${describeDevice(device, gpuDtype)} from ${first.model.root} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
+      console.log(`klein serve: ${info.variant.id} (${precision} precision) on ${describeTarget(target)} from ${info.modelRoot} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
       if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
       console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)`);
       if (admin) {

@@ -5,6 +5,7 @@
 import type { Command } from 'commander';
 import { parseDevice, type Device, type DeviceRequest } from '../runtime/device.ts';
 import { parseGpuDtype, parsePrecision, resolveTarget, type ExecutionTarget, type GpuDtype, type Precision } from '../runtime/target.ts';
+import { parseMemorySize } from '../runtime/memory-plan.ts';
 import { UsageError } from './errors.ts';
 
 export const DEVICE_HELP = 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu)';
@@ -90,4 +91,17 @@ export async function targetFromFlags(flags: TargetFlags): Promise<ExecutionTarg
 export function describeTarget(t: ExecutionTarget): string {
   if (t.device !== 'cpu') return `${t.device} in ${t.gpuDtype}`;
   return t.precision === 'fast' ? 'cpu (fast: int8 products)' : 'cpu';
+}
+
+export const MEMORY_LIMIT_HELP = 'memory to plan with instead of what the machine reports, e.g. 16G (default: $KLEIN_MEMORY_LIMIT, else the cgroup limit or MemAvailable); a request that cannot fit is refused before anything loads';
+
+/** `--memory-limit` or $KLEIN_MEMORY_LIMIT in bytes, or undefined (plan with what the machine reports). */
+export function memoryLimitFromFlag(flag: string | undefined): number | undefined {
+  const raw = flag ?? process.env.KLEIN_MEMORY_LIMIT;
+  if (raw === undefined || raw === '') return undefined;
+  try {
+    return parseMemorySize(raw, flag !== undefined ? '--memory-limit' : 'KLEIN_MEMORY_LIMIT');
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
 }

@@ -1,22 +1,18 @@
 // `klein worker`: a scale-out worker on another host (or beside the API), and the API side of `klein serve --queue`.
 import type { Command } from 'commander';
 import type { Logger } from 'pino';
-import { resolveDevice } from '../graph/device.ts';
-import { KleinPipeline } from '../pipeline/pipeline.ts';
 import type { ImagePipeline } from '../pipeline/types.ts';
+import { openEngines } from '../service/engine-host.ts';
 import { createLogger } from '../service/logger.ts';
 import { ScaleApi } from '../service/scale/api.ts';
 import { parseRedisUrl } from '../service/scale/redis.ts';
 import { RemotePipeline } from '../service/scale/remote-pipeline.ts';
 import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
-import { DEVICE_HELP, requestedDevice } from './device-option.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
-import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
-import { PRECISION_HELP, refuseFastOnGpu, resolvePrecision } from './precision.ts';
-import type { Precision } from '../pipeline/types.ts';
-import type { ComputeDtype } from '../graph/compute-dtype.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
+import type { GpuDtype, Precision } from '../runtime/target.ts';
 
 function workerToken(): string {
   const t = process.env.KLEIN_WORKER_TOKEN;
@@ -34,7 +30,7 @@ function checkQueueUrl(url: string): void {
 }
 
 /** For `klein serve --queue`: the Redis-backed pipeline, its routes, and optional in-process workers. */
-export function startScale(queueUrl: string, modelId: string, log: Logger, precision: Precision = 'exact', gpuDtype?: ComputeDtype) {
+export function startScale(queueUrl: string, modelId: string, log: Logger, precision: Precision = 'exact', gpuDtype?: GpuDtype) {
   checkQueueUrl(queueUrl);
   const token = workerToken();
   const remote = new RemotePipeline(queueUrl, modelId, log.child({ part: 'scale' }));
@@ -64,7 +60,9 @@ interface WorkerCliOptions {
   lockMs: string;
   precision?: string;
   gpuDtype?: string;
+  memoryLimit?: string;
   mattingModel?: string;
+  inProcess?: boolean;
 }
 
 export function registerWorker(program: Command): void {
@@ -80,36 +78,38 @@ export function registerWorker(program: Command): void {
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
+    .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
+    .option('--in-process', 'run the engine on this process\'s event loop instead of a child process (debugging: the heartbeat to Redis waits while it computes)')
     .action(async (o: WorkerCliOptions) => {
       checkQueueUrl(o.queue);
       const token = workerToken();
       if (!/^https?:\/\/[^/]+\/?$/.test(o.api)) throw new UsageError(`--api must be an origin like http://10.0.0.5:8080, got "${o.api}"`);
       const lockMs = parseIntOption(o.lockMs, '--lock-ms')!;
       if (lockMs < 1000) throw new UsageError('--lock-ms must be at least 1000');
-      const threads = parseIntOption(o.threads, '--threads');
-      const precision = resolvePrecision(o.precision);
-      parseGpuDtypeFlag(o.gpuDtype); // an unknown dtype fails before a GPU is probed
-      const deviceReq = requestedDevice(o.device);
-      refuseFastOnGpu(precision, deviceReq, o);
-      const device = await resolveDevice(deviceReq);
-      refuseFastOnGpu(precision, device, o);
-      const gpuDtype = resolveGpuDtype(o.gpuDtype, device);
-      let pipeline: KleinPipeline;
+      const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
+      const target = await targetFromFlags(o);
+      const { device, precision } = target;
+      const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
+      const log = createLogger();
+      let engines;
       try {
-        pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, device, threads, keepLoaded: o.keepLoaded, precision, gpuDtype, mattingModel: o.mattingModel });
+        // the engine computes in its own process: BullMQ's lock renewal and the announcements keep their rhythm
+        engines = await openEngines({ model: o.model ?? process.env.KLEIN_MODEL_DIR, target, keepLoaded: o.keepLoaded ? 'auto' : false, memoryLimit, mattingModel: o.mattingModel }, 1, { log: log.child({ part: 'engine' }), inProcess: o.inProcess });
       } catch (e) {
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
-      const log = createLogger();
-      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId: pipeline.variant.id, device: String(device), precision, gpuDtype, log, lockMs });
+      const pipeline = engines.members[0];
+      const modelId = engines.info.variant.id;
+      const worker = new KleinWorker({ queueUrl: o.queue, apiUrl: o.api.replace(/\/$/, ''), token, pipeline, modelId, device: String(device), precision, gpuDtype, log, lockMs });
       try {
         await worker.start();
       } catch (e) {
+        await pipeline.close();
         throw new UsageError(`cannot join ${o.api}: ${(e as Error).message}`);
       }
-      console.log(`klein worker ${worker.id}: ${pipeline.variant.id} on ${describeDevice(device, gpuDtype)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
+      console.log(`klein worker ${worker.id}: ${modelId} on ${describeTarget(target)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
       await new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);

@@ -5,7 +5,6 @@
 // blur-fusion foreground estimate.
 import path from 'node:path';
 import fs from 'node:fs';
-import { resolveTarget } from '../runtime/target.ts';
 import { normalizeImage, pilResize } from '../pipeline/image-resize.ts';
 import { estimateForeground, truncateToUint8 } from '../pipeline/matting.ts';
 import { MattingPredictor } from '../pipeline/matting-model.ts';
@@ -48,7 +47,7 @@ async function* runCase(gc: GoldenCase, weights: string, label: string, opts: Co
   yield relResult(NAME, `${label} input`, normalizeImage(gc.u8('resized_image_uint8_hwc'), w, h), gc.f32('input'));
 
   // exact on every device: the model always computes in fp32
-  const model = await MattingPredictor.load(weights, { target: await resolveTarget({ device: opts.device }), inputSize: [h, w] });
+  const model = await MattingPredictor.load(weights, { target: opts.target, inputSize: [h, w] });
   try {
     const out = await model.run(gc.f32('input'), h, w);
     yield relResult(NAME, `${label} logits`, out.logits, gc.f32('logits'));

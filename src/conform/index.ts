@@ -1,6 +1,5 @@
 // The registry of conformance components, in pipeline order.
 import type { ConformComponent } from './types.ts';
-import { notImplemented } from './not-implemented.ts';
 import { vaeComponent } from './vae.ts';
 import { tokenizerComponent } from './tokenizer.ts';
 import { textEncoderComponent } from './text-encoder.ts';

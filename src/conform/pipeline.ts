@@ -4,15 +4,13 @@
 // every stored intermediate is compared: ≤ 1e-3 absolute for latents and `decoded`, ±1 for the uint8 images.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Flux2Transformer } from '../models/flux2-transformer.ts';
+import { Flux2Transformer } from '../models/flux2/runtime.ts';
 import { Flux2VAE } from '../models/vae/runtime.ts';
-import { resolveTarget } from '../runtime/target.ts';
 import { Qwen3TextEncoder } from '../models/qwen3/runtime.ts';
-import { rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
+import { encodeImage, prepareReferenceImage, rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
 import { imagePositionIds, latentToTokens, referenceTokens, tokensToLatent } from '../pipeline/latents.ts';
-import { denoise } from '../pipeline/pipeline.ts';
+import { denoise } from '../pipeline/sampler.ts';
 import { getSchedule, imageSeqLen } from '../pipeline/schedule.ts';
-import type { SessionConfig } from '../graph/session.ts';
 import { GoldenCase, absResult, errorResult, findCases, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -51,16 +49,19 @@ async function* runCase(file: string, m: Models): AsyncGenerator<CaseResult> {
   const ctx = await m.te.embed(c.i64('input_ids'), c.i64('attention_mask'), ctxRows);
   yield relResult(NAME, `${tag} ctx`, ctx, c.f32('ctx'));
 
-  // references: uint8 HWC → [-1, 1] → VAE encode → tokens at t = 10, 20, …
+  // references: uint8 HWC → the pipeline's own preparation (pixel cap, centre crop to multiples of 16, [-1, 1]),
+  // fed a lossless PNG of the stored pixels as the pipeline is fed an upload → VAE encode → tokens at t = 10, 20, …
   let refs: ReturnType<typeof referenceTokens> | undefined;
-  if (c.has('ref_image_uint8_hwc')) {
+  const refSuffixes: string[] = [];
+  for (let k = 0; c.has(`ref_image_uint8_hwc${k ? `.${k}` : ''}`); k++) refSuffixes.push(k ? `.${k}` : '');
+  if (refSuffixes.length) {
     const latents = [];
-    for (let k = 0; c.has(`ref_image_uint8_hwc${k ? `.${k}` : ''}`); k++) {
-      const sfx = k ? `.${k}` : '';
+    for (const sfx of refSuffixes) {
       const [h, w] = c.shape(`ref_image_uint8_hwc${sfx}`);
-      const t = rgbToTensor({ data: c.u8(`ref_image_uint8_hwc${sfx}`), width: w, height: h });
-      yield absResult(NAME, `${tag} ref_image_tensor${sfx}`, t.data, c.f32(`ref_image_tensor${sfx}`), 1e-6);
-      const e = await m.vae.encode(t.data, t.dims);
+      const png = await encodeImage({ data: c.u8(`ref_image_uint8_hwc${sfx}`), width: w, height: h }, 'png');
+      const t = await prepareReferenceImage(png, { numReferences: refSuffixes.length });
+      yield absResult(NAME, `${tag} ref_image_tensor${sfx}`, t.tensor, c.f32(`ref_image_tensor${sfx}`), 1e-6);
+      const e = await m.vae.encode(t.tensor, t.dims);
       yield absResult(NAME, `${tag} ref_latent${sfx}`, e.latent, c.f32(`ref_latent${sfx}`), LATENT_TOL);
       latents.push({ data: e.latent, dims: e.dims });
     }
@@ -117,7 +118,7 @@ export const pipelineComponent: ConformComponent = {
   async *run(goldenDir: string, opts: ConformOptions): AsyncIterable<CaseResult> {
     const cases = findCases(path.join(goldenDir, 'pipeline'), /\.safetensors$/);
     if (cases.length === 0) return;
-    const session: SessionConfig = { device: opts.device };
+    const fp32 = { ...opts.target, gpuDtype: 'fp32' as const };
     let models: Models;
     try {
       const teDir = path.join(goldenDir, 'text_encoder');
@@ -125,11 +126,11 @@ export const pipelineComponent: ConformComponent = {
       const vaeFile = path.join(goldenDir, 'vae', 'model.safetensors');
       for (const p of [teDir, trDir, vaeFile]) if (!fs.existsSync(p)) throw new Error(`the pipeline cases need the tiny weights: ${p} is missing`);
       models = {
-        te: await Qwen3TextEncoder.load(teDir, { target: await resolveTarget({ device: opts.device, gpuDtype: 'fp32' }) }), // fp16 contexts are ≈6e-3 off (text-encoder component)
+        te: await Qwen3TextEncoder.load(teDir, { target: fp32 }), // fp16 contexts are ≈6e-3 off (text-encoder component)
         // fp32 on GPUs too: these cases check the pipeline's plumbing to 1e-3 over 4 steps and a decode, which the
         // fp16 Linears (≈3e-3 relative per evaluation, checked by the transformer component) would exceed.
-        tr: await Flux2Transformer.load(trDir, { ...session, gpuDtype: 'fp32' }),
-        vae: await Flux2VAE.load(vaeFile, { target: await resolveTarget({ device: opts.device }), gpuDtype: 'fp32' }), // likewise: fp16 convs are ≈1e-2 off
+        tr: await Flux2Transformer.load(trDir, { target: fp32 }),
+        vae: await Flux2VAE.load(vaeFile, { target: opts.target, gpuDtype: 'fp32' }), // likewise: fp16 convs are ≈1e-2 off
       };
     } catch (e) {
       for (const f of cases) yield errorResult(NAME, `pipeline/${path.basename(f, '.safetensors')}`, e);

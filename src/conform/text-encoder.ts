@@ -5,7 +5,6 @@
 // and fp16 is held to TEXT_FP16_FACTOR instead.
 import path from 'node:path';
 import { Qwen3TextEncoder } from '../models/qwen3/runtime.ts';
-import { resolveTarget } from '../runtime/target.ts';
 import { errorResult, findCases, GoldenCase, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -28,7 +27,7 @@ export const textEncoderComponent: ConformComponent = {
     const hiddenStates = [...new Set(cases.flatMap((c) => c.file.names.flatMap((n) => (/^hidden_states\.\d+$/.test(n) ? [Number(n.split('.')[1])] : []))))].sort((a, b) => a - b);
     let enc: Qwen3TextEncoder;
     try {
-      enc = await Qwen3TextEncoder.load(dir, { hiddenStates, target: await resolveTarget({ device: opts.device }) });
+      enc = await Qwen3TextEncoder.load(dir, { hiddenStates, target: opts.target });
     } catch (e) {
       for (const c of cases) yield errorResult(NAME, `text_encoder/${c.name}`, e);
       return;

@@ -6,7 +6,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Flux2Transformer } from '../models/flux2/runtime.ts';
-import { resolveTarget } from '../runtime/target.ts';
 import { GoldenCase, errorResult, findCases, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -70,7 +69,7 @@ export const transformerComponent: ConformComponent = {
     for (const { label, folder } of folders) {
       let model: Flux2Transformer;
       try {
-        model = await Flux2Transformer.load(folder, { target: opts.target ?? (await resolveTarget({ device: opts.device })) });
+        model = await Flux2Transformer.load(folder, { target: opts.target });
       } catch (e) {
         for (const c of cases) yield errorResult(COMPONENT, `${COMPONENT}/${path.basename(c, '.safetensors')} (${label})`, e);
         continue;

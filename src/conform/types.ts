@@ -1,5 +1,5 @@
-// A conformance component runs every golden case it finds under a folder laid out like ../shared/golden.
-import type { Device } from '../runtime/device.ts';
+// A conformance component runs every golden case it finds under a folder laid out like test/golden.
+import type { ExecutionTarget } from '../runtime/target.ts';
 
 export interface CaseResult {
   component: string;
@@ -13,7 +13,8 @@ export interface CaseResult {
 }
 
 export interface ConformOptions {
-  device: Device;
+  /** Where and how the components run (fast mode is not conformance: exact, or fp16/fp32 on a GPU). */
+  target: ExecutionTarget;
 }
 
 export interface ConformComponent {

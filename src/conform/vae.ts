@@ -10,7 +10,6 @@ import { Checkpoint, readFloat32, readInt64, readUint8, writeSafetensors, type T
 import { kleinCacheRoot } from '../weights/weight-store.ts';
 import type { VaeLayout } from '../models/vae/checkpoint.ts';
 import { Flux2VAE } from '../models/vae/runtime.ts';
-import { resolveTarget } from '../runtime/target.ts';
 import { errorResult, findCases, GoldenCase, relResult } from './golden.ts';
 import type { CaseResult, ConformComponent, ConformOptions } from './types.ts';
 
@@ -121,7 +120,7 @@ export const vaeComponent: ConformComponent = {
     for (const [layout, file] of layouts) {
       let vae: Flux2VAE;
       try {
-        vae = await Flux2VAE.load(file, { target: await resolveTarget({ device: opts.device }) });
+        vae = await Flux2VAE.load(file, { target: opts.target });
         if (vae.layout !== layout) throw new Error(`detected ${vae.layout} layout, expected ${layout}`);
       } catch (e) {
         yield errorResult('vae', `vae/model (${layout})`, e);

@@ -3,6 +3,7 @@
 //   float NCHW → uint8 HWC (BFL truncation or diffusers rounding) → PNG/JPEG/WebP bytes   (outputs)
 // Every bad input becomes an ImageInputError with a stable `code`; the service maps it to HTTP 422.
 import sharp from 'sharp';
+import { LIMITS } from './limits.ts';
 
 export type ImageFormat = 'png' | 'jpeg' | 'webp';
 
@@ -25,11 +26,8 @@ export class ImageInputError extends Error {
   }
 }
 
-/**
- * Largest input accepted by default (50 MP: a full-size photo from a current camera). The reference preprocessing
- * scales references down to ≤ 4.1 MP anyway; the limit only keeps a tiny file from expanding to gigabytes.
- */
-export const DEFAULT_MAX_INPUT_PIXELS = 50_000_000;
+/** Largest input accepted by default (see limits.ts). */
+export const DEFAULT_MAX_INPUT_PIXELS = LIMITS.maxReferencePixels;
 
 /** Reference constraints of BFL `cap_min_pixels`. */
 export const MIN_REFERENCE_SIDE = 64;

@@ -24,7 +24,7 @@ import { Stopwatch } from './stopwatch.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, ProgressEvent } from './types.ts';
 import type { Residency } from '../runtime/memory-plan.ts';
 
-export { PipelineInputError, SIZE_PRESETS, checkSize } from './request.ts';
+export { PipelineInputError, checkSize } from './request.ts';
 export { MattingModelError, TRANSPARENT_PROMPT_HINT, transparentPrompt } from './background.ts';
 
 /** Latent channels of FLUX.2 (32 VAE channels × 2×2 patch). */

@@ -24,7 +24,7 @@ const AUTO_ORDER: readonly Device[] = ['cuda', 'webgpu', 'cpu'];
 /** A requested device cannot be used here; the message says how to get it. Exit code 2 from the CLI. */
 export class DeviceUnavailableError extends UserError {
   override name = 'DeviceUnavailableError';
-  readonly code = 'device_unavailable';
+  override readonly code = 'device_unavailable';
   constructor(
     readonly device: Device,
     message: string,

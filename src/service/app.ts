@@ -20,6 +20,7 @@ import { createLogger } from './logger.ts';
 import { RunQueue } from './queue.ts';
 import { Store } from './store.ts';
 import { LIMITS } from './models.ts';
+import { type EngineProcessStats, ServiceMetrics } from './metrics.ts';
 import { registerAccount } from './routes/account.ts';
 import { registerCallbacks } from './routes/callbacks.ts';
 import { registerDiscovery } from './routes/discovery.ts';
@@ -38,13 +39,15 @@ export interface CreateAppOptions {
   logger?: Logger;
   /** shown by /v1/health */
   modelDir?: string;
-  /** scale-out (Redis queue): worker routes, /metrics, and its part of /v1/health */
+  /** scale-out (Redis queue): worker routes, its figures on /metrics, and its part of /v1/health */
   scale?: ScaleExtension;
   /**
    * Whether transparent backgrounds can be served (the matting weights resolve): checked when a run is created, so a
    * server without them refuses at once (503 MATTING_UNAVAILABLE). Without a probe the run itself fails with that code.
    */
   matting?: MattingProbe;
+  /** The engine processes behind the pipeline (engine-host.ts), for their crash and start counts on /metrics. */
+  engines?: EngineProcessStats[];
 }
 
 export interface Service {
@@ -55,6 +58,7 @@ export interface Service {
   files: FileStore;
   config: ServiceConfig;
   log: Logger;
+  metrics: ServiceMetrics;
   /** Recover interrupted runs, start the workers and the callback poller, then listen. */
   listen(port: number, host?: string): Promise<{ port: number; url: string }>;
   /**
@@ -77,7 +81,9 @@ export function createApp(opts: CreateAppOptions): Service {
   let listenUrl = cfg.publicUrl ?? 'http://127.0.0.1';
   const bgCtx = () => ({ files, baseUrl: cfg.publicUrl ?? listenUrl });
   const callbacks = new Callbacks(store, cfg, log.child({ part: 'callbacks' }), bgCtx);
-  const queue = new RunQueue(store, opts.pipeline, files, callbacks, cfg, log.child({ part: 'queue' }), (id) => cfg.pricing[id]);
+  const metrics = new ServiceMetrics(store, opts.engines);
+  opts.scale?.registerMetrics(metrics.registry);
+  const queue = new RunQueue(store, metrics.wrap(opts.pipeline), files, callbacks, cfg, log.child({ part: 'queue' }), (id) => cfg.pricing[id]);
   const limiter = new RateLimiter();
   const deps: Deps = {
     store, queue, callbacks, files, cfg, log, limiter, startedAt: Date.now(), modelDir: opts.modelDir ?? '',
@@ -95,6 +101,7 @@ export function createApp(opts: CreateAppOptions): Service {
     },
   });
 
+  app.use('*', metrics.middleware());
   app.use('*', async (c, next) => {
     const id = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
     c.set('requestId', id);
@@ -130,6 +137,16 @@ export function createApp(opts: CreateAppOptions): Service {
   registerMcp(app, deps);
   registerPlayground(app, deps);
   opts.scale?.register(app, deps);
+  // Prometheus text; an admin key's, like the rest of the operator's view (usage of every key), unless config.json
+  // says the server sits on a private network where the scraper has no key (`metrics.public`)
+  app.get('/metrics', async (c) => {
+    if (!cfg.metrics.public) {
+      const key = authenticate(store, c.req.header('authorization'));
+      if (key.is_admin !== 1) throw new ApiError(403, 'FORBIDDEN', '/metrics needs an admin API key (or `"metrics": {"public": true}` in config.json)');
+    }
+    const m = await metrics.text();
+    return c.body(m.body, 200, { 'content-type': m.contentType });
+  });
 
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {
@@ -160,7 +177,7 @@ export function createApp(opts: CreateAppOptions): Service {
     });
 
   return {
-    app, store, queue, callbacks, files, config: cfg, log,
+    app, store, queue, callbacks, files, config: cfg, log, metrics,
     async listen(port, host = '127.0.0.1') {
       queue.recover();
       files.cleanup(store);

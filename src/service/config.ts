@@ -3,8 +3,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Precision } from '../pipeline/types.ts';
-import type { ComputeDtype } from '../graph/compute-dtype.ts';
-import type { ModelPrice } from './pricing.ts';
+import type { GpuDtype } from '../runtime/target.ts';
+import type { VariantId } from '../weights/model-folder.ts';
+import { defaultPrices, type ModelPrice } from './pricing.ts';
 
 export interface ServiceConfig {
   dataDir: string;
@@ -21,7 +22,12 @@ export interface ServiceConfig {
    * The local pipeline's GPU dtype (`klein serve --gpu-dtype`), set only when it runs on a GPU device; shown by
    * /v1/health beside the precision. Not a config.json field.
    */
-  gpuDtype?: ComputeDtype;
+  gpuDtype?: GpuDtype;
+  /**
+   * The FLUX.2 [klein] variant the pipeline loaded (`klein serve`, `klein mcp`): the models served, their ids and
+   * prices follow it (models.ts); klein 4B when unset. Not a config.json field.
+   */
+  variant?: VariantId;
   /** Runs of one key running at once; the excess waits in `queued`. A key may override it. */
   perKeyConcurrency: number;
   rateLimit: {
@@ -45,11 +51,11 @@ export interface ServiceConfig {
     allowPrivate: string[];
   };
   callbacks: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; timeoutMs: number; pollMs: number };
-  /** Prices per served model id (`…/edit` included). */
+  /** `public`: /metrics answers without an API key (a private network's scraper); otherwise it needs an admin key. */
+  metrics: { public: boolean };
+  /** Prices per model id (`…/edit` included); defaults for every variant's ids in pricing.ts. */
   pricing: Record<string, ModelPrice>;
 }
-
-const KLEIN_PRICE: ModelPrice = { firstMpUsd: 0.014, extraMpUsd: 0.001, inputMpUsd: 0.001 };
 
 export function defaultConfig(dataDir: string): ServiceConfig {
   return {
@@ -61,10 +67,8 @@ export function defaultConfig(dataDir: string): ServiceConfig {
     files: { urlTtlS: 24 * 3600, retentionS: 7 * 24 * 3600, cleanupIntervalS: 3600 },
     inputs: { maxBytes: 20 * 1024 * 1024, timeoutMs: 15_000, maxRedirects: 3, allowHttp: false, allowPrivate: [] },
     callbacks: { maxAttempts: 8, baseDelayMs: 2_000, maxDelayMs: 10 * 60_000, timeoutMs: 10_000, pollMs: 500 },
-    pricing: {
-      'black-forest-labs/flux-2-klein-4b': KLEIN_PRICE,
-      'black-forest-labs/flux-2-klein-4b/edit': KLEIN_PRICE,
-    },
+    metrics: { public: false },
+    pricing: defaultPrices(),
   };
 }
 

@@ -2,7 +2,8 @@
 // defaults and limits cannot drift from what the API validates), the agent skill (SKILL.md) and its index.
 import { z } from '@hono/zod-openapi';
 import type { ServiceConfig } from './config.ts';
-import { IMAGE_SIZE_PRESETS, LIMITS, MODELS, type ModelEntry } from './models.ts';
+import { LIMITS, SIZE_PRESETS, SIZE_RULE } from '../pipeline/limits.ts';
+import { type ModelEntry, servedModel, servedModels } from './models.ts';
 import { priceLabel, priceRun, formatUsd } from './pricing.ts';
 import { sha256Hex } from './time.ts';
 
@@ -30,7 +31,7 @@ function typeOf(p: JsonProp): string {
 }
 
 export function modelCatalogue(cfg: ServiceConfig) {
-  return MODELS.map((m) => {
+  return servedModels(cfg).map((m) => {
     const price = cfg.pricing[m.id];
     return {
       id: m.id, aliases: m.aliases, kind: m.kind, title: m.title, description: m.description,
@@ -54,9 +55,9 @@ export function modelLlmsTxt(m: ModelEntry, cfg: ServiceConfig, base: string): s
     ...(price ? [`- **Price**: ${priceLabel(price)}`, '- One megapixel = 1024×1024 pixels; each output image pays for its own megapixels.', '- Failed and cancelled runs are not billed.'] : ['- Not priced']),
     '', '## Limits',
     `- Sides: multiples of ${LIMITS.multiple}, at least ${LIMITS.minSide}; at most 4 MP (${LIMITS.maxPixels} pixels) per image`,
-    `- \`num_images\`: 1–${LIMITS.maxImages}; \`num_inference_steps\`: 1–${LIMITS.maxSteps}`,
+    `- \`num_images\`: 1–${LIMITS.maxImages}; \`num_inference_steps\`: 1–${LIMITS.maxSteps}; \`seed\`: 0–${LIMITS.maxSeed}; \`prompt\`: at most ${LIMITS.maxPromptChars} characters`,
     ...(m.kind === 'edit' ? [`- \`image_urls\`: 1–${LIMITS.maxRefs} https URLs or data: URIs (PNG, JPEG, WebP); private and loopback addresses are refused`] : []),
-    `- Presets: ${Object.entries(IMAGE_SIZE_PRESETS).map(([k, v]) => `\`${k}\` ${v.width}×${v.height}`).join(', ')}`,
+    `- Presets: ${Object.entries(SIZE_PRESETS).map(([k, v]) => `\`${k}\` ${v.width}×${v.height}`).join(', ')}`,
     '', '## Input Schema',
   ];
   for (const f of fields(m)) {
@@ -117,7 +118,8 @@ export function siteLlmsTxt(cfg: ServiceConfig, base: string): string {
 
 /** The skill text is constant (URLs via $KLEIN_URL), so its digest is stable across hosts and restarts. */
 export function skillMd(cfg: ServiceConfig): string {
-  const m = MODELS[0];
+  const m = servedModel(cfg, 'text-to-image');
+  const edit = servedModel(cfg, 'edit');
   const price = cfg.pricing[m.id];
   return `---
 name: klein
@@ -134,12 +136,12 @@ server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
 
 ## Quick reference
 - Auth header on every call: \`Authorization: Bearer $KLEIN_API_KEY\` (check it: \`GET $KLEIN_URL/v1/auth/me\`).
-- Models: \`GET $KLEIN_URL/v1/models\`. Text to image: \`black-forest-labs/flux-2-klein-4b\`; edit: \`black-forest-labs/flux-2-klein-4b/edit\`.
+- Models: \`GET $KLEIN_URL/v1/models\`. This server runs ${m.title}: text to image \`${m.id}\`; edit: \`${edit.id}\`.
 - Price: ${price ? priceLabel(price) : 'see /v1/models'}. Failed or cancelled runs cost nothing.
 - Field details, defaults and limits: \`GET $KLEIN_URL/v1/models/{model_id}/llms.txt\`. Full schema: \`$KLEIN_URL/openapi.json\`.
 
 ## Basic flow
-1. Create: \`POST $KLEIN_URL/v1/models/black-forest-labs/flux-2-klein-4b/runs\` with
+1. Create: \`POST $KLEIN_URL/v1/models/${m.id}/runs\` with
    \`{"input": {"prompt": "...", "image_size": "square_hd"}}\`. Add an \`Idempotency-Key\` header so a retry never
    creates a second run.
 2. Wait: poll \`GET $KLEIN_URL/v1/runs/{id}\` every 1–2 s until \`status_code\` is \`succeeded\`, \`failed\` or
@@ -148,8 +150,8 @@ server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
 4. On \`failed\`, read \`failure_code\` and \`failure_message\`; fix the input if the code is INPUT_*, otherwise retry.
 
 ## Rules
-- Sizes: multiples of 16, at least 64, at most 4 MP. Presets: ${Object.keys(IMAGE_SIZE_PRESETS).join(', ')}.
-- \`num_images\` 1–4 (image i uses seed+i). Edits: \`image_urls\` 1–4, https or data: URIs.
+- Sizes: ${SIZE_RULE}. Presets: ${Object.keys(SIZE_PRESETS).join(', ')}.
+- \`num_images\` 1–${LIMITS.maxImages} (image i uses seed+i). \`num_inference_steps\` 1–${LIMITS.maxSteps}. Edits: \`image_urls\` 1–${LIMITS.maxRefs}, https or data: URIs.
 - A cut-out on a transparent background (logo, sticker, product shot): \`"background": "transparent"\` with
   \`output_format\` png (default) or webp, never jpeg (422). Describe the subject only; do not ask for a
   "transparent background" or a checkerboard in the prompt. 503 \`MATTING_UNAVAILABLE\`: this server cannot do it.

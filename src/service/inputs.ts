@@ -5,7 +5,8 @@ import type { GenerateRequest } from '../pipeline/types.ts';
 import type { ServiceConfig } from './config.ts';
 import { fieldError } from './errors.ts';
 import { checkUrl, FetchError, guardedRequest, parseDataUri } from './net.ts';
-import { type ModelInput, requestedSize, sizeFromReference } from './models.ts';
+import { LIMITS, sizeFromReference } from '../pipeline/limits.ts';
+import { type ModelInput, requestedSize } from './models.ts';
 
 export class InputError extends Error {
   constructor(readonly code: string, message: string) {
@@ -14,7 +15,7 @@ export class InputError extends Error {
 }
 
 const IMAGE_FORMATS = new Set(['png', 'jpeg', 'webp']);
-const MAX_REF_PIXELS = 16 * 1024 * 1024;
+const MAX_REF_PIXELS = LIMITS.maxReferencePixels;
 
 /**
  * Creation-time checks of image_urls that need no network: scheme and literal addresses of URLs, and inline data

@@ -9,7 +9,8 @@ import { authenticate } from './auth.ts';
 import type { App, Deps } from './context.ts';
 import { BACKGROUNDS } from './background.ts';
 import { ApiError } from './errors.ts';
-import { IMAGE_SIZE_PRESETS, LIMITS, MODELS, type ModelEntry } from './models.ts';
+import { isPresetName, LIMITS, PRESET_NAMES, SIZE_RULE } from '../pipeline/limits.ts';
+import { type ModelEntry, servedModel } from './models.ts';
 import { presentRun, type StoredOutput } from './present.ts';
 import type { RunEvent } from './queue.ts';
 import type { KeyRow, RunRow } from './store.ts';
@@ -25,20 +26,17 @@ export interface McpContext {
   baseUrl: string;
 }
 
-const T2I = MODELS.find((m) => m.kind === 'text-to-image')!;
-const EDIT = MODELS.find((m) => m.kind === 'edit')!;
 /**
  * MCP clients time a request out after 60 s by default, so a tool waits less than that and otherwise returns the
  * run's state; `get_run` with `wait_s` picks up from there. Progress notifications go out meanwhile.
  */
 const DEFAULT_WAIT_S = 50;
 
-const presets = Object.keys(IMAGE_SIZE_PRESETS) as [string, ...string[]];
 const common = {
   prompt: z.string().min(1).describe('What to draw, or for edit_image what to change.'),
-  size: z.string().optional().describe(`"WIDTHxHEIGHT" (sides multiples of ${LIMITS.multiple}, at least ${LIMITS.minSide}, at most 4 MP) or a preset: ${presets.join(', ')}. Default: 1024x768 for generate_image, the first image's size for edit_image.`),
+  size: z.string().optional().describe(`"WIDTHxHEIGHT" (${SIZE_RULE}) or a preset: ${PRESET_NAMES.join(', ')}. Default: 1024x768 for generate_image, the first image's aspect at up to 1 MP for edit_image.`),
   n: z.number().int().min(1).max(LIMITS.maxImages).optional().describe(`Number of images, 1–${LIMITS.maxImages} (image i uses seed + i). Default 1.`),
-  seed: z.number().int().min(0).max(2 ** 32 - 1).optional().describe('Random seed; random if omitted. The result reports it.'),
+  seed: z.number().int().min(0).max(LIMITS.maxSeed).optional().describe('Random seed; random if omitted. The result reports it.'),
   output_format: z.enum(['png', 'jpeg', 'webp']).optional().describe('Default png.'),
   background: z.enum(BACKGROUNDS).optional().describe('transparent: the subject cut out on a transparent background (RGBA png or webp; not jpeg), by a matting model after generation. opaque or auto (default): the image as drawn.'),
   wait_s: z.number().int().min(0).max(300).optional().describe(`Seconds to wait for the images (default ${DEFAULT_WAIT_S}); when the run is not done by then, call get_run with its run_id.`),
@@ -60,8 +58,8 @@ function sizeInput(size: string | undefined): Record<string, unknown> {
   if (!size || size === 'auto') return {};
   const m = /^(\d{1,5})x(\d{1,5})$/.exec(size);
   if (m) return { image_size: { width: Number(m[1]), height: Number(m[2]) } };
-  if (size in IMAGE_SIZE_PRESETS) return { image_size: size };
-  throw new ApiError(422, 'VALIDATION_ERROR', `invalid size '${size}': use WIDTHxHEIGHT or one of ${presets.join(', ')}`);
+  if (isPresetName(size)) return { image_size: size };
+  throw new ApiError(422, 'VALIDATION_ERROR', `invalid size '${size}': use WIDTHxHEIGHT or one of ${PRESET_NAMES.join(', ')}`);
 }
 
 /**
@@ -123,10 +121,10 @@ async function waitWithProgress(ctx: McpContext, id: string, waitS: number, extr
   }
 }
 
-async function createAndWait(ctx: McpContext, model: ModelEntry, input: Record<string, unknown>, waitS: number | undefined, extra: Extra): Promise<CallToolResult> {
+async function createAndWait(ctx: McpContext, kind: ModelEntry['kind'], input: Record<string, unknown>, waitS: number | undefined, extra: Extra): Promise<CallToolResult> {
   try {
     takeCreateToken(ctx.deps, ctx.key);
-    const run = await submitRun(ctx.deps, ctx.key, model, input, { metadata: { api: 'mcp' } });
+    const { run } = await submitRun(ctx.deps, ctx.key, servedModel(ctx.deps.cfg, kind), input, { metadata: { api: 'mcp' } });
     return runContent(ctx, await waitWithProgress(ctx, run.id, waitS ?? DEFAULT_WAIT_S, extra));
   } catch (e) {
     return asToolError(e);
@@ -134,17 +132,18 @@ async function createAndWait(ctx: McpContext, model: ModelEntry, input: Record<s
 }
 
 export function createMcpServer(ctx: McpContext): McpServer {
+  const title = servedModel(ctx.deps.cfg, 'text-to-image').title;
   const server = new McpServer({ name: 'klein', version: MCP_VERSION }, { instructions: 'FLUX.2 [klein] image generation. generate_image draws from a prompt; edit_image changes or combines 1–4 images (URLs or data: URIs, including image URLs this server returned). Both wait for the images; when a result says it is not finished, call get_run with its run_id.' });
 
   server.registerTool('generate_image', {
     title: 'Generate an image',
-    description: 'Text to image with FLUX.2 [klein] 4B. Returns the images and their (signed, expiring) URLs, the seed and the cost.',
+    description: `Text to image with ${title}. Returns the images and their (signed, expiring) URLs, the seed and the cost.`,
     inputSchema: common,
     annotations: { readOnlyHint: false, openWorldHint: false },
   }, async (a, extra) => {
     try {
       const input = { prompt: a.prompt, ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
-      return await createAndWait(ctx, T2I, input, a.wait_s, extra as Extra);
+      return await createAndWait(ctx, 'text-to-image', input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);
     }
@@ -152,13 +151,13 @@ export function createMcpServer(ctx: McpContext): McpServer {
 
   server.registerTool('edit_image', {
     title: 'Edit images',
-    description: 'Edit an image, or combine up to 4 reference images, following the prompt (FLUX.2 [klein] 4B). Images are https URLs, data: URIs, or image URLs this server returned.',
+    description: `Edit an image, or combine up to ${LIMITS.maxRefs} reference images, following the prompt (${title}). Images are https URLs, data: URIs, or image URLs this server returned.`,
     inputSchema: { ...common, images: z.array(z.string().min(1)).min(1).max(LIMITS.maxRefs).describe(`1–${LIMITS.maxRefs} images: https URLs, data: URIs (PNG, JPEG, WebP) or URLs from earlier results.`) },
     annotations: { readOnlyHint: false, openWorldHint: true },
   }, async (a, extra) => {
     try {
       const input = { prompt: a.prompt, image_urls: a.images.map((u) => ownFileAsDataUri(ctx, u)), ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
-      return await createAndWait(ctx, EDIT, input, a.wait_s, extra as Extra);
+      return await createAndWait(ctx, 'edit', input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);
     }

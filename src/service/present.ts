@@ -74,7 +74,6 @@ export function presentRun(r: RunRow, ctx: PresentCtx) {
     links: { self: base, events: `${base}/events`, cancel: `${base}/cancellation`, callback: `${base}/callback` },
   };
 }
-export type PublicRun = ReturnType<typeof presentRun>;
 
 export const EVENT_FOR: Record<string, string> = { succeeded: 'run.completed', failed: 'run.failed', cancelled: 'run.cancelled' };
 

@@ -1,9 +1,29 @@
-// BFL's list price for klein 4B: $0.014 for the first megapixel of each image, $0.001 per further megapixel (rounded
-// up), plus $0.001 per input megapixel for edits. Money is kept in integer micro-dollars so sums never drift.
+// Prices per megapixel, BFL's way: a price for the first megapixel of each image, one per further megapixel (rounded
+// up), plus one per input megapixel for edits. Money is kept in integer micro-dollars so sums never drift.
+import type { VariantId } from '../weights/model-folder.ts';
+import { ALL_MODELS } from './models.ts';
+
 export interface ModelPrice {
   firstMpUsd: number;
   extraMpUsd: number;
   inputMpUsd: number;
+}
+
+/**
+ * The default price of each variant: BFL's list prices for klein 4B (1.4¢ + 0.1¢, input 0.1¢) and 9B (1.5¢ + 0.2¢,
+ * input 0.2¢). BFL sells no base variant; they default to the price of their size, and an operator sets their own in
+ * config.json `pricing` (keyed by model id), since base runs 50 steps where the distilled ones run 4.
+ */
+export const VARIANT_PRICES: Record<VariantId, ModelPrice> = {
+  'klein-4b': { firstMpUsd: 0.014, extraMpUsd: 0.001, inputMpUsd: 0.001 },
+  'klein-9b': { firstMpUsd: 0.015, extraMpUsd: 0.002, inputMpUsd: 0.002 },
+  'klein-base-4b': { firstMpUsd: 0.014, extraMpUsd: 0.001, inputMpUsd: 0.001 },
+  'klein-base-9b': { firstMpUsd: 0.015, extraMpUsd: 0.002, inputMpUsd: 0.002 },
+};
+
+/** The default price table: every model id of every variant (text to image and edit alike). */
+export function defaultPrices(): Record<string, ModelPrice> {
+  return Object.fromEntries(ALL_MODELS.map((m) => [m.id, { ...VARIANT_PRICES[m.variant] }]));
 }
 
 /** One megapixel = 2^20 pixels, so 1024×1024 (`square_hd`) is exactly 1 MP, as BFL bills it. */

@@ -25,7 +25,12 @@ export const MAX_ATTEMPTS = 2;
  * handed the job back before any worker took it) and the run simply waits in the queue again.
  */
 export class AttemptLost extends Error {
-  constructor(message: string, readonly counts = true) {
+  constructor(
+    message: string,
+    readonly counts = true,
+    /** The run's failure code once its retry is lost too (ENGINE_CRASHED: the engine process of engine-host.ts died). */
+    readonly code = 'WORKER_LOST',
+  ) {
     super(message);
     this.name = 'AttemptLost';
   }
@@ -225,7 +230,7 @@ export class RunQueue extends EventEmitter {
     this.settled(run.id);
   }
 
-  /** An attempt lost by the pipeline: back to the queue (the next kick starts it again) or, once too often, WORKER_LOST. */
+  /** An attempt lost by the pipeline: back to the queue (the next kick starts it again) or, once too often, its code (WORKER_LOST). */
   private lost(run: RunRow, e: AttemptLost): void {
     const log = this.log.child({ run: run.id });
     if (!this.store.db.open) return; // the service is closing: the row stays `running` and recover() deals with it
@@ -237,7 +242,7 @@ export class RunQueue extends EventEmitter {
       return;
     }
     log.warn({ reason: e.message, attempts: run.attempts }, 'attempt lost; run failed');
-    this.finishUnbilled(run, 'failed', { failure_code: 'WORKER_LOST', failure_stage: 'inference', failure_message: `${e.message} (attempt ${run.attempts} of ${MAX_ATTEMPTS}; not retried again)` });
+    this.finishUnbilled(run, 'failed', { failure_code: e.code, failure_stage: 'inference', failure_message: `${e.message} (attempt ${run.attempts} of ${MAX_ATTEMPTS}; not retried again)` });
     this.settled(run.id);
   }
 

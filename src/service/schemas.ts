@@ -51,7 +51,7 @@ export const ProgressSchema = z.object({
 export const RunSchema = z.object({
   id: z.string().openapi({ example: '01JD2X8K3M4N5P6Q7R8S9T0V1W' }),
   object: z.literal('run'),
-  model_id: z.string().openapi({ example: 'black-forest-labs/flux-2-klein-4b' }),
+  model_id: z.string().openapi({ description: 'The id of the model the run used (GET /v1/models).' }),
   status_code: z.enum(RUN_STATUSES as [string, ...string[]]),
   input: z.union([TextToImageInput, EditInput]),
   output: OutputSchema.nullable(),

@@ -1,36 +1,8 @@
-// The dtype a model's products compute in on a GPU device, and the weight conversions that go with it: every
-// component (transformer, text encoder, VAE) converts its weights in JS once at load (widen to fp32, transpose a
-// Linear's weight for a plain MatMul, narrow to fp16) and hands ORT only the bytes it computes with.
-import type { Device } from './device.ts';
-import { UsageError } from '../cli/errors.ts';
+// Numeric conversions of weights for GPU policies (transposing a Linear's weight for a plain MatMul, narrowing to
+// fp16 with clamping) and the check that an fp16 output stayed finite.
 
-/** What a model's products compute in: fp32 everywhere, or fp16 weights and GEMMs/convolutions (GPU devices only). */
-export type ComputeDtype = 'fp32' | 'fp16';
-export const COMPUTE_DTYPES: readonly ComputeDtype[] = ['fp32', 'fp16'];
-
-/** Largest finite fp16 value; bf16 reaches ~3.4e38, so a bf16 weight may not fit. */
+/** The largest finite fp16 value. */
 export const F16_MAX = 65504;
-
-export function parseComputeDtype(s: string): ComputeDtype {
-  const d = s.trim().toLowerCase();
-  if ((COMPUTE_DTYPES as readonly string[]).includes(d)) return d as ComputeDtype;
-  throw new UsageError(`unknown GPU dtype "${s}"; use one of: ${COMPUTE_DTYPES.join(', ')}`);
-}
-
-/**
- * The dtype for a model on `device`: the one asked for, else $KLEIN_GPU_DTYPE, else fp16 on a GPU and fp32 on
- * the CPU. The CPU provider has no fp16 MatMul worth using, so fp16 there is refused when asked for by name and
- * ignored when it only comes from the environment variable (which is about GPUs).
- */
-export function resolveComputeDtype(device: Device, requested?: ComputeDtype): ComputeDtype {
-  if (device === 'cpu') {
-    if (requested === 'fp16') throw new UsageError('fp16 compute needs a GPU device (--device webgpu or cuda); the CPU computes in fp32');
-    return 'fp32';
-  }
-  if (requested) return requested;
-  const env = process.env.KLEIN_GPU_DTYPE;
-  return env ? parseComputeDtype(env) : 'fp16';
-}
 
 /** `[rows, cols]` row-major → `[cols, rows]`, in 64×64 tiles so both sides stay in cache. */
 export function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {

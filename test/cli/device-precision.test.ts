@@ -9,8 +9,8 @@ import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
-import { refuseFastOnGpu } from '../../src/cli/precision.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { refuseFastOnGpu } from '../../src/cli/target-options.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
 import { startRedis } from '../scale/redis-helper.ts';
 import { pipelineCommands, runKlein, startServe, stopProcess, tmpDir, type ServeProcess } from './helpers.ts';
 

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { psnr8 } from '../../src/conform/compare.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
 import { startRedis } from '../scale/redis-helper.ts';
 import { pipelineCommands, runKlein, startServe, stopProcess, tmpDir } from './helpers.ts';
 

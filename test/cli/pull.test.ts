@@ -11,7 +11,7 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
 import { DEFAULT_MATTING_REPO } from '../../src/weights/matting-folder.ts';
-import { writeTinyMattingModel, writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyMattingModel, writeTinyModel } from '../../src/fixtures/tiny-model.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
 const REPO = 'acme/klein-tiny';

@@ -1,15 +1,15 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { tokenizerComponent } from '../../src/conform/tokenizer.ts';
 import { textEncoderComponent } from '../../src/conform/text-encoder.ts';
 import type { CaseResult, ConformComponent } from '../../src/conform/types.ts';
-
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 async function run(c: ConformComponent): Promise<CaseResult[]> {
   const out: CaseResult[] = [];
-  for await (const r of c.run(GOLDEN, { device: 'cpu' })) out.push(r);
+  for await (const r of c.run(GOLDEN, { target: cpuTarget() })) out.push(r);
   return out;
 }
 

@@ -4,16 +4,17 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { transformerComponent } from '../../src/conform/transformer.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
 import { SafetensorsFile, readRaw, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 const root = path.resolve(import.meta.dirname, '../..');
 
 async function collect(dir: string): Promise<CaseResult[]> {
   const out: CaseResult[] = [];
-  for await (const r of transformerComponent.run(dir, { device: 'cpu' })) out.push(r);
+  for await (const r of transformerComponent.run(dir, { target: cpuTarget() })) out.push(r);
   return out;
 }
 

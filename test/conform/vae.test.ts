@@ -3,17 +3,18 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { cpuTarget } from '../../src/runtime/target.ts';
 import { vaeComponent, writeDiffusersVaeCopy } from '../../src/conform/vae.ts';
 import type { CaseResult } from '../../src/conform/types.ts';
 import { Checkpoint } from '../../src/weights/safetensors.ts';
 import { detectVaeLayout, inferVaeConfig, vaeKey } from '../../src/models/vae/checkpoint.ts';
 import { FLUX2_VAE_CONFIG } from '../../src/models/vae/config.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 test('klein conform: every VAE golden output passes in both key layouts', async () => {
   const results: CaseResult[] = [];
-  for await (const r of vaeComponent.run(GOLDEN, { device: 'cpu' })) results.push(r);
+  for await (const r of vaeComponent.run(GOLDEN, { target: cpuTarget() })) results.push(r);
   for (const r of results) assert.ok(r.passed, `${r.name}: max_abs_err=${r.maxAbsErr} tol=${r.tolerance} ${r.error ?? ''}`);
   const names = results.map((r) => r.name);
   for (const layout of ['bfl', 'diffusers']) {

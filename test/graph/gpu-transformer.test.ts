@@ -10,9 +10,10 @@ import { F16_MAX, f32ToF16Clamped, transpose2d } from '../../src/weights/compute
 import { FP16_FACTOR } from '../../src/conform/transformer.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { cpuTarget, type ExecutionTarget } from '../../src/runtime/target.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
 const webgpu = (gpuDtype: 'fp16' | 'fp32'): ExecutionTarget => ({ device: 'webgpu', precision: 'exact', gpuDtype });
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const GOLDEN = path.join(GOLDEN_DIR, 'transformer');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 
 function goldenInput(file: string): { inp: Flux2ForwardInput; ref: Float32Array } {

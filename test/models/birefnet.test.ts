@@ -14,8 +14,8 @@ import { cpuTarget } from '../../src/runtime/target.ts';
 import { GoldenCase } from '../../src/conform/golden.ts';
 import { compareRelative } from '../../src/conform/compare.ts';
 import { Checkpoint, readFloat32, readInt64, writeSafetensors, f32ToF16, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 const MODEL = path.join(GOLDEN, 'birefnet/model.safetensors');
 const target = cpuTarget();
 

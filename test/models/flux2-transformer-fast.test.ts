@@ -9,8 +9,9 @@ import { Flux2Transformer, int8Layer } from '../../src/models/flux2-transformer.
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { runKlein } from '../cli/helpers.ts';
 import { relativeError } from '../../src/conform/compare.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const GOLDEN = path.join(GOLDEN_DIR, 'transformer');
 
 // Measured on the four golden cases (docs/benchmarks.md, "Fast mode"): relative rms 0.68–0.89 %, max |error|
 // 0.77–0.96 % of max |ref|, identical for the BFL and diffusers layouts. Bounds: about 2.5× the worst case.

@@ -9,8 +9,9 @@ import { Flux2CheckpointError, flux2BflShapes, openFlux2Checkpoint } from '../..
 import { writeRandomFlux2Checkpoint } from '../../src/fixtures/flux2.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 import { Checkpoint, SafetensorsFile, readRaw, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/transformer');
+const GOLDEN = path.join(GOLDEN_DIR, 'transformer');
 const readFlux2Config = (p: string) => openFlux2Checkpoint(p).config;
 const load = (p: string) => Flux2Transformer.load(p, { target: cpuTarget() });
 const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-flux2-'));

@@ -14,8 +14,9 @@ import { VAE_FP16_FACTOR } from '../../src/conform/vae.ts';
 import { UserError } from '../../src/errors.ts';
 import { cpuTarget, type ExecutionTarget, type GpuDtype } from '../../src/runtime/target.ts';
 import { Checkpoint, readFloat32, writeSafetensors, type TensorToWrite } from '../../src/weights/safetensors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/vae');
+const GOLDEN = path.join(GOLDEN_DIR, 'vae');
 // weight stores of this file's edited checkpoints go to a cache folder of their own
 const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-gpu-cache-'));
 process.env.KLEIN_CACHE_DIR = cacheRoot;

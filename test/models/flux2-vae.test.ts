@@ -10,8 +10,10 @@ import { Flux2VAE } from '../../src/models/vae/runtime.ts';
 import { decodeTiled, planTiles } from '../../src/models/vae/tiling.ts';
 import { writeRandomVaeCheckpoint } from '../../src/fixtures/vae.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
+import { GoldenCase } from '../../src/conform/golden.ts';
+import { compareRelative } from '../../src/conform/compare.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 // weight stores of this file's temporary checkpoints go to a cache folder of their own
 const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-vae-cache-'));
 process.env.KLEIN_CACHE_DIR = cacheRoot;
@@ -147,5 +149,17 @@ test('an fp32 checkpoint is used in place, a bf16 one is widened to fp32 once', 
     assert.ok(built.some((s) => s.converted >= 4 * encoderParams && s.links.length === 0), JSON.stringify(built));
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('fast mode leaves the VAE exact: fp32 products and the golden decode within 1e-4', async () => {
+  const vae = await Flux2VAE.load(path.join(GOLDEN, 'vae/model.safetensors'), { target: cpuTarget('fast'), only: 'decoder' });
+  try {
+    assert.equal(vae.computeDtype, 'fp32');
+    const c = new GoldenCase(path.join(GOLDEN, 'vae/decode_case.safetensors'));
+    const cmp = compareRelative((await vae.decode(c.f32('z'), c.shape('z'))).image, c.f32('image'), 1e-4);
+    assert.ok(cmp.passed, `max err ${cmp.maxAbsErr} > ${cmp.tolerance}`);
+  } finally {
+    await vae.close();
   }
 });

@@ -9,8 +9,9 @@ import { Qwen3TextEncoder } from '../../src/models/qwen3/runtime.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { relativeError } from '../../src/conform/compare.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const DIR = path.resolve(import.meta.dirname, '../../../shared/golden/text_encoder');
+const DIR = path.join(GOLDEN_DIR, 'text_encoder');
 
 /**
  * Measured on the golden tiny model (36 layers of width 32, stacked states 9/18/27; CPU, ORT 1.30):

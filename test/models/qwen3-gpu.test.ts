@@ -24,8 +24,9 @@ import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { relativeError } from '../../src/conform/compare.ts';
 import { TEXT_FP16_FACTOR } from '../../src/conform/text-encoder.ts';
 import { UserError } from '../../src/errors.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/text_encoder');
+const GOLDEN = path.join(GOLDEN_DIR, 'text_encoder');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 const STATES = [1, 9, 18, 27, 35, 36];
 const webgpu = (gpuDtype: 'fp32' | 'fp16'): Promise<ExecutionTarget> => resolveTarget({ device: 'webgpu', gpuDtype });

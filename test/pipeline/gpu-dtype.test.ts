@@ -10,7 +10,7 @@ import path from 'node:path';
 import { UsageError } from '../../src/cli/errors.ts';
 import { KleinPipeline } from '../../src/pipeline/pipeline.ts';
 import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
 
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
 

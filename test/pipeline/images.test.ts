@@ -13,7 +13,7 @@ import {
 import { Flux2VAE } from '../../src/models/vae/runtime.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
 /** A deterministic test picture: red rises left→right, green top→bottom, blue is a checkerboard. */
 function pattern(width: number, height: number): RgbImage {

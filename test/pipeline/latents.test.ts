@@ -8,8 +8,8 @@ import { SafetensorsFile, readFloat32 } from '../../src/weights/safetensors.ts';
 import {
   bnDenormalize, bnNormalize, imagePositionIds, latentToTokens, patchify, referenceTimeOffset, referenceTokens, tokensToLatent, unpatchify,
 } from '../../src/pipeline/latents.ts';
+import { GOLDEN_DIR as GOLDEN } from '../golden.ts';
 
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden');
 const vaeModel = new SafetensorsFile(path.join(GOLDEN, 'vae/model.safetensors'));
 const bnMean = readFloat32(vaeModel.info('bn.running_mean'));
 const bnVar = readFloat32(vaeModel.info('bn.running_var'));

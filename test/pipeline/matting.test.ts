@@ -5,6 +5,7 @@ import path from 'node:path';
 import { boxBlurReplicate, estimateForeground, cutoutRGBA, truncateToUint8, cutout } from '../../src/pipeline/matting.ts';
 import { MattingPredictor } from '../../src/pipeline/matting-model.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
 /** The reference's mean_blur written the slow way: replicate-pad, then average every k×k window. */
 function bruteBlur(src: Float32Array, w: number, h: number, k: number): Float32Array {
@@ -95,7 +96,7 @@ test('matting input errors are clear', () => {
 });
 
 test('cutout runs the matting model and returns RGBA whose alpha is its matte', async () => {
-  const model = await MattingPredictor.load(path.resolve(import.meta.dirname, '../../../shared/golden/birefnet/model.safetensors'), { target: cpuTarget(), inputSize: 64 });
+  const model = await MattingPredictor.load(path.join(GOLDEN_DIR, 'birefnet/model.safetensors'), { target: cpuTarget(), inputSize: 64 });
   try {
     const w = 50, h = 30;
     const { rgb } = composite(w, h);

@@ -8,7 +8,8 @@ import sharp from 'sharp';
 import { KleinPipeline, PipelineInputError } from '../../src/pipeline/pipeline.ts';
 import { ImageInputError } from '../../src/pipeline/images.ts';
 import type { GenerateRequest, ProgressEvent } from '../../src/pipeline/types.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 let dir: string;
 let pipe: KleinPipeline;
@@ -30,7 +31,7 @@ function maxDiff(a: Buffer, b: Buffer): number {
 before(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-pipe-'));
   writeTinyModel(path.join(dir, 'model'), { seed: 1 });
-  pipe = await KleinPipeline.open({ model: path.join(dir, 'model') });
+  pipe = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'model') });
 });
 
 after(async () => {
@@ -126,7 +127,7 @@ test('bad requests are typed errors with codes, raised before any model loads', 
 });
 
 test('a prompt over 512 tokens is flagged as truncated; keepLoaded keeps every component resident', async () => {
-  const kept = await KleinPipeline.open({ model: path.join(dir, 'model'), keepLoaded: true });
+  const kept = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'model'), keepLoaded: true });
   try {
     const r = await kept.generate({ ...base, prompt: 'fox '.repeat(600), referenceImages: [new Uint8Array(await sharp({ create: { width: 64, height: 64, channels: 3, background: 'blue' } }).png().toBuffer())] });
     assert.equal(r.promptTruncated, true);
@@ -139,7 +140,7 @@ test('a prompt over 512 tokens is flagged as truncated; keepLoaded keeps every c
 
 test('a klein base model runs CFG against the empty prompt with its own step default', async () => {
   writeTinyModel(path.join(dir, 'base'), { seed: 1, base: true });
-  const p = await KleinPipeline.open({ model: path.join(dir, 'base') });
+  const p = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'base') });
   try {
     assert.equal(p.variant.id, 'klein-base-4b');
     assert.equal(p.variant.defaultSteps, 50);

@@ -12,9 +12,11 @@ import { psnr8 as psnr } from '../../src/conform/compare.ts';
 import { KleinPipeline } from '../../src/pipeline/pipeline.ts';
 import type { GenerateRequest } from '../../src/pipeline/types.ts';
 import { PromptEmbeddingCache } from '../../src/text/prompt-cache.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
 import { runKlein, startServe, stopProcess } from '../cli/helpers.ts';
 import { startRedis } from '../scale/redis-helper.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
+import { targetFromFlags } from '../../src/cli/target-options.ts';
 
 /**
  * PSNR of the fast image against the exact one (same seed), measured on this tiny model (int8 text encoder and
@@ -48,11 +50,12 @@ after(() => {
 
 test('exact and fast both give a decodable image; fast differs from exact but stays above the PSNR bound; a shared prompt cache keeps them apart', async () => {
   const cache = new PromptEmbeddingCache();
-  const exact = await KleinPipeline.open({ model, promptCache: cache });
-  const fast = await KleinPipeline.open({ model, promptCache: cache, precision: 'fast' });
+  const exact = await KleinPipeline.open({ target: cpuTarget(), model, promptCache: cache });
+  const fast = await KleinPipeline.open({ target: cpuTarget('fast'), model, promptCache: cache });
   try {
-    assert.equal(exact.precision, 'exact');
-    assert.equal(fast.precision, 'fast');
+    assert.equal(exact.target.precision, 'exact');
+    assert.equal(fast.target.precision, 'fast');
+    assert.equal(fast.componentDtypes().transformer, 'int8', 'fast mode says its Linears are int8');
     const a = await exact.generate(req);
     assert.equal(cache.stats.misses, 1);
     const b = await fast.generate(req);
@@ -78,8 +81,8 @@ test('exact and fast both give a decodable image; fast differs from exact but st
   }
 });
 
-test('a precision other than exact|fast is refused by the library', async () => {
-  await assert.rejects(KleinPipeline.open({ model, precision: 'int4' as never }), /precision must be "exact" or "fast", got "int4"/);
+test('a precision other than exact|fast is refused where the target is resolved', async () => {
+  await assert.rejects(targetFromFlags({ precision: 'int4' }), /--precision: unknown precision "int4"; use one of: exact, fast/);
 });
 
 test('klein generate --precision fast writes an image and reports the precision; bogus values exit 2', async () => {

@@ -1,12 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import fc from 'fast-check';
 import { cfgCombine, computeEmpiricalMu, eulerStep, getSchedule } from '../../src/pipeline/schedule.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
-const GOLDEN = '/work/shared/golden/sampler/schedules.json';
+const GOLDEN = path.join(GOLDEN_DIR, 'sampler/schedules.json');
 
-test('getSchedule matches every BFL schedule of the golden file within 2 float32 ulps', { skip: !fs.existsSync(GOLDEN) }, () => {
+test('getSchedule matches every BFL schedule of the golden file within 2 float32 ulps', () => {
   const doc = JSON.parse(fs.readFileSync(GOLDEN, 'utf8')) as { schedules: Array<{ num_steps: number; image_seq_len: number; mu: number; bfl: { timesteps: number[] } }> };
   assert.equal(doc.schedules.length, 18);
   for (const s of doc.schedules) {

@@ -9,7 +9,8 @@ import path from 'node:path';
 import sharp from 'sharp';
 import { KleinPipeline, MattingModelError, PipelineInputError, transparentPrompt } from '../../src/pipeline/pipeline.ts';
 import type { GenerateRequest, ProgressEvent } from '../../src/pipeline/types.ts';
-import { writeTinyModel } from '../../src/weights/tiny-model.ts';
+import { writeTinyModel } from '../../src/fixtures/tiny-model.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 let dir: string;
 let pipe: KleinPipeline;
@@ -33,7 +34,7 @@ after(async () => {
 });
 
 test('transparent: matting after the decode for every image, timed, released after its stage; the hinted prompt is what is cached', async () => {
-  pipe = await KleinPipeline.open({ model: path.join(dir, 'model') });
+  pipe = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'model') });
   const events: ProgressEvent[] = [];
   const seen: string[][] = [];
   const r = await pipe.generate(req, { onProgress: (e) => { events.push(e); seen.push(pipe.loadedComponents()); } });
@@ -60,7 +61,7 @@ test('transparent: matting after the decode for every image, timed, released aft
 });
 
 test('keepLoaded keeps the matting model resident between requests', async () => {
-  const p = await KleinPipeline.open({ model: path.join(dir, 'model'), keepLoaded: true });
+  const p = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'model'), keepLoaded: true });
   try {
     await p.generate({ ...req, numImages: 1, outputFormat: 'png' });
     assert.ok(p.loadedComponents().includes('matting'));
@@ -74,7 +75,7 @@ test('keepLoaded keeps the matting model resident between requests', async () =>
 });
 
 test('jpeg + transparent and missing matting weights fail before anything loads', async () => {
-  const p = await KleinPipeline.open({ model: path.join(dir, 'model'), mattingModel: path.join(dir, 'nowhere') });
+  const p = await KleinPipeline.open({ target: cpuTarget(), model: path.join(dir, 'model'), mattingModel: path.join(dir, 'nowhere') });
   try {
     const events: ProgressEvent[] = [];
     await assert.rejects(p.generate({ ...req, outputFormat: 'jpeg' }, { onProgress: (e) => events.push(e) }), (e: unknown) => e instanceof PipelineInputError && e.code === 'transparent_needs_alpha_format');

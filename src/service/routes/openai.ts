@@ -9,15 +9,15 @@ import { type App, type AppEnv, type Deps } from '../context.ts';
 import { transparentPrompt } from '../../pipeline/background.ts';
 import { BACKGROUND_DESCRIPTION, BACKGROUNDS, MATTING_UNAVAILABLE, UNSUPPORTED_COMBINATION } from '../background.ts';
 import { ApiError, type FieldError } from '../errors.ts';
-import { findModel, LIMITS, MODELS, type ModelEntry } from '../models.ts';
+import { LIMITS, SIZE_RULE } from '../../pipeline/limits.ts';
+import { findModel, type ModelEntry, servedModel } from '../models.ts';
 import type { StoredOutput } from '../present.ts';
 import { formatUsd } from '../pricing.ts';
 import type { KeyRow, RunRow } from '../store.ts';
 import { isoToMs } from '../time.ts';
 import { awaitRun, submitRun, takeCreateToken, type RunDeps } from '../submit.ts';
 
-const TEXT_TO_IMAGE = MODELS.find((m) => m.kind === 'text-to-image')!;
-/** OpenAI's own model names all mean "the default klein model", so existing code runs without edits. */
+/** OpenAI's own model names all mean "the model this server runs", so existing code runs without edits. */
 const OPENAI_MODEL = /^(gpt-image|dall-e|chatgpt-image)/;
 const SIZE = /^(\d{1,5})x(\d{1,5})$/;
 
@@ -72,19 +72,19 @@ export const openAIErrors: MiddlewareHandler<AppEnv> = async (c, next) => {
   c.res = new Response(JSON.stringify({ error: { message, type: openAIType(status), param, code } }), { status, headers });
 };
 
-function pickModel(name: string | null | undefined, kind: ModelEntry['kind']): ModelEntry {
+function pickModel(cfg: Deps['cfg'], name: string | null | undefined, kind: ModelEntry['kind']): ModelEntry {
   const wanted = name ?? '';
-  let m: ModelEntry | undefined = !wanted || OPENAI_MODEL.test(wanted) ? TEXT_TO_IMAGE : findModel(wanted);
-  if (m && m.kind !== kind) m = kind === 'edit' ? findModel(`${m.id}/edit`) : findModel(m.id.replace(/\/edit$/, ''));
-  if (!m) throw new ApiError(404, 'model_not_found', `The model '${wanted}' does not exist; use a klein model id from GET /v1/models (or an OpenAI image model name, which means klein 4B)`, [{ loc: ['body', 'model'], message: 'unknown model', type: 'model_not_found' }], { 'x-should-retry': 'false' });
-  return m;
+  const m = !wanted || OPENAI_MODEL.test(wanted) ? servedModel(cfg, kind) : findModel(cfg, wanted);
+  if (!m) throw new ApiError(404, 'model_not_found', `The model '${wanted}' is not served here; use a model id from GET /v1/models (or an OpenAI image model name, which means the served model)`, [{ loc: ['body', 'model'], message: 'unknown model', type: 'model_not_found' }], { 'x-should-retry': 'false' });
+  // the text-to-image id on the edits route (and the reverse) means the same variant's other entry
+  return m.kind === kind ? m : servedModel(cfg, kind);
 }
 
 /** `WxH` → {width, height} (the klein schema checks the limits); `auto` or nothing → the model's choice. */
 function parseSize(size: string | null | undefined, kind: ModelEntry['kind']): { width: number; height: number } | undefined {
   if (!size || size === 'auto') return kind === 'edit' ? undefined : { width: 1024, height: 1024 };
   const m = SIZE.exec(size);
-  if (!m) throw paramError('size', `Invalid size '${size}': use 'WIDTHxHEIGHT' (e.g. '1024x1024'; sides multiples of ${LIMITS.multiple}, at least ${LIMITS.minSide}, at most 4 MP) or 'auto'`);
+  if (!m) throw paramError('size', `Invalid size '${size}': use 'WIDTHxHEIGHT' (e.g. '1024x1024'; ${SIZE_RULE}) or 'auto'`);
   return { width: Number(m[1]), height: Number(m[2]) };
 }
 
@@ -92,13 +92,13 @@ function parseSize(size: string | null | undefined, kind: ModelEntry['kind']): {
 // nothing here (one quality level, no moderation model); unknown fields are refused, as OpenAI refuses them.
 const common = {
   prompt: z.string().openapi({ description: 'What to draw (or, for edits, what to change).' }),
-  model: z.string().nullish().openapi({ description: 'A klein model id (`flux-2-klein-4b`, …). OpenAI image model names (`gpt-image-1`, `dall-e-3`, …) mean klein 4B. Default: klein 4B.' }),
+  model: z.string().nullish().openapi({ description: 'A model id from GET /v1/models. OpenAI image model names (`gpt-image-1`, `dall-e-3`, …) mean the model this server runs, as does leaving it out.' }),
   n: z.coerce.number().int().min(1).max(LIMITS.maxImages).nullish().openapi({ description: `Images, 1–${LIMITS.maxImages}; image i uses seed + i.` }),
-  size: z.string().nullish().openapi({ description: "`WIDTHxHEIGHT` (sides multiples of 16, at least 64, at most 4 MP) or `auto` (1024x1024; for edits, the first image's size).", example: '1024x1024' }),
+  size: z.string().nullish().openapi({ description: `\`WIDTHxHEIGHT\` (${SIZE_RULE}) or \`auto\` (1024x1024; for edits, the first image's aspect at up to 1 MP).`, example: '1024x1024' }),
   response_format: z.enum(['b64_json', 'url']).nullish().openapi({ description: '`b64_json` (default) or `url` (a signed, expiring URL of the stored image).' }),
   output_format: z.enum(['png', 'jpeg', 'webp']).nullish().openapi({ description: 'Default png.' }),
   output_compression: z.coerce.number().int().min(0).max(100).nullish().openapi({ description: 'jpeg/webp quality 0–100 (default: the encoder default).' }),
-  seed: z.coerce.number().int().min(0).max(2 ** 32 - 1).nullish().openapi({ description: 'klein extension: the random seed (random if omitted).' }),
+  seed: z.coerce.number().int().min(0).max(LIMITS.maxSeed).nullish().openapi({ description: 'klein extension: the random seed (random if omitted).' }),
   background: z.enum(BACKGROUNDS).nullish().openapi({ description: `${BACKGROUND_DESCRIPTION} The response echoes the background of the images.` }),
   quality: z.enum(['auto', 'low', 'medium', 'high', 'standard', 'hd']).nullish().openapi({ description: 'Accepted; no effect.' }),
   moderation: z.enum(['auto', 'low']).nullish().openapi({ description: 'Accepted; klein serve runs no moderation model.' }),
@@ -152,7 +152,7 @@ function firstProblem(issues: readonly { path: PropertyKey[]; message: string; c
 }
 
 /** The klein input and options of a validated OpenAI request (references added by the edits route). */
-function toKlein(req: OpenAIRequest, kind: ModelEntry['kind']) {
+function toKlein(cfg: Deps['cfg'], req: OpenAIRequest, kind: ModelEntry['kind']) {
   if (req.stream === true || req.stream === 'true') throw paramError('stream', 'Streaming is not supported by klein serve; omit stream or set it to false', 'unsupported_value');
   const format = req.output_format ?? 'png';
   if (req.output_compression != null && format === 'png') throw paramError('output_compression', 'output_compression applies to jpeg and webp only', 'unsupported_value');
@@ -166,7 +166,7 @@ function toKlein(req: OpenAIRequest, kind: ModelEntry['kind']) {
     ...(req.seed != null ? { seed: req.seed } : {}),
   };
   return {
-    model: pickModel(req.model, kind),
+    model: pickModel(cfg, req.model, kind),
     input,
     // jpeg/webp encoders take 1–100; OpenAI's 0 (smallest) maps to 1
     opts: { outputQuality: req.output_compression != null ? Math.max(1, req.output_compression) : undefined, metadata: { api: 'openai', ...(req.user ? { user: req.user } : {}) } },
@@ -178,7 +178,7 @@ function toKlein(req: OpenAIRequest, kind: ModelEntry['kind']) {
 async function runAndRespond(c: Context<AppEnv>, deps: Deps, k: ReturnType<typeof toKlein>, refTokens: number): Promise<Response> {
   const key: KeyRow = c.get('key');
   takeCreateToken(deps, key);
-  const run = await submitRun(deps as RunDeps, key, k.model, k.input, k.opts);
+  const { run } = await submitRun(deps as RunDeps, key, k.model, k.input, k.opts);
   c.header('X-Klein-Run-Id', run.id);
   const done = await awaitRun(deps, run.id, deps.cfg.maxWaitS, c.req.raw.signal);
   return c.json(openAIResult(done, deps, deps.baseUrl(c), k.responseFormat, refTokens), 200);
@@ -283,7 +283,7 @@ export function registerOpenAI(app: App, deps: Deps): void {
     }
     const parsed = GenerationsBody.safeParse(body);
     if (!parsed.success) throw firstProblem(parsed.error.issues);
-    return runAndRespond(c, deps, toKlein(parsed.data, 'text-to-image'), 0);
+    return runAndRespond(c, deps, toKlein(deps.cfg, parsed.data, 'text-to-image'), 0);
   });
 
   app.openAPIRegistry.registerPath(createRoute({
@@ -297,7 +297,7 @@ export function registerOpenAI(app: App, deps: Deps): void {
     const { fields, images } = await readEditForm(c, deps);
     const parsed = EditsBody.omit({ image: true }).safeParse(fields);
     if (!parsed.success) throw firstProblem(parsed.error.issues);
-    const k = toKlein(parsed.data, 'edit');
+    const k = toKlein(deps.cfg, parsed.data, 'edit');
     const refs = await imagesToDataUris(images);
     k.input.image_urls = refs.uris;
     return runAndRespond(c, deps, k, refs.tokens);

@@ -7,7 +7,9 @@ import { createRoute, z } from '@hono/zod-openapi';
 import { build } from 'esbuild';
 import type { App, Deps } from '../context.ts';
 import { ApiError } from '../errors.ts';
-import { IMAGE_SIZE_PRESETS, LIMITS, MODELS } from '../models.ts';
+import { LIMITS, SIZE_PRESETS } from '../../pipeline/limits.ts';
+import type { ServiceConfig } from '../config.ts';
+import { servedModel } from '../models.ts';
 import { errorResponses } from '../schemas.ts';
 
 export const WEB_DIR = path.resolve(import.meta.dirname, '../../../web');
@@ -18,17 +20,17 @@ interface Assets {
   css: string;
 }
 
-/** The page's config: the same presets and limits the API validates with. `<` is escaped so it stays inside the script tag. */
-function configTag(): string {
+/** The page's config: the presets, limits and model ids the API validates with. `<` is escaped so it stays inside the script tag. */
+function configTag(cfg: ServiceConfig): string {
   const config = {
-    presets: IMAGE_SIZE_PRESETS,
+    presets: SIZE_PRESETS,
     limits: LIMITS,
-    models: { t2i: MODELS.find((m) => m.kind === 'text-to-image')!.id, edit: MODELS.find((m) => m.kind === 'edit')!.id },
+    models: { t2i: servedModel(cfg, 'text-to-image').id, edit: servedModel(cfg, 'edit').id },
   };
   return `<script type="application/json" id="klein-config">${JSON.stringify(config).replace(/</g, '\\u003c')}</script>`;
 }
 
-export async function buildPlayground(): Promise<Assets> {
+export async function buildPlayground(cfg: ServiceConfig): Promise<Assets> {
   const [template, css, bundle] = await Promise.all([
     fs.readFile(path.join(WEB_DIR, 'index.html'), 'utf8'),
     fs.readFile(path.join(WEB_DIR, 'styles.css'), 'utf8'),
@@ -42,14 +44,14 @@ export async function buildPlayground(): Promise<Assets> {
       logLevel: 'silent',
     }),
   ]);
-  return { html: template.replace('<!--KLEIN_CONFIG-->', configTag()), css, js: bundle.outputFiles[0].text };
+  return { html: template.replace('<!--KLEIN_CONFIG-->', configTag(cfg)), css, js: bundle.outputFiles[0].text };
 }
 
 export function registerPlayground(app: App, deps: Deps): void {
   let assets: Promise<Assets> | null = null;
   const get = () => {
     // built once per process; a failed build is retried on the next request rather than cached
-    assets ??= buildPlayground().catch((e) => {
+    assets ??= buildPlayground(deps.cfg).catch((e) => {
       assets = null;
       deps.log.error({ err: e }, 'playground build failed');
       throw new ApiError(500, 'INTERNAL', `the playground could not be built: ${(e as Error).message.split('\n')[0]}`);

@@ -1,21 +1,16 @@
 // Runs: create (any model path, greedy), get, list with cursor pagination, statuses, server-sent events, cancel.
-import crypto from 'node:crypto';
 import { createRoute, z } from '@hono/zod-openapi';
 import type { Context } from 'hono';
 import { streamSSE } from 'hono/streaming';
 import { type App, type AppEnv, type Deps, route } from '../context.ts';
 import { ApiError, fieldError, notFound, validation, zodIssues } from '../errors.ts';
-import { precheckImageUrls } from '../inputs.ts';
-import { requireModel } from '../models.ts';
-import { checkUrl, FetchError } from '../net.ts';
+import { requireKnownModel, requireModel, servedModels } from '../models.ts';
 import { presentRun } from '../present.ts';
 import { type RunRow, RUN_STATUSES, type RunStatus, TERMINAL } from '../store.ts';
-import { isoNow, sha256Hex, ulid } from '../time.ts';
+import { isoNow, sha256Hex } from '../time.ts';
 import { CreateRunBody, errorResponses, ProgressSchema, RunListSchema, RunSchema } from '../schemas.ts';
 import type { RunEvent } from '../queue.ts';
-import { parseInput, quoteRun } from '../submit.ts';
-
-const MAX_METADATA_BYTES = 16 * 1024;
+import { submitRun, takeCreateToken } from '../submit.ts';
 
 const Envelope = z
   .object({
@@ -50,18 +45,13 @@ function parsePreferWait(h: string | undefined): number | null {
 }
 
 async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Promise<Response> {
-  const { store, cfg, limiter, queue } = deps;
+  const { cfg, queue } = deps;
   const key = c.get('key');
-  const model = requireModel(modelParam);
-
-  const limit = key.rate_limit_per_min ?? cfg.rateLimit.createsPerMinute;
-  const rl = limiter.take(`create:${key.id}`, limit);
-  c.header('X-RateLimit-Limit', String(limit));
+  const model = requireModel(cfg, modelParam);
+  const rl = takeCreateToken(deps, key);
+  c.header('X-RateLimit-Limit', String(rl.limit));
   c.header('X-RateLimit-Remaining', String(rl.remaining));
   c.header('X-RateLimit-Reset', String(rl.resetS));
-  if (!rl.ok) {
-    throw new ApiError(429, 'RATE_LIMITED', `Rate limit exceeded: ${limit} run creations per minute for this key; retry in ${rl.retryAfterS} s`, null, { 'Retry-After': String(rl.retryAfterS) });
-  }
 
   let body: unknown;
   try {
@@ -71,59 +61,24 @@ async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Pr
   }
   const env = Envelope.safeParse(body);
   if (!env.success) throw validation('invalid request body', zodIssues('body', env.error.issues));
-  const input = parseInput(deps, model, env.data.input);
-  const urls = 'image_urls' in input ? input.image_urls : [];
-  await precheckImageUrls(urls, cfg);
-  if (env.data.callback_url) {
-    try {
-      checkUrl(env.data.callback_url, cfg.inputs);
-    } catch (e) {
-      if (e instanceof FetchError) throw fieldError(['body', 'callback_url'], e.message, e.code === 'BLOCKED' ? 'ssrf_blocked' : 'invalid_url');
-      throw e;
-    }
-  }
-  const metadata = env.data.metadata ? JSON.stringify(env.data.metadata) : null;
-  if (metadata && Buffer.byteLength(metadata) > MAX_METADATA_BYTES) throw fieldError(['body', 'metadata'], `metadata is limited to ${MAX_METADATA_BYTES} bytes of JSON`, 'too_large');
-
   const idemKey = c.req.header('Idempotency-Key');
   if (idemKey !== undefined && (idemKey.length < 1 || idemKey.length > 255)) throw fieldError(['header', 'Idempotency-Key'], 'Idempotency-Key must be 1–255 characters');
-  const requestHash = sha256Hex(canonical({ model: model.id, body }));
-  const inline = input.sync_mode;
-  if (idemKey) {
-    const prior = store.getIdempotency(key.id, idemKey);
-    if (prior) {
-      if (prior.request_hash !== requestHash) {
-        throw new ApiError(409, 'IDEMPOTENCY_CONFLICT', 'this Idempotency-Key was already used with a different request body');
-      }
-      // replay: the same run, in its current state (URLs freshly signed), never a second run
-      c.header('Idempotent-Replayed', 'true');
-      const r = store.getRun(prior.run_id)!;
-      return c.json(presentRun(r, { files: deps.files, baseUrl: deps.baseUrl(c), inline: inline && r.status === 'succeeded' }), 201);
-    }
-  }
 
-  const quote = await quoteRun(deps, model, input, urls);
-
-  const id = ulid();
-  const row: RunRow = {
-    id, key_id: key.id, model_id: model.id, status: 'queued', input: JSON.stringify(input), output: null,
-    progress: JSON.stringify({ stage: 'queued', percent: 0 }), cost_micros: quote?.micros ?? null,
-    cost_breakdown: quote ? JSON.stringify(quote.breakdown) : null, metadata, client_ref: env.data.client_ref ?? null,
-    callback_url: env.data.callback_url ?? null, seed: input.seed ?? crypto.randomInt(0, 2 ** 32 - 1), attempts: 0,
-    created_at: isoNow(), started_at: null, completed_at: null, failure_code: null, failure_stage: null, failure_message: null,
-  };
-  store.tx(() => {
-    store.insertRun(row);
-    if (idemKey) store.insertIdempotency(key.id, idemKey, requestHash, id);
+  const { run, replayed } = await submitRun(deps, key, model, env.data.input, {
+    metadata: env.data.metadata, clientRef: env.data.client_ref, callbackUrl: env.data.callback_url,
+    ...(idemKey ? { idempotency: { key: idemKey, requestHash: sha256Hex(canonical({ model: model.id, body })) } } : {}),
   });
-  deps.log.info({ run: id, model: model.id, key: key.id }, 'run created');
-  queue.kick();
-
+  const inline = (JSON.parse(run.input) as { sync_mode?: boolean }).sync_mode === true;
+  if (replayed) {
+    // the same run, in its current state (URLs freshly signed), never a second run
+    c.header('Idempotent-Replayed', 'true');
+    return c.json(presentRun(run, { files: deps.files, baseUrl: deps.baseUrl(c), inline: inline && run.status === 'succeeded' }), 201);
+  }
   const preferWait = parsePreferWait(c.req.header('Prefer'));
-  const waitS = input.sync_mode ? cfg.maxWaitS : preferWait !== null ? Math.min(preferWait, cfg.maxWaitS) : 0;
+  const waitS = inline ? cfg.maxWaitS : preferWait !== null ? Math.min(preferWait, cfg.maxWaitS) : 0;
   if (preferWait !== null) c.header('Preference-Applied', `wait=${Math.min(preferWait, cfg.maxWaitS)}`);
   // without a wait, answer with the run as accepted (queued), even if a worker picked it up in the meantime
-  const final = waitS > 0 ? await queue.waitFor(id, waitS * 1000) : row;
+  const final = waitS > 0 ? await queue.waitFor(run.id, waitS * 1000) : run;
   return c.json(presentRun(final, { files: deps.files, baseUrl: deps.baseUrl(c), inline: inline && final.status === 'succeeded' }), 201);
 }
 
@@ -131,17 +86,18 @@ const RunId = z.object({ id: z.string().openapi({ param: { name: 'id', in: 'path
 
 export function registerRuns(app: App, deps: Deps): void {
   // documented with a plain {model_id}; routed with a greedy pattern so owner/slug/… paths resolve
+  const served = servedModels(deps.cfg);
   const createDoc = createRoute({
     method: 'post',
     path: '/v1/models/{model_id}/runs',
     tags: ['Runs'],
     summary: 'Create a run',
     description:
-      'Queue a generation. `model_id` is the slash-delimited model path (`black-forest-labs/flux-2-klein-4b`, `flux-2-klein-4b`, `…/edit`). ' +
+      `Queue a generation. \`model_id\` is the slash-delimited model path of a model this server runs (${served.flatMap((m) => [m.id, ...m.aliases]).map((id) => `\`${id}\``).join(', ')}). ` +
       'Returns 201 with the Run. `sync_mode: true` in the input, or `Prefer: wait=N`, waits for the result (N seconds at most).',
     security: [{ bearer: [] }],
     request: {
-      params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: 'black-forest-labs/flux-2-klein-4b' }) }),
+      params: z.object({ model_id: z.string().openapi({ param: { name: 'model_id', in: 'path' }, example: served[0].id }) }),
       headers: z.object({
         'idempotency-key': z.string().optional().openapi({ description: 'Same key + same body replays the first run; a different body gets 409.' }),
         prefer: z.string().optional().openapi({ description: '`wait=N`: wait up to N seconds for the run to finish.', example: 'wait=30' }),
@@ -182,7 +138,7 @@ export function registerRuns(app: App, deps: Deps): void {
       } catch { /* fall through */ }
       if (typeof before !== 'string') throw fieldError(['query', 'cursor'], 'invalid cursor');
     }
-    const modelId = q.model_id ? requireModel(q.model_id).id : undefined;
+    const modelId = q.model_id ? requireKnownModel(q.model_id).id : undefined;
     const norm = (s?: string) => (s ? isoNow(Date.parse(s)) : undefined);
     const rows = deps.store.listRuns({
       keyId: key.is_admin ? q.key_id : key.id, status: q.status, modelId, clientRef: q.client_ref,

@@ -1,17 +1,19 @@
 // The API's scale-out routes: workers announce themselves, report progress and upload results under
-// /internal/worker/* with the shared KLEIN_WORKER_TOKEN; Prometheus scrapes /metrics. Registered by createApp
-// only when the service runs with a Redis queue.
+// /internal/worker/* with the shared KLEIN_WORKER_TOKEN; the queue's figures join the service's /metrics. Registered
+// by createApp only when the service runs with a Redis queue.
 import crypto from 'node:crypto';
 import type { Context } from 'hono';
+import { Counter, Gauge, type Registry } from 'prom-client';
 import type { App, Deps } from '../context.ts';
 import { ApiError } from '../errors.ts';
-import { RUN_STATUSES } from '../store.ts';
 import { type Announce, type FailureBody, type ProgressBody, type ResultBody, WORKER_PREFIX } from './protocol.ts';
 import type { RemotePipeline } from './remote-pipeline.ts';
 import { WorkerRegistry } from './registry.ts';
 
 export interface ScaleExtension {
   register(app: App, deps: Deps): void;
+  /** Its figures on the service's /metrics (metrics.ts). */
+  registerMetrics(registry: Registry): void;
   health(): Record<string, unknown>;
   /** Graceful stop: how long runs on remote workers get to finish (their uploads still answered) before the rest are requeued. */
   readonly drainMs: number;
@@ -60,27 +62,30 @@ export class ScaleApi implements ScaleExtension {
     };
   }
 
-  metrics(deps: Deps): string {
-    const lines: string[] = [];
-    const gauge = (name: string, help: string, samples: [Record<string, string>, number][], type = 'gauge') => {
-      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
-      for (const [labels, v] of samples) {
-        const l = Object.entries(labels).map(([k, x]) => `${k}="${x.replace(/["\\\n]/g, '_')}"`).join(',');
-        lines.push(`${name}${l ? `{${l}}` : ''} ${v}`);
-      }
-    };
-    const c = this.remote.counts;
-    gauge('klein_queue_depth', 'Jobs in the Redis queue by state', [[{ state: 'waiting' }, (c.waiting ?? 0) + (c.prioritized ?? 0)], [{ state: 'active' }, c.active ?? 0], [{ state: 'delayed' }, c.delayed ?? 0]]);
-    const byStatus = deps.store.countByStatus();
-    gauge('klein_runs', 'Runs in the database by status', RUN_STATUSES.map((s) => [{ status: s }, byStatus[s]]));
-    lines.push('# HELP klein_step_seconds Seconds per denoising step reported by workers', '# TYPE klein_step_seconds summary',
-      `klein_step_seconds_sum ${this.remote.stepSeconds.sum}`, `klein_step_seconds_count ${this.remote.stepSeconds.count}`);
-    gauge('klein_jobs_taken_over_total', 'Jobs finished by another worker than the one that started them', [[{}, this.remote.takenOver]], 'counter');
-    gauge('klein_jobs_lost_total', 'Attempts settled because their job failed, was removed or vanished in Redis', [[{}, this.remote.lostJobs]], 'counter');
-    const live = this.registry.live();
-    gauge('klein_workers', 'Live workers (announced within the last 15 s)', [[{}, live.length]]);
-    gauge('klein_workers_busy', 'Workers running a job, per model', Object.entries(this.registry.perModel()).map(([m, x]) => [{ model: m }, x.busy]));
-    return lines.join('\n') + '\n';
+  /** The queue's figures under the names `--queue` has always exposed (klein_runs and klein_step_seconds are metrics.ts'). */
+  registerMetrics(registry: Registry): void {
+    const registers = [registry];
+    const remote = this.remote;
+    const workers = this.registry;
+    new Gauge({
+      name: 'klein_queue_depth', help: 'Jobs in the Redis queue by state', labelNames: ['state'], registers,
+      collect() {
+        const c = remote.counts;
+        this.set({ state: 'waiting' }, (c.waiting ?? 0) + (c.prioritized ?? 0));
+        this.set({ state: 'active' }, c.active ?? 0);
+        this.set({ state: 'delayed' }, c.delayed ?? 0);
+      },
+    });
+    new Counter({ name: 'klein_jobs_taken_over_total', help: 'Jobs finished by another worker than the one that started them', registers, collect() { this.reset(); this.inc(remote.takenOver); } });
+    new Counter({ name: 'klein_jobs_lost_total', help: 'Attempts settled because their job failed, was removed or vanished in Redis', registers, collect() { this.reset(); this.inc(remote.lostJobs); } });
+    new Gauge({ name: 'klein_workers', help: 'Live workers (announced within the last 15 s)', registers, collect() { this.set(workers.live().length); } });
+    new Gauge({
+      name: 'klein_workers_busy', help: 'Workers running a job, per model', labelNames: ['model'], registers,
+      collect() {
+        this.reset();
+        for (const [m, x] of Object.entries(workers.perModel())) this.set({ model: m }, x.busy);
+      },
+    });
   }
 
   register(app: App, deps: Deps): void {
@@ -124,6 +129,5 @@ export class ScaleApi implements ScaleExtension {
       if (this.remote.fail(c.req.param('id'), b) === 'unknown') throw new ApiError(409, 'ALREADY_SETTLED', 'nobody waits for this job');
       return c.json({ accepted: true });
     });
-    app.get('/metrics', (c) => c.text(this.metrics(deps), 200, { 'content-type': 'text/plain; version=0.0.4' }));
   }
 }

@@ -1,7 +1,7 @@
 // What travels between the API and its workers: BullMQ job data (API → Redis → worker) and the JSON bodies of the
 // worker routes (worker → API). Bytes travel as base64 so both fit in JSON.
 import type { Background, GenerateRequest, OutputFormat, Precision, ProgressEvent } from '../../pipeline/types.ts';
-import type { ComputeDtype } from '../../graph/compute-dtype.ts';
+import type { GpuDtype } from '../../runtime/target.ts';
 
 /** The BullMQ queue every API and worker of one installation shares. */
 export const QUEUE_NAME = 'klein-runs';
@@ -52,7 +52,7 @@ export interface Announce {
   /** exact or fast (int8); absent from workers that predate fast mode, which run exact */
   precision?: Precision;
   /** GPU workers: fp16 or fp32 (`klein worker --gpu-dtype`); absent on the CPU and from older workers */
-  gpu_dtype?: ComputeDtype;
+  gpu_dtype?: GpuDtype;
   free_memory_bytes: number;
   /** the job it is running, if any */
   job: string | null;
@@ -76,7 +76,7 @@ export interface FailureBody {
   message: string;
   /** the pipeline rejected the request itself (the client's input), not a fault of the worker */
   input: boolean;
-  /** PipelineInputError's code and field, when `input`; else MattingModelError's code (no matting weights there) */
+  /** PipelineInputError's code and field, when `input`; else MattingModelError's code (no matting weights there) or ENGINE_CRASHED (its engine process died: the attempt is lost and retried once) */
   code?: string;
   field?: string;
 }

@@ -10,6 +10,7 @@ import { type PipelineInputCode, PipelineInputError } from '../../pipeline/reque
 import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline, ProgressEvent } from '../../pipeline/types.ts';
 import { AttemptLost } from '../queue.ts';
+import { ENGINE_CRASHED, EngineCrashed } from '../engine-host.ts';
 import { type FailureBody, type JobData, QUEUE_NAME, type ResultBody, toJob } from './protocol.ts';
 import { closableWhileStarting } from './closable.ts';
 import { redisConnection } from './redis.ts';
@@ -18,7 +19,6 @@ interface Pending {
   resolve: (r: GenerateResult) => void;
   reject: (e: Error) => void;
   opts?: GenerateOptions;
-  lastStepAt?: number;
   /** every worker that reported progress for the job (more than one: it was taken over) */
   workers: Set<string>;
   /** the job is in Redis (queue.add resolved): from then on its fate there is checked */
@@ -42,8 +42,6 @@ export type Outcome = 'accepted' | 'unknown';
 export class RemotePipeline implements ImagePipeline {
   readonly queue: Queue<JobData>;
   private pending = new Map<string, Pending>();
-  /** Seconds between consecutive denoise steps as the workers report them (Prometheus summary). */
-  readonly stepSeconds = { sum: 0, count: 0 };
   /** Results for jobs that another worker had started (its worker died or stalled): stalled-job recovery at work. */
   takenOver = 0;
   /** Cached job counts, refreshed in the background so /v1/health and /metrics never wait on Redis. */
@@ -162,15 +160,6 @@ export class RemotePipeline implements ImagePipeline {
     const p = this.pending.get(jobId);
     if (!p) return false;
     p.workers.add(worker);
-    if (e.stage === 'denoise' && e.step !== undefined) {
-      const now = performance.now();
-      // the step time is only meaningful between two steps of the same attempt on the same worker
-      if (p.lastStepAt !== undefined && e.step > 1) {
-        this.stepSeconds.sum += (now - p.lastStepAt) / 1000;
-        this.stepSeconds.count++;
-      }
-      p.lastStepAt = now;
-    }
     p.opts?.onProgress?.(e);
     return true;
   }
@@ -200,7 +189,9 @@ export class RemotePipeline implements ImagePipeline {
         ? new PipelineInputError((body.code ?? 'invalid_prompt') as PipelineInputCode, body.message, body.field)
         : body.code === 'matting_model_missing' || body.code === 'matting_model_invalid'
           ? new MattingModelError(body.code, `worker ${body.worker}: ${body.message}`)
-          : new Error(`worker ${body.worker}: ${body.message}`),
+          : body.code === ENGINE_CRASHED
+            ? new EngineCrashed(`worker ${body.worker}: ${body.message}`) // the attempt is lost: retried once, like a dead worker's
+            : new Error(`worker ${body.worker}: ${body.message}`),
     );
     return 'accepted';
   }

@@ -9,8 +9,9 @@ import type { Logger } from 'pino';
 import { PipelineInputError } from '../../pipeline/request.ts';
 import { MattingModelError } from '../../weights/matting-folder.ts';
 import type { ImagePipeline, Precision, ProgressEvent } from '../../pipeline/types.ts';
-import type { ComputeDtype } from '../../graph/compute-dtype.ts';
+import type { GpuDtype } from '../../runtime/target.ts';
 import { type Announce, fromJob, type JobData, QUEUE_NAME, type ResultBody, WORKER_PREFIX } from './protocol.ts';
+import { ENGINE_CRASHED, EngineCrashed } from '../engine-host.ts';
 import { closableWhileStarting } from './closable.ts';
 import { redisConnection } from './redis.ts';
 import { ANNOUNCE_MS } from './registry.ts';
@@ -25,7 +26,7 @@ export interface WorkerOptions {
   /** Announced to the API (shown per worker in /v1/health); default exact. */
   precision?: Precision;
   /** GPU devices: the pipeline's dtype, announced beside the precision; undefined on the CPU. */
-  gpuDtype?: ComputeDtype;
+  gpuDtype?: GpuDtype;
   log: Logger;
   /** How long a job stays locked without renewal before another worker may take it over (BullMQ lockDuration). */
   lockMs?: number;
@@ -157,7 +158,7 @@ export class KleinWorker {
       log.warn({ err: e }, 'job failed');
       await this.call(`/jobs/${jobId}/failure`, {
         worker: this.id, message: (e as Error).message, input,
-        ...(input ? { code: e.code, ...(e.field ? { field: e.field } : {}) } : e instanceof MattingModelError ? { code: e.code } : {}),
+        ...(input ? { code: e.code, ...(e.field ? { field: e.field } : {}) } : e instanceof MattingModelError ? { code: e.code } : e instanceof EngineCrashed ? { code: ENGINE_CRASHED } : {}),
       }, 6).catch((err) => {
         if (err instanceof ApiCallError && err.status >= 400 && err.status < 500) return log.warn({ err }, 'failure report refused');
         // the API never heard of it: fail the job in BullMQ with the reason, and the API learns it from there
