@@ -1,7 +1,7 @@
 // `klein bench text-encoder`: the Qwen3 text encoder at real Qwen3-4B shapes with random weights (only the layers
 // klein runs: 27 of 36), one 512-token batch. Prints the load (the first one builds the weight store), seconds per
-// prompt, GFLOP/s and peak RSS with its anonymous and file-backed parts; the last line is `GFLOP/s: <number>`. With
-// KLEIN_DEVICE=webgpu|cuda it runs on that device (KLEIN_GPU_DTYPE picks fp16 or fp32).
+// prompt, GFLOP/s and peak RSS with its anonymous and file-backed parts; the last line is `GFLOP/s: <number>`.
+// `--device`, `--precision`, `--gpu-dtype` and `--threads` pick the target as on every command.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -10,18 +10,15 @@ import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, qwen3Flops } from 
 import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../src/models/qwen3/runtime.ts';
 import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint, xorshift } from '../src/fixtures/qwen3.ts';
 import { UsageError } from '../src/cli/errors.ts';
-import { defaultDevice } from '../src/runtime/device.ts';
-import { parseGpuDtype, parsePrecision, resolveTarget } from '../src/runtime/target.ts';
+import { addTargetOptions, describeTarget, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
 import { formatMemory, GiB, MemorySampler, resetPeakRss } from './util.ts';
 import { relativeError } from '../src/conform/compare.ts';
 
-interface BenchOptions {
+interface BenchOptions extends TargetFlags {
   dir?: string;
   runs: string;
   batch: string;
   seq: string;
-  threads?: string;
-  precision?: string;
   compareExact?: boolean;
   layers?: string;
   rebuild?: boolean;
@@ -95,10 +92,8 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   const runLayers = opts.layers === undefined ? writeLayers : Number(opts.layers);
   if (!Number.isInteger(runLayers) || runLayers < 1 || runLayers > writeLayers) throw new UsageError(`--layers must be 1–${writeLayers}`);
   const outputLayers = runLayers === writeLayers ? KLEIN_OUTPUT_LAYERS : [...new Set([Math.ceil(runLayers / 3), Math.ceil((2 * runLayers) / 3), runLayers])];
-  const precision = parsePrecision(opts.precision ?? 'exact');
-  if (opts.compareExact && precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
-  const gpuDtype = process.env.KLEIN_GPU_DTYPE ? parseGpuDtype(process.env.KLEIN_GPU_DTYPE, 'KLEIN_GPU_DTYPE') : undefined;
-  const target = await resolveTarget({ device: defaultDevice(), precision, gpuDtype, threads: opts.threads ? Number(opts.threads) : undefined });
+  const target = await targetFromFlags(opts);
+  if (opts.compareExact && target.precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
   const folder = benchFolder(opts.dir);
   const cfg = parseQwen3Config(QWEN3_4B_CONFIG);
   // the peaks cover loads and runs, not the writing of the random checkpoint above
@@ -125,7 +120,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   await enc.close();
   const peak = memory.stop();
-  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${enc.computeDtype} products, device ${target.device}`);
+  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${enc.computeDtype} products, ${describeTarget(target)}`);
   if (opts.compareExact) {
     // after the fast encoder is released, so the two never share the memory; its peak is not the fast mode's
     const exact = await timedLoad(folder, { target: { ...target, precision: 'exact' }, outputLayers }, 'exact load');
@@ -140,16 +135,16 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
 }
 
 export function registerTextEncoderBench(bench: Command): void {
-  bench
-    .command('text-encoder')
+  const cmd = bench.command('text-encoder');
+  addTargetOptions(cmd);
+  cmd
     .description('Qwen3-4B text encoder (random weights, 27 layers) on one 512-token prompt: load, seconds, GFLOP/s, peak RSS')
     .option('--dir <folder>', 'where the random checkpoint is written and reused (default: a folder in the temp dir)')
     .option('--runs <n>', 'timed runs; the best is reported', '2')
     .option('--batch <n>', 'prompts per run', '1')
     .option('--seq <n>', 'tokens per prompt', '512')
-    .option('--threads <n>', 'intra-op threads (default: all cores)')
+    .option('--threads <n>', 'intra-op threads (default: $KLEIN_THREADS, else all cores)')
     .option('--layers <n>', 'run only the first N of the 27 layers (a cheaper run of the same weights)')
-    .option('--precision <mode>', 'exact (fp32 weights in the weight store) or fast (int8 projections)', 'exact')
     .option('--rebuild', 'build the weight store again even if it is valid (times the first load)')
     .option('--compare-exact', 'fast only: also run the exact encoder on the same tokens and print the relative error of the context')
     .action((o: BenchOptions) => benchTextEncoder(o));
