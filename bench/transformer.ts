@@ -106,7 +106,8 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
   const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
   const t = o.target;
   if (o.compareFp32 && (t.device === 'cpu' || t.gpuDtype !== 'fp16')) {
-    throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; this run computes in ${t.device === 'cpu' ? 'fp32' : t.gpuDtype} on ${t.device} (use --device webgpu or cuda with fp16)`);
+    const why = t.precision === 'fast' ? '--precision fast runs on the CPU (use --compare-exact)' : `this run computes in ${t.device === 'cpu' ? 'fp32' : t.gpuDtype} on ${t.device} (use --device webgpu or cuda with fp16)`;
+    throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; ${why}`);
   }
   const file = benchCheckpoint(cfg, log);
   const inp = inputs(cfg, o.width / 16, o.height / 16, o.txtTokens);

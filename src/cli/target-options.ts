@@ -26,29 +26,29 @@ export function addTargetOptions(cmd: Command): Command {
   return cmd.option('--device <device>', DEVICE_HELP).option('--precision <mode>', PRECISION_HELP).option('--gpu-dtype <dtype>', GPU_DTYPE_HELP);
 }
 
-function fromFlagOrEnv<T>(flag: string | undefined, env: string, parse: (s: string, source: string) => T): T | undefined {
+/** The flag's value, else the variable's, parsed; an error names the flag or the variable it came from, once. */
+function fromFlagOrEnv<T>(flag: string | undefined, env: string, flagName: string, parse: (s: string, source: string) => T): T | undefined {
   const raw = flag ?? process.env[env];
   if (raw === undefined || raw === '') return undefined;
-  const source = flag !== undefined ? '' : env;
   try {
-    return parse(raw.trim().toLowerCase(), source);
+    return parse(raw.trim().toLowerCase(), flag !== undefined ? flagName : env);
   } catch (e) {
-    throw new UsageError(`${flag !== undefined ? '' : `${env}: `}${(e as Error).message}`);
+    throw new UsageError((e as Error).message);
   }
 }
 
 /** The device asked for: the flag, else $KLEIN_DEVICE, else cpu. */
 export function requestedDevice(flag: string | undefined): DeviceRequest {
-  return fromFlagOrEnv(flag, 'KLEIN_DEVICE', (s) => parseDevice(s)) ?? 'cpu';
+  return fromFlagOrEnv(flag, 'KLEIN_DEVICE', '--device', parseDevice) ?? 'cpu';
 }
 
 /** The precision asked for: the flag, else $KLEIN_PRECISION, else exact. */
 export function requestedPrecision(flag: string | undefined): Precision {
-  return fromFlagOrEnv(flag, 'KLEIN_PRECISION', (s, src) => parsePrecision(s, src || '--precision')) ?? 'exact';
+  return fromFlagOrEnv(flag, 'KLEIN_PRECISION', '--precision', parsePrecision) ?? 'exact';
 }
 
 function requestedGpuDtype(flag: string | undefined, device: DeviceRequest): GpuDtype | undefined {
-  const dtype = fromFlagOrEnv(flag, 'KLEIN_GPU_DTYPE', (s) => parseGpuDtype(s, '--gpu-dtype'));
+  const dtype = fromFlagOrEnv(flag, 'KLEIN_GPU_DTYPE', '--gpu-dtype', parseGpuDtype);
   // the variable is about GPUs: on the CPU only the flag can be wrong
   if (flag === undefined && device === 'cpu') return undefined;
   if (dtype === 'fp16' && device === 'cpu') throw new UsageError('--gpu-dtype fp16: fp16 compute needs a GPU device (--device webgpu or cuda); the CPU computes in fp32');

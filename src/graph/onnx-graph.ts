@@ -79,6 +79,8 @@ function inferTypes(type: string, inputs: Array<Value | null>, attrs: Record<str
       return ['bool'];
     case 'Where':
       return [inputs[1]!.type];
+    case 'TopK':
+      return [first, 'int64'];
     case 'MatMulInteger':
       return ['int32'];
     case 'DynamicQuantizeLinear':

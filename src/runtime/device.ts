@@ -47,10 +47,11 @@ export interface DeviceProbe {
   ms: number;
 }
 
-export function parseDevice(s: string): DeviceRequest {
+/** `source` (a flag or variable name) prefixes the error. */
+export function parseDevice(s: string, source?: string): DeviceRequest {
   const d = s.trim().toLowerCase();
   if ((DEVICE_REQUESTS as readonly string[]).includes(d)) return d as DeviceRequest;
-  throw new UserError(`unknown device "${s}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
+  throw new UserError(`${source ? `${source}: ` : ''}unknown device "${s}"; use one of: ${DEVICE_REQUESTS.join(', ')}`);
 }
 
 /**
