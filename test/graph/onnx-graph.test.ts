@@ -1,24 +1,46 @@
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import onnxProto from 'onnx-proto';
-import { Graph, MS_DOMAIN } from '../../src/graph/onnx-graph.ts';
-import { linear, rmsNorm, splitLast } from '../../src/graph/nn.ts';
-import { compileGraph, loadGraph, f32, i64, openSession } from '../../src/graph/session.ts';
-import { Checkpoint, f32ToBf16, writeSafetensors } from '../../src/weights/safetensors.ts';
+import { Graph, MS_DOMAIN, ONNX_ELEM } from '../../src/graph/onnx-graph.ts';
+import { Fp32Policy } from '../../src/graph/nn/weight-policy.ts';
+import { compileGraph, f32, i64, openSession } from '../../src/runtime/session.ts';
+import { Checkpoint, SafetensorsFile, f32ToBf16, writeSafetensors } from '../../src/weights/safetensors.ts';
+import { WeightStore, kleinCacheRoot } from '../../src/weights/weight-store.ts';
+import { compile, layersOf } from './helpers.ts';
 
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-graph-'));
+// weight stores and compiled graphs of this file's temporary checkpoints go to a cache folder of their own
+const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-graph-cache-'));
+process.env.KLEIN_CACHE_DIR = cacheRoot;
+const tmpDirs: string[] = [];
+after(() => {
+  for (const d of [cacheRoot, ...tmpDirs]) fs.rmSync(d, { recursive: true, force: true });
+});
+
+const tmp = () => {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-graph-'));
+  tmpDirs.push(d);
+  return d;
+};
 const arr = (t: { data: unknown }) => Array.from(t.data as Float32Array);
+const cpu = (file: string) => openSession(file, { device: 'cpu', threads: 1, prepack: false });
+const { TensorProto } = onnxProto.onnx;
 
 function close(a: number[], b: number[], tol = 1e-6): void {
   assert.equal(a.length, b.length);
   a.forEach((v, i) => assert.ok(Math.abs(v - b[i]) <= tol, `[${i}] ${v} vs ${b[i]}`));
 }
 
+/** A model without external weights, written to a file ORT opens. */
+function writeModel(g: Graph): string {
+  const file = path.join(tmp(), `${g.name}.onnx`);
+  fs.writeFileSync(file, g.serialize());
+  return file;
+}
+
 test('ops with int, float, ints and string attributes; constants; scalars; scopes', async () => {
-  const dir = tmp();
   const g = new Graph('ops');
   const x = g.input('x', 'float32', ['n', 4]);
   const y = g.within('block.0', () => {
@@ -32,13 +54,12 @@ test('ops with int, float, ints and string attributes; constants; scalars; scope
   g.output(y.ln, 'ln');
   g.output(g.op('Mul', [y.r, g.scalarF32(2)]), 'resized');
   assert.ok(g.fresh('k').startsWith('k_'));
-  const file = path.join(dir, 'ops.onnx');
-  fs.writeFileSync(file, g.serialize(dir));
+  const file = writeModel(g);
   // node names carry the scope, like a module path
   const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(file));
   assert.ok(model.graph!.node!.some((n) => n.name!.startsWith('block.0/Softmax')));
   assert.deepEqual(model.opsetImport!.map((o) => o.domain), ['', MS_DOMAIN]);
-  const s = await openSession(file);
+  const s = await cpu(file);
   const r = await s.run({ x: f32(Float32Array.of(1, 2, 3, 4, 0, 0, 0, 0), [2, 4]) });
   // softmax over axis 0 of xᵀ [4, 2]: over the 4 features of each sample (column)
   const ex = [1, 2, 3, 4].map(Math.exp);
@@ -49,122 +70,192 @@ test('ops with int, float, ints and string attributes; constants; scalars; scope
   assert.deepEqual(r.resized.dims, [1, 2, 8]);
   assert.deepEqual(arr(r.resized).slice(0, 8), [2, 2, 4, 4, 6, 6, 8, 8]);
   assert.throws(() => g.op('LeakyRelu', [x], { alpha: 0.1 }), /not an integer; use \{float: 0.1\}/);
+  await s.release();
 });
 
-test('multi-output ops, int64 constants, contrib ops and nn helpers', async () => {
+test('multi-output ops, int64 constants, contrib ops and the layer library', async () => {
   const dir = tmp();
+  writeSafetensors(path.join(dir, 'w.safetensors'), { 'norm.scale': { dtype: 'BF16', shape: [6], data: f32ToBf16(Float32Array.of(1, 1, 1, 1, 1, 2)) } });
   const g = new Graph('multi');
+  const nn = layersOf(g, Checkpoint.open(dir), new Fp32Policy());
   const x = g.input('x', 'float32', [1, 6]);
-  const [a, b, c] = splitLast(g, x, [1, 2, 3]);
+  const [a, b, c] = g.opN('Split', [x, g.constI64([1, 2, 3])], 3, { axis: -1 });
   g.output(a, 'a');
   g.output(b, 'b');
   g.output(c, 'c');
   const [vals, idx] = g.opN('TopK', [x, g.constI64([2])], 2, { axis: -1 });
+  assert.deepEqual([vals.type, idx.type], ['float32', 'int64'], 'TopK: values like the input, indices int64');
   g.output(vals, 'top');
-  g.output(idx, 'top_i', 'int64');
+  g.output(idx, 'top_i');
   g.output(g.op('FusedMatMul', [x, g.op('Transpose', [x], { perm: [1, 0] })], { alpha: { float: 0.5 } }, { domain: MS_DOMAIN }), 'fused');
-  g.output(rmsNorm(g, x, g.constF32([1, 1, 1, 1, 1, 2]), 0), 'rms');
+  g.output(nn.rmsNorm(x, 'norm.scale', 0), 'rms');
+  g.output(nn.silu(x), 'silu');
   const ids = g.input('ids', 'int64', [2]);
-  g.output(g.op('Add', [ids, g.constI64([10n, 2n ** 40n])]), 'ids_out', 'int64');
-  const file = path.join(dir, 'multi.onnx');
-  fs.writeFileSync(file, g.serialize(dir));
-  const s = await openSession(file);
+  g.output(g.op('Add', [ids, g.constI64([10n, 2n ** 40n])]), 'ids_out');
+  const { file } = await compile(g, nn.policy);
+  const s = await cpu(file);
   const r = await s.run({ x: f32(Float32Array.of(1, 2, 3, 4, 5, 6), [1, 6]), ids: i64(BigInt64Array.of(1n, 2n), [2]) });
   assert.deepEqual(arr(r.a), [1]);
   assert.deepEqual(arr(r.b), [2, 3]);
   assert.deepEqual(arr(r.c), [4, 5, 6]);
   assert.deepEqual(arr(r.top), [6, 5]);
+  assert.equal(r.top_i.type, 'int64');
   assert.deepEqual(Array.from(r.top_i.data as BigInt64Array), [5n, 4n]);
   assert.deepEqual(arr(r.fused), [45.5]);
   const rms = Math.sqrt(91 / 6);
   close(arr(r.rms), [1, 2, 3, 4, 5, 12].map((v) => v / rms), 1e-6);
+  close(arr(r.silu), [1, 2, 3, 4, 5, 6].map((v) => v / (1 + Math.exp(-v))), 1e-6);
   assert.deepEqual(Array.from(r.ids_out.data as BigInt64Array), [11n, 2n ** 40n + 2n]);
+  await s.release();
 });
 
-test('external weights in place: bf16 and f32 at unaligned offsets, in two files, shared initializers', async () => {
+test('typed values: every op output has its element type, casts are explicit, and ORT agrees with the declared types', async () => {
+  const g = new Graph('types');
+  const x = g.input('x', 'float32', [2, 3]);
+  const before = g.nodeCount;
+  assert.equal(g.cast(x, 'float32'), x, 'a cast to the same type is no node');
+  assert.equal(g.nodeCount, before);
+  const h = g.cast(x, 'float16');
+  assert.equal(h.type, 'float16');
+  const shape = g.op('Shape', [x]);
+  assert.equal(shape.type, 'int64');
+  const positive = g.op('Greater', [x, g.scalarF32(0)]);
+  assert.equal(positive.type, 'bool');
+  const picked = g.op('Where', [positive, h, g.cast(g.op('Neg', [x]), 'float16')]);
+  assert.equal(picked.type, 'float16', 'Where is typed like its values, not its condition');
+  const [q, scale, zero] = g.opN('DynamicQuantizeLinear', [x], 3);
+  assert.deepEqual([q.type, scale.type, zero.type], ['uint8', 'float32', 'uint8']);
+  g.output(picked, 'abs_half');
+  g.output(shape, 'shape');
+  g.output(q, 'q');
+  g.output(g.cast(picked, 'float32'), 'abs');
+  const model = onnxProto.onnx.ModelProto.decode(g.serialize());
+  const declared = Object.fromEntries(model.graph!.output!.map((o) => [o.name, o.type!.tensorType!.elemType]));
+  assert.deepEqual(declared, { abs_half: ONNX_ELEM.float16, shape: ONNX_ELEM.int64, q: ONNX_ELEM.uint8, abs: ONNX_ELEM.float32 });
+  // ORT refuses a model whose declared types contradict its ops, and returns tensors of the declared types
+  const s = await cpu(writeModel(g));
+  const r = await s.run({ x: f32(Float32Array.of(-1, 2, -3, 0.5, -0.25, 4), [2, 3]) });
+  assert.deepEqual([r.abs_half.type, r.shape.type, r.q.type, r.abs.type], ['float16', 'int64', 'uint8', 'float32']);
+  assert.deepEqual(arr(r.abs), [1, 2, 3, 0.5, 0.25, 4]);
+  assert.deepEqual(Array.from(r.shape.data as BigInt64Array), [2n, 3n]);
+  await s.release();
+});
+
+test('external weights: a bf16 weight converted once into weights.bin, an f32 one read in place at an unaligned offset through a hard link; one initializer per weight', async () => {
   const dir = tmp();
   const w1 = [1, 2, 3, 4, 5, 6]; // [3 out, 2 in]
   writeSafetensors(path.join(dir, 'a.safetensors'), {
-    pad: { dtype: 'U8', shape: [5], data: new Uint8Array(5) },
-    w: { dtype: 'BF16', shape: [3, 2], data: f32ToBf16(Float32Array.from(w1)) },
+    pad_a: { dtype: 'U8', shape: [5], data: new Uint8Array(5) },
+    'w.weight': { dtype: 'BF16', shape: [3, 2], data: f32ToBf16(Float32Array.from(w1)) },
   });
   fs.mkdirSync(path.join(dir, 'sub'));
-  writeSafetensors(path.join(dir, 'sub', 'b.safetensors'), {
-    pad: { dtype: 'U8', shape: [1], data: new Uint8Array(1) },
+  const bFile = path.join(dir, 'sub', 'b.safetensors');
+  writeSafetensors(bFile, {
+    pad_b: { dtype: 'U8', shape: [1], data: new Uint8Array(1) },
     v: { dtype: 'F32', shape: [3], data: Float32Array.of(0.5, -1, 2) },
+    table: { dtype: 'I64', shape: [3], data: BigInt64Array.of(7n, 8n, 2n ** 40n) },
   });
-  const a = Checkpoint.open(path.join(dir, 'a.safetensors'));
-  const b = Checkpoint.open(path.join(dir, 'sub', 'b.safetensors'));
-  assert.equal(a.info('w').dataOffset % 2, 1, 'the bf16 weight starts at an odd byte offset');
+  const ck = new Checkpoint([new SafetensorsFile(path.join(dir, 'a.safetensors')), new SafetensorsFile(bFile)]);
+  assert.equal(ck.info('w.weight').dataOffset % 2, 1, 'the bf16 weight starts at an odd byte offset');
+  assert.equal(ck.info('v').dataOffset % 4, 1, 'the f32 weight starts at an unaligned byte offset');
   const g = new Graph('ext');
+  const nn = layersOf(g, ck, new Fp32Policy());
   const x = g.input('x', 'float32', ['n', 2]);
-  const y = linear(g, x, a.info('w')); // [n, 3]
-  const y2 = linear(g, x, a.info('w')); // same weight again: one initializer
-  g.output(g.op('Add', [g.op('Mul', [y, g.weight(b.info('v'), 'float32')]), y2]), 'y');
-  const model = onnxProto.onnx.ModelProto.decode(g.serialize(dir));
-  const inits = model.graph!.initializer!.filter((t) => t.dataLocation === onnxProto.onnx.TensorProto.DataLocation.EXTERNAL);
-  assert.equal(inits.length, 2);
-  const loc = Object.fromEntries(inits[1].externalData!.map((e) => [e.key, e.value]));
-  assert.deepEqual(loc, { location: 'sub/b.safetensors', offset: String(b.info('v').dataOffset), length: '12' });
-  const { session } = await loadGraph('ext', { v: 1 }, [a.info('w').file, b.info('v').file], () => g);
-  const r = await session.run({ x: f32(Float32Array.of(1, 1, 2, 0), [2, 2]) });
+  const y = nn.linear(x, 'w'); // [n, 3]
+  const y2 = nn.linear(x, 'w'); // same weight again: one initializer
+  g.output(g.op('Add', [g.op('Mul', [y, nn.param('v')]), y2]), 'y');
+  const table = nn.param('table');
+  assert.equal(table.type, 'int64', 'integer tables pass through as stored');
+  g.output(g.op('Add', [table, g.constI64([1])]), 'table_plus_1');
+  assert.equal(g.weights.size, 3);
+  assert.throws(() => g.serialize(), /weight w\.weight needs a weight store to be serialized/);
+
+  const { store, file } = await compile(g, nn.policy);
+  assert.equal(store.built, true);
+  assert.equal(path.dirname(file), store.folder);
+  assert.ok(store.folder.startsWith(path.join(kleinCacheRoot(), 'weights')), `the store lives in the cache, not beside the checkpoint: ${store.folder}`);
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['a.safetensors', 'sub']);
+  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(file));
+  const ext = model.graph!.initializer!.filter((t) => t.dataLocation === TensorProto.DataLocation.EXTERNAL);
+  const loc = Object.fromEntries(ext.map((t) => [t.name, Object.fromEntries(t.externalData!.map((e) => [e.key, e.value]))]));
+  assert.deepEqual(Object.keys(loc).sort(), ['table', 'v', 'w.weight']);
+  assert.equal(ext.find((t) => t.name === 'w.weight')!.dataType, ONNX_ELEM.float32, 'bf16 widened to fp32 by the store, not by a Cast in the graph');
+  assert.ok(!model.graph!.node!.some((n) => n.opType === 'Cast'));
+  assert.deepEqual(loc['w.weight'], { location: 'weights.bin', offset: '0', length: '24' });
+  assert.equal(fs.statSync(path.join(store.folder, 'weights.bin')).size, 64, 'only the converted weight is written (one 64-byte aligned slot)');
+  // the f32 and int64 tensors are used as stored: the graph points into a hard link of the checkpoint file
+  for (const [name, length] of [['v', 12], ['table', 24]] as const) {
+    assert.equal(loc[name].offset, String(ck.info(name).dataOffset));
+    assert.equal(loc[name].length, String(length));
+    assert.equal(fs.statSync(path.join(store.folder, loc[name].location)).ino, fs.statSync(bFile).ino, `${name}: a hard link, not a copy`);
+  }
+  const s = await cpu(file);
+  const r = await s.run({ x: f32(Float32Array.of(1, 1, 2, 0), [2, 2]) });
   // x·Wᵀ = [[3, 7, 11], [2, 6, 10]]; y·v + y
   close(arr(r.y), [3 * 1.5, 7 * 0, 11 * 3, 2 * 1.5, 6 * 0, 10 * 3]);
-  // a weight file outside the model folder is refused, not silently broken
-  assert.throws(() => g.serialize(path.join(dir, 'sub')), /outside the model folder/);
+  assert.deepEqual(Array.from(r.table_plus_1.data as BigInt64Array), [8n, 9n, 2n ** 40n + 1n]);
+  await s.release();
+  // a store answers only for the weights it holds
+  assert.throws(() => store.locate({ ...g.weights.get('v')!, key: 'nope' }), /weight nope is not in/);
 });
 
-test('compiled-graph cache: hit, miss on a new key, miss on changed weights; read-only weight folders', async () => {
+test('compiled graphs are keyed by content: the same graph reuses its file, a changed graph or checkpoint is a new file; read-only weight folders', async () => {
   const dir = tmp();
   const wf = path.join(dir, 'w.safetensors');
-  writeSafetensors(wf, { w: { dtype: 'F32', shape: [1, 1], data: Float32Array.of(3) } });
-  let builds = 0;
-  const build = () => {
-    builds++;
-    const ck = Checkpoint.open(wf);
+  writeSafetensors(wf, { 'w.weight': { dtype: 'F32', shape: [1, 1], data: Float32Array.of(3) } });
+  const build = (scale?: number) => {
     const g = new Graph('c');
-    g.output(linear(g, g.input('x', 'float32', [1, 1]), ck.info('w')), 'y');
+    const nn = layersOf(g, Checkpoint.open(wf), new Fp32Policy());
+    const y = nn.linear(g.input('x', 'float32', [1, 1]), 'w');
+    g.output(scale === undefined ? y : g.op('Mul', [y, g.scalarF32(scale)]), 'y');
     return g;
   };
-  const first = compileGraph('cache', { k: 1 }, [wf], build);
+  const run = async (file: string) => {
+    const s = await cpu(file);
+    try {
+      return arr((await s.run({ x: f32(Float32Array.of(2), [1, 1]) })).y);
+    } finally {
+      await s.release();
+    }
+  };
+  const first = await compile(build(), new Fp32Policy(), 'test-cache');
   assert.equal(first.cached, false);
-  assert.equal(path.dirname(first.file), fs.realpathSync(dir));
-  const again = compileGraph('cache', { k: 1 }, [wf], build);
-  assert.deepEqual([again.cached, again.file, builds], [true, first.file, 1]);
-  const other = compileGraph('cache', { k: 2 }, [wf], build);
+  assert.equal(first.store.built, true);
+  // a graph built again the same way is the same bytes: its file is reused, and so is the weight store
+  const again = await compile(build(), new Fp32Policy(), 'test-cache');
+  assert.deepEqual([again.cached, again.file, again.store.built, again.store.folder], [true, first.file, false, first.store.folder]);
+  // another graph over the same weights: a new file beside the first, in the same store
+  const other = compileGraph(build(2), again.store);
   assert.equal(other.cached, false);
   assert.notEqual(other.file, first.file);
-  // a rewritten checkpoint (new size/mtime) gets a new graph
+  assert.equal(path.dirname(other.file), first.store.folder);
+  assert.deepEqual(await run(other.file), [12]);
+  assert.equal(compileGraph(build(2), again.store).cached, true);
+  // a rewritten checkpoint (new size/mtime) gets a new weight store and so a new graph
   await new Promise((r) => setTimeout(r, 20));
-  writeSafetensors(wf, { pad: { dtype: 'U8', shape: [2], data: new Uint8Array(2) }, w: { dtype: 'F32', shape: [1, 1], data: Float32Array.of(5) } });
-  const changed = compileGraph('cache', { k: 1 }, [wf], build);
+  writeSafetensors(wf, { pad: { dtype: 'U8', shape: [2], data: new Uint8Array(2) }, 'w.weight': { dtype: 'F32', shape: [1, 1], data: Float32Array.of(5) } });
+  const changed = await compile(build(), new Fp32Policy(), 'test-cache');
   assert.equal(changed.cached, false);
-  assert.equal(builds, 3);
-  const s = await openSession(changed.file);
-  assert.deepEqual(arr((await s.run({ x: f32(Float32Array.of(2), [1, 1]) })).y), [10]);
+  assert.equal(changed.store.built, true);
+  assert.notEqual(changed.store.folder, first.store.folder);
+  assert.deepEqual(await run(changed.file), [10]);
 
-  // read-only folder (no write bits; even root must not write there): the graph goes to the cache with hard links
+  // read-only folder (no write bits; even root must not write there): store and graph go to the cache
   const ro = tmp();
   const rof = path.join(ro, 'w.safetensors');
-  writeSafetensors(rof, { pad: { dtype: 'U8', shape: [3], data: new Uint8Array(3) }, w: { dtype: 'F32', shape: [1, 1], data: Float32Array.of(7) } });
-  const cacheDir = tmp();
-  const prevCache = process.env.KLEIN_CACHE_DIR;
-  process.env.KLEIN_CACHE_DIR = cacheDir;
+  writeSafetensors(rof, { pad: { dtype: 'U8', shape: [3], data: new Uint8Array(3) }, 'w.weight': { dtype: 'F32', shape: [1, 1], data: Float32Array.of(7) } });
   fs.chmodSync(ro, 0o555);
   try {
-    const ck = Checkpoint.open(rof);
-    const { session, file, cached } = await loadGraph('ro', {}, [rof], () => {
-      const g = new Graph('ro');
-      g.output(linear(g, g.input('x', 'float32', [1, 1]), ck.info('w')), 'y');
-      return g;
-    });
+    const g = new Graph('ro');
+    const nn = layersOf(g, Checkpoint.open(rof), new Fp32Policy());
+    g.output(nn.linear(g.input('x', 'float32', [1, 1]), 'w'), 'y');
+    const store = await WeightStore.open({ component: 'test-ro', tag: 'fp32', refs: [...g.weights.values()] });
+    const { file, cached } = compileGraph(g, store);
     assert.equal(cached, false);
-    assert.ok(file.startsWith(fs.realpathSync(cacheDir)), `graph written to the cache, not the read-only folder: ${file}`);
+    assert.ok(file.startsWith(cacheRoot), `graph written to the cache, not the read-only folder: ${file}`);
     assert.deepEqual(fs.readdirSync(ro), ['w.safetensors']);
-    assert.deepEqual(arr((await session.run({ x: f32(Float32Array.of(2), [1, 1]) })).y), [14]);
+    assert.deepEqual(await run(file), [14]);
   } finally {
     fs.chmodSync(ro, 0o755);
-    if (prevCache === undefined) delete process.env.KLEIN_CACHE_DIR;
-    else process.env.KLEIN_CACHE_DIR = prevCache;
   }
 });

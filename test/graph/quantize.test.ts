@@ -1,14 +1,25 @@
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import onnxProto from 'onnx-proto';
 import { Graph } from '../../src/graph/onnx-graph.ts';
-import { dequantizeInt8, int8ExternalData, quantizeInt8, quantizedLinear } from '../../src/graph/quantize.ts';
-import { f32, ort, sessionOptions } from '../../src/graph/session.ts';
+import { Int8Policy } from '../../src/graph/nn/weight-policy.ts';
+import { dequantizeInt8, INT8_SCHEME, quantizeInt8 } from '../../src/weights/quantize.ts';
+import { f32 } from '../../src/runtime/session.ts';
+import { Checkpoint, writeSafetensors } from '../../src/weights/safetensors.ts';
 import { relativeError } from '../../src/conform/compare.ts';
+import { compile, layersOf, sessionFor } from './helpers.ts';
 
-const tmp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'klein-quant-'));
+// the weight store of this file's checkpoint goes to a cache folder of its own
+const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-quant-cache-'));
+process.env.KLEIN_CACHE_DIR = cacheRoot;
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-quant-'));
+after(() => {
+  fs.rmSync(cacheRoot, { recursive: true, force: true });
+  fs.rmSync(dir, { recursive: true, force: true });
+});
 
 /** Deterministic uniform values in [-amp, amp). */
 function uniform(n: number, seed: number, amp = 1): Float32Array {
@@ -63,23 +74,46 @@ test('quantizeInt8 rejects a wrong length, a bad shape and non-finite weights', 
   assert.throws(() => quantizeInt8(Float32Array.of(1, Infinity), 1, 2), /non-finite/);
 });
 
-test('quantizedLinear runs DynamicQuantizeMatMul in ORT: x Wᵀ within 1.5 % rms, with and without bias', async () => {
+test('Int8Policy: the Linears it selects run as DynamicQuantizeMatMul on stored int8 weights (x Wᵀ within 1.5 % rms, with and without bias); the others stay exact', async () => {
   const [M, K, N] = [64, 256, 96];
   const w = uniform(N * K, 3, Math.sqrt(3 / K));
   const x = uniform(M * K, 4);
   const bias = uniform(N, 5, 0.5);
-  const qw = quantizeInt8(w, N, K);
+  writeSafetensors(path.join(dir, 'w.safetensors'), {
+    'q.weight': { dtype: 'F32', shape: [N, K], data: w },
+    'qb.weight': { dtype: 'F32', shape: [N, K], data: w },
+    'qb.bias': { dtype: 'F32', shape: [N], data: bias },
+    'keep.weight': { dtype: 'F32', shape: [N, K], data: w },
+  });
   const ref = new Float64Array(M * N);
   for (let m = 0; m < M; m++) for (let n = 0; n < N; n++) {
     let acc = 0;
     for (let k = 0; k < K; k++) acc += x[m * K + k] * w[n * K + k];
     ref[m * N + n] = acc;
   }
+  const policy = new Int8Policy((name) => name !== 'keep.weight');
+  assert.equal(policy.tag, `int8-${INT8_SCHEME}`, 'the scheme names the weight store, so a new scheme never reads old bytes');
   const g = new Graph('qlinear');
+  const nn = layersOf(g, Checkpoint.open(dir), policy);
   const xin = g.input('x', 'float32', ['m', K]);
-  g.output(quantizedLinear(g, xin, { name: 'w', inFeatures: K, outFeatures: N, location: 'mem/w' }), 'y', 'float32', ['m', N]);
-  g.output(quantizedLinear(g, xin, { name: 'wb', inFeatures: K, outFeatures: N, location: 'mem/w', bias: g.constF32(bias, [N], 'bias') }), 'yb', 'float32', ['m', N]);
-  const sess = await ort.InferenceSession.create(g.serialize(tmp()), { ...sessionOptions({ threads: 1 }), externalData: int8ExternalData('mem/w', qw) });
+  g.output(nn.linear(xin, 'q'), 'y', ['m', N]);
+  g.output(nn.linear(xin, 'qb'), 'yb', ['m', N]);
+  g.output(nn.linear(xin, 'keep'), 'exact', ['m', N]);
+  const { store, file } = await compile(g, policy);
+  const model = onnxProto.onnx.ModelProto.decode(fs.readFileSync(file));
+  assert.deepEqual(model.graph!.node!.filter((n) => /MatMul/.test(n.opType!)).map((n) => n.opType).sort(), ['DynamicQuantizeMatMul', 'DynamicQuantizeMatMul', 'FusedMatMul']);
+  // the store holds exactly quantizeInt8's bytes: int8 [in, out] and one fp32 scale per output
+  const qw = quantizeInt8(w, N, K);
+  const bin = fs.readFileSync(path.join(store.folder, 'weights.bin'));
+  /** A copy of the stored bytes of weight `key` (aligned, so typed arrays can view it). */
+  const stored = (key: string): ArrayBuffer => {
+    const at = store.locate(g.weights.get(key)!);
+    assert.equal(at.location, 'weights.bin');
+    return Uint8Array.from(bin.subarray(at.offset, at.offset + at.length)).buffer;
+  };
+  assert.deepEqual(new Int8Array(stored('q.weight.q')), qw.q);
+  assert.deepEqual(new Float32Array(stored('q.weight.scale')), qw.scale);
+  const sess = await sessionFor(file, 'cpu', policy);
   try {
     const out = await sess.run({ x: f32(x, [M, K]) });
     const y = out.y.data as Float32Array;
@@ -88,6 +122,9 @@ test('quantizedLinear runs DynamicQuantizeMatMul in ORT: x Wᵀ within 1.5 % rms
     assert.ok(e > 1e-4 && e < 0.015, `relative rms ${e}`);
     const yb = out.yb.data as Float32Array;
     for (let i = 0; i < M * N; i++) assert.ok(Math.abs(yb[i] - (y[i] + bias[i % N])) < 1e-4, `bias at ${i}`);
+    // a Linear the policy does not select is the fp32 product
+    const exact = relativeError(out.exact.data as Float32Array, ref).rms;
+    assert.ok(exact < 1e-6, `unselected Linear: relative rms ${exact}`);
   } finally {
     await sess.release();
   }
