@@ -15,7 +15,7 @@ export interface ModelWeights {
   has(name: string): boolean;
 }
 
-/** A side product to add to a Linear's output (LoRA), or undefined; built by the runtime (see lora.ts). */
+/** A side product to add to a Linear's output (LoRA), or undefined; built by the runtime (models/flux2/lora/apply.ts). */
 export type LinearAdapter = (g: Graph, x: Value, w: LinearWeight) => Value | undefined;
 
 export interface LinearCall extends LinearOptions {
@@ -87,7 +87,7 @@ export class Layers {
   linear(x: Value, name: string, o: LinearCall = {}): Value {
     const full = `${this.prefix}${name}.weight`;
     const tag = `${o.rows ? `.rows_${o.rows[0]}_${o.rows[1]}` : ''}${o.cols ? `.cols_${o.cols[0]}_${o.cols[1]}` : ''}`;
-    const w: LinearWeight = { name: full, key: `${full}${tag}`, source: this.source(full, o.rows, o.cols) };
+    const w: LinearWeight = { name: full, key: `${full}${tag}`, source: this.source(full, o.rows, o.cols), rows: o.rows };
     let y = this.cx.policy.linear(this.g, x, w, { headroom: o.headroom });
     const side = this.cx.adapter?.(this.g, x, w);
     if (side) y = this.g.op('Add', [y, side], {}, { hint: 'lora' });

@@ -19,6 +19,8 @@ export interface LinearWeight {
   /** Unique key of this (block of the) weight: the name plus its row/column range. */
   key: string;
   source: WeightSource;
+  /** Output rows `[start, end)` of the weight this product computes (a block of a fused projection). */
+  rows?: [number, number];
 }
 
 export interface LinearOptions {

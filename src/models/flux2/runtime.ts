@@ -2,15 +2,21 @@
 // the text projection and the RoPE tables, which depend on the prompt and the token positions only — computed once
 // per image (`prepareContext`), and the per-step part (`step`). On a GPU the context stays in device memory, so a
 // step uploads the latent (and its 4-byte timestep) and downloads the velocity, nothing else.
+// LoRAs (`setLoras`) run on a second pair of sessions over the same weights, built on first use, whose forward adds
+// low-rank side products (lora/apply.ts); requests without LoRAs keep the base sessions and their exact output.
 import { Graph } from '../../graph/onnx-graph.ts';
 import { Layers } from '../../graph/nn/layers.ts';
 import { splitInvariant } from '../../graph/partition.ts';
-import { openGraphs, policyFor, type GraphSession, type HostTransfers } from '../../runtime/component.ts';
+import type { WeightPolicy } from '../../graph/nn/weight-policy.ts';
+import { GraphSession, openGraphs, policyFor, type HostTransfers } from '../../runtime/component.ts';
+import type { WeightStore } from '../../weights/weight-store.ts';
 import { f32, i64, ort } from '../../runtime/session.ts';
 import type { ExecutionTarget } from '../../runtime/target.ts';
 import { openFlux2Checkpoint, type Flux2Weights } from './checkpoint.ts';
 import { isBlockLinear, type Flux2Config } from './config.ts';
 import { buildFlux2Forward, STEP_INVARIANT_INPUTS } from './forward.ts';
+import { LoraAdapter, loraFeeds } from './lora/apply.ts';
+import { stackLoras, type AppliedLora } from './lora/load.ts';
 
 export interface Flux2ForwardInput {
   /** [batch, nTokens, inChannels]: target-image tokens followed by reference-image tokens. */
@@ -37,6 +43,26 @@ export type Flux2StepInput = Pick<Flux2ForwardInput, 'x' | 'timesteps' | 'guidan
 
 type Counts = { batch: number; nTokens: number; nCtx: number };
 
+/** The step-invariant and per-step sessions of one build of the forward (base, or with LoRA side products). */
+interface Sessions {
+  context: GraphSession;
+  stepper: GraphSession;
+}
+
+/** The LoRA set applied by the sessions with side products: their feeds (Aᵀ and Bᵀ of every adapted Linear). */
+interface ActiveLoras {
+  sessions: Sessions;
+  feeds: ReadonlyMap<string, ort.Tensor>;
+}
+
+/** The forward built with `policy` (and `adapter`'s side products), cut into its step-invariant part and the rest. */
+function splitForward(w: Flux2Weights, policy: WeightPolicy, lora?: LoraAdapter): { graphs: [Graph, Graph]; carried: string[] } {
+  const g = new Graph(lora ? 'flux2-lora' : 'flux2');
+  buildFlux2Forward(new Layers({ g, weights: w, policy, adapter: lora?.adapter }), w.config);
+  const { invariant, rest } = splitInvariant(g, new Set([...STEP_INVARIANT_INPUTS, ...(lora?.inputNames ?? [])]));
+  return { graphs: [invariant, rest], carried: invariant.outputs.map((o) => o.value.name) };
+}
+
 /** The step-invariant values of one generation (device memory on a GPU); `dispose()` frees them. */
 export class Flux2Context {
   disposed = false;
@@ -45,6 +71,8 @@ export class Flux2Context {
     readonly values: ReadonlyMap<string, ort.Tensor>,
     /** Host↔device copies its preparation made (zero on the CPU). */
     readonly transfers: HostTransfers,
+    /** The LoRA set it was prepared with: its steps run on the LoRA sessions with these feeds. */
+    readonly loras?: ActiveLoras,
   ) {}
   dispose(): void {
     if (this.disposed) return;
@@ -77,10 +105,13 @@ function expectLength(name: string, arr: { length: number } | undefined, n: numb
 export class Flux2Transformer {
   /** Host↔device copies of the last `step` (zero on the CPU). */
   lastTransfers: HostTransfers = { uploads: 0, downloads: 0 };
+  /** The LoRA sessions (built by the first `setLoras` with a LoRA) and the set the next context is prepared with. */
+  private lora?: { sessions: Sessions; adapter: LoraAdapter };
+  private activeLoras?: ActiveLoras;
 
   private constructor(
-    private readonly context: GraphSession,
-    private readonly stepper: GraphSession,
+    private readonly base: Sessions,
+    private readonly build: { weights: Flux2Weights; policy: WeightPolicy; store: WeightStore },
     readonly config: Flux2Config,
     readonly layout: Flux2Weights['layout'],
     readonly target: ExecutionTarget,
@@ -98,13 +129,45 @@ export class Flux2Transformer {
   static async load(pathOrFolder: string, opts: Flux2LoadOptions): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
     const policy = policyFor(opts.target, { int8: isBlockLinear });
-    const g = new Graph('flux2');
-    buildFlux2Forward(new Layers({ g, weights: w, policy }), w.config);
-    const { invariant, rest } = splitInvariant(g, STEP_INVARIANT_INPUTS);
-    const carried = invariant.outputs.map((o) => o.value.name);
-    const { store, sessions } = await openGraphs([invariant, rest], { name: 'flux2-transformer', target: opts.target, policy, onWeights: opts.onWeights, rebuild: opts.rebuild }, [carried]);
+    const { graphs, carried } = splitForward(w, policy);
+    const { store, sessions } = await openGraphs(graphs, { name: 'flux2-transformer', target: opts.target, policy, onWeights: opts.onWeights, rebuild: opts.rebuild }, [carried]);
     const [context, stepper] = sessions;
-    return new Flux2Transformer(context, stepper, w.config, w.layout, opts.target, policy.dtype, store.built, store.stats.fp16Overflows, context.cached && stepper.cached);
+    const build = { weights: w, policy, store };
+    return new Flux2Transformer({ context, stepper }, build, w.config, w.layout, opts.target, policy.dtype, store.built, store.stats.fp16Overflows, context.cached && stepper.cached);
+  }
+
+  /**
+   * The LoRAs every context prepared from now on applies, each at its scale (several are stacked along the rank);
+   * none, or all at scale 0: the base sessions, bit for bit. The first call with a LoRA opens the LoRA sessions
+   * (same weights, graphs compiled once per content); later calls only build feeds. Contexts already prepared keep
+   * the set they were prepared with.
+   */
+  async setLoras(loras: readonly AppliedLora[]): Promise<void> {
+    const stacked = stackLoras([...loras], this.config);
+    if (stacked.size === 0) {
+      this.activeLoras = undefined;
+      return;
+    }
+    this.lora ??= await this.openLoraSessions();
+    this.activeLoras = { sessions: this.lora.sessions, feeds: loraFeeds(this.lora.adapter.inputs, stacked) };
+  }
+
+  /** Whether the next prepared context applies LoRAs. */
+  get lorasActive(): boolean {
+    return this.activeLoras !== undefined;
+  }
+
+  private async openLoraSessions(): Promise<{ sessions: Sessions; adapter: LoraAdapter }> {
+    const { weights, policy, store } = this.build;
+    const adapter = new LoraAdapter({ carry: this.target.device !== 'cpu' });
+    const { graphs, carried } = splitForward(weights, policy, adapter);
+    const context = await GraphSession.open(graphs[0], store, this.target, policy, carried);
+    try {
+      return { sessions: { context, stepper: await GraphSession.open(graphs[1], store, this.target, policy) }, adapter };
+    } catch (e) {
+      await context.release();
+      throw e;
+    }
   }
 
   /** Velocity for every input token, [batch, nTokens, inChannels] (spec §1.3): `prepareContext`, then one `step`. */
@@ -132,8 +195,10 @@ export class Flux2Transformer {
       ['ctx_ids', i64(inp.ctxIds, [B, L, nAxes])],
     ]);
     const transfers = { uploads: 0, downloads: 0 };
-    const out = await this.context.run(feeds, transfers);
-    return new Flux2Context(counts, new Map(Object.entries(out)), transfers);
+    const loras = this.activeLoras;
+    for (const [name, t] of loras?.feeds ?? []) feeds.set(name, t);
+    const out = await (loras?.sessions ?? this.base).context.run(feeds, transfers);
+    return new Flux2Context(counts, new Map(Object.entries(out)), transfers, loras);
   }
 
   /** One model evaluation with a prepared context: velocity for every input token, [batch, nTokens, inChannels]. */
@@ -147,18 +212,19 @@ export class Flux2Transformer {
     }
     expectLength('x', inp.x, B * N * c.inChannels);
     expectLength('timesteps', inp.timesteps, B);
-    const values = new Map<string, ort.Tensor>([...context.values, ['x', f32(inp.x, [B, N, c.inChannels])], ['timesteps', f32(inp.timesteps, [B])]]);
+    const values = new Map<string, ort.Tensor>([...(context.loras?.feeds ?? []), ...context.values, ['x', f32(inp.x, [B, N, c.inChannels])], ['timesteps', f32(inp.timesteps, [B])]]);
     if (c.useGuidanceEmbed) {
       expectLength('guidance', inp.guidance, B);
       values.set('guidance', f32(inp.guidance!, [B]));
     }
     const transfers = { uploads: 0, downloads: 0 };
-    const out = await this.stepper.run(values, transfers);
+    const out = await (context.loras?.sessions ?? this.base).stepper.run(values, transfers);
     this.lastTransfers = transfers;
     return out.output.data as Float32Array;
   }
 
   async close(): Promise<void> {
-    await Promise.all([this.context.release(), this.stepper.release()]);
+    const sessions = [this.base, ...(this.lora ? [this.lora.sessions] : [])];
+    await Promise.all(sessions.flatMap((s) => [s.context.release(), s.stepper.release()]));
   }
 }

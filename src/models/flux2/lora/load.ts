@@ -5,6 +5,7 @@
 // with scale·alpha/rank folded into B, so switching LoRAs never touches the base weights.
 import fs from 'node:fs';
 import path from 'node:path';
+import { UserError } from '../../../errors.ts';
 import type { Flux2Config } from '../config.ts';
 import { flux2BflShapes } from '../checkpoint.ts';
 import { classifyModule, keyPrefix, parseKey, type LoraPart, type ModuleClass, type ModuleTarget } from './names.ts';
@@ -31,14 +32,21 @@ const STATUS: Record<LoraErrorCode, number> = {
   lora_fetch_failed: 400,
 };
 
-/** A LoRA the user asked for cannot be used: the CLI exits 2, the API answers `status` with `code`. */
-export class LoraError extends Error {
+/** A LoRA the user asked for cannot be used: the CLI exits 2, the API answers `status` with `code` (uppercased). */
+export class LoraError extends UserError {
   override name = 'LoraError';
   readonly status: number;
-  constructor(readonly code: LoraErrorCode, message: string) {
-    super(message);
+  constructor(
+    override readonly code: LoraErrorCode,
+    message: string,
+  ) {
+    super(message, code);
     this.status = STATUS[code];
   }
+}
+
+export function isLoraErrorCode(code: unknown): code is LoraErrorCode {
+  return typeof code === 'string' && code in STATUS;
 }
 
 /** One adapted Linear (or a row range of it): delta W[rows] = (alpha / rank) · up · down. */
@@ -86,6 +94,27 @@ const ARCH_HINTS: Array<[RegExp, string]> = [
 
 /** Reads and checks a LoRA file for a model config. Throws `LoraError` with a reason the user can act on. */
 export function loadLora(file: string, cfg: Flux2Config, opts: LoadLoraOptions = {}): LoadedLora {
+  return readLora(file, cfg, opts, true);
+}
+
+/** What `checkLora` found in a file's header. */
+export interface LoraSummary {
+  format: string;
+  modules: number;
+  /** Largest module rank. */
+  rank: number;
+}
+
+/**
+ * The checks of `loadLora` that need the header only (names, shapes, alphas, metadata): fast enough for an API
+ * process to refuse a LoRA before a run is stored. The values (NaN/Inf, float8) are checked when the engine loads it.
+ */
+export function checkLora(file: string, cfg: Flux2Config, opts: LoadLoraOptions = {}): LoraSummary {
+  const l = readLora(file, cfg, opts, false);
+  return { format: l.format, modules: l.targets.length, rank: Math.max(0, ...l.targets.map((t) => t.rank)) };
+}
+
+function readLora(file: string, cfg: Flux2Config, opts: LoadLoraOptions, values: boolean): LoadedLora {
   const label = opts.label ?? file;
   let st: SafetensorsFile;
   try {
@@ -103,7 +132,7 @@ export function loadLora(file: string, cfg: Flux2Config, opts: LoadLoraOptions =
   refuseOtherModels(classes, cfg, label);
   const targets: LoraTarget[] = [];
   for (const { module, c } of classes) {
-    if (c.kind === 'target') targets.push(readTarget(module, modules.get(module)!, c.target, shapes, alphas(module), label, cfg));
+    if (c.kind === 'target') targets.push(readTarget(module, modules.get(module)!, c.target, shapes, alphas(module), label, cfg, values));
   }
   return { file: path.resolve(file), format: describeFormat([...modules.keys()], st), targets, metadata: st.metadata };
 }
@@ -212,6 +241,7 @@ function readTarget(
   meta: { alpha?: number; rsLora: boolean },
   label: string,
   cfg: Flux2Config,
+  values: boolean,
 ): LoraTarget {
   if (!parts.down || !parts.up) {
     throw new LoraError('lora_invalid', `LoRA ${label}: module ${module} has ${parts.down ? 'no up (lora_B/lora_up)' : parts.up ? 'no down (lora_A/lora_down)' : 'only an alpha'} tensor`);
@@ -232,9 +262,9 @@ function readTarget(
     );
   }
   const alpha = parts.alpha ? readAlpha(parts.alpha, module, label) : (meta.alpha ?? rank);
-  const downData = finite(readFloat32Checked(parts.down, label), module, label);
-  let upData = finite(readFloat32Checked(parts.up, label), module, label);
-  if (t.swapHalves) upData = swapRowHalves(upData);
+  const downData = values ? finite(readFloat32Checked(parts.down, label), module, label) : new Float32Array(0);
+  let upData = values ? finite(readFloat32Checked(parts.up, label), module, label) : new Float32Array(0);
+  if (t.swapHalves && values) upData = swapRowHalves(upData);
   // rsLoRA scales by alpha/sqrt(rank): kept as an effective alpha so every target is alpha/rank
   const effAlpha = meta.rsLora && !parts.alpha ? alpha * Math.sqrt(rank) : alpha;
   return { weight: t.weight, rows: t.rows, rank, inFeatures, outFeatures, down: downData, up: upData, alpha: effAlpha, module };
