@@ -4,6 +4,7 @@
 // is `GFLOP/s: <number>`. `--precision fast` runs the int8 fast mode (FLOPs still counted as for fp32, so the
 // figures compare); `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's
 // relative error; on a GPU in fp16 `--compare-fp32` does the same with the fp32 model on the same device.
+// `--lora FILE[:SCALE]` (repeatable) or `--random-loras N` also times the step with LoRAs (bench/transformer-lora.ts).
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -16,6 +17,8 @@ import { UsageError } from '../src/cli/errors.ts';
 import { addTargetOptions, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
 import { GiB, MemorySampler, benchCacheDir, formatMemory, resetPeakRss, seconds } from './util.ts';
 import { relativeError } from '../src/conform/compare.ts';
+import { parseLoraSpec } from '../src/service/lora-fetch.ts';
+import { benchLoras, randomLoraFiles, type LoraBenchSpec } from './transformer-lora.ts';
 
 export interface TransformerBenchOptions {
   doubleBlocks: number;
@@ -31,6 +34,10 @@ export interface TransformerBenchOptions {
   compareFp32?: boolean;
   /** Convert (or quantize) the weights again even if their store is valid, to time the first load. */
   rebuild?: boolean;
+  /** LoRA files to time the step with (the first alone, then all). */
+  loras?: LoraBenchSpec[];
+  /** Random real-width LoRAs to write into the bench cache and time with: count and rank. */
+  randomLoras?: { count: number; rank: number };
 }
 
 /**
@@ -156,6 +163,8 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     log(`CPU seconds/step: ${bestCpu.toFixed(3)} (${threads} threads: ${(flops / (bestCpu / threads) / 1e9).toFixed(1)} GFLOP/s if they had the cores to themselves)`);
     log(`peak RSS while loading: ${formatMemory(loadPeak)}`);
     log(`peak RSS while stepping: ${formatMemory(stepPeak)}; fp32 weights would be ${(weightBytesF32 / GiB).toFixed(2)} GiB`);
+    const loras = [...(o.loras ?? []), ...(o.randomLoras ? randomLoraFiles(cfg, o.randomLoras.count, o.randomLoras.rank, log) : [])];
+    if (loras.length) await benchLoras(model, inp, loras, o.steps, best, log);
     log(`GFLOP/s: ${gflops.toFixed(1)}`);
     return gflops;
   } finally {
@@ -168,6 +177,13 @@ function positiveInt(name: string, v: string): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 0) throw new UsageError(`--${name} must be a non-negative integer, got "${v}"`);
   return n;
+}
+
+/** `FILE[:SCALE]` of an existing local file (the bench reads no URLs or Hub references). */
+function benchLoraSpec(v: string): LoraBenchSpec {
+  const { ref, scale } = parseLoraSpec(v);
+  if (!fs.existsSync(ref)) throw new UsageError(`--lora ${v}: no such file (the bench takes local files; klein generate takes Hub references and URLs too)`);
+  return { file: ref, scale };
 }
 
 export function registerTransformerBench(bench: Command): void {
@@ -184,7 +200,10 @@ export function registerTransformerBench(bench: Command): void {
     .option('--compare-exact', 'fast mode: also run exact mode on the same inputs and print the relative error')
     .option('--compare-fp32', 'GPU in fp16: also run fp32 on the same device and print the relative error')
     .option('--rebuild', 'convert (or quantize) the weights again even if their store is valid (times the first load)')
-    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean }) => {
+    .option('--lora <FILE[:SCALE]>', 'also time the step with this LoRA (repeatable: the first alone, then all together) and switching between them', (v: string, prev: string[] = []) => [...prev, v])
+    .option('--random-loras <n>', 'also time the step with n random real-width LoRAs (written once into the bench cache)')
+    .option('--lora-rank <r>', 'rank of the --random-loras', '32')
+    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean; lora?: string[] }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -198,6 +217,8 @@ export function registerTransformerBench(bench: Command): void {
         compareExact: opts.compareExact === true,
         compareFp32: opts.compareFp32 === true,
         rebuild: opts.rebuild === true,
+        loras: (opts.lora ?? []).map(benchLoraSpec),
+        randomLoras: opts.randomLoras ? { count: positiveInt('random-loras', opts.randomLoras), rank: Math.max(1, positiveInt('lora-rank', opts.loraRank)) } : undefined,
       };
       if (o.compareExact && o.target.precision !== 'fast') throw new UsageError('--compare-exact goes with --precision fast');
       if (o.txtTokens < 1) throw new UsageError('--txt-tokens must be at least 1');
