@@ -14,6 +14,7 @@ import { UserError } from '../errors.ts';
 import { UsageError } from './errors.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
+import { LORA_DIR_HELP, LORA_HELP, parseLoraOptions, resolveLoraOptions } from './lora-options.ts';
 
 export interface ImageCliOptions {
   output?: string;
@@ -36,6 +37,8 @@ export interface ImageCliOptions {
   precision?: string;
   gpuDtype?: string;
   memoryLimit?: string;
+  lora?: string[];
+  loraDir?: string;
   json?: boolean;
   quiet?: boolean;
 }
@@ -63,6 +66,8 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
+    .option('--lora <FILE_OR_HUB_REF[:SCALE]>', LORA_HELP, (v: string, prev: string[] = []) => [...prev, v])
+    .option('--lora-dir <folder>', LORA_DIR_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
 }
@@ -180,6 +185,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   const dir = path.dirname(path.resolve(output));
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`output folder ${dir} does not exist`);
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
+  const loraSpecs = parseLoraOptions(opts.lora);
   const target = await targetFromFlags(opts);
   const { device, precision } = target;
   const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
@@ -188,7 +194,8 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   let pipeline: KleinPipeline | undefined;
   try {
     pipeline = await KleinPipeline.open({ model: opts.model, variant: opts.variant as VariantId | undefined, target, keepLoaded: opts.keepLoaded ?? false, memoryLimit, mattingModel: opts.mattingModel }).catch(asUsage);
-    const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined, background: opts.background };
+    const { loras, resolved } = await resolveLoraOptions(loraSpecs, pipeline.transformerConfig, opts.loraDir);
+    const req: GenerateRequest = { prompt, width: size.width, height: size.height, seed, numImages, steps, guidance, outputFormat: format, quality, referenceImages: refs.bytes.length ? refs.bytes : undefined, background: opts.background, ...(loras.length ? { loras } : {}) };
     const ac = new AbortController();
     const onSigint = () => ac.abort(new Error('interrupted'));
     process.once('SIGINT', onSigint);
@@ -213,6 +220,7 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
           timings: result.timings,
           prompt_truncated: result.promptTruncated ?? false,
           references: refs.paths,
+          loras: resolved.map((l, i) => ({ ref: l.ref, scale: loras[i].scale, file: l.file, sha256: l.sha256 })),
         }),
       );
     } else {

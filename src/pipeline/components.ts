@@ -80,7 +80,7 @@ export class Components {
   readonly matting: MattingComponent;
   private transformerModel?: Flux2Transformer;
   private vae: Partial<Record<'encoder' | 'decoder', Flux2VAE>> = {};
-  private readonly transformerConfig: Flux2Config;
+  readonly transformerConfig: Flux2Config;
   /** The plan of the request in progress (or the last one). */
   residency?: Residency;
 

@@ -25,6 +25,13 @@ export const LIMITS = {
   maxSeed: Number.MAX_SAFE_INTEGER,
   /** OpenAI's prompt limit for its image models, so their clients' prompts are never refused for length. */
   maxPromptChars: 32_000,
+  /**
+   * LoRAs applied at once (fal's klein LoRA endpoints take a list too); each adds its rank to every Linear it adapts,
+   * so step time and memory grow with the count (docs/benchmarks.md, "LoRA").
+   */
+  maxLoras: 4,
+  /** Largest |scale| of a LoRA: trained for about 1, they stop meaning anything far beyond. */
+  maxLoraScale: 10,
   /** jpeg/webp quality. */
   minQuality: 1,
   maxQuality: 100,

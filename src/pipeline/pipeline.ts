@@ -8,6 +8,8 @@
 // all fit (always on a GPU), else each loads for its stage and is released after it; a request that cannot fit in
 // any plan is refused with what it needs and what is free.
 import type { ExecutionTarget } from '../runtime/target.ts';
+import { LoraCache } from '../models/flux2/lora/cache.ts';
+import type { AppliedLora } from '../models/flux2/lora/load.ts';
 import { PromptEmbeddingCache } from '../text/prompt-cache.ts';
 import { PromptEncoder } from '../text/prompt-encoder.ts';
 import { KleinTokenizer } from '../text/tokenizer.ts';
@@ -21,7 +23,7 @@ import { resolveRequest } from './request.ts';
 import { defaultMaxRows, denoise } from './sampler.ts';
 import { getSchedule, imageSeqLen } from './schedule.ts';
 import { Stopwatch } from './stopwatch.ts';
-import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, ProgressEvent } from './types.ts';
+import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, LoraRequest, ProgressEvent } from './types.ts';
 import type { Residency } from '../runtime/memory-plan.ts';
 
 export { PipelineInputError, checkSize } from './request.ts';
@@ -60,6 +62,8 @@ export type DtypeComponent = 'text-encoder' | 'transformer' | 'vae-encoder' | 'v
 export class KleinPipeline implements ImagePipeline {
   readonly prompts: PromptEncoder;
   private readonly components: Components;
+  /** LoRA files read for earlier requests (a repeated LoRA is not read again). */
+  private readonly loras = new LoraCache();
   private busy = false;
   /** Set while a stage runs, so lazily loaded components charge their load time and progress to it. */
   private current?: { sw: Stopwatch; o?: GenerateOptions };
@@ -88,6 +92,11 @@ export class KleinPipeline implements ImagePipeline {
 
   get variant() {
     return this.model.variant;
+  }
+
+  /** The transformer's hyperparameters (from its checkpoint header): what LoRAs are checked against. */
+  get transformerConfig() {
+    return this.components.transformerConfig;
   }
 
   /** The execution target every component runs with. */
@@ -156,6 +165,8 @@ export class KleinPipeline implements ImagePipeline {
       const rows = Math.min(r.numImages, Math.max(1, Math.floor(maxRows / rowsPerImage))) * rowsPerImage;
       // reference images are decoded and checked first: a bad upload fails before any model loads
       const prepared = await Promise.all(r.referenceImages.map((b) => prepareReferenceImage(b, { numReferences: r.referenceImages.length })));
+      // so are the LoRA files (read and checked against the model: LoraError)
+      const loras = await this.readLoras(r.loras, sw, o);
       // planned before anything loads: a request that cannot fit is refused here (InsufficientMemoryError)
       const refTokens = prepared.reduce((n, p) => n + (p.dims[2] / 16) * (p.dims[3] / 16), 0);
       this.components.plan({ width: r.width, height: r.height, rows, refTokens, textTokens, refPixels: prepared.map((p) => p.dims[2] * p.dims[3]), transparent: r.background === 'transparent' });
@@ -191,6 +202,8 @@ export class KleinPipeline implements ImagePipeline {
       for (let b = 0; b < B; b++) x.set(initialLatentTokens(r.seed + b, r.width, r.height, LATENT_CHANNELS), b * nImg * LATENT_CHANNELS);
       const timesteps = getSchedule(r.steps, imageSeqLen(r.width, r.height));
       const model = await this.components.transformer();
+      // none: the base sessions, exactly as without LoRA support; else the LoRA sessions with this set's feeds
+      await (loras.length ? sw.time('lora', () => model.setLoras(loras)) : model.setLoras([]));
       this.emit(o, { stage: 'denoise', step: 0, total: r.steps });
       const seqLen = nImg + (refs?.count ?? 0) + text.ctxLen;
       await sw.time('denoise', () =>
@@ -268,6 +281,12 @@ export class KleinPipeline implements ImagePipeline {
       this.current = undefined;
       this.busy = false;
     }
+  }
+
+  private async readLoras(requests: LoraRequest[], sw: Stopwatch, o: GenerateOptions): Promise<AppliedLora[]> {
+    if (requests.length === 0) return [];
+    this.emit(o, { stage: 'load', message: `${requests.length} LoRA${requests.length > 1 ? 's' : ''}` });
+    return sw.time('lora', async () => this.loras.load(requests, this.components.transformerConfig));
   }
 
   async close(): Promise<void> {

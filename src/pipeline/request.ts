@@ -2,7 +2,7 @@
 // PipelineInputError with a stable code (the service answers 422 with it; the CLI exits 2).
 import type { VariantInfo } from '../weights/model-folder.ts';
 import { LIMITS } from './limits.ts';
-import type { Background, GenerateRequest, OutputFormat } from './types.ts';
+import type { Background, GenerateRequest, LoraRequest, OutputFormat } from './types.ts';
 
 export type PipelineInputCode =
   | 'invalid_prompt'
@@ -15,6 +15,7 @@ export type PipelineInputCode =
   | 'invalid_quality'
   | 'too_many_references'
   | 'invalid_background'
+  | 'invalid_loras'
   | 'transparent_needs_alpha_format';
 
 export class PipelineInputError extends Error {
@@ -56,6 +57,7 @@ export interface ResolvedRequest extends GenerateRequest {
   useCfg: boolean;
   quality: number;
   referenceImages: Uint8Array[];
+  loras: LoraRequest[];
   /** `auto` resolved: klein paints opaque images, so `auto` is `opaque` (a transparent cut-out is asked for by name). */
   background: 'opaque' | 'transparent';
 }
@@ -92,5 +94,18 @@ export function resolveRequest(req: GenerateRequest, variant: VariantInfo): Reso
   // distilled klein has no CFG and no guidance input: the value is accepted (APIs send 1.0 or 2.5) and ignored;
   // base variants use real CFG against the empty prompt when g > 1, as diffusers does
   const useCfg = !variant.distilled && guidance > 1;
-  return { ...req, steps, guidance: variant.distilled ? 1 : guidance, useCfg, quality, referenceImages: refs, background };
+  return { ...req, steps, guidance: variant.distilled ? 1 : guidance, useCfg, quality, referenceImages: refs, background, loras: checkLoras(req.loras) };
+}
+
+function checkLoras(loras: unknown): LoraRequest[] {
+  const L = LIMITS;
+  if (loras === undefined) return [];
+  if (!Array.isArray(loras) || loras.length > L.maxLoras) throw new PipelineInputError('invalid_loras', `loras must be a list of at most ${L.maxLoras}`, 'loras');
+  return loras.map((l: Partial<LoraRequest>, i) => {
+    if (typeof l?.path !== 'string' || !l.path) throw new PipelineInputError('invalid_loras', `loras[${i}].path must name a LoRA file`, 'loras');
+    if (typeof l.scale !== 'number' || !Number.isFinite(l.scale) || Math.abs(l.scale) > L.maxLoraScale) {
+      throw new PipelineInputError('invalid_loras', `loras[${i}].scale must be a number from -${L.maxLoraScale} to ${L.maxLoraScale}`, 'loras');
+    }
+    return { path: l.path, scale: l.scale };
+  });
 }

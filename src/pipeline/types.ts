@@ -14,6 +14,13 @@ export type Background = 'auto' | 'opaque' | 'transparent';
  */
 export type Precision = 'exact' | 'fast';
 
+/** A LoRA to apply: a `.safetensors` file on the engine's machine (URLs and Hub references are resolved before). */
+export interface LoraRequest {
+  path: string;
+  /** Strength: the delta s·(alpha/rank)·B·A is added; 0 leaves the model as it is. */
+  scale: number;
+}
+
 export interface GenerateRequest {
   prompt: string;
   width: number;
@@ -32,6 +39,8 @@ export interface GenerateRequest {
   referenceImages?: Uint8Array[];
   /** Default `auto`. */
   background?: Background;
+  /** LoRAs applied to the transformer for this request, at most `LIMITS.maxLoras`. */
+  loras?: LoraRequest[];
 }
 
 export type Stage = 'load' | 'text' | 'reference' | 'denoise' | 'decode' | 'matting' | 'output';

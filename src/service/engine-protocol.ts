@@ -8,6 +8,7 @@ import type { GpuDtype, Precision } from '../runtime/target.ts';
 import { PipelineInputError, type PipelineInputCode } from '../pipeline/request.ts';
 import type { GenerateRequest, GenerateResult, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
+import { isLoraErrorCode, LoraError } from '../models/flux2/lora/load.ts';
 import { ModelFolderError, type VariantInfo } from '../weights/model-folder.ts';
 
 /** What the child opens its `KleinPipeline` with: the options `klein serve`/`klein worker` pass (all plain data). */
@@ -70,6 +71,7 @@ export function deserializeError(s: SerializedError): Error {
   if (s.name === 'PipelineInputError' && s.code) e = new PipelineInputError(s.code as PipelineInputCode, s.message, s.field);
   else if (s.name === 'MattingModelError' && (s.code === 'matting_model_missing' || s.code === 'matting_model_invalid')) e = new MattingModelError(s.code, s.message);
   else if (s.name === 'ModelFolderError' && (s.code === 'model_not_found' || s.code === 'model_incomplete' || s.code === 'model_invalid')) e = new ModelFolderError(s.code, s.message, s.missing);
+  else if (s.name === 'LoraError' && isLoraErrorCode(s.code)) e = new LoraError(s.code, s.message);
   else if (s.name === 'InsufficientMemoryError' || s.name === 'UserError') e = new UserError(s.message, s.code);
   else {
     e = new Error(s.message);

@@ -13,10 +13,11 @@ import { FetchError, checkUrl, guardedRequest, type NetPolicy } from './net.ts';
 import { DEFAULT_HUB_URL, PullError, pullModel } from '../weights/hub.ts';
 import { LoraError } from '../models/flux2/lora/load.ts';
 import { isRepoId } from '../weights/cache-dirs.ts';
+import { LIMITS } from '../pipeline/limits.ts';
 import { SafetensorsFile } from '../weights/safetensors.ts';
 
-/** Largest |scale| accepted; LoRAs are trained for about 1 and stop meaning anything far beyond. */
-export const MAX_LORA_SCALE = 10;
+/** Largest |scale| accepted (the pipeline's limit). */
+export const MAX_LORA_SCALE = LIMITS.maxLoraScale;
 /** Default cap on a downloaded LoRA (klein 9B at rank 128 is about 0.6 GB in bf16). */
 export const DEFAULT_MAX_LORA_BYTES = 1024 * 1024 * 1024;
 const MAX_REF_LENGTH = 2048;
