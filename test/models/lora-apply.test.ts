@@ -2,7 +2,7 @@
 // issue names: a checkpoint whose weights were merged as W + s·(alpha/rank)·B·A and written as a new safetensors
 // (fp32, so the only differences are fp32 rounding of the two association orders). Also: no LoRA or scale 0 runs
 // the base sessions bit for bit, switching sets changes nothing but the feeds, several LoRAs stack, and fast mode
-// keeps the side product in fp32 beside its int8 products.
+// keeps the side product in fp32 beside its int8 products; on WebGPU (lavapipe here) a step uploads x and t only.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -14,7 +14,7 @@ import { writeRandomFlux2Checkpoint } from '../../src/fixtures/flux2.ts';
 import { loadLora, type AppliedLora } from '../../src/models/flux2/lora/load.ts';
 import { mergeLorasIntoCheckpoint } from '../../src/models/flux2/lora/merge.ts';
 import { TINY_LORA_FORMATS, writeTinyLora } from '../../src/fixtures/lora.ts';
-import { cpuTarget } from '../../src/runtime/target.ts';
+import { cpuTarget, type ExecutionTarget } from '../../src/runtime/target.ts';
 
 const CFG: Flux2Config = { inChannels: 16, contextInDim: 24, hiddenSize: 64, numHeads: 2, depth: 2, depthSingleBlocks: 2, axesDim: [8, 8, 8, 8], theta: 2000, mlpRatio: 3, useGuidanceEmbed: false };
 /** |LoRA − merged| / max|merged| over the velocity; measured 2–5e-7 (fp32 rounding of (x·Aᵀ)·Bᵀ vs x·(W + BA)ᵀ). */
@@ -165,4 +165,34 @@ test('fast mode: the side product stays fp32 beside the int8 products (error vs 
   const loraErr = relErr(await run('fast', applied), await run('exact', applied));
   assert.ok(baseErr > 0 && baseErr < 0.1, `fast vs exact without LoRA ${baseErr}`);
   assert.ok(loraErr < 2 * baseErr, `fast vs exact with a LoRA ${loraErr} (without: ${baseErr})`);
+});
+
+const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (CI does)';
+
+test('WebGPU: LoRA steps match the CPU (fp32 within 1e-5, fp16 within 1e-2 of max|v|) and upload only x and t per step', { skip: noVulkan }, async () => {
+  const full = [{ lora: lora('kohya'), scale: 0.7 }];
+  // one block adapted: every other Linear gets a rank-1 pair of zeros (WebGPU takes no empty tensors)
+  const partialLora = lora('kohya');
+  const partial = [{ lora: { ...partialLora, targets: partialLora.targets.filter((t) => t.weight.startsWith('single_blocks.0.')) }, scale: 0.7 }];
+  const outputs = async (target: ExecutionTarget) => {
+    const m = await Flux2Transformer.load(base.bfl, { target });
+    try {
+      const out: Float32Array[] = [];
+      for (const set of [full, partial]) {
+        await m.setLoras(set);
+        const ctx = await m.prepareContext(inp);
+        out.push(await m.step(inp, ctx));
+        ctx.dispose();
+        if (target.device !== 'cpu') assert.deepEqual(m.lastTransfers, { uploads: 2, downloads: 1 });
+      }
+      return out;
+    } finally {
+      await m.close();
+    }
+  };
+  const cpu = await outputs(cpuTarget());
+  for (const [dtype, tol] of [['fp32', 1e-5], ['fp16', 1e-2]] as const) {
+    const gpu = await outputs({ device: 'webgpu', precision: 'exact', gpuDtype: dtype });
+    gpu.forEach((g, i) => assert.ok(relErr(g, cpu[i]) < tol, `${dtype} ${i ? 'partial' : 'full'}: ${relErr(g, cpu[i])}`));
+  }
 });

@@ -149,7 +149,8 @@ export class Flux2Transformer {
       return;
     }
     this.lora ??= await this.openLoraSessions();
-    this.activeLoras = { sessions: this.lora.sessions, feeds: loraFeeds(this.lora.adapter.inputs, stacked) };
+    const emptyRank = this.target.device === 'cpu' ? 0 : 1;
+    this.activeLoras = { sessions: this.lora.sessions, feeds: loraFeeds(this.lora.adapter.inputs, stacked, { emptyRank }) };
   }
 
   /** Whether the next prepared context applies LoRAs. */

@@ -77,13 +77,13 @@ export class LoraAdapter {
 /**
  * The adapter's feeds for a stacked LoRA set: Aᵀ `[in, R]` and Bᵀ `[R, out]` per block, transposed and sliced on the
  * host (`stackLoras` already folded scale·alpha/rank into B); `[in, 0]` and `[0, out]` for Linears the set leaves
- * alone.
+ * alone — or, with `emptyRank` 1, a rank-1 pair of zeros (WebGPU cannot take empty tensors).
  */
-export function loraFeeds(inputs: readonly LoraInput[], stacked: ReadonlyMap<string, StackedLora>): Map<string, ort.Tensor> {
+export function loraFeeds(inputs: readonly LoraInput[], stacked: ReadonlyMap<string, StackedLora>, o: { emptyRank?: 0 | 1 } = {}): Map<string, ort.Tensor> {
   const feeds = new Map<string, ort.Tensor>();
   for (const inp of inputs) {
     const s = stacked.get(inp.weight);
-    const R = s?.rank ?? 0;
+    const R = s?.rank ?? o.emptyRank ?? 0;
     const n = inp.width;
     const data = new Float32Array(R * n);
     if (s && inp.part === 'down') {
