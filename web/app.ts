@@ -3,7 +3,7 @@ import { ApiError, cancelRun, createRun, followRun, getHealth, listModels, type 
 import { readConfig } from './config.ts';
 import { addRun, seconds } from './gallery.ts';
 import { readReferences, renderThumbs } from './refs.ts';
-import { alphaFormat, buildRequest, megapixels, outputSize, type Reference, type Settings, settingsFromRun, sizeProblems } from './request.ts';
+import { alphaFormat, buildRequest, loraLines, megapixels, outputSize, parseLoraLines, type Reference, type Settings, settingsFromRun, sizeProblems } from './request.ts';
 import { curlSnippet, tsSnippet } from './snippets.ts';
 
 const KEY_STORE = 'klein.apiKey';
@@ -25,6 +25,7 @@ const stepsIn = $<HTMLInputElement>('steps');
 const countSel = $<HTMLSelectElement>('count');
 const formatSel = $<HTMLSelectElement>('format');
 const backgroundSel = $<HTMLSelectElement>('background');
+const lorasIn = $<HTMLTextAreaElement>('loras');
 const fileIn = $<HTMLInputElement>('ref-files');
 const drop = $('drop');
 const errorBox = $('error');
@@ -48,6 +49,7 @@ function settings(): Settings {
     mode: mode(), prompt: prompt.value, size: sizeSel.value, width: Number(widthIn.value), height: Number(heightIn.value),
     seed: intOrNull(seedIn.value), steps: intOrNull(stepsIn.value), count: Number(countSel.value),
     format: formatSel.value as Settings['format'], background: backgroundSel.value as Settings['background'], refs,
+    loras: parseLoraLines(lorasIn.value),
   };
 }
 
@@ -75,6 +77,7 @@ function apply(s: Partial<Settings>): void {
   if (s.count) countSel.value = String(s.count);
   if (s.format) formatSel.value = s.format;
   if (s.background) backgroundSel.value = s.background;
+  if (s.loras) lorasIn.value = loraLines(s.loras);
   refresh();
 }
 

@@ -18,6 +18,8 @@ export interface Settings {
   /** 'transparent' cuts the subject out (png/webp only); 'auto' is sent as nothing (the API's default) */
   background: 'auto' | 'opaque' | 'transparent';
   refs: Reference[];
+  /** LoRAs to apply, in order (`path` as the API takes it). */
+  loras: Array<{ path: string; scale: number }>;
 }
 
 export interface RunRequest {
@@ -38,8 +40,29 @@ export function buildRequest(s: Settings, cfg: PlaygroundConfig): RunRequest {
   input.num_images = s.count;
   input.output_format = s.format;
   if (s.background !== 'auto') input.background = s.background;
+  if (s.loras.length) input.loras = s.loras;
   if (s.mode === 'edit') input.image_urls = s.refs.map((r) => r.dataUri);
   return { modelId: s.mode === 'edit' ? cfg.models.edit : cfg.models.t2i, body: { input } };
+}
+
+/**
+ * The LoRA box: one `PATH[:SCALE]` per line (the CLI's `--lora` syntax). A trailing `:number` is the scale, except
+ * an URL's port; a scale that is not a number is left in the path for the API to refuse.
+ */
+export function parseLoraLines(text: string): Settings['loras'] {
+  return text
+    .split('\n')
+    .map((l) => l.trim())
+    .filter(Boolean)
+    .map((line) => {
+      const m = /^(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)$/i.exec(line);
+      return m && !/^[a-z][a-z0-9+.-]*:\/\/[^/]+$/i.test(m[1]) ? { path: m[1], scale: Number(m[2]) } : { path: line, scale: 1 };
+    });
+}
+
+/** LoRAs back into the box's lines. */
+export function loraLines(loras: Settings['loras']): string {
+  return loras.map((l) => (l.scale === 1 ? l.path : `${l.path}:${l.scale}`)).join('\n');
 }
 
 /** The size a request will produce, when known before the run (edits without a size follow their first reference). */
@@ -86,6 +109,7 @@ export function settingsFromRun(input: Record<string, unknown>, seed: number, ed
     format: (input.output_format as Settings['format']) ?? 'png',
     background: input.background === 'opaque' || input.background === 'transparent' ? input.background : 'auto',
     refs,
+    loras: Array.isArray(input.loras) ? (input.loras as Settings['loras']).map((l) => ({ path: String(l.path), scale: typeof l.scale === 'number' ? l.scale : 1 })) : [],
   };
   if (typeof size === 'string' && size in cfg.presets) out.size = size;
   else if (size && typeof size === 'object') {

@@ -111,7 +111,7 @@ export function registerMcp(program: Command): void {
         if (code === 'EADDRINUSE' || code === 'EACCES') throw new UsageError(`cannot listen on 127.0.0.1:${port}: ${code}`);
         throw e;
       }
-      const deps = { store: svc.store, queue: svc.queue, cfg: svc.config, limiter: new RateLimiter(), log, files: svc.files };
+      const deps = { store: svc.store, queue: svc.queue, cfg: svc.config, limiter: new RateLimiter(), log, files: svc.files, modelDir: pipeline.model.root };
       const server = createMcpServer({ deps, key, baseUrl: config.publicUrl ?? url });
       const transport = new StdioServerTransport();
       await new Promise<void>((resolve) => {

@@ -34,6 +34,7 @@ interface ServeOptions {
   gpuDtype?: string;
   memoryLimit?: string;
   mattingModel?: string;
+  loraDir?: string;
   inProcess?: boolean;
 }
 
@@ -71,6 +72,7 @@ export function registerServe(program: Command): void {
     .option('--precision <mode>', PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
+    .option('--lora-dir <folder>', 'LoRA files requests may name by a relative path (default: config.json loras.dir or $KLEIN_LORA_DIR; URLs and Hub references need none)')
     .option('--in-process', 'run the engine on the API\'s own event loop instead of a child process (debugging: requests wait while it computes)')
     .action(async (o: ServeOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
@@ -85,6 +87,11 @@ export function registerServe(program: Command): void {
         config = loadConfig(dataDir, o.publicUrl ? { publicUrl: o.publicUrl.replace(/\/$/, '') } : {});
       } catch (e) {
         throw new UsageError((e as Error).message);
+      }
+      if (o.loraDir) config.loras.dir = o.loraDir;
+      if (config.loras.dir) {
+        config.loras.dir = path.resolve(config.loras.dir);
+        if (!fs.existsSync(config.loras.dir) || !fs.statSync(config.loras.dir).isDirectory()) throw new UsageError(`the LoRA folder ${config.loras.dir} does not exist`);
       }
       const target = await targetFromFlags(o);
       const { device, precision } = target;

@@ -6,6 +6,7 @@ import type { Precision } from '../pipeline/types.ts';
 import type { GpuDtype } from '../runtime/target.ts';
 import type { VariantId } from '../weights/model-folder.ts';
 import { defaultPrices, type ModelPrice } from './pricing.ts';
+import { DEFAULT_MAX_LORA_BYTES } from './lora-fetch.ts';
 
 export interface ServiceConfig {
   dataDir: string;
@@ -51,6 +52,12 @@ export interface ServiceConfig {
     allowPrivate: string[];
   };
   callbacks: { maxAttempts: number; baseDelayMs: number; maxDelayMs: number; timeoutMs: number; pollMs: number };
+  /**
+   * LoRAs in requests: local files only under `dir` (config.json `loras.dir`, `klein serve --lora-dir`,
+   * $KLEIN_LORA_DIR; none: no local files), https URLs and Hub references unless turned off, downloads capped at
+   * `maxBytes` and cached by sha256 under $KLEIN_CACHE_DIR/loras.
+   */
+  loras: { dir?: string; urls: boolean; hub: boolean; maxBytes: number; timeoutMs: number };
   /** `public`: /metrics answers without an API key (a private network's scraper); otherwise it needs an admin key. */
   metrics: { public: boolean };
   /** Prices per model id (`…/edit` included); defaults for every variant's ids in pricing.ts. */
@@ -68,6 +75,7 @@ export function defaultConfig(dataDir: string): ServiceConfig {
     inputs: { maxBytes: 20 * 1024 * 1024, timeoutMs: 15_000, maxRedirects: 3, allowHttp: false, allowPrivate: [] },
     callbacks: { maxAttempts: 8, baseDelayMs: 2_000, maxDelayMs: 10 * 60_000, timeoutMs: 10_000, pollMs: 500 },
     metrics: { public: false },
+    loras: { ...(process.env.KLEIN_LORA_DIR ? { dir: process.env.KLEIN_LORA_DIR } : {}), urls: true, hub: true, maxBytes: DEFAULT_MAX_LORA_BYTES, timeoutMs: 120_000 },
     pricing: defaultPrices(),
   };
 }

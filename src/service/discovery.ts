@@ -57,6 +57,7 @@ export function modelLlmsTxt(m: ModelEntry, cfg: ServiceConfig, base: string): s
     `- Sides: multiples of ${LIMITS.multiple}, at least ${LIMITS.minSide}; at most 4 MP (${LIMITS.maxPixels} pixels) per image`,
     `- \`num_images\`: 1–${LIMITS.maxImages}; \`num_inference_steps\`: 1–${LIMITS.maxSteps}; \`seed\`: 0–${LIMITS.maxSeed}; \`prompt\`: at most ${LIMITS.maxPromptChars} characters`,
     ...(m.kind === 'edit' ? [`- \`image_urls\`: 1–${LIMITS.maxRefs} https URLs or data: URIs (PNG, JPEG, WebP); private and loopback addresses are refused`] : []),
+    `- \`loras\`: up to ${LIMITS.maxLoras} \`{path, scale}\` (scale −${LIMITS.maxLoraScale}…${LIMITS.maxLoraScale}); \`path\` is a file under the server's LoRA folder, an https URL or a Hub reference \`owner/name[/file.safetensors]\`; refused with 4xx \`LORA_*\` codes before the run is created`,
     `- Presets: ${Object.entries(SIZE_PRESETS).map(([k, v]) => `\`${k}\` ${v.width}×${v.height}`).join(', ')}`,
     '', '## Input Schema',
   ];
@@ -109,6 +110,7 @@ export function siteLlmsTxt(cfg: ServiceConfig, base: string): string {
     '- `Idempotency-Key` on creates: same body replays, different body → 409.',
     '- Errors: `{code, message, errors}`; 429 `RATE_LIMITED` carries `Retry-After`.',
     '- Usage and cost: `cost`/`cost_breakdown` on each run, `GET /v1/usage` per day.',
+    `- LoRAs: \`loras: [{path, scale}]\` in the input (up to ${LIMITS.maxLoras}; fal's shape) applies FLUX.2 [klein] LoRAs: a file under the server's LoRA folder, an https URL (cached by sha256) or a Hub reference \`owner/name[/file.safetensors]\`. A LoRA that cannot be used is refused before the run exists (400/404/413/422 with a \`LORA_*\` code). LoRA runs cost a surcharge per output megapixel (see the price labels).`,
     '- Transparent backgrounds: `background: "transparent"` in the input cuts the subject out with a matting model and returns RGBA png or webp (`images[].has_alpha`); with jpeg it is 422 `UNSUPPORTED_COMBINATION`, and 503 `MATTING_UNAVAILABLE` when the server has no matting weights. Same price.', '',
     '## OpenAI-compatible images API and MCP',
     `- \`POST ${base}/v1/images/generations\` (JSON) and \`POST ${base}/v1/images/edits\` (multipart, \`image\` or \`image[]\`, 1–4): OpenAI's images API (\`prompt\`, \`model\`, \`n\`, \`size\` WxH or auto, \`response_format\` b64_json|url, \`output_format\`, \`output_compression\`, \`background\` auto|opaque|transparent, plus \`seed\`); point an OpenAI client's base URL at \`${base}/v1\`. Each request is a run (GET /v1/runs, billed alike); errors are \`{error: {message, type, param, code}}\`.`,
@@ -155,6 +157,9 @@ server is available at \`$KLEIN_URL\` with an API key in \`$KLEIN_API_KEY\`.
 - A cut-out on a transparent background (logo, sticker, product shot): \`"background": "transparent"\` with
   \`output_format\` png (default) or webp, never jpeg (422). Describe the subject only; do not ask for a
   "transparent background" or a checkerboard in the prompt. 503 \`MATTING_UNAVAILABLE\`: this server cannot do it.
+- LoRAs (a style or subject the user trained): \`"loras": [{"path": "owner/name", "scale": 1}]\`, up to ${LIMITS.maxLoras};
+  \`path\` is a Hub reference, an https URL or a file in the server's LoRA folder. A \`LORA_*\` 4xx means that LoRA
+  cannot be used here (wrong model size, not found, too large): drop it or pick another; never retry unchanged.
 - 429 \`RATE_LIMITED\`: wait \`Retry-After\` seconds. 422: read \`errors[]\` (\`loc\` names the field).
 - Never invent safety fields: this server runs no safety classifier.
 - Cancel what you no longer need: \`POST $KLEIN_URL/v1/runs/{id}/cancellation\`.

@@ -7,6 +7,7 @@ import { fieldError } from './errors.ts';
 import { checkUrl, FetchError, guardedRequest, parseDataUri } from './net.ts';
 import { LIMITS, sizeFromReference } from '../pipeline/limits.ts';
 import { type ModelInput, requestedSize } from './models.ts';
+import { runLoras } from './loras.ts';
 
 export class InputError extends Error {
   constructor(readonly code: string, message: string) {
@@ -112,5 +113,7 @@ export function buildRequest(input: ModelInput, seed: number, refs: Reference[])
     // set by the OpenAI-compatible routes and MCP tools (output_compression); the Runflow schema has no such field
     ...('output_quality' in input && typeof input.output_quality === 'number' ? { quality: input.output_quality } : {}),
     ...(refs.length ? { referenceImages: refs.map((r) => r.bytes) } : {}),
+    // the files submit resolved (a URL's or Hub reference's cached download), at the scales asked for
+    ...(input.loras?.length ? { loras: runLoras(input) } : {}),
   };
 }

@@ -39,6 +39,7 @@ const common = {
   seed: z.number().int().min(0).max(LIMITS.maxSeed).optional().describe('Random seed; random if omitted. The result reports it.'),
   output_format: z.enum(['png', 'jpeg', 'webp']).optional().describe('Default png.'),
   background: z.enum(BACKGROUNDS).optional().describe('transparent: the subject cut out on a transparent background (RGBA png or webp; not jpeg), by a matting model after generation. opaque or auto (default): the image as drawn.'),
+  loras: z.array(z.object({ path: z.string().min(1), scale: z.number().min(-LIMITS.maxLoraScale).max(LIMITS.maxLoraScale).optional() })).max(LIMITS.maxLoras).optional().describe(`Up to ${LIMITS.maxLoras} FLUX.2 [klein] LoRAs: path = a Hub reference owner/name[/file.safetensors], an https URL or a file in the server's LoRA folder; scale default 1. Costs more per megapixel.`),
   wait_s: z.number().int().min(0).max(300).optional().describe(`Seconds to wait for the images (default ${DEFAULT_WAIT_S}); when the run is not done by then, call get_run with its run_id.`),
 };
 
@@ -142,7 +143,7 @@ export function createMcpServer(ctx: McpContext): McpServer {
     annotations: { readOnlyHint: false, openWorldHint: false },
   }, async (a, extra) => {
     try {
-      const input = { prompt: a.prompt, ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
+      const input = { prompt: a.prompt, ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}), ...(a.loras?.length ? { loras: a.loras } : {}) };
       return await createAndWait(ctx, 'text-to-image', input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);
@@ -156,7 +157,7 @@ export function createMcpServer(ctx: McpContext): McpServer {
     annotations: { readOnlyHint: false, openWorldHint: true },
   }, async (a, extra) => {
     try {
-      const input = { prompt: a.prompt, image_urls: a.images.map((u) => ownFileAsDataUri(ctx, u)), ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}) };
+      const input = { prompt: a.prompt, image_urls: a.images.map((u) => ownFileAsDataUri(ctx, u)), ...sizeInput(a.size), ...(a.n ? { num_images: a.n } : {}), ...(a.seed !== undefined ? { seed: a.seed } : {}), ...(a.output_format ? { output_format: a.output_format } : {}), ...(a.background ? { background: a.background } : {}), ...(a.loras?.length ? { loras: a.loras } : {}) };
       return await createAndWait(ctx, 'edit', input, a.wait_s, extra as Extra);
     } catch (e) {
       return asToolError(e);

@@ -6,6 +6,7 @@ import { DEFAULT_PRESET, LIMITS, PRESET_NAMES, SIZE_PRESETS, SIZE_RULE } from '.
 import { VARIANTS, type VariantId } from '../weights/model-folder.ts';
 import { BackgroundField } from './background.ts';
 import { ApiError } from './errors.ts';
+import { LORAS_DESCRIPTION, LoraWeight } from './loras.ts';
 
 /** Re-exported for app.ts, whose body limit is sized by the reference count. */
 export { LIMITS };
@@ -31,6 +32,7 @@ const common = {
   seed: z.number().int().min(0).max(LIMITS.maxSeed).optional().openapi({ description: 'Random if omitted; the output reports the seed used. Image i uses seed + i, which must not pass the maximum either.' }),
   output_format: z.enum(['png', 'jpeg', 'webp']).default('png'),
   background: BackgroundField,
+  loras: z.array(LoraWeight).max(LIMITS.maxLoras).optional().openapi({ description: LORAS_DESCRIPTION }),
   sync_mode: z.boolean().default(false).openapi({ description: 'Wait for the result and return it inline (images as data URIs).' }),
   enable_safety_checker: z.boolean().optional().openapi({
     description: 'Accepted for compatibility with fal/Runflow clients. No safety classifier ships with klein serve, so no safety fields are ever returned.',

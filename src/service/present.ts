@@ -44,6 +44,12 @@ export function presentOutput(runId: string, raw: string | null, ctx: PresentCtx
   };
 }
 
+/** A stored run input as clients see it: without the server's paths of the LoRA files it resolved. */
+function publicInput(raw: string): Record<string, unknown> {
+  const { lora_files: _files, ...input } = JSON.parse(raw) as Record<string, unknown>;
+  return input;
+}
+
 export function durationMs(r: RunRow): number | null {
   return r.completed_at ? isoToMs(r.completed_at) - isoToMs(r.created_at) : null;
 }
@@ -55,7 +61,7 @@ export function presentRun(r: RunRow, ctx: PresentCtx) {
     object: 'run' as const,
     model_id: r.model_id,
     status_code: r.status,
-    input: JSON.parse(r.input),
+    input: publicInput(r.input),
     output: presentOutput(r.id, r.output, ctx),
     cost: r.cost_micros === null ? null : formatUsd(r.cost_micros),
     cost_breakdown: r.cost_breakdown ? JSON.parse(r.cost_breakdown) : null,

@@ -10,7 +10,8 @@ import type { ServiceConfig } from './config.ts';
 import type { FileStore, StoredImage } from './files.ts';
 import { buildRequest, InputError, loadReference, type Reference } from './inputs.ts';
 import { type ModelInput } from './models.ts';
-import { type CostBreakdown, megapixels, priceRun } from './pricing.ts';
+import { type CostBreakdown, type ModelPrice, megapixels, priceRun } from './pricing.ts';
+import { LoraError } from '../models/flux2/lora/load.ts';
 import type { StoredOutput } from './present.ts';
 import { type RunRow, type Store, TERMINAL } from './store.ts';
 import { isoNow } from './time.ts';
@@ -75,7 +76,7 @@ export class RunQueue extends EventEmitter {
     private callbacks: Callbacks,
     private cfg: ServiceConfig,
     private log: Logger,
-    private priceOf: (modelId: string) => { firstMpUsd: number; extraMpUsd: number; inputMpUsd: number },
+    private priceOf: (modelId: string) => ModelPrice,
   ) {
     super();
     this.setMaxListeners(0);
@@ -179,7 +180,8 @@ export class RunQueue extends EventEmitter {
       const images: StoredImage[] = result.images.map((img, i) => this.files.save(run.id, i, img));
       const background = images.length > 0 && images.every((img) => img.has_alpha) ? 'transparent' : 'opaque';
       const output: StoredOutput = { images, seed: result.seed, prompt: input.prompt, background, timings: result.timings, ...(result.promptTruncated ? { prompt_truncated: true } : {}) };
-      const priced = priceRun(this.priceOf(run.model_id), { width: req.width, height: req.height, count: images.length }, refs);
+      const loras = req.loras?.length ?? 0;
+      const priced = priceRun(this.priceOf(run.model_id), { width: req.width, height: req.height, count: images.length }, refs, { loras });
       const breakdown: CostBreakdown = { ...priced.breakdown, state: 'billed' };
       const completed = isoNow();
       const ok = this.store.tx(() => {
@@ -191,7 +193,7 @@ export class RunQueue extends EventEmitter {
           this.store.insertUsage({
             run_id: run.id, key_id: run.key_id, day: completed.slice(0, 10), model_id: run.model_id, images: images.length,
             output_mp: megapixels(req.width, req.height) * images.length, input_mp: refs.reduce((s, r) => s + megapixels(r.width, r.height), 0),
-            cost_micros: priced.micros,
+            lora_mp: loras ? megapixels(req.width, req.height) * images.length : 0, cost_micros: priced.micros,
           });
         }
         return changed;
@@ -203,11 +205,11 @@ export class RunQueue extends EventEmitter {
       if (e instanceof AttemptLost) return this.lost(run, e);
       const err = e as Error;
       // the pipeline re-validates the request against the model variant; its rejections are the client's input
-      const inputFault = e instanceof InputError || e instanceof PipelineInputError;
+      const inputFault = e instanceof InputError || e instanceof PipelineInputError || e instanceof LoraError;
       // no matting weights: found before anything is generated; the server's lack, not the input's fault
       const noMatting = isMattingUnavailable(e);
-      if (e instanceof PipelineInputError || noMatting) stage = 'preprocess';
-      const code = e instanceof InputError ? e.code : inputFault ? 'INPUT_VALIDATION_FAILED' : noMatting ? MATTING_UNAVAILABLE : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
+      if (e instanceof PipelineInputError || e instanceof LoraError || noMatting) stage = 'preprocess';
+      const code = e instanceof InputError ? e.code : e instanceof LoraError ? e.code.toUpperCase() : inputFault ? 'INPUT_VALIDATION_FAILED' : noMatting ? MATTING_UNAVAILABLE : stage === 'postprocess' ? 'OUTPUT_FAILED' : 'GENERATION_FAILED';
       log.warn({ err, code, stage }, 'run failed');
       this.finishUnbilled(run, 'failed', { failure_code: code, failure_stage: stage, failure_message: err.message });
       this.settled(run.id);

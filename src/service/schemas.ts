@@ -16,8 +16,10 @@ export const errorResponses = (...codes: number[]) =>
     codes.map((c) => [c, { description: ERROR_TEXT[c] ?? 'Error', content: { 'application/json': { schema: ErrorSchema } } }]),
   );
 const ERROR_TEXT: Record<number, string> = {
-  400: 'Malformed request', 401: 'Missing or invalid API key', 404: 'Not found', 409: 'Conflict',
-  410: 'Gone (expired)', 422: 'Validation failed; see errors[] (UNSUPPORTED_COMBINATION: a transparent background in jpeg)', 429: 'Rate limited (RATE_LIMITED, Retry-After)',
+  400: 'Malformed request (LORA_BAD_SPEC, LORA_BLOCKED: a LoRA URL to a private address, LORA_FETCH_FAILED)', 401: 'Missing or invalid API key',
+  404: 'Not found (LORA_NOT_FOUND: no such LoRA file, URL or Hub repository)', 409: 'Conflict',
+  410: 'Gone (expired)', 413: 'Too large (LORA_TOO_LARGE: a LoRA download over the size cap)',
+  422: 'Validation failed; see errors[] (UNSUPPORTED_COMBINATION: a transparent background in jpeg; LORA_INCOMPATIBLE, LORA_UNSUPPORTED, LORA_INVALID: a LoRA this model cannot use)', 429: 'Rate limited (RATE_LIMITED, Retry-After)',
   503: 'A transparent background was asked of a server without matting weights (MATTING_UNAVAILABLE)',
 };
 

@@ -113,7 +113,7 @@ CREATE TABLE IF NOT EXISTS callback_attempts (
 CREATE TABLE IF NOT EXISTS usage (
   run_id TEXT PRIMARY KEY, key_id TEXT NOT NULL, day TEXT NOT NULL, model_id TEXT NOT NULL,
   images INTEGER NOT NULL, output_mp INTEGER NOT NULL, input_mp INTEGER NOT NULL, cost_micros INTEGER NOT NULL,
-  created_at TEXT NOT NULL);
+  created_at TEXT NOT NULL, lora_mp INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS usage_by_key_day ON usage (key_id, day);
 `;
 
@@ -140,6 +140,9 @@ export class Store {
     this.db.pragma('synchronous = NORMAL');
     this.db.pragma('busy_timeout = 5000');
     this.db.exec(SCHEMA);
+    // databases made before LoRA runs were billed: their usage rows had no surcharge
+    const usageColumns = this.db.prepare('PRAGMA table_info(usage)').all() as Array<{ name: string }>;
+    if (!usageColumns.some((c) => c.name === 'lora_mp')) this.db.exec('ALTER TABLE usage ADD COLUMN lora_mp INTEGER NOT NULL DEFAULT 0');
   }
 
   static open(dataDir: string): Store {
@@ -295,12 +298,13 @@ export class Store {
   }
 
   // --- usage ---
-  insertUsage(u: { run_id: string; key_id: string; day: string; model_id: string; images: number; output_mp: number; input_mp: number; cost_micros: number }): void {
+  /** `lora_mp`: output megapixels of a run with LoRAs (what their surcharge is billed on); 0 without. */
+  insertUsage(u: { run_id: string; key_id: string; day: string; model_id: string; images: number; output_mp: number; input_mp: number; lora_mp?: number; cost_micros: number }): void {
     this.db
-      .prepare('INSERT OR IGNORE INTO usage (run_id, key_id, day, model_id, images, output_mp, input_mp, cost_micros, created_at) VALUES (@run_id, @key_id, @day, @model_id, @images, @output_mp, @input_mp, @cost_micros, @created_at)')
-      .run({ ...u, created_at: isoNow() });
+      .prepare('INSERT OR IGNORE INTO usage (run_id, key_id, day, model_id, images, output_mp, input_mp, lora_mp, cost_micros, created_at) VALUES (@run_id, @key_id, @day, @model_id, @images, @output_mp, @input_mp, @lora_mp, @cost_micros, @created_at)')
+      .run({ lora_mp: 0, ...u, created_at: isoNow() });
   }
-  usage(q: { keyId?: string; from?: string; to?: string }): { key_id: string; day: string; model_id: string; runs: number; images: number; output_mp: number; input_mp: number; cost_micros: number }[] {
+  usage(q: { keyId?: string; from?: string; to?: string }): { key_id: string; day: string; model_id: string; runs: number; images: number; output_mp: number; input_mp: number; lora_mp: number; cost_micros: number }[] {
     const where: string[] = [];
     const args: unknown[] = [];
     if (q.keyId) { where.push('key_id = ?'); args.push(q.keyId); }
@@ -308,7 +312,7 @@ export class Store {
     if (q.to) { where.push('day <= ?'); args.push(q.to); }
     return this.db
       .prepare(`SELECT key_id, day, model_id, count(*) AS runs, sum(images) AS images, sum(output_mp) AS output_mp, sum(input_mp) AS input_mp,
-        sum(cost_micros) AS cost_micros FROM usage ${where.length ? 'WHERE ' + where.join(' AND ') : ''} GROUP BY key_id, day, model_id ORDER BY day, key_id, model_id`)
+        sum(lora_mp) AS lora_mp, sum(cost_micros) AS cost_micros FROM usage ${where.length ? 'WHERE ' + where.join(' AND ') : ''} GROUP BY key_id, day, model_id ORDER BY day, key_id, model_id`)
       .all(...args) as never;
   }
 }

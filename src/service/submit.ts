@@ -10,11 +10,12 @@ import { precheckImageUrls } from './inputs.ts';
 import { type ModelEntry, type ModelInput, requestedSize } from './models.ts';
 import { checkUrl, FetchError, parseDataUri } from './net.ts';
 import { priceRun } from './pricing.ts';
+import { resolveRunLoras, servedTransformerConfig } from './loras.ts';
 import type { KeyRow, RunRow } from './store.ts';
 import { isoNow, ulid } from './time.ts';
 
 /** The parts of Deps that creating and awaiting a run needs (the stdio MCP server has no HTTP context). */
-export type RunDeps = Pick<Deps, 'store' | 'queue' | 'cfg' | 'limiter' | 'log' | 'files' | 'matting'>;
+export type RunDeps = Pick<Deps, 'store' | 'queue' | 'cfg' | 'limiter' | 'log' | 'files' | 'matting' | 'modelDir'>;
 
 const MAX_METADATA_BYTES = 16 * 1024;
 
@@ -60,7 +61,7 @@ export async function quoteRun(deps: Pick<Deps, 'cfg'>, model: ModelEntry, input
     if (meta?.width && meta.height) known.push({ width: meta.width, height: meta.height });
     else allKnown = false;
   }
-  const quote = size ? priceRun(deps.cfg.pricing[model.id], { ...size, count: input.num_images }, known) : null;
+  const quote = size ? priceRun(deps.cfg.pricing[model.id], { ...size, count: input.num_images }, known, { loras: input.loras?.length }) : null;
   if (quote && !allKnown) (quote.breakdown as unknown as Record<string, unknown>).note = 'input megapixels of URL images are added when they are fetched';
   return quote;
 }
@@ -113,8 +114,10 @@ export async function submitRun(deps: RunDeps, key: KeyRow, model: ModelEntry, r
     }
   }
 
+  // downloaded (or found) and checked against the model before anything is stored: a bad LoRA is a 4xx
+  const loraFiles = await resolveRunLoras(deps.cfg, servedTransformerConfig(deps.modelDir, deps.cfg.variant), input.loras);
   const quote = await quoteRun(deps, model, input, urls);
-  const stored: Record<string, unknown> = { ...input, ...(opts.outputQuality !== undefined ? { output_quality: opts.outputQuality } : {}) };
+  const stored: Record<string, unknown> = { ...input, ...(opts.outputQuality !== undefined ? { output_quality: opts.outputQuality } : {}), ...(loraFiles.length ? { lora_files: loraFiles } : {}) };
   const id = ulid();
   const row: RunRow = {
     id, key_id: key.id, model_id: model.id, status: 'queued', input: JSON.stringify(stored), output: null,

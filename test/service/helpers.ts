@@ -74,12 +74,13 @@ export interface Harness {
  * `key`: use this existing key for `api` (a restarted service over the same data folder). `matting`: the probe
  * `klein serve` gives the service (whether transparent backgrounds can be served); without it runs find out.
  * `scale`: the scale-out extension (worker routes, drain on stop); `port`: listen there (a restarted API that
- * running workers must find again at the same address); `engines`: the engine processes behind the pipeline.
+ * running workers must find again at the same address); `engines`: the engine processes behind the pipeline;
+ * `modelDir`: the served model folder (what LoRAs are checked against; without it, the variant's real shapes).
  */
-export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string; matting?: MattingProbe; scale?: ScaleExtension; port?: number; engines?: EngineProcessStats[] }): Promise<Harness> {
+export async function startService(o: { pipeline: ImagePipeline; dataDir?: string; config?: ConfigOverrides; key?: string; matting?: MattingProbe; scale?: ScaleExtension; port?: number; engines?: EngineProcessStats[]; modelDir?: string }): Promise<Harness> {
   const dataDir = o.dataDir ?? tempDir();
   const cfg = loadConfig(dataDir, { ...TEST_CONFIG, ...(o.config ?? {}), callbacks: { ...TEST_CONFIG.callbacks, ...(o.config?.callbacks ?? {}) }, inputs: { ...TEST_CONFIG.inputs, ...(o.config?.inputs ?? {}) } });
-  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent'), ...(o.matting ? { matting: o.matting } : {}), ...(o.scale ? { scale: o.scale } : {}), ...(o.engines ? { engines: o.engines } : {}) });
+  const svc = createApp({ pipeline: o.pipeline, config: cfg, logger: createLogger(process.env.KLEIN_LOG_LEVEL ?? 'silent'), ...(o.matting ? { matting: o.matting } : {}), ...(o.scale ? { scale: o.scale } : {}), ...(o.engines ? { engines: o.engines } : {}), ...(o.modelDir ? { modelDir: o.modelDir } : {}) });
   const { url } = await svc.listen(o.port ?? 0, '127.0.0.1');
   const newKey = (k: { rateLimitPerMin?: number; maxConcurrency?: number; admin?: boolean } = {}) => createKey(svc.store, { name: 'test', ...k }).key;
   const first = o.key ? { key: o.key, row: svc.store.keyByHash(sha256Hex(o.key))! } : createKey(svc.store, { name: 'test' });

@@ -26,7 +26,7 @@ export function registerAccount(app: App, deps: Deps): void {
     });
   });
 
-  const UsageRow = z.object({ day: z.string(), key_id: z.string(), model_id: z.string(), runs: z.number().int(), images: z.number().int(), output_mp: z.number().int(), input_mp: z.number().int(), cost: z.string() });
+  const UsageRow = z.object({ day: z.string(), key_id: z.string(), model_id: z.string(), runs: z.number().int(), images: z.number().int(), output_mp: z.number().int(), input_mp: z.number().int(), lora_mp: z.number().int().openapi({ description: 'Output megapixels of runs with LoRAs (billed with the LoRA surcharge).' }), cost: z.string() });
   route(app, createRoute({
     method: 'get', path: '/v1/usage', tags: ['Account'], summary: 'Usage ledger per key and day (succeeded runs only)', security: [{ bearer: [] }],
     request: { query: z.object({ from: Day.optional(), to: Day.optional(), key_id: z.string().optional().openapi({ description: 'Admin keys: one key (default: all keys)' }) }) },

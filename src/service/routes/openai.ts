@@ -16,6 +16,7 @@ import { formatUsd } from '../pricing.ts';
 import type { KeyRow, RunRow } from '../store.ts';
 import { isoToMs } from '../time.ts';
 import { awaitRun, submitRun, takeCreateToken, type RunDeps } from '../submit.ts';
+import { LORAS_DESCRIPTION, LoraWeight } from '../loras.ts';
 
 /** OpenAI's own model names all mean "the model this server runs", so existing code runs without edits. */
 const OPENAI_MODEL = /^(gpt-image|dall-e|chatgpt-image)/;
@@ -105,6 +106,7 @@ const common = {
   user: z.string().nullish().openapi({ description: 'Kept in the run metadata.' }),
   stream: z.union([z.boolean(), z.enum(['true', 'false'])]).nullish().openapi({ description: 'Streaming is not supported; only false.' }),
   partial_images: z.coerce.number().int().min(0).max(0).nullish().openapi({ description: 'Only 0 (no streaming).' }),
+  loras: z.union([z.array(LoraWeight).max(LIMITS.maxLoras), z.string().max(64 * 1024)]).nullish().openapi({ description: `klein extension: ${LORAS_DESCRIPTION} In a multipart edit, the same list as a JSON string.` }),
 };
 
 export const GenerationsBody = z.object({ ...common, style: z.enum(['vivid', 'natural']).nullish().openapi({ description: 'Accepted; no effect.' }) }).strict().openapi('OpenAIImageGenerationRequest');
@@ -151,6 +153,15 @@ function firstProblem(issues: readonly { path: PropertyKey[]; message: string; c
   return paramError(param ?? 'body', `Invalid '${param ?? 'body'}': ${i.message}`);
 }
 
+/** `loras` as a multipart text field: a JSON list, checked by the klein schema afterwards. */
+function parseLorasField(v: string): unknown {
+  try {
+    return JSON.parse(v);
+  } catch {
+    throw paramError('loras', 'loras must be a JSON list of {"path": …, "scale": …}');
+  }
+}
+
 /** The klein input and options of a validated OpenAI request (references added by the edits route). */
 function toKlein(cfg: Deps['cfg'], req: OpenAIRequest, kind: ModelEntry['kind']) {
   if (req.stream === true || req.stream === 'true') throw paramError('stream', 'Streaming is not supported by klein serve; omit stream or set it to false', 'unsupported_value');
@@ -164,6 +175,7 @@ function toKlein(cfg: Deps['cfg'], req: OpenAIRequest, kind: ModelEntry['kind'])
     ...(req.background ? { background: req.background } : {}),
     ...(size ? { image_size: size } : {}),
     ...(req.seed != null ? { seed: req.seed } : {}),
+    ...(req.loras != null ? { loras: typeof req.loras === 'string' ? parseLorasField(req.loras) : req.loras } : {}),
   };
   return {
     model: pickModel(cfg, req.model, kind),

@@ -104,7 +104,7 @@ export function registerRuns(app: App, deps: Deps): void {
       }),
       body: { content: { 'application/json': { schema: CreateRunBody } }, required: true },
     },
-    responses: { 201: { description: 'The run', content: { 'application/json': { schema: RunSchema } } }, ...errorResponses(400, 401, 404, 409, 422, 429, 503) },
+    responses: { 201: { description: 'The run', content: { 'application/json': { schema: RunSchema } } }, ...errorResponses(400, 401, 404, 409, 413, 422, 429, 503) },
   });
   app.openAPIRegistry.registerPath(createDoc);
   app.post('/v1/models/:model_id{.+}/runs', (c) => createRun(c, deps, c.req.param('model_id')));

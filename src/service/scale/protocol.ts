@@ -23,6 +23,8 @@ export interface JobData {
   background?: Background;
   /** base64 */
   references: string[];
+  /** LoRA files as the API resolved them: workers must see the same paths (a shared LoRA folder and cache) */
+  loras?: Array<{ path: string; scale: number }>;
 }
 
 export function toJob(modelId: string, r: GenerateRequest): JobData {
@@ -32,6 +34,7 @@ export function toJob(modelId: string, r: GenerateRequest): JobData {
     output_format: r.outputFormat, ...(r.quality !== undefined ? { quality: r.quality } : {}),
     ...(r.background !== undefined ? { background: r.background } : {}),
     references: (r.referenceImages ?? []).map((b) => Buffer.from(b).toString('base64')),
+    ...(r.loras?.length ? { loras: r.loras } : {}),
   };
 }
 
@@ -42,6 +45,7 @@ export function fromJob(j: JobData): GenerateRequest {
     outputFormat: j.output_format, ...(j.quality !== undefined ? { quality: j.quality } : {}),
     ...(j.background !== undefined ? { background: j.background } : {}),
     ...(j.references.length ? { referenceImages: j.references.map((s) => new Uint8Array(Buffer.from(s, 'base64'))) } : {}),
+    ...(j.loras?.length ? { loras: j.loras } : {}),
   };
 }
 
