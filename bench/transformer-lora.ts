@@ -28,16 +28,26 @@ export function randomLoraFiles(cfg: Flux2Config, n: number, rank: number, log: 
   });
 }
 
-/** Best seconds per step over `steps` steps on a context prepared with the transformer's current LoRA set. */
-async function stepSeconds(model: Flux2Transformer, inp: Flux2ForwardInput, steps: number): Promise<number> {
+/** Best wall and CPU seconds per step over `steps` steps on a context prepared with the current LoRA set. */
+async function stepSeconds(model: Flux2Transformer, inp: Flux2ForwardInput, steps: number): Promise<{ wall: number; cpu: number }> {
   const context = await model.prepareContext(inp);
-  let best = Infinity;
+  const best = { wall: Infinity, cpu: Infinity };
   try {
-    for (let i = 0; i < steps; i++) best = Math.min(best, (await seconds(() => model.step(inp, context)))[0]);
+    for (let i = 0; i < steps; i++) {
+      const cpu0 = process.cpuUsage();
+      best.wall = Math.min(best.wall, (await seconds(() => model.step(inp, context)))[0]);
+      const cpu = process.cpuUsage(cpu0);
+      best.cpu = Math.min(best.cpu, (cpu.user + cpu.system) / 1e6);
+    }
   } finally {
     context.dispose();
   }
   return best;
+}
+
+/** `wall s (±x % vs base), CPU s (±y %)`: on a shared machine the CPU time is the steadier figure. */
+function versus(t: { wall: number; cpu: number }, base: { wall: number; cpu: number }): string {
+  return `${t.wall.toFixed(3)} s (${pct(t.wall, base.wall)}), CPU ${t.cpu.toFixed(3)} s (${pct(t.cpu, base.cpu)})`;
 }
 
 /** A one-Linear rank-1 zero LoRA: the LoRA sessions with (almost) every Linear at rank 0. */
@@ -53,7 +63,7 @@ function nearlyEmptyLora(cfg: Flux2Config): AppliedLora {
 }
 
 /** Runs the LoRA part of the bench on a loaded model whose base step took `baseStep` seconds. */
-export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput, specs: LoraBenchSpec[], steps: number, baseStep: number, log: (s: string) => void): Promise<void> {
+export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput, specs: LoraBenchSpec[], steps: number, log: (s: string) => void): Promise<void> {
   const cfg = model.config;
   const bytes = specs.reduce((n, s) => n + fs.statSync(s.file).size, 0);
   const [loadS, loaded] = await seconds(() => specs.map((s): AppliedLora => ({ lora: loadLora(s.file, cfg), scale: s.scale })));
@@ -65,12 +75,16 @@ export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput
   log(`LoRA sessions opened in ${openS.toFixed(2)} s (once per process; the base sessions stay open)`);
   const mem = new MemorySampler();
   const emptyStep = await stepSeconds(model, inp, steps);
-  log(`seconds/step, LoRA sessions with every Linear at rank 0 but one (rank 1): ${emptyStep.toFixed(3)} (${pct(emptyStep, baseStep)} vs the base sessions)`);
+  await model.setLoras([]);
+  // the base step again, now, so both sides of every comparison saw the same machine load
+  const baseStep = await stepSeconds(model, inp, steps);
+  log(`seconds/step without LoRA (base sessions, timed again): ${baseStep.wall.toFixed(3)} s, CPU ${baseStep.cpu.toFixed(3)} s`);
+  log(`seconds/step, LoRA sessions with every Linear at rank 0 but one (rank 1): ${versus(emptyStep, baseStep)}`);
   const counts = [...new Set([1, loaded.length])];
   for (const k of counts) {
     const [switchS] = await seconds(() => model.setLoras(loaded.slice(0, k)));
     const step = await stepSeconds(model, inp, steps);
-    log(`seconds/step with ${k} LoRA${k > 1 ? 's' : ''}: ${step.toFixed(3)} (${pct(step, baseStep)} vs no LoRA; switch to this set ${switchS.toFixed(2)} s)`);
+    log(`seconds/step with ${k} LoRA${k > 1 ? 's' : ''}: ${versus(step, baseStep)}; switch to this set ${switchS.toFixed(2)} s`);
     if (model.target.device !== 'cpu') log(`host transfers per step with ${k} LoRA${k > 1 ? 's' : ''}: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
   }
   const [backS] = await seconds(() => model.setLoras(loaded.slice(0, 1)));
