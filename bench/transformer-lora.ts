@@ -89,7 +89,8 @@ export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput
   }
   const [backS] = await seconds(() => model.setLoras(loaded.slice(0, 1)));
   const [offS] = await seconds(() => model.setLoras([]));
-  log(`switch ${loaded.length} → 1 LoRA: ${backS.toFixed(2)} s; → no LoRA: ${(offS * 1000).toFixed(1)} ms; a cold switch adds reading the files (${(loadS / loaded.length).toFixed(2)} s per file)`);
+  const [againS] = await seconds(() => model.setLoras(loaded.slice(0, 1)));
+  log(`switch ${loaded.length} → 1 LoRA: ${backS.toFixed(2)} s; → no LoRA: ${(offS * 1000).toFixed(1)} ms; → the same LoRA again: ${(againS * 1000).toFixed(1)} ms (feeds kept); a file not read before adds ${(loadS / loaded.length).toFixed(2)} s`);
   const peak = mem.stop();
   const after = memoryNow();
   const pssAfter = pss();

@@ -15,8 +15,8 @@ import type { ExecutionTarget } from '../../runtime/target.ts';
 import { openFlux2Checkpoint, type Flux2Weights } from './checkpoint.ts';
 import { isBlockLinear, type Flux2Config } from './config.ts';
 import { buildFlux2Forward, STEP_INVARIANT_INPUTS } from './forward.ts';
-import { LoraAdapter, loraFeeds } from './lora/apply.ts';
-import { stackLoras, type AppliedLora } from './lora/load.ts';
+import { adaptsAnything, LoraAdapter, loraFeeds } from './lora/apply.ts';
+import type { AppliedLora } from './lora/load.ts';
 
 export interface Flux2ForwardInput {
   /** [batch, nTokens, inChannels]: target-image tokens followed by reference-image tokens. */
@@ -49,11 +49,15 @@ interface Sessions {
   stepper: GraphSession;
 }
 
-/** The LoRA set applied by the sessions with side products: their feeds (Aᵀ and Bᵀ of every adapted Linear). */
+/** The LoRA set applied by the sessions with side products: their feeds (A and Bᵀ of every adapted Linear). */
 interface ActiveLoras {
   sessions: Sessions;
   feeds: ReadonlyMap<string, ort.Tensor>;
+  /** The set they were built from (the same loaded files at the same scales reuse them). */
+  set: readonly AppliedLora[];
 }
+
+const sameSet = (a: readonly AppliedLora[], b: readonly AppliedLora[]) => a.length === b.length && a.every((x, i) => x.lora === b[i].lora && x.scale === b[i].scale);
 
 /** The forward built with `policy` (and `adapter`'s side products), cut into its step-invariant part and the rest. */
 function splitForward(w: Flux2Weights, policy: WeightPolicy, lora?: LoraAdapter): { graphs: [Graph, Graph]; carried: string[] } {
@@ -108,6 +112,8 @@ export class Flux2Transformer {
   /** The LoRA sessions (built by the first `setLoras` with a LoRA) and the set the next context is prepared with. */
   private lora?: { sessions: Sessions; adapter: LoraAdapter };
   private activeLoras?: ActiveLoras;
+  /** The feeds built last, kept while requests without LoRAs run between two with the same set. */
+  private lastLoras?: ActiveLoras;
 
   private constructor(
     private readonly base: Sessions,
@@ -139,18 +145,22 @@ export class Flux2Transformer {
   /**
    * The LoRAs every context prepared from now on applies, each at its scale (several are stacked along the rank);
    * none, or all at scale 0: the base sessions, bit for bit. The first call with a LoRA opens the LoRA sessions
-   * (same weights, graphs compiled once per content); later calls only build feeds. Contexts already prepared keep
-   * the set they were prepared with.
+   * (same weights, graphs compiled once per content); later calls only build feeds (none for the set already
+   * active: the same loaded files at the same scales). Contexts already prepared keep the set they were prepared
+   * with.
    */
   async setLoras(loras: readonly AppliedLora[]): Promise<void> {
-    const stacked = stackLoras([...loras], this.config);
-    if (stacked.size === 0) {
+    if (!adaptsAnything(loras)) {
       this.activeLoras = undefined;
       return;
     }
     this.lora ??= await this.openLoraSessions();
-    const emptyRank = this.target.device === 'cpu' ? 0 : 1;
-    this.activeLoras = { sessions: this.lora.sessions, feeds: loraFeeds(this.lora.adapter.inputs, stacked, { emptyRank }) };
+    if (!this.lastLoras || !sameSet(this.lastLoras.set, loras)) {
+      this.lastLoras = undefined; // the old feeds may go before the new ones are built
+      const emptyRank = this.target.device === 'cpu' ? 0 : 1;
+      this.lastLoras = { sessions: this.lora.sessions, feeds: loraFeeds(this.lora.adapter.inputs, loras, { emptyRank }), set: [...loras] };
+    }
+    this.activeLoras = this.lastLoras;
   }
 
   /** Whether the next prepared context applies LoRAs. */
