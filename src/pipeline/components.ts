@@ -108,7 +108,7 @@ export class Components {
     const tokens = (shape.width / 16) * (shape.height / 16) + shape.refTokens + shape.textTokens;
     const out = [
       textEncoderNeed(this.text.config, layers, t, shape.rows, shape.textTokens),
-      transformerNeed(this.transformerConfig, t, shape.rows, tokens),
+      transformerNeed(this.transformerConfig, t, shape.rows, tokens, shape.loraBytes ?? (this.transformerModel?.lorasOpen ? 0 : undefined)),
       vaeNeed('decoder', shape.width, shape.height, VAE_DECODE_BYTES_PER_PIXEL),
     ];
     if (shape.refPixels.length) out.push(vaeNeed('encoder', Math.max(...shape.refPixels), 1, VAE_ENCODE_BYTES_PER_PIXEL));

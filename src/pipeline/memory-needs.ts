@@ -20,6 +20,11 @@ export interface RequestShape {
   /** Reference images the VAE encodes (largest side of each decides its memory). */
   refPixels: number[];
   transparent: boolean;
+  /**
+   * LoRAs: the host bytes of the set's matrices (as read, prepared and fed; 0 when the transformer only holds its
+   * LoRA sessions from an earlier request); absent: no LoRA sessions.
+   */
+  loraBytes?: number;
 }
 
 /** Process baseline every component adds to: Node, ORT's code, the tokenizer, the prompt cache. */
@@ -35,16 +40,22 @@ export function flux2ActivationBytes(c: Flux2Config, rows: number, tokens: numbe
   return rows * tokens * perToken;
 }
 
-export function transformerNeed(c: Flux2Config, target: ExecutionTarget, rows: number, tokens: number): ComponentNeed {
+/**
+ * `loraBytes` (see RequestShape): the LoRA sessions beside the base ones map the same weights file (no second copy
+ * of file-backed pages) but hold an activation arena of their own and, in fast mode, their own packed weights.
+ */
+export function transformerNeed(c: Flux2Config, target: ExecutionTarget, rows: number, tokens: number, loraBytes?: number): ComponentNeed {
   const all = flux2Params(c);
   const block = flux2BlockParams(c);
   const act = flux2ActivationBytes(c, rows, tokens);
-  if (target.device !== 'cpu') return { name: 'transformer', fileBacked: 0, anon: act / 4 };
+  const sessions = loraBytes === undefined ? 1 : 2;
+  const lora = loraBytes ?? 0;
+  if (target.device !== 'cpu') return { name: 'transformer', fileBacked: 0, anon: (sessions * act) / 4 + lora };
   if (target.precision === 'fast') {
     // ORT packs the int8 block weights and the fp32 rest into its own layouts when the session opens
-    return { name: 'transformer', fileBacked: 0, anon: block + 4 * (all - block) + act };
+    return { name: 'transformer', fileBacked: 0, anon: sessions * (block + 4 * (all - block) + act) + lora };
   }
-  return { name: 'transformer', fileBacked: 4 * all, anon: act };
+  return { name: 'transformer', fileBacked: 4 * all, anon: sessions * act + lora };
 }
 
 export interface Qwen3Shape {

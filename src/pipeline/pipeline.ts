@@ -9,6 +9,7 @@
 // any plan is refused with what it needs and what is free.
 import type { ExecutionTarget } from '../runtime/target.ts';
 import { LoraCache } from '../models/flux2/lora/cache.ts';
+import { loraHostBytes } from '../models/flux2/lora/apply.ts';
 import type { AppliedLora } from '../models/flux2/lora/load.ts';
 import { PromptEmbeddingCache } from '../text/prompt-cache.ts';
 import { PromptEncoder } from '../text/prompt-encoder.ts';
@@ -169,7 +170,8 @@ export class KleinPipeline implements ImagePipeline {
       const loras = await this.readLoras(r.loras, sw, o);
       // planned before anything loads: a request that cannot fit is refused here (InsufficientMemoryError)
       const refTokens = prepared.reduce((n, p) => n + (p.dims[2] / 16) * (p.dims[3] / 16), 0);
-      this.components.plan({ width: r.width, height: r.height, rows, refTokens, textTokens, refPixels: prepared.map((p) => p.dims[2] * p.dims[3]), transparent: r.background === 'transparent' });
+      const loraBytes = loras.length ? loraHostBytes(loras) : undefined;
+      this.components.plan({ width: r.width, height: r.height, rows, refTokens, textTokens, refPixels: prepared.map((p) => p.dims[2] * p.dims[3]), transparent: r.background === 'transparent', loraBytes });
 
       // 1. text
       const prompt = promptForBackground(r.prompt, r.background);

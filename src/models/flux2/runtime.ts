@@ -163,6 +163,11 @@ export class Flux2Transformer {
     this.activeLoras = this.lastLoras;
   }
 
+  /** Whether the LoRA sessions are open (they stay open once a request used a LoRA). */
+  get lorasOpen(): boolean {
+    return this.lora !== undefined;
+  }
+
   /** Whether the next prepared context applies LoRAs. */
   get lorasActive(): boolean {
     return this.activeLoras !== undefined;

@@ -153,6 +153,11 @@ export function adaptsAnything(applied: readonly AppliedLora[]): boolean {
   return applied.some((a) => a.scale !== 0 && a.lora.targets.length > 0);
 }
 
+/** Host bytes a set holds while applied: its matrices as read, Bᵀ as prepared, and the feeds (fp32, three copies). */
+export function loraHostBytes(applied: readonly AppliedLora[]): number {
+  return 3 * applied.reduce((n, a) => n + a.lora.targets.reduce((m, t) => m + 4 * t.rank * (t.inFeatures + t.outFeatures), 0), 0);
+}
+
 /** Bytes the feeds of a set hold (fp32): what a LoRA set costs in memory, and on a GPU in uploads. */
 export function loraFeedBytes(feeds: ReadonlyMap<string, ort.Tensor>): number {
   let n = 0;
