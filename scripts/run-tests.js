@@ -3,8 +3,10 @@
 // Debian 12; only checks when they are there), then runs test/**/*.test.ts with node's built-in test runner (through
 // tsx), so CI reads its summary. A run of every file type-checks first (`npm run typecheck`).
 // Arguments filter test files by substring: `npm test -- service`. KLEIN_TEST_SETUP=skip leaves the machine as it is.
+// The run gets a KLEIN_CACHE_DIR of its own (see below).
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 
 const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
@@ -50,6 +52,19 @@ if (filters.length === 0) {
     process.exit(tc.status ?? 1);
   }
 }
+// Weight stores and compiled graphs of the run's temporary checkpoints go to a cache folder of the run's own, removed
+// after it (each store hard-links its checkpoint, so stale folders would keep deleted test models on disk too).
+// KLEIN_TEST_SHARED_CACHE_DIR names the user's cache for the few tests that reuse large inputs across runs (the
+// bench's random real-width checkpoints).
+const sharedCache = env.KLEIN_CACHE_DIR || path.join(os.homedir(), '.cache', 'klein');
+const runCache = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-test-cache-'));
+// a terminal's Ctrl-C reaches the test process too; the runner outlives it to remove the run's cache
+process.on('SIGINT', () => {});
 const args = ['--import', 'tsx', '--test', '--test-reporter=spec', `--test-concurrency=${process.env.TEST_CONCURRENCY ?? 1}`, ...files];
-const r = spawnSync(process.execPath, args, { cwd: root, stdio: 'inherit', env: { ...env, KLEIN_LOG_LEVEL: env.KLEIN_LOG_LEVEL ?? 'silent' } });
+const r = spawnSync(process.execPath, args, {
+  cwd: root,
+  stdio: 'inherit',
+  env: { ...env, KLEIN_LOG_LEVEL: env.KLEIN_LOG_LEVEL ?? 'silent', KLEIN_CACHE_DIR: runCache, KLEIN_TEST_SHARED_CACHE_DIR: sharedCache },
+});
+fs.rmSync(runCache, { recursive: true, force: true });
 process.exit(r.status ?? 1);

@@ -11,9 +11,11 @@ const KLEIN = path.resolve(import.meta.dirname, '../../bin/klein.js');
 const noVulkan = process.env.VK_ICD_FILENAMES ? false : 'VK_ICD_FILENAMES is unset: run `eval "$(scripts/setup-webgpu.sh)"` first (npm test does)';
 
 test('klein conform --device webgpu: every golden case of every component passes', { skip: noVulkan }, () => {
-  const r = spawnSync(process.execPath, [KLEIN, 'conform', GOLDEN_DIR, '--device', 'webgpu'], { encoding: 'utf8', timeout: 20 * 60_000 });
+  const env = { ...process.env };
+  delete env.KLEIN_GPU_DTYPE; // the default dtype: fp16
+  const r = spawnSync(process.execPath, [KLEIN, 'conform', GOLDEN_DIR, '--device', 'webgpu'], { encoding: 'utf8', timeout: 20 * 60_000, env });
   assert.equal(r.status, 0, `exit ${r.status} ${r.signal ?? ''}\n${r.stdout.split('\n').filter((l) => !l.startsWith('PASS')).join('\n')}\n${r.stderr}`);
-  assert.match(r.stdout, /^device: webgpu$/m);
+  assert.match(r.stdout, /^device: webgpu \(fp16\)$/m);
   assert.match(r.stdout, /^\d+ passed, 0 failed$/m);
   for (const component of ['tokenizer', 'text_encoder', 'transformer', 'vae', 'sampler', 'pipeline', 'birefnet']) {
     assert.match(r.stdout, new RegExp(`^PASS ${component}/`, 'm'), `no passing ${component} case`);

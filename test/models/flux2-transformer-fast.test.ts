@@ -25,8 +25,9 @@ const MAX_BOUND = 0.025;
 // An error this small would mean the int8 path did not run at all (exact mode is ~5e-6).
 const RMS_FLOOR = 0.001;
 
-// The bench's own cache root (its random real-width checkpoints are 0.6 GB and up: written once, not per run).
-const benchCacheRoot = process.env.KLEIN_CACHE_DIR;
+// The bench's own cache root (its random real-width checkpoints are 0.6 GB and up: written once, not per run; npm
+// test gives each run a cache of its own and names the user's in KLEIN_TEST_SHARED_CACHE_DIR).
+const benchCacheRoot = process.env.KLEIN_TEST_SHARED_CACHE_DIR ?? process.env.KLEIN_CACHE_DIR;
 // Every load here writes its weight store and compiled graphs (the golden folder is read-only) under a fresh root.
 const cacheRoot = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-fast-'));
 process.env.KLEIN_CACHE_DIR = cacheRoot;
