@@ -108,8 +108,8 @@ export class KleinPipeline implements ImagePipeline {
   /** What each component computes in: fp32, fp16 (GPU) or int8 (fast mode's Linears, the rest fp32). */
   componentDtypes(): Record<DtypeComponent, ComponentDtype> {
     const t = this.opts.target;
-    const vae = t.device === 'cpu' ? 'fp32' : 'fp32';
-    return { 'text-encoder': componentDtype(t, true), transformer: componentDtype(t, true), 'vae-encoder': vae, 'vae-decoder': vae };
+    // the VAE computes in fp32 on every device (components.ts vaeFor)
+    return { 'text-encoder': componentDtype(t, true), transformer: componentDtype(t, true), 'vae-encoder': 'fp32', 'vae-decoder': 'fp32' };
   }
 
   /** Which large components are in memory now (tests, health endpoints, memory reports). */

@@ -55,15 +55,6 @@ export function parseDevice(s: string, source?: string): DeviceRequest {
 }
 
 /**
- * The device a session gets when its config names none: KLEIN_DEVICE (cpu, webgpu, cuda, auto), else cpu. Lets
- * every command and bench run on a GPU without each growing its own option (scripts/gpu-check.sh uses it).
- */
-export function defaultDevice(): DeviceRequest {
-  const env = process.env.KLEIN_DEVICE;
-  return env ? parseDevice(env) : 'cpu';
-}
-
-/**
  * The providers list for a session on `device`. ORT places nodes the provider has no kernel for on the CPU by
  * itself; `forceCpuNodeNames` (WebGPU only) adds nodes whose kernel exists but gives wrong numbers.
  */

@@ -55,6 +55,8 @@ interface Entry {
 interface Manifest {
   format: string;
   identity: string;
+  /** The checkpoint files (real paths) the weights come from: a later build from the same paths replaces this one. */
+  sources: string[];
   size: number;
   entries: Record<string, Entry>;
   /** In-place refs: the hard link (relative path) and the byte range in it. */
@@ -129,8 +131,8 @@ export class WeightStore {
       if (m) return new WeightStore(folder, m, false);
     }
     fs.rmSync(folder, { recursive: true, force: true });
-    const manifest = await build(folder, identity, refs, o.onProgress);
-    removeStale(root, `${o.component}-${o.tag}-`, identity, folder);
+    const manifest = await build(folder, identity, files, refs, o.onProgress);
+    removeStale(root, `${o.component}-${o.tag}-`, files, folder);
     return new WeightStore(folder, manifest, true);
   }
 }
@@ -212,7 +214,7 @@ function linkSources(dir: string, refs: readonly WeightRef[]): { inPlace: Manife
   return { inPlace, links, convert };
 }
 
-async function build(folder: string, identity: string, refs: readonly WeightRef[], onProgress?: WeightStoreOptions['onProgress']): Promise<Manifest> {
+async function build(folder: string, identity: string, sources: string[], refs: readonly WeightRef[], onProgress?: WeightStoreOptions['onProgress']): Promise<Manifest> {
   const tmp = `${folder}.tmp-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
   fs.mkdirSync(tmp, { recursive: true });
   try {
@@ -227,7 +229,7 @@ async function build(folder: string, identity: string, refs: readonly WeightRef[
     const done = await convertInWorker(path.join(tmp, 'weights.bin'), size, jobs, onProgress);
     const entries: Manifest['entries'] = {};
     jobs.forEach((j, i) => (entries[j.ref.key] = { offset: j.offset, length: j.length, ...done.crcs[i] }));
-    const manifest: Manifest = { format: FORMAT, identity, size, entries, inPlace, links, stats: done.stats };
+    const manifest: Manifest = { format: FORMAT, identity, sources, size, entries, inPlace, links, stats: done.stats };
     fs.writeFileSync(path.join(tmp, 'manifest.json'), JSON.stringify(manifest));
     try {
       fs.renameSync(tmp, folder);
@@ -245,14 +247,18 @@ async function build(folder: string, identity: string, refs: readonly WeightRef[
   }
 }
 
-/** Older folders of the same model, policy and checkpoint (an earlier weight set): nothing will open them again. */
-function removeStale(root: string, prefix: string, identity: string, keep: string): void {
+/**
+ * Older folders of the same model and policy built from the same checkpoint paths — an earlier weight set, or the
+ * same paths before the checkpoint was rewritten (their hard links would keep its old blocks on disk): nothing will
+ * open them again.
+ */
+function removeStale(root: string, prefix: string, sources: string[], keep: string): void {
   for (const name of fs.readdirSync(root)) {
     const dir = path.join(root, name);
     if (!name.startsWith(prefix) || dir === keep || name.includes('.tmp-')) continue;
     try {
       const m = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as Manifest;
-      if (m.identity === identity) fs.rmSync(dir, { recursive: true, force: true });
+      if (JSON.stringify(m.sources) === JSON.stringify(sources)) fs.rmSync(dir, { recursive: true, force: true });
     } catch {
       // not ours to judge
     }
