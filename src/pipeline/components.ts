@@ -21,9 +21,9 @@ export type ComponentName = 'text-encoder' | 'transformer' | 'vae-encoder' | 'va
 /** What the text encoder, transformer and VAE compute in: fp32, fp16 (GPU) or int8 (fast mode's Linears). */
 export type ComponentDtype = 'fp32' | 'fp16' | 'int8';
 
-/** Bytes per output pixel of the VAE's activations (measured at real size, docs/benchmarks.md "Memory plan"). */
-const VAE_DECODE_BYTES_PER_PIXEL = 4200;
-const VAE_ENCODE_BYTES_PER_PIXEL = 3000;
+/** Bytes per pixel of the VAE's activations, measured at real size (docs/benchmarks.md, VAE): decode 4.2 KB, encode 1.6 KB. */
+const VAE_DECODE_BYTES_PER_PIXEL = 4300;
+const VAE_ENCODE_BYTES_PER_PIXEL = 1700;
 
 export interface ComponentOptions {
   target: ExecutionTarget;

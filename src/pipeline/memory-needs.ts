@@ -78,12 +78,13 @@ export function textEncoderNeed(c: Qwen3Shape, layers: number, target: Execution
 }
 
 /**
- * The VAE decoder's full-resolution activations dominate it (the 84 M weights are 0.3 GB): untiled up to 1536²,
- * tiles of at most 1536² above (models/vae tiling), so its need stops growing there.
+ * The VAE's full-resolution activations dominate it: untiled up to 1536², tiles of at most 1536² above (models/vae
+ * tiling), so its need stops growing there. Its 84 M weights (0.35 GiB) are anonymous: ORT's NCHWc layout pass
+ * copies every convolution weight.
  */
 export function vaeNeed(direction: 'encoder' | 'decoder', width: number, height: number, bytesPerPixel: number): ComponentNeed {
   const tile = Math.min(width * height, 1536 * 1536);
-  return { name: `VAE ${direction}`, fileBacked: 0.35 * GiB, anon: tile * bytesPerPixel };
+  return { name: `VAE ${direction}`, fileBacked: 0, anon: 0.35 * GiB + tile * bytesPerPixel };
 }
 
 /** BiRefNet at its 1024² input (measured 6.8 GiB peak for the full Swin-L variant, fp32, arena on). */
