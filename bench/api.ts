@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { UsageError } from '../src/cli/errors.ts';
-import { parseIntOption } from '../src/cli/generate.ts';
+import { parseIntOption } from '../src/cli/option-parsers.ts';
 import { openPipeline } from '../src/pipeline/pipeline.ts';
 import { cpuTarget } from '../src/runtime/target.ts';
 import { createApp } from '../src/service/app.ts';

@@ -9,7 +9,7 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import type { Command } from 'commander';
 import { UsageError } from '../src/cli/errors.ts';
-import { parseIntOption } from '../src/cli/generate.ts';
+import { parseIntOption } from '../src/cli/option-parsers.ts';
 import type { ImagePipeline } from '../src/pipeline/types.ts';
 import { openPipeline } from '../src/pipeline/pipeline.ts';
 import { cpuTarget } from '../src/runtime/target.ts';

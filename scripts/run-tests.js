@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // `npm test`: first sets the machine up (scripts/setup-debian.sh: redis-server, chromium and Mesa's WebGPU driver on
 // Debian 12; only checks when they are there), then runs test/**/*.test.ts with node's built-in test runner (through
-// tsx), so CI reads its summary. A run of every file type-checks first (`npm run typecheck`).
+// tsx), so CI reads its summary. A run of every file type-checks and lints first (`npm run typecheck`, `npm run lint`:
+// the import layering and the size rules).
 // Arguments filter test files by substring: `npm test -- service`. KLEIN_TEST_SETUP=skip leaves the machine as it is.
 // The run gets a KLEIN_CACHE_DIR of its own (see below).
 import { spawnSync } from 'node:child_process';
@@ -46,10 +47,12 @@ if (files.length === 0) {
 }
 const env = preparedEnv();
 if (filters.length === 0) {
-  const tc = spawnSync('npm', ['run', '--silent', 'typecheck'], { cwd: root, stdio: 'inherit', env });
-  if (tc.status !== 0) {
-    console.error('npm test: the type check failed (npm run typecheck); no test was run');
-    process.exit(tc.status ?? 1);
+  for (const check of ['typecheck', 'lint']) {
+    const r = spawnSync('npm', ['run', '--silent', check], { cwd: root, stdio: 'inherit', env });
+    if (r.status !== 0) {
+      console.error(`npm test: npm run ${check} failed (see above); no test was run`);
+      process.exit(r.status ?? 1);
+    }
   }
 }
 // Weight stores and compiled graphs of the run's temporary checkpoints go to a cache folder of the run's own, removed

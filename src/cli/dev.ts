@@ -9,7 +9,7 @@ import { SafetensorsError } from '../weights/safetensors.ts';
 import { VARIANTS, type VariantId } from '../weights/model-folder.ts';
 import { writeTinyModel } from '../fixtures/tiny-model.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './generate.ts';
+import { parseIntOption } from './option-parsers.ts';
 import { fmtBytes } from './progress-bars.ts';
 
 interface TinyCli {

@@ -12,6 +12,7 @@ import { MattingModelError } from '../weights/matting-folder.ts';
 import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-folder.ts';
 import { UserError } from '../errors.ts';
 import { UsageError } from './errors.ts';
+import { parseIntOption, parseNumberOption } from './option-parsers.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 import { LORA_DIR_HELP, LORA_HELP, parseLoraOptions, resolveLoraOptions } from './lora-options.ts';
@@ -70,22 +71,6 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--lora-dir <folder>', LORA_DIR_HELP)
     .option('--json', 'print the result as JSON on stdout')
     .option('-q, --quiet', 'no progress output');
-}
-
-/** A whole number from a CLI string, or a UsageError naming the option. */
-export function parseIntOption(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  if (!/^\d+$/.test(v.trim())) throw new UsageError(`${name} must be a whole number, got "${v}"`);
-  const n = Number(v);
-  if (!Number.isSafeInteger(n)) throw new UsageError(`${name} is too large: ${v}`);
-  return n;
-}
-
-function parseNumberOption(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${name} must be a number, got "${v}"`);
-  return n;
 }
 
 const EXT_FORMAT: Record<string, OutputFormat> = { '.png': 'png', '.jpg': 'jpeg', '.jpeg': 'jpeg', '.webp': 'webp' };

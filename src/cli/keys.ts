@@ -5,7 +5,7 @@ import { createKey } from '../service/auth.ts';
 import { defaultDataDir } from '../service/config.ts';
 import { Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './generate.ts';
+import { parseIntOption } from './option-parsers.ts';
 
 function openStore(data?: string): Store {
   return Store.open(path.resolve(data ?? defaultDataDir()));

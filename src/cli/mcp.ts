@@ -16,7 +16,7 @@ import { createLogger } from '../service/logger.ts';
 import { createMcpServer } from '../service/mcp.ts';
 import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './generate.ts';
+import { parseIntOption } from './option-parsers.ts';
 import { parsePort } from './serve.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, requestedDevice, requestedPrecision, refuseFastOnGpu, targetFromFlags } from './target-options.ts';
 

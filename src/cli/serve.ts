@@ -12,7 +12,7 @@ import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './generate.ts';
+import { parseIntOption } from './option-parsers.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { startScale } from './worker.ts';
 

@@ -10,7 +10,7 @@ import { RemotePipeline } from '../service/scale/remote-pipeline.ts';
 import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './generate.ts';
+import { parseIntOption } from './option-parsers.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import type { GpuDtype, Precision } from '../runtime/target.ts';
 

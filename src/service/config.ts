@@ -6,7 +6,7 @@ import type { Precision } from '../pipeline/types.ts';
 import type { GpuDtype } from '../runtime/target.ts';
 import type { VariantId } from '../weights/model-folder.ts';
 import { defaultPrices, type ModelPrice } from './pricing.ts';
-import { DEFAULT_MAX_LORA_BYTES } from './lora-fetch.ts';
+import { DEFAULT_MAX_LORA_BYTES, type LoraSettings } from './lora-fetch.ts';
 
 export interface ServiceConfig {
   dataDir: string;
@@ -57,7 +57,7 @@ export interface ServiceConfig {
    * $KLEIN_LORA_DIR; none: no local files), https URLs and Hub references unless turned off, downloads capped at
    * `maxBytes` and cached by sha256 under $KLEIN_CACHE_DIR/loras.
    */
-  loras: { dir?: string; urls: boolean; hub: boolean; maxBytes: number; timeoutMs: number };
+  loras: LoraSettings;
   /** `public`: /metrics answers without an API key (a private network's scraper); otherwise it needs an admin key. */
   metrics: { public: boolean };
   /** Prices per model id (`…/edit` included); defaults for every variant's ids in pricing.ts. */

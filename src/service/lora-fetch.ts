@@ -20,6 +20,15 @@ import { SafetensorsFile } from '../weights/safetensors.ts';
 export const MAX_LORA_SCALE = LIMITS.maxLoraScale;
 /** Default cap on a downloaded LoRA (klein 9B at rank 128 is about 0.6 GB in bf16). */
 export const DEFAULT_MAX_LORA_BYTES = 1024 * 1024 * 1024;
+
+/** The service's LoRA settings (config.json `loras`; see ServiceConfig). */
+export interface LoraSettings {
+  dir?: string;
+  urls: boolean;
+  hub: boolean;
+  maxBytes: number;
+  timeoutMs: number;
+}
 const MAX_REF_LENGTH = 2048;
 
 export interface LoraSpec {

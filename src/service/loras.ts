@@ -10,9 +10,9 @@ import { checkLora, LoraError } from '../models/flux2/lora/load.ts';
 import { LIMITS } from '../pipeline/limits.ts';
 import type { LoraRequest } from '../pipeline/types.ts';
 import { openModelFolder, type VariantId } from '../weights/model-folder.ts';
-import type { ServiceConfig } from './config.ts';
 import { ApiError } from './errors.ts';
-import { resolveLora, type LoraSourceOptions } from './lora-fetch.ts';
+import { resolveLora, type LoraSettings, type LoraSourceOptions } from './lora-fetch.ts';
+import type { NetPolicy } from './net.ts';
 
 export const LoraWeight = z
   .object({
@@ -35,8 +35,11 @@ export interface StoredLoraFile {
   sha256: string;
 }
 
+/** The parts of the service's config that LoRA requests read (a ServiceConfig is one). */
+type LoraConfig = { loras: LoraSettings; inputs: NetPolicy };
+
 /** The LoRA settings of `cfg` as lora-fetch options for checking against `model`. */
-function sourceOptions(cfg: ServiceConfig, model: Flux2Config): LoraSourceOptions {
+function sourceOptions(cfg: LoraConfig, model: Flux2Config): LoraSourceOptions {
   const l = cfg.loras;
   return {
     loraDir: l.dir,
@@ -74,7 +77,7 @@ export function loraApiError(e: LoraError, index: number): ApiError {
 }
 
 /** Resolves (downloads) and checks every LoRA of a request, in order; throws the first refusal as an ApiError. */
-export async function resolveRunLoras(cfg: ServiceConfig, model: Flux2Config, loras: readonly LoraRequest[] | undefined): Promise<StoredLoraFile[]> {
+export async function resolveRunLoras(cfg: LoraConfig, model: Flux2Config, loras: readonly LoraRequest[] | undefined): Promise<StoredLoraFile[]> {
   const out: StoredLoraFile[] = [];
   for (const [i, l] of (loras ?? []).entries()) {
     try {
