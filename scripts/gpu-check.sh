@@ -57,13 +57,7 @@ do_pack() {
     --exclude='*.map' --exclude='*.md' --exclude='*.d.ts' --exclude='*.d.mts' --exclude='*.d.cts' -T "$pack/modules.list") |
     xz -T0 -6 >"$pack/modules.tar.xz.tmp"
   mv "$pack/modules.tar.xz.tmp" "$pack/modules.tar.xz"
-  local golden="${KLEIN_GOLDEN:-$repo/test/golden}"
-  if [ -d "$golden" ]; then
-    # Size: the tokenizer cases are pure JS (no device; tokenizer.json is 11 MB of the 27), and BiRefNet's
-    # DeformConv runs on the CPU under every GPU provider here (5.7 MB).
-    say "packing $golden (without tokenizer/ and birefnet/)"
-    tar -C "$(dirname "$golden")" -cf - --exclude='golden/tokenizer' --exclude='golden/birefnet' --exclude=".klein-*" "$(basename "$golden")" | xz -T0 -6 >"$pack/golden.tar.xz"
-  fi
+  # The golden vectors travel with the working tree (test/golden is tracked): not packed twice.
   # The Vulkan loader: Dawn dlopens libvulkan.so.1, which a bare GPU image may lack. The NVIDIA ICD comes with
   # the driver, but it lives in libGLX_nvidia.so.0, which needs glvnd's libGLdispatch (without it the loader
   # reports "Could not get 'vkCreateInstance' via 'vk_icdGetInstanceProcAddr'", as seen on an H200 image).
@@ -149,8 +143,7 @@ do_run() {
   [ -x "$work/bin/node" ] || { unxz_to "$pack/node.xz" >"$work/bin/node.tmp" && chmod +x "$work/bin/node.tmp" && mv "$work/bin/node.tmp" "$work/bin/node"; }
   export PATH="$work/bin:$PATH"
   [ -d "$repo/node_modules/onnxruntime-node" ] || unxz_to "$pack/modules.tar.xz" | tar -C "$repo" -xf -
-  local golden="$work/golden"
-  [ -d "$golden" ] || { [ -f "$pack/golden.tar.xz" ] && unxz_to "$pack/golden.tar.xz" | tar -C "$work" -xf -; }
+  local golden="$repo/test/golden"
   say "node $(node -v) on $(uname -m), unpacked in $((SECONDS - t_all)) s ($(cat "$pack/INFO" 2>/dev/null))"
 
   # 2. Vulkan: the loader and glvnd (from the pack, for what the image lacks; into a folder of our own, not /)
