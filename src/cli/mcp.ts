@@ -1,7 +1,6 @@
 // `klein mcp`: the MCP tools (generate_image, edit_image, get_run) over stdio for a local agent, with the model in
 // this process. Runs go through the same service as `klein serve` (store, queue, pricing, files in the data folder);
 // the service also listens on 127.0.0.1 so the image URLs in tool results can be opened.
-import fs from 'node:fs';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
@@ -10,14 +9,13 @@ import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
 import { authenticate, createKey, RateLimiter } from '../service/auth.ts';
-import { defaultDataDir, loadConfig } from '../service/config.ts';
+import { defaultDataDir } from '../service/config.ts';
 import { ApiError } from '../service/errors.ts';
 import { createLogger } from '../service/logger.ts';
 import { createMcpServer } from '../service/mcp.ts';
 import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
-import { parseIntOption } from './option-parsers.ts';
-import { parsePort } from './serve.ts';
+import { loadServiceConfig, parsePort } from './serve.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, requestedDevice, requestedPrecision, refuseFastOnGpu, targetFromFlags } from './target-options.ts';
 
 interface McpOptions {
@@ -74,14 +72,7 @@ export function registerMcp(program: Command): void {
       const precision = requestedPrecision(o.precision);
       refuseFastOnGpu(precision, requestedDevice(o.device), o);
       const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
-      if (o.publicUrl && !/^https?:\/\/[^/]+$/.test(o.publicUrl.replace(/\/$/, ''))) throw new UsageError(`--public-url must be an origin like https://images.example.com, got "${o.publicUrl}"`);
-      fs.mkdirSync(dataDir, { recursive: true });
-      let config;
-      try {
-        config = loadConfig(dataDir, o.publicUrl ? { publicUrl: o.publicUrl.replace(/\/$/, '') } : {});
-      } catch (e) {
-        throw new UsageError((e as Error).message);
-      }
+      const config = loadServiceConfig(dataDir, o.publicUrl);
       // the key first: a wrong one is refused before the model loads
       const store = Store.open(dataDir);
       let key: KeyRow;

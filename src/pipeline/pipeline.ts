@@ -17,18 +17,18 @@ import { KleinTokenizer } from '../text/tokenizer.ts';
 import { openModelFolder, resolveModelPath, type ModelFolder, type VariantId } from '../weights/model-folder.ts';
 import { promptForBackground } from './background.ts';
 import { componentDtype, Components, type ComponentDtype, type ComponentName } from './components.ts';
-import { CONTENT_TYPES, DEFAULT_UINT8_RULE, encodeImage, prepareReferenceImage, tensorToRgb, type RgbImage, type RgbaImage, type Uint8Rule } from './images.ts';
+import { CONTENT_TYPES, DEFAULT_UINT8_RULE, encodeImage, prepareReferenceImage, tensorToRgb, type PreparedReference, type RgbImage, type RgbaImage, type Uint8Rule } from './images.ts';
 import { imagePositionIds, referenceTokens, tokensToLatent } from './latents.ts';
 import { initialLatentTokens } from './noise.ts';
-import { resolveRequest } from './request.ts';
+import { resolveRequest, type ResolvedRequest } from './request.ts';
 import { defaultMaxRows, denoise } from './sampler.ts';
 import { getSchedule, imageSeqLen } from './schedule.ts';
 import { Stopwatch } from './stopwatch.ts';
 import type { GenerateOptions, GenerateRequest, GenerateResult, GeneratedImage, ImagePipeline, LoraRequest, ProgressEvent } from './types.ts';
 import type { Residency } from '../runtime/memory-plan.ts';
 
-export { PipelineInputError, checkSize } from './request.ts';
-export { MattingModelError, TRANSPARENT_PROMPT_HINT, transparentPrompt } from './background.ts';
+export { PipelineInputError } from './request.ts';
+export { MattingModelError, transparentPrompt } from './background.ts';
 
 /** Latent channels of FLUX.2 (32 VAE channels × 2×2 patch). */
 export const LATENT_CHANNELS = 128;
@@ -55,6 +55,17 @@ export interface PipelineOptions {
   promptCache?: PromptEmbeddingCache;
   /** Folder of the matting model (BiRefNet) for transparent backgrounds; default: where `klein pull` puts it. */
   mattingModel?: string;
+}
+
+/** The reference images' latent tokens and their position ids. */
+type ReferenceTokens = { tokens: Float32Array; ids: BigInt64Array; count: number };
+
+/** What the denoising loop reads besides the request: the prompts' context, the references, the LoRAs. */
+interface DenoiseInputs {
+  text: { ctx: Float32Array; ctxLen: number };
+  refs: ReferenceTokens | undefined;
+  loras: AppliedLora[];
+  maxRows: number;
 }
 
 /** The large components whose compute dtype a pipeline reports (the matting model always runs fp32). */
@@ -160,120 +171,24 @@ export class KleinPipeline implements ImagePipeline {
     this.current = { sw, o };
     try {
       o.signal?.throwIfAborted();
-      const textTokens = this.tokenizer.maxLength;
-      const rowsPerImage = r.useCfg ? 2 : 1;
-      const maxRows = this.opts.maxBatchRows ?? defaultMaxRows((r.width / 16) * (r.height / 16) + textTokens, this.opts.target.device);
-      const rows = Math.min(r.numImages, Math.max(1, Math.floor(maxRows / rowsPerImage))) * rowsPerImage;
-      // reference images are decoded and checked first: a bad upload fails before any model loads
-      const prepared = await Promise.all(r.referenceImages.map((b) => prepareReferenceImage(b, { numReferences: r.referenceImages.length })));
-      // so are the LoRA files (read and checked against the model: LoraError)
-      const loras = await this.readLoras(r.loras, sw, o);
-      // planned before anything loads: a request that cannot fit is refused here (InsufficientMemoryError)
-      const refTokens = prepared.reduce((n, p) => n + (p.dims[2] / 16) * (p.dims[3] / 16), 0);
-      const loraBytes = loras.length ? loraHostBytes(loras) : undefined;
-      this.components.plan({ width: r.width, height: r.height, rows, refTokens, textTokens, refPixels: prepared.map((p) => p.dims[2] * p.dims[3]), transparent: r.background === 'transparent', loraBytes });
+      const { prepared, loras, maxRows } = await this.checkAndPlan(r, sw, o);
 
       // 1. text
       const prompt = promptForBackground(r.prompt, r.background);
-      const prompts = r.useCfg ? ['', prompt] : [prompt];
-      const text = await this.encodePrompts(prompts, sw, o);
+      const text = await this.encodePrompts(r.useCfg ? ['', prompt] : [prompt], sw, o);
       o.signal?.throwIfAborted();
-
       // 2. references → tokens at t = 10, 20, …
-      let refs: { tokens: Float32Array; ids: BigInt64Array; count: number } | undefined;
-      if (prepared.length) {
-        const vae = await this.components.vaeFor('encoder');
-        this.emit(o, { stage: 'reference', message: `encoding ${prepared.length} reference image${prepared.length > 1 ? 's' : ''}` });
-        refs = await sw.time('reference', async () => {
-          const latents = [];
-          for (const p of prepared) {
-            const e = await vae.encode(p.tensor, p.dims);
-            latents.push({ data: e.latent, dims: e.dims });
-          }
-          return referenceTokens(latents);
-        });
-        o.signal?.throwIfAborted();
-      }
-
+      const refs = await this.encodeReferences(prepared, sw, o);
       // 3. denoise
-      const h = r.height / 16;
-      const w = r.width / 16;
-      const nImg = h * w;
-      const B = r.numImages;
-      const x = new Float32Array(B * nImg * LATENT_CHANNELS);
-      for (let b = 0; b < B; b++) x.set(initialLatentTokens(r.seed + b, r.width, r.height, LATENT_CHANNELS), b * nImg * LATENT_CHANNELS);
-      const timesteps = getSchedule(r.steps, imageSeqLen(r.width, r.height));
-      const model = await this.components.transformer();
-      // none: the base sessions, exactly as without LoRA support; else the LoRA sessions with this set's feeds
-      await (loras.length ? sw.time('lora', () => model.setLoras(loras)) : model.setLoras([]));
-      this.emit(o, { stage: 'denoise', step: 0, total: r.steps });
-      const seqLen = nImg + (refs?.count ?? 0) + text.ctxLen;
-      await sw.time('denoise', () =>
-        denoise(model, {
-          x,
-          batch: B,
-          nImg,
-          channels: LATENT_CHANNELS,
-          xIds: imagePositionIds(h, w),
-          ctx: text.ctx,
-          ctxRows: r.useCfg ? 2 : 1,
-          ctxLen: text.ctxLen,
-          refTokens: refs?.tokens,
-          refIds: refs?.ids,
-          nRef: refs?.count ?? 0,
-          timesteps,
-          guidance: r.guidance,
-          maxRows,
-          signal: o.signal,
-          onStep: (i, total) => this.emit(o, { stage: 'denoise', step: i + 1, total }),
-        }),
-      );
+      const x = await this.denoiseLatents(r, { text, refs, loras, maxRows }, sw, o);
       o.signal?.throwIfAborted();
-
       // 4. decode, one image at a time (the decoder's full-resolution activations dominate its memory)
-      const vae = await this.components.vaeFor('decoder');
-      const rgb: RgbImage[] = [];
-      for (let b = 0; b < B; b++) {
-        o.signal?.throwIfAborted();
-        this.emit(o, { stage: 'decode', step: b + 1, total: B });
-        const tokens = x.subarray(b * nImg * LATENT_CHANNELS, (b + 1) * nImg * LATENT_CHANNELS);
-        const lat = tokensToLatent(tokens, [1, nImg, LATENT_CHANNELS], h, w);
-        const img = await sw.time('decode', () => vae.decode(lat.data, lat.dims));
-        rgb.push(tensorToRgb(img.image, img.dims, 0, this.opts.uint8Rule ?? DEFAULT_UINT8_RULE));
-      }
+      const rgb = await this.decodeImages(r, x, sw, o);
       await this.components.releaseExcept('matting');
-
       // 5. transparent: cut the subject out of each decoded image (straight RGBA)
-      let pixels: Array<RgbImage | RgbaImage> = rgb;
-      if (r.background === 'transparent') {
-        const matting = this.components.matting;
-        if (!matting.loaded) {
-          this.emit(o, { stage: 'load', message: 'matting model' });
-          await sw.time('load', () => matting.load(this.opts.target));
-        }
-        pixels = [];
-        for (const [b, im] of rgb.entries()) {
-          o.signal?.throwIfAborted();
-          this.emit(o, { stage: 'matting', step: b + 1, total: B });
-          pixels.push(await sw.time('matting', () => matting.cutout(im, this.opts.target)));
-        }
-        await this.components.releaseExcept();
-      }
-
+      const pixels = r.background === 'transparent' ? await this.cutOutSubjects(rgb, sw, o) : rgb;
       // 6. encode the files
-      this.emit(o, { stage: 'output', message: r.outputFormat });
-      const alpha = r.background === 'transparent';
-      const images: GeneratedImage[] = await sw.time('output', () =>
-        Promise.all(
-          pixels.map(async (im) => ({
-            data: await encodeImage(im, r.outputFormat, { quality: r.quality }),
-            width: im.width,
-            height: im.height,
-            contentType: CONTENT_TYPES[r.outputFormat],
-            ...(alpha ? { hasAlpha: true } : {}),
-          })),
-        ),
-      );
+      const images = await this.encodeFiles(r, pixels, sw, o);
       const timings = { ...sw.timings, total: sw.total() };
       return { images, seed: r.seed, timings, ...(text.truncated ? { promptTruncated: true } : {}) };
     } catch (e) {
@@ -283,6 +198,130 @@ export class KleinPipeline implements ImagePipeline {
       this.current = undefined;
       this.busy = false;
     }
+  }
+
+  /**
+   * Everything that can refuse a request before any model loads: the reference images are decoded and checked (a
+   * bad upload), the LoRA files read and checked against the model (LoraError), and the memory planned
+   * (InsufficientMemoryError).
+   */
+  private async checkAndPlan(r: ResolvedRequest, sw: Stopwatch, o: GenerateOptions): Promise<{ prepared: PreparedReference[]; loras: AppliedLora[]; maxRows: number }> {
+    const textTokens = this.tokenizer.maxLength;
+    const rowsPerImage = r.useCfg ? 2 : 1;
+    const maxRows = this.opts.maxBatchRows ?? defaultMaxRows((r.width / 16) * (r.height / 16) + textTokens, this.opts.target.device);
+    const rows = Math.min(r.numImages, Math.max(1, Math.floor(maxRows / rowsPerImage))) * rowsPerImage;
+    const prepared = await Promise.all(r.referenceImages.map((b) => prepareReferenceImage(b, { numReferences: r.referenceImages.length })));
+    const loras = await this.readLoras(r.loras, sw, o);
+    const refTokens = prepared.reduce((n, p) => n + (p.dims[2] / 16) * (p.dims[3] / 16), 0);
+    const loraBytes = loras.length ? loraHostBytes(loras) : undefined;
+    this.components.plan({ width: r.width, height: r.height, rows, refTokens, textTokens, refPixels: prepared.map((p) => p.dims[2] * p.dims[3]), transparent: r.background === 'transparent', loraBytes });
+    return { prepared, loras, maxRows };
+  }
+
+  /** The reference images as VAE latent tokens (none without references). */
+  private async encodeReferences(prepared: PreparedReference[], sw: Stopwatch, o: GenerateOptions): Promise<ReferenceTokens | undefined> {
+    if (!prepared.length) return undefined;
+    const vae = await this.components.vaeFor('encoder');
+    this.emit(o, { stage: 'reference', message: `encoding ${prepared.length} reference image${prepared.length > 1 ? 's' : ''}` });
+    const refs = await sw.time('reference', async () => {
+      const latents = [];
+      for (const p of prepared) {
+        const e = await vae.encode(p.tensor, p.dims);
+        latents.push({ data: e.latent, dims: e.dims });
+      }
+      return referenceTokens(latents);
+    });
+    o.signal?.throwIfAborted();
+    return refs;
+  }
+
+  /** The seeds' noise taken through every step of the schedule: the batch's final latent tokens. */
+  private async denoiseLatents(r: ResolvedRequest, inputs: DenoiseInputs, sw: Stopwatch, o: GenerateOptions): Promise<Float32Array> {
+    const { text, refs, loras, maxRows } = inputs;
+    const h = r.height / 16;
+    const w = r.width / 16;
+    const nImg = h * w;
+    const B = r.numImages;
+    const x = new Float32Array(B * nImg * LATENT_CHANNELS);
+    for (let b = 0; b < B; b++) x.set(initialLatentTokens(r.seed + b, r.width, r.height, LATENT_CHANNELS), b * nImg * LATENT_CHANNELS);
+    const timesteps = getSchedule(r.steps, imageSeqLen(r.width, r.height));
+    const model = await this.components.transformer();
+    // none: the base sessions, exactly as without LoRA support; else the LoRA sessions with this set's feeds
+    await (loras.length ? sw.time('lora', () => model.setLoras(loras)) : model.setLoras([]));
+    this.emit(o, { stage: 'denoise', step: 0, total: r.steps });
+    await sw.time('denoise', () =>
+      denoise(model, {
+        x,
+        batch: B,
+        nImg,
+        channels: LATENT_CHANNELS,
+        xIds: imagePositionIds(h, w),
+        ctx: text.ctx,
+        ctxRows: r.useCfg ? 2 : 1,
+        ctxLen: text.ctxLen,
+        refTokens: refs?.tokens,
+        refIds: refs?.ids,
+        nRef: refs?.count ?? 0,
+        timesteps,
+        guidance: r.guidance,
+        maxRows,
+        signal: o.signal,
+        onStep: (i, total) => this.emit(o, { stage: 'denoise', step: i + 1, total }),
+      }),
+    );
+    return x;
+  }
+
+  /** Each image's latent tokens through the VAE decoder into 8-bit RGB. */
+  private async decodeImages(r: ResolvedRequest, x: Float32Array, sw: Stopwatch, o: GenerateOptions): Promise<RgbImage[]> {
+    const h = r.height / 16;
+    const w = r.width / 16;
+    const nImg = h * w;
+    const vae = await this.components.vaeFor('decoder');
+    const rgb: RgbImage[] = [];
+    for (let b = 0; b < r.numImages; b++) {
+      o.signal?.throwIfAborted();
+      this.emit(o, { stage: 'decode', step: b + 1, total: r.numImages });
+      const tokens = x.subarray(b * nImg * LATENT_CHANNELS, (b + 1) * nImg * LATENT_CHANNELS);
+      const lat = tokensToLatent(tokens, [1, nImg, LATENT_CHANNELS], h, w);
+      const img = await sw.time('decode', () => vae.decode(lat.data, lat.dims));
+      rgb.push(tensorToRgb(img.image, img.dims, 0, this.opts.uint8Rule ?? DEFAULT_UINT8_RULE));
+    }
+    return rgb;
+  }
+
+  /** The subject of each image cut out by the matting model (loaded on first use, released after). */
+  private async cutOutSubjects(rgb: RgbImage[], sw: Stopwatch, o: GenerateOptions): Promise<RgbaImage[]> {
+    const matting = this.components.matting;
+    if (!matting.loaded) {
+      this.emit(o, { stage: 'load', message: 'matting model' });
+      await sw.time('load', () => matting.load(this.opts.target));
+    }
+    const pixels: RgbaImage[] = [];
+    for (const [b, im] of rgb.entries()) {
+      o.signal?.throwIfAborted();
+      this.emit(o, { stage: 'matting', step: b + 1, total: rgb.length });
+      pixels.push(await sw.time('matting', () => matting.cutout(im, this.opts.target)));
+    }
+    await this.components.releaseExcept();
+    return pixels;
+  }
+
+  /** The images as files of the requested format. */
+  private async encodeFiles(r: ResolvedRequest, pixels: Array<RgbImage | RgbaImage>, sw: Stopwatch, o: GenerateOptions): Promise<GeneratedImage[]> {
+    this.emit(o, { stage: 'output', message: r.outputFormat });
+    const alpha = r.background === 'transparent';
+    return sw.time('output', () =>
+      Promise.all(
+        pixels.map(async (im) => ({
+          data: await encodeImage(im, r.outputFormat, { quality: r.quality }),
+          width: im.width,
+          height: im.height,
+          contentType: CONTENT_TYPES[r.outputFormat],
+          ...(alpha ? { hasAlpha: true } : {}),
+        })),
+      ),
+    );
   }
 
   private async readLoras(requests: LoraRequest[], sw: Stopwatch, o: GenerateOptions): Promise<AppliedLora[]> {

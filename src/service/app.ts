@@ -13,7 +13,7 @@ import { authenticate, RateLimiter } from './auth.ts';
 import type { MattingProbe } from './background.ts';
 import { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
-import type { AppEnv, Deps } from './context.ts';
+import type { App, AppEnv, Deps } from './context.ts';
 import { ApiError, envelope, sendError, validation, zodIssues } from './errors.ts';
 import { FileStore } from './files.ts';
 import { createLogger } from './logger.ts';
@@ -100,7 +100,57 @@ export function createApp(opts: CreateAppOptions): Service {
       }
     },
   });
+  useMiddleware(app, deps, metrics);
+  registerRoutes(app, deps, metrics, opts.scale);
+  handleErrors(app, log);
 
+  let server: ServerType | null = null;
+  let cleanupTimer: NodeJS.Timeout | null = null;
+  const stopServer = async () => {
+    const s = server;
+    server = null;
+    if (s) await closeServer(s);
+  };
+
+  return {
+    app, store, queue, callbacks, files, config: cfg, log, metrics,
+    async listen(port, host = '127.0.0.1') {
+      queue.recover();
+      files.cleanup(store);
+      cleanupTimer = setInterval(() => files.cleanup(store), cfg.files.cleanupIntervalS * 1000);
+      cleanupTimer.unref();
+      const started = await startServer(app, port, host);
+      server = started.server;
+      listenUrl = started.url;
+      queue.start();
+      callbacks.start();
+      log.info({ url: listenUrl }, 'listening');
+      return { port: started.port, url: listenUrl };
+    },
+    async close() {
+      if (cleanupTimer) clearInterval(cleanupTimer);
+      // scaled out, runs on remote workers may finish: the server keeps answering their uploads (and clients) until
+      // they do or the drain time is up; jobs no worker took go back to the run queue at once
+      if (opts.scale) await queue.drain(opts.scale.drainMs, () => opts.scale!.withdrawWaiting());
+      callbacks.stop();
+      await stopServer();
+      await queue.stop();
+      store.close();
+    },
+    async crash() {
+      if (cleanupTimer) clearInterval(cleanupTimer);
+      callbacks.stop();
+      const settled = queue.crash(); // flags the queue at once, so nothing below is recorded
+      await stopServer();
+      await settled;
+      store.close();
+    },
+  };
+}
+
+/** What every request goes through: metrics, a request id and its log line, the body cap, and the API key check. */
+function useMiddleware(app: App, deps: Deps, metrics: ServiceMetrics): void {
+  const { cfg, log, store, limiter } = deps;
   app.use('*', metrics.middleware());
   app.use('*', async (c, next) => {
     const id = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
@@ -127,7 +177,9 @@ export function createApp(opts: CreateAppOptions): Service {
     if (!key.last_used_at || Date.now() - Date.parse(key.last_used_at) > 60_000) store.touchKey(key.id);
     return next();
   });
+}
 
+function registerRoutes(app: App, deps: Deps, metrics: ServiceMetrics, scale: ScaleExtension | undefined): void {
   registerDiscovery(app, deps);
   registerRuns(app, deps);
   registerCallbacks(app, deps);
@@ -136,18 +188,21 @@ export function createApp(opts: CreateAppOptions): Service {
   registerOpenAI(app, deps);
   registerMcp(app, deps);
   registerPlayground(app, deps);
-  opts.scale?.register(app, deps);
+  scale?.register(app);
   // Prometheus text; an admin key's, like the rest of the operator's view (usage of every key), unless config.json
   // says the server sits on a private network where the scraper has no key (`metrics.public`)
   app.get('/metrics', async (c) => {
-    if (!cfg.metrics.public) {
-      const key = authenticate(store, c.req.header('authorization'));
+    if (!deps.cfg.metrics.public) {
+      const key = authenticate(deps.store, c.req.header('authorization'));
       if (key.is_admin !== 1) throw new ApiError(403, 'FORBIDDEN', '/metrics needs an admin API key (or `"metrics": {"public": true}` in config.json)');
     }
     const m = await metrics.text();
     return c.body(m.body, 200, { 'content-type': m.contentType });
   });
+}
 
+/** Every error as the API's envelope: unknown routes 404, a full disk 507, anything unexpected 500 (and logged). */
+function handleErrors(app: App, log: Logger): void {
   app.notFound((c) => c.json(envelope('NOT_FOUND', `no route for ${c.req.method} ${c.req.path}`), 404));
   app.onError((e, c) => {
     if (e instanceof ApiError) return sendError(c, e);
@@ -164,57 +219,26 @@ export function createApp(opts: CreateAppOptions): Service {
     log.error({ err: e, path: c.req.path }, 'unhandled error');
     return c.json(envelope('INTERNAL', 'internal error; see the server log', null), 500);
   });
+}
 
-  let server: ServerType | null = null;
-  let cleanupTimer: NodeJS.Timeout | null = null;
+/** Listens on `host:port`; the URL names the port actually bound (port 0: the one the system chose). */
+async function startServer(app: App, port: number, host: string): Promise<{ server: ServerType; port: number; url: string }> {
+  const server = await new Promise<ServerType>((resolve) => {
+    const s: ServerType = serve({ fetch: app.fetch, port, hostname: host }, () => resolve(s));
+  });
+  // idle keep-alive sockets outlive clients' own idle timeouts (undici: 4 s), so a client never sends a request
+  // on a socket the server is closing at that moment ("other side closed")
+  (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).keepAliveTimeout = 65_000;
+  (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).headersTimeout = 66_000;
+  const addr = server.address() as AddressInfo;
+  const shownHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
+  return { server, port: addr.port, url: `http://${shownHost.includes(':') ? `[${shownHost}]` : shownHost}:${addr.port}` };
+}
 
-  const stopServer = () =>
-    new Promise<void>((resolve) => {
-      if (!server) return resolve();
-      server.close(() => resolve());
-      (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
-      server = null;
-    });
-
-  return {
-    app, store, queue, callbacks, files, config: cfg, log, metrics,
-    async listen(port, host = '127.0.0.1') {
-      queue.recover();
-      files.cleanup(store);
-      cleanupTimer = setInterval(() => files.cleanup(store), cfg.files.cleanupIntervalS * 1000);
-      cleanupTimer.unref();
-      await new Promise<void>((resolve) => {
-        server = serve({ fetch: app.fetch, port, hostname: host }, () => resolve());
-      });
-      // idle keep-alive sockets outlive clients' own idle timeouts (undici: 4 s), so a client never sends a request
-      // on a socket the server is closing at that moment ("other side closed")
-      (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).keepAliveTimeout = 65_000;
-      (server as unknown as { keepAliveTimeout: number; headersTimeout: number }).headersTimeout = 66_000;
-      const addr = server!.address() as AddressInfo;
-      const shownHost = host === '0.0.0.0' || host === '::' ? '127.0.0.1' : host;
-      listenUrl = `http://${shownHost.includes(':') ? `[${shownHost}]` : shownHost}:${addr.port}`;
-      queue.start();
-      callbacks.start();
-      log.info({ url: listenUrl }, 'listening');
-      return { port: addr.port, url: listenUrl };
-    },
-    async close() {
-      if (cleanupTimer) clearInterval(cleanupTimer);
-      // scaled out, runs on remote workers may finish: the server keeps answering their uploads (and clients) until
-      // they do or the drain time is up; jobs no worker took go back to the run queue at once
-      if (opts.scale) await queue.drain(opts.scale.drainMs, () => opts.scale!.withdrawWaiting());
-      callbacks.stop();
-      await stopServer();
-      await queue.stop();
-      store.close();
-    },
-    async crash() {
-      if (cleanupTimer) clearInterval(cleanupTimer);
-      callbacks.stop();
-      const settled = queue.crash(); // flags the queue at once, so nothing below is recorded
-      await stopServer();
-      await settled;
-      store.close();
-    },
-  };
+/** Stops listening and drops the open connections (idle keep-alive ones too). */
+function closeServer(server: ServerType): Promise<void> {
+  return new Promise<void>((resolve) => {
+    server.close(() => resolve());
+    (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+  });
 }

@@ -85,6 +85,14 @@ async function createRun(c: Context<AppEnv>, deps: Deps, modelParam: string): Pr
 const RunId = z.object({ id: z.string().openapi({ param: { name: 'id', in: 'path' }, example: '01JD2X8K3M4N5P6Q7R8S9T0V1W' }) });
 
 export function registerRuns(app: App, deps: Deps): void {
+  registerCreateRun(app, deps);
+  registerRunStatuses(app);
+  registerListRuns(app, deps);
+  registerGetAndCancel(app, deps);
+  registerRunEvents(app, deps);
+}
+
+function registerCreateRun(app: App, deps: Deps): void {
   // documented with a plain {model_id}; routed with a greedy pattern so owner/slug/… paths resolve
   const served = servedModels(deps.cfg);
   const createDoc = createRoute({
@@ -108,51 +116,60 @@ export function registerRuns(app: App, deps: Deps): void {
   });
   app.openAPIRegistry.registerPath(createDoc);
   app.post('/v1/models/:model_id{.+}/runs', (c) => createRun(c, deps, c.req.param('model_id')));
+}
 
+function registerRunStatuses(app: App): void {
   route(app, createRoute({
     method: 'get', path: '/v1/runs/statuses', tags: ['Runs'], summary: 'List run statuses', security: [{ bearer: [] }],
     responses: { 200: { description: 'Statuses', content: { 'application/json': { schema: z.object({ data: z.array(z.object({ code: z.string(), terminal: z.boolean(), description: z.string() })) }) } } }, ...errorResponses(401) },
   }), (c) => c.json({ data: RUN_STATUSES.map((s) => ({ code: s, terminal: TERMINAL.has(s), description: STATUS_TEXT[s] })) }));
+}
 
-  const ListQuery = z.object({
-    status: z.enum(RUN_STATUSES as [RunStatus, ...RunStatus[]]).optional(),
-    model_id: z.string().optional(),
-    client_ref: z.string().optional(),
-    created_after: z.string().datetime({ offset: true }).optional(),
-    created_before: z.string().datetime({ offset: true }).optional(),
-    limit: z.coerce.number().int().min(1).max(100).default(20),
-    cursor: z.string().optional().openapi({ description: '`next_cursor` of the previous page' }),
-    key_id: z.string().optional().openapi({ description: 'Admin keys only: runs of one key.' }),
-  });
+const ListQuery = z.object({
+  status: z.enum(RUN_STATUSES as [RunStatus, ...RunStatus[]]).optional(),
+  model_id: z.string().optional(),
+  client_ref: z.string().optional(),
+  created_after: z.string().datetime({ offset: true }).optional(),
+  created_before: z.string().datetime({ offset: true }).optional(),
+  limit: z.coerce.number().int().min(1).max(100).default(20),
+  cursor: z.string().optional().openapi({ description: '`next_cursor` of the previous page' }),
+  key_id: z.string().optional().openapi({ description: 'Admin keys only: runs of one key.' }),
+});
+
+function registerListRuns(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/runs', tags: ['Runs'], summary: 'List runs (newest first)', security: [{ bearer: [] }],
     request: { query: ListQuery },
     responses: { 200: { description: 'A page of runs', content: { 'application/json': { schema: RunListSchema } } }, ...errorResponses(401, 422) },
-  }), (c) => {
-    const q = c.req.valid('query');
-    const key = c.get('key');
-    let before: string | undefined;
-    if (q.cursor) {
-      try {
-        before = JSON.parse(Buffer.from(q.cursor, 'base64url').toString('utf8')).before;
-      } catch { /* fall through */ }
-      if (typeof before !== 'string') throw fieldError(['query', 'cursor'], 'invalid cursor');
-    }
-    const modelId = q.model_id ? requireKnownModel(q.model_id).id : undefined;
-    const norm = (s?: string) => (s ? isoNow(Date.parse(s)) : undefined);
-    const rows = deps.store.listRuns({
-      keyId: key.is_admin ? q.key_id : key.id, status: q.status, modelId, clientRef: q.client_ref,
-      createdAfter: norm(q.created_after), createdBefore: norm(q.created_before), before, limit: q.limit + 1,
-    });
-    const page = rows.slice(0, q.limit);
-    const more = rows.length > q.limit;
-    return c.json({
-      data: page.map((r) => presentRun(r, { files: deps.files, baseUrl: deps.baseUrl(c) })),
-      next_cursor: more ? Buffer.from(JSON.stringify({ before: page[page.length - 1].id })).toString('base64url') : null,
-      has_more: more,
-    });
-  });
+  }), (c) => listRuns(c, deps, c.req.valid('query')));
+}
 
+/** A page of the runs the key may see, newest first, filtered by the query. */
+function listRuns(c: Context<AppEnv>, deps: Deps, q: z.infer<typeof ListQuery>): Response {
+  const key = c.get('key');
+  let before: string | undefined;
+  if (q.cursor) {
+    try {
+      before = JSON.parse(Buffer.from(q.cursor, 'base64url').toString('utf8')).before;
+    } catch { /* fall through */ }
+    if (typeof before !== 'string') throw fieldError(['query', 'cursor'], 'invalid cursor');
+  }
+  const modelId = q.model_id ? requireKnownModel(q.model_id).id : undefined;
+  const norm = (s?: string) => (s ? isoNow(Date.parse(s)) : undefined);
+  const rows = deps.store.listRuns({
+    keyId: key.is_admin ? q.key_id : key.id, status: q.status, modelId, clientRef: q.client_ref,
+    createdAfter: norm(q.created_after), createdBefore: norm(q.created_before), before, limit: q.limit + 1,
+  });
+  const page = rows.slice(0, q.limit);
+  const more = rows.length > q.limit;
+  return c.json({
+    data: page.map((r) => presentRun(r, { files: deps.files, baseUrl: deps.baseUrl(c) })),
+    next_cursor: more ? Buffer.from(JSON.stringify({ before: page[page.length - 1].id })).toString('base64url') : null,
+    has_more: more,
+  });
+}
+
+function registerGetAndCancel(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/runs/{id}', tags: ['Runs'], summary: 'Get a run (poll)', security: [{ bearer: [] }],
     request: { params: RunId },
@@ -177,38 +194,43 @@ export function registerRuns(app: App, deps: Deps): void {
     const status = changed ? 201 : TERMINAL.has(now.status) ? 200 : 202;
     return c.json(presentRun(now, { files: deps.files, baseUrl: deps.baseUrl(c) }), status);
   });
+}
 
+function registerRunEvents(app: App, deps: Deps): void {
   route(app, createRoute({
     method: 'get', path: '/v1/runs/{id}/events', tags: ['Runs'], summary: 'Stream run events (server-sent events)',
     description: 'Events: `queued` and `running` (data: the Run), `progress` (data: Progress with run_id; one per denoising step), and `done` (data: the final Run), after which the stream ends.',
     security: [{ bearer: [] }], request: { params: RunId },
     responses: { 200: { description: 'text/event-stream', content: { 'text/event-stream': { schema: ProgressSchema } } }, ...errorResponses(401, 404) },
-  }), (c) => {
-    const run = runOr404(c, deps, c.req.valid('param').id);
-    const ctx = { files: deps.files, baseUrl: deps.baseUrl(c) };
-    return streamSSE(c, async (stream) => {
-      let seq = 0;
-      const send = (event: string, data: unknown) => stream.writeSSE({ event, data: JSON.stringify(data), id: String(++seq) });
-      await new Promise<void>((resolve) => {
-        const finish = () => {
-          deps.queue.off('event', on);
-          clearInterval(ping);
-          resolve();
-        };
-        const on = (id: string, e: RunEvent) => {
-          if (id !== run.id) return;
-          if (e.type === 'progress') void send('progress', { run_id: id, ...e.progress });
-          else if (TERMINAL.has(e.run.status)) void send('done', presentRun(e.run, ctx)).then(finish, finish);
-          else void send(e.run.status, presentRun(e.run, ctx));
-        };
-        const ping = setInterval(() => void stream.writeSSE({ event: 'ping', data: '{}' }), 15_000);
-        stream.onAbort(finish);
-        deps.queue.on('event', on);
-        // the state as of subscribing (after subscribing, so no transition falls in between)
-        const now = deps.store.getRun(run.id)!;
-        if (TERMINAL.has(now.status)) void send('done', presentRun(now, ctx)).then(finish, finish);
-        else void send(now.status, presentRun(now, ctx));
-      });
+  }), (c) => streamRunEvents(c, deps, c.req.valid('param').id));
+}
+
+/** The run's events as server-sent events until it ends (or the client goes away). */
+function streamRunEvents(c: Context<AppEnv>, deps: Deps, runId: string): Response {
+  const run = runOr404(c, deps, runId);
+  const ctx = { files: deps.files, baseUrl: deps.baseUrl(c) };
+  return streamSSE(c, async (stream) => {
+    let seq = 0;
+    const send = (event: string, data: unknown) => stream.writeSSE({ event, data: JSON.stringify(data), id: String(++seq) });
+    await new Promise<void>((resolve) => {
+      const finish = () => {
+        deps.queue.off('event', on);
+        clearInterval(ping);
+        resolve();
+      };
+      const on = (id: string, e: RunEvent) => {
+        if (id !== run.id) return;
+        if (e.type === 'progress') void send('progress', { run_id: id, ...e.progress });
+        else if (TERMINAL.has(e.run.status)) void send('done', presentRun(e.run, ctx)).then(finish, finish);
+        else void send(e.run.status, presentRun(e.run, ctx));
+      };
+      const ping = setInterval(() => void stream.writeSSE({ event: 'ping', data: '{}' }), 15_000);
+      stream.onAbort(finish);
+      deps.queue.on('event', on);
+      // the state as of subscribing (after subscribing, so no transition falls in between)
+      const now = deps.store.getRun(run.id)!;
+      if (TERMINAL.has(now.status)) void send('done', presentRun(now, ctx)).then(finish, finish);
+      else void send(now.status, presentRun(now, ctx));
     });
   });
 }
