@@ -1,5 +1,5 @@
-// The import layering of klein, checked by `npm run lint:deps` (dependency-cruiser; part of `npm run typecheck`, so
-// a full `npm test` and CI fail on an upward import or a cycle). Type-only imports count: a layer that needs a type
+// The import layering of klein, checked by `npm run lint:deps` (dependency-cruiser; part of `npm run lint`, which a
+// full `npm test` and CI run after the type check). Type-only imports count: a layer that needs a type
 // from above has the type in the wrong place.
 //
 // Layers, lowest first. A module may import its own layer and any layer with a lower rank, never one with the same

@@ -46,7 +46,7 @@ export function stageBar(opts: { quiet?: boolean; stream?: NodeJS.WriteStream } 
       bar = new cliProgress.SingleBar(
         {
           stream,
-          format: (o, params) => {
+          format: (_options, params) => {
             const width = 30;
             const done = Math.round(params.progress * width);
             const count = isBytes ? `${fmtBytes(params.value)}/${fmtBytes(params.total)}` : `${params.value}/${params.total}${unit ? ` ${unit}` : ''}`;

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { Flux2Transformer } from '../models/flux2/runtime.ts';
 import { Flux2VAE } from '../models/vae/runtime.ts';
 import { Qwen3TextEncoder } from '../models/qwen3/runtime.ts';
-import { encodeImage, prepareReferenceImage, rgbToTensor, tensorToRgb } from '../pipeline/images.ts';
+import { encodeImage, prepareReferenceImage, tensorToRgb } from '../pipeline/images.ts';
 import { imagePositionIds, latentToTokens, referenceTokens, tokensToLatent } from '../pipeline/latents.ts';
 import { denoise } from '../pipeline/sampler.ts';
 import { getSchedule, imageSeqLen } from '../pipeline/schedule.ts';

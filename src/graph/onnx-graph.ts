@@ -3,10 +3,10 @@
 // whose weights are external data in files ORT maps. Every value carries its element type, so a graph can be cut
 // into sessions (./partition.ts) whose inputs and outputs are declared correctly.
 import onnxProto from 'onnx-proto';
-import { elemTypeOf, ONNX_ELEM, type ElemType } from '../weights/dtypes.ts';
+import { ONNX_ELEM, type ElemType } from '../weights/dtypes.ts';
 import type { WeightRef } from '../weights/weight-ref.ts';
 
-export { ONNX_ELEM, elemTypeOf, type ElemType } from '../weights/dtypes.ts';
+export { ONNX_ELEM, type ElemType } from '../weights/dtypes.ts';
 
 const { onnx } = onnxProto;
 

@@ -7,7 +7,7 @@ import { cutout } from './matting.ts';
 import { MattingPredictor, resolveMattingModel, type MattingModelInfo } from './matting-model.ts';
 import type { RgbImage, RgbaImage } from './images.ts';
 
-export { MattingModelError, DEFAULT_MATTING_REPO, MATTING_PULL_COMMAND } from '../weights/matting-folder.ts';
+export { MattingModelError } from '../weights/matting-folder.ts';
 
 /**
  * Appended to the prompt of a transparent request. A matting model separates a subject from a plain, evenly lit

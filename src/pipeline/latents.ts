@@ -67,30 +67,24 @@ function bnStd(variance: Float32Array, eps: number): Float32Array {
 
 /** `(x − running_mean) / sqrt(running_var + eps)` per channel (BatchNorm2d eval, no affine). */
 export function bnNormalize(x: Float32Array, dims: readonly number[], mean: Float32Array, variance: Float32Array, eps = LATENT_BN_EPS): Float32Array {
-  const [B, C, H, W] = check4(dims, 'bnNormalize');
-  if (mean.length !== C || variance.length !== C) throw new Error(`BatchNorm statistics have ${mean.length}/${variance.length} channels, the latent ${C}`);
-  const std = bnStd(variance, eps);
-  const out = new Float32Array(x.length);
-  const hw = H * W;
-  for (let b = 0; b < B; b++)
-    for (let c = 0; c < C; c++) {
-      const base = (b * C + c) * hw;
-      for (let i = 0; i < hw; i++) out[base + i] = Math.fround(x[base + i] - mean[c]) / std[c];
-    }
-  return out;
+  return mapWithChannelStats(x, dims, mean, bnStd(variance, eps), 'bnNormalize', (v, m, std) => Math.fround(v - m) / std);
 }
 
 /** Inverse of `bnNormalize`: `x · sqrt(running_var + eps) + running_mean`. */
 export function bnDenormalize(x: Float32Array, dims: readonly number[], mean: Float32Array, variance: Float32Array, eps = LATENT_BN_EPS): Float32Array {
-  const [B, C, H, W] = check4(dims, 'bnDenormalize');
-  if (mean.length !== C || variance.length !== C) throw new Error(`BatchNorm statistics have ${mean.length}/${variance.length} channels, the latent ${C}`);
-  const std = bnStd(variance, eps);
+  return mapWithChannelStats(x, dims, mean, bnStd(variance, eps), 'bnDenormalize', (v, m, std) => Math.fround(v * std) + m);
+}
+
+/** `f(value, mean, std)` for every entry of a `[B, C, H, W]` tensor, with its channel's statistics. */
+function mapWithChannelStats(x: Float32Array, dims: readonly number[], mean: Float32Array, std: Float32Array, name: string, f: (v: number, mean: number, std: number) => number): Float32Array {
+  const [B, C, H, W] = check4(dims, name);
+  if (mean.length !== C || std.length !== C) throw new Error(`BatchNorm statistics have ${mean.length}/${std.length} channels, the latent ${C}`);
   const out = new Float32Array(x.length);
   const hw = H * W;
   for (let b = 0; b < B; b++)
     for (let c = 0; c < C; c++) {
       const base = (b * C + c) * hw;
-      for (let i = 0; i < hw; i++) out[base + i] = Math.fround(x[base + i] * std[c]) + mean[c];
+      for (let i = 0; i < hw; i++) out[base + i] = f(x[base + i], mean[c], std[c]);
     }
   return out;
 }

@@ -9,9 +9,6 @@ import { ApiError } from './errors.ts';
 export const BACKGROUNDS = ['auto', 'opaque', 'transparent'] as const;
 export type BackgroundT = (typeof BACKGROUNDS)[number];
 
-/** Formats with an alpha channel; JPEG has none, and the format is never changed behind the client's back. */
-export const ALPHA_FORMATS = ['png', 'webp'] as const;
-
 export const BACKGROUND_DESCRIPTION =
   '`transparent`: the subject is cut out by a matting model (BiRefNet) after generation and the image is returned as ' +
   'RGBA (png or webp; jpeg is refused with 422). A plain-backdrop hint is added to the prompt. The alpha is estimated: ' +

@@ -61,19 +61,6 @@ export function f32ToF16Clamped(src: Float32Array): { data: Uint16Array; overflo
 
 
 /**
- * The bytes ORT gets for a weight converted at load for a GPU graph: `values` (fp32), first transposed from
- * `[rows, cols]` to `[cols, rows]` when `transpose` gives them (a Linear's `[out, in]` weight for `MatMul(x, Wᵀ)`),
- * then narrowed to fp16 when `fp16`, counting the values clamped to ±65504 into `stats.fp16Overflows`.
- */
-export function deviceWeightBytes(values: Float32Array, opts: { fp16: boolean; transpose?: [rows: number, cols: number] }, stats: { fp16Overflows: number }): Uint8Array {
-  const v = opts.transpose ? transpose2d(values, opts.transpose[0], opts.transpose[1]) : values;
-  if (!opts.fp16) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
-  const h = f32ToF16Clamped(v);
-  stats.fp16Overflows += h.overflows;
-  return new Uint8Array(h.data.buffer);
-}
-
-/**
  * fp16 products: an activation beyond ±65504 becomes ±Inf at its cast to fp16 (or in the product) and Inf/NaN
  * spreads from there. A model in fp16 checks its output with this and says so, rather than handing on Inf/NaN (a
  * black image). `what` names it, e.g. "qwen3: the fp16 text encoder". Returns `values`.

@@ -86,10 +86,6 @@ function spotCrc(bytes: Uint8Array): { head: number; tail: number } {
   return { head: zlib.crc32(bytes.subarray(0, SPOT)), tail: zlib.crc32(bytes.subarray(Math.max(0, bytes.length - SPOT))) };
 }
 
-export class WeightStoreCorruptError extends Error {
-  override name = 'WeightStoreCorruptError';
-}
-
 /** A model's weight folder, opened (checked) or built. */
 export class WeightStore {
   private constructor(

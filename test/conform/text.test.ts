@@ -1,6 +1,5 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import path from 'node:path';
 import { cpuTarget } from '../../src/runtime/target.ts';
 import { tokenizerComponent } from '../../src/conform/tokenizer.ts';
 import { textEncoderComponent } from '../../src/conform/text-encoder.ts';

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { Graph } from '../../src/graph/onnx-graph.ts';
 import { Fp32Policy, GpuPolicy, type WeightPolicy } from '../../src/graph/nn/weight-policy.ts';
 import { diffAgainstCpu } from '../../src/runtime/device-diff.ts';
-import { f32, sessionOptions, compileGraph } from '../../src/runtime/session.ts';
+import { f32, sessionOptions } from '../../src/runtime/session.ts';
 import { DeviceUnavailableError, ortNativeDir, parseDevice, probeDevice, resolveDevice, type Device } from '../../src/runtime/device.ts';
 import { resolveTarget } from '../../src/runtime/target.ts';
 import type { Layers } from '../../src/graph/nn/layers.ts';

@@ -45,7 +45,7 @@ describe('scale-out API and worker', () => {
   // startService builds its own app: the scale routes need createApp's `scale` option, so these tests mount them here
   test('worker routes need the token; a worker for another model is refused', async () => {
     const api = new ScaleApi(remote, TOKEN);
-    api.register(h.svc.app as never, { store: h.svc.store } as never);
+    api.register(h.svc.app as never);
     const a = { id: 'w-test', model_id: modelId, device: 'cpu', free_memory_bytes: 1, job: null };
     const none = await post('/announce', a, null);
     assert.equal(none.status, 401);

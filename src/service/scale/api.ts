@@ -4,14 +4,14 @@
 import crypto from 'node:crypto';
 import type { Context } from 'hono';
 import { Counter, Gauge, type Registry } from 'prom-client';
-import type { App, Deps } from '../context.ts';
+import type { App } from '../context.ts';
 import { ApiError } from '../errors.ts';
 import { type Announce, type FailureBody, type ProgressBody, type ResultBody, WORKER_PREFIX } from './protocol.ts';
 import type { RemotePipeline } from './remote-pipeline.ts';
 import { WorkerRegistry } from './registry.ts';
 
 export interface ScaleExtension {
-  register(app: App, deps: Deps): void;
+  register(app: App): void;
   /** Its figures on the service's /metrics (metrics.ts). */
   registerMetrics(registry: Registry): void;
   health(): Record<string, unknown>;
@@ -88,7 +88,7 @@ export class ScaleApi implements ScaleExtension {
     });
   }
 
-  register(app: App, deps: Deps): void {
+  register(app: App): void {
     const body = async <T>(c: Context): Promise<T> => {
       try {
         return (await c.req.json()) as T;

@@ -11,7 +11,7 @@ import type { LinearAdapter } from '../../../graph/nn/layers.ts';
 import type { LinearWeight } from '../../../graph/nn/weight-policy.ts';
 import { ort } from '../../../runtime/session.ts';
 import { sourceShape } from '../../../weights/weight-ref.ts';
-import type { AppliedLora, LoadedLora } from './load.ts';
+import type { AppliedLora, LoadedLora, LoraTarget } from './load.ts';
 
 /** One graph input of the adapter: A of a Linear (or of a column block of it), or Bᵀ of a Linear (or a row block). */
 export interface LoraInput {
@@ -76,13 +76,7 @@ export class LoraAdapter {
 }
 
 /** One module of a LoRA in the feeds' layout: A `[r, in]` as stored, Bᵀ `[r, out]` with alpha/rank folded in. */
-interface PreparedTarget {
-  weight: string;
-  rows?: [number, number];
-  rank: number;
-  inFeatures: number;
-  outFeatures: number;
-  down: Float32Array;
+interface PreparedTarget extends Omit<LoraTarget, 'up' | 'alpha' | 'module'> {
   upT: Float32Array;
 }
 
@@ -156,11 +150,4 @@ export function adaptsAnything(applied: readonly AppliedLora[]): boolean {
 /** Host bytes a set holds while applied: its matrices as read, Bᵀ as prepared, and the feeds (fp32, three copies). */
 export function loraHostBytes(applied: readonly AppliedLora[]): number {
   return 3 * applied.reduce((n, a) => n + a.lora.targets.reduce((m, t) => m + 4 * t.rank * (t.inFeatures + t.outFeatures), 0), 0);
-}
-
-/** Bytes the feeds of a set hold (fp32): what a LoRA set costs in memory, and on a GPU in uploads. */
-export function loraFeedBytes(feeds: ReadonlyMap<string, ort.Tensor>): number {
-  let n = 0;
-  for (const t of feeds.values()) n += (t.data as Float32Array).byteLength;
-  return n;
 }
