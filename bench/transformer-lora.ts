@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Flux2Config } from '../src/models/flux2/config.ts';
-import type { Flux2ForwardInput, Flux2Transformer } from '../src/models/flux2/runtime.ts';
+import type { Flux2Context, Flux2ForwardInput, Flux2Transformer } from '../src/models/flux2/runtime.ts';
 import { loadLora, type AppliedLora, type LoadedLora } from '../src/models/flux2/lora/load.ts';
 import { writeRandomLora } from '../src/fixtures/lora.ts';
 import { GiB, MemorySampler, benchCacheDir, formatMemory, memoryNow, seconds } from './util.ts';
@@ -28,26 +28,40 @@ export function randomLoraFiles(cfg: Flux2Config, n: number, rank: number, log: 
   });
 }
 
-/** Best wall and CPU seconds per step over `steps` steps on a context prepared with the current LoRA set. */
-async function stepSeconds(model: Flux2Transformer, inp: Flux2ForwardInput, steps: number): Promise<{ wall: number; cpu: number }> {
-  const context = await model.prepareContext(inp);
-  const best = { wall: Infinity, cpu: Infinity };
-  try {
-    for (let i = 0; i < steps; i++) {
+type Times = { wall: number; cpu: number };
+
+/**
+ * Best wall and CPU seconds per step of each context, their steps interleaved round by round (base, LoRA, base, …):
+ * on the shared machine load and the page cache of the mapped weights change within minutes, so a comparison of
+ * timings taken one after the other says more about the machine than about the LoRA.
+ */
+async function interleavedSteps(model: Flux2Transformer, inp: Flux2ForwardInput, contexts: Flux2Context[], rounds: number): Promise<Times[]> {
+  const best = contexts.map(() => ({ wall: Infinity, cpu: Infinity }));
+  for (let r = 0; r < rounds; r++) {
+    for (const [i, context] of contexts.entries()) {
       const cpu0 = process.cpuUsage();
-      best.wall = Math.min(best.wall, (await seconds(() => model.step(inp, context)))[0]);
+      const [wall] = await seconds(() => model.step(inp, context));
       const cpu = process.cpuUsage(cpu0);
-      best.cpu = Math.min(best.cpu, (cpu.user + cpu.system) / 1e6);
+      best[i] = { wall: Math.min(best[i].wall, wall), cpu: Math.min(best[i].cpu, (cpu.user + cpu.system) / 1e6) };
     }
-  } finally {
-    context.dispose();
   }
   return best;
 }
 
 /** `wall s (±x % vs base), CPU s (±y %)`: on a shared machine the CPU time is the steadier figure. */
-function versus(t: { wall: number; cpu: number }, base: { wall: number; cpu: number }): string {
+function versus(t: Times, base: Times): string {
   return `${t.wall.toFixed(3)} s (${pct(t.wall, base.wall)}), CPU ${t.cpu.toFixed(3)} s (${pct(t.cpu, base.cpu)})`;
+}
+
+/**
+ * Multiply-adds of a set's side products in one step, ×2: each module's x·Aᵀ and (x·Aᵀ)·Bᵀ for the tokens its Linear
+ * sees (text-stream Linears the text tokens, image-stream ones the image tokens, single blocks both, modulations one
+ * row). The graph computes a little more where modules of a fused weight have their own ranks (their up products
+ * share the set's rank).
+ */
+function loraStepFlops(set: readonly AppliedLora[], inp: Flux2ForwardInput): number {
+  const tokens = (w: string) => (/^(txt_in|double_blocks\.\d+\.txt_)/.test(w) ? inp.nCtx : /^(img_in|final_layer\.linear|double_blocks\.\d+\.img_)/.test(w) ? inp.nTokens : /^single_blocks/.test(w) ? inp.nCtx + inp.nTokens : 1);
+  return set.reduce((n, a) => n + a.lora.targets.reduce((m, t) => m + 2 * tokens(t.weight) * t.rank * (t.inFeatures + t.outFeatures), 0), 0) * inp.batch;
 }
 
 /** A one-Linear rank-1 zero LoRA: the LoRA sessions with (almost) every Linear at rank 0. */
@@ -62,8 +76,8 @@ function nearlyEmptyLora(cfg: Flux2Config): AppliedLora {
   return { lora, scale: 1 };
 }
 
-/** Runs the LoRA part of the bench on a loaded model whose base step took `baseStep` seconds. */
-export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput, specs: LoraBenchSpec[], steps: number, log: (s: string) => void): Promise<void> {
+/** Runs the LoRA part of the bench on a loaded model: `steps` rounds of interleaved steps. */
+export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput, specs: LoraBenchSpec[], steps: number, stepFlops: number, log: (s: string) => void): Promise<void> {
   const cfg = model.config;
   const bytes = specs.reduce((n, s) => n + fs.statSync(s.file).size, 0);
   const [loadS, loaded] = await seconds(() => specs.map((s): AppliedLora => ({ lora: loadLora(s.file, cfg), scale: s.scale })));
@@ -74,18 +88,29 @@ export async function benchLoras(model: Flux2Transformer, inp: Flux2ForwardInput
   const [openS] = await seconds(() => model.setLoras([nearlyEmptyLora(cfg)]));
   log(`LoRA sessions opened in ${openS.toFixed(2)} s (once per process; the base sessions stay open)`);
   const mem = new MemorySampler();
-  const emptyStep = await stepSeconds(model, inp, steps);
-  await model.setLoras([]);
-  // the base step again, now, so both sides of every comparison saw the same machine load
-  const baseStep = await stepSeconds(model, inp, steps);
-  log(`seconds/step without LoRA (base sessions, timed again): ${baseStep.wall.toFixed(3)} s, CPU ${baseStep.cpu.toFixed(3)} s`);
-  log(`seconds/step, LoRA sessions with every Linear at rank 0 but one (rank 1): ${versus(emptyStep, baseStep)}`);
-  const counts = [...new Set([1, loaded.length])];
-  for (const k of counts) {
-    const [switchS] = await seconds(() => model.setLoras(loaded.slice(0, k)));
-    const step = await stepSeconds(model, inp, steps);
-    log(`seconds/step with ${k} LoRA${k > 1 ? 's' : ''}: ${versus(step, baseStep)}; switch to this set ${switchS.toFixed(2)} s`);
-    if (model.target.device !== 'cpu') log(`host transfers per step with ${k} LoRA${k > 1 ? 's' : ''}: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
+  // a context per set, each prepared under its set (switch time measured), then their steps interleaved
+  const sets: Array<{ label: string; set: AppliedLora[] }> = [
+    { label: 'without LoRA (base sessions)', set: [] },
+    { label: 'LoRA sessions, every Linear at rank 0 but one at rank 1', set: [nearlyEmptyLora(cfg)] },
+    ...[...new Set([1, loaded.length])].map((k) => ({ label: `with ${k} LoRA${k > 1 ? 's' : ''}`, set: loaded.slice(0, k) })),
+  ];
+  const contexts: Flux2Context[] = [];
+  try {
+    for (const { label, set } of sets) {
+      const [switchS] = await seconds(() => model.setLoras(set));
+      if (set.length && set !== sets[1].set) log(`switch to the set ${label}: ${switchS.toFixed(2)} s`);
+      contexts.push(await model.prepareContext(inp));
+    }
+    const times = await interleavedSteps(model, inp, contexts, steps);
+    for (const k of [1, loaded.length]) {
+      const gflop = loraStepFlops(loaded.slice(0, k), inp) / 1e9;
+      log(`LoRA FLOPs per step with ${k} LoRA${k > 1 ? 's' : ''}: ${gflop.toFixed(1)} GFLOP (+${((100 * gflop * 1e9) / stepFlops).toFixed(2)} % of the step's)`);
+    }
+    log(`seconds/step ${sets[0].label}: ${times[0].wall.toFixed(3)} s, CPU ${times[0].cpu.toFixed(3)} s (best of ${steps}, interleaved with the LoRA steps)`);
+    for (let i = 1; i < sets.length; i++) log(`seconds/step ${sets[i].label}: ${versus(times[i], times[0])}`);
+    if (model.target.device !== 'cpu') log(`host transfers per LoRA step: ${model.lastTransfers.uploads} uploads, ${model.lastTransfers.downloads} downloads`);
+  } finally {
+    for (const c of contexts) c.dispose();
   }
   const [backS] = await seconds(() => model.setLoras(loaded.slice(0, 1)));
   const [offS] = await seconds(() => model.setLoras([]));

@@ -164,7 +164,7 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     log(`peak RSS while loading: ${formatMemory(loadPeak)}`);
     log(`peak RSS while stepping: ${formatMemory(stepPeak)}; fp32 weights would be ${(weightBytesF32 / GiB).toFixed(2)} GiB`);
     const loras = [...(o.loras ?? []), ...(o.randomLoras ? randomLoraFiles(cfg, o.randomLoras.count, o.randomLoras.rank, log) : [])];
-    if (loras.length) await benchLoras(model, inp, loras, o.steps, log);
+    if (loras.length) await benchLoras(model, inp, loras, o.steps, flops, log);
     log(`GFLOP/s: ${gflops.toFixed(1)}`);
     return gflops;
   } finally {
