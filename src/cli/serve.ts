@@ -7,7 +7,7 @@ import { resolveDevice } from '../graph/device.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
-import { openEngines } from '../service/engine-host.ts';
+import { EngineHost, openEngines } from '../service/engine-host.ts';
 import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
@@ -116,7 +116,8 @@ export function registerServe(program: Command): void {
       // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
       // workers' files, so a worker without them fails the run instead
       const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: info.modelRoot });
-      const svc = createApp({ pipeline, config, logger: log, modelDir: info.modelRoot, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
+      const engineHosts = members.filter((m): m is EngineHost => m instanceof EngineHost);
+      const svc = createApp({ pipeline, config, logger: log, modelDir: info.modelRoot, engines: engineHosts, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
       const admin = ensureAdminKey(svc.store);
       let listening;
       try {
