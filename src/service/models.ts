@@ -44,8 +44,7 @@ const seedRule = { message: `seed + num_images − 1 must be at most ${LIMITS.ma
 export const TextToImageInput = z
   .object({ ...common, image_size: ImageSize.default(DEFAULT_PRESET) })
   .strict()
-  .refine(seedsInRange, seedRule)
-  .openapi('TextToImageInput');
+  .refine(seedsInRange, seedRule);
 
 const ImageUrl = z.string().min(1).openapi({ description: 'An https URL or a data: URI (PNG, JPEG or WebP).' });
 export const EditInput = z
@@ -55,9 +54,10 @@ export const EditInput = z
     image_urls: z.array(ImageUrl).min(1).max(LIMITS.maxRefs),
   })
   .strict()
-  .refine(seedsInRange, seedRule)
-  .openapi('EditInput');
+  .refine(seedsInRange, seedRule);
 
+// Unnamed on purpose: request bodies inline them, where client generators (openapi-typescript) make fields with a
+// default optional; the run's echo of the input (defaults filled) names them, in schemas.ts.
 export type TextToImageInputT = z.infer<typeof TextToImageInput>;
 export type EditInputT = z.infer<typeof EditInput>;
 export type ModelInput = TextToImageInputT | EditInputT;
