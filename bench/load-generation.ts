@@ -36,6 +36,8 @@ export interface EndpointFigures { count: number; errors: number; status: Record
 export interface DuringGenerationFigures {
   model: string; size: string; rate: number; in_process: boolean;
   server_start_s: number; generation_s: number; run_status: string; run_timings: Record<string, number> | null;
+  /** the run's started→completed time in the service minus the engine's own total: request preparation, IPC, file and database writes */
+  service_overhead_s: number | null;
   sent: number; achieved_rate: number; client_loop_delay_max_ms: number;
   load_average_before: number[]; load_average_after: number[];
   endpoints: Record<Endpoint, EndpointFigures>;
@@ -45,6 +47,8 @@ export interface DuringGenerationFigures {
 
 interface Server { proc: ChildProcess; url: string; key: string }
 interface Sample { at: number; ms: number; status: number | 'error' }
+/** The large run as its last poll saw it; `wallS`: from started to completed as the service recorded them. */
+interface Finished { status: string; timings: Record<string, number> | null; wallS: number }
 
 /** `klein serve` on 127.0.0.1:0 over `dataDir`; resolves with its URL and the admin key of its first start. */
 function startServer(o: DuringGenerationOptions, dataDir: string): Promise<Server> {
@@ -114,7 +118,7 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     ids.push(big);
     const tGen = performance.now();
     const deadline = tGen + o.maxSeconds * 1000;
-    let finished: { status: string; timings: Record<string, number> | null } | null = null;
+    let finished: Finished | null = null;
     const inflight = new Set<Promise<void>>();
     const timed = (e: Endpoint, fn: () => Promise<number>) => {
       const s = performance.now();
@@ -130,8 +134,10 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
         const id = i % 4 === 0 ? big : ids[(i * 7919) % ids.length];
         timed(e, async () => {
           const res = await fetch(`${server.url}/v1/runs/${id}`, { headers });
-          const run = (await res.json()) as { status_code?: string; output?: { timings?: Record<string, number> } };
-          if (id === big && ['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) finished ??= { status: run.status_code!, timings: run.output?.timings ?? null };
+          const run = (await res.json()) as { status_code?: string; started_at?: string; completed_at?: string; output?: { timings?: Record<string, number> } };
+          if (id === big && ['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) {
+            finished ??= { status: run.status_code!, timings: run.output?.timings ?? null, wallS: (Date.parse(run.completed_at!) - Date.parse(run.started_at!)) / 1000 };
+          }
           return res.status;
         });
       } else if (e === 'create') {
@@ -169,10 +175,11 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     const endpoints = Object.fromEntries((Object.keys(samples) as Endpoint[]).map((e) => [e, figures(samples[e])])) as Record<Endpoint, EndpointFigures>;
     const slowest = (Object.entries(samples) as [Endpoint, Sample[]][]).flatMap(([endpoint, xs]) => xs.map((x) => ({ endpoint, at_s: Number((x.at / 1000).toFixed(2)), ms: Number(x.ms.toFixed(1)) })))
       .sort((a, b) => b.ms - a.ms).slice(0, 5);
-    const f = finished as { status: string; timings: Record<string, number> | null } | null;
+    const f = finished as Finished | null;
     return {
       model: o.model, size: `${o.width}x${o.height}`, rate: o.rate, in_process: o.inProcess === true,
       server_start_s: Number(serverStartS.toFixed(1)), generation_s: Number(genS.toFixed(1)), run_status: f?.status ?? 'unfinished (time bound)', run_timings: f?.timings ?? null,
+      service_overhead_s: f?.timings?.total !== undefined ? Number((f.wallS - f.timings.total).toFixed(3)) : null,
       sent: i, achieved_rate: Number((i / genS).toFixed(1)), client_loop_delay_max_ms: Number((clientLoop.max / 1e6).toFixed(1)),
       load_average_before: loadBefore.map((v) => Number(v.toFixed(2))), load_average_after: os.loadavg().map((v) => Number(v.toFixed(2))),
       endpoints, slowest,
@@ -202,7 +209,7 @@ function stopServer(proc: ChildProcess): Promise<void> {
 
 export function printDuringGeneration(f: DuringGenerationFigures): void {
   console.log(`server: ${f.in_process ? 'engine in process (--in-process)' : 'engine in a child process'}, started in ${f.server_start_s} s; model ${f.model}`);
-  console.log(`generation: ${f.size} ${f.run_status} in ${f.generation_s} s (engine: ${f.run_timings ? Object.entries(f.run_timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ') : '—'})`);
+  console.log(`generation: ${f.size} ${f.run_status} in ${f.generation_s} s (engine: ${f.run_timings ? Object.entries(f.run_timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ') : '—'}; the service's started→completed beyond the engine's total: ${f.service_overhead_s ?? '—'} s)`);
   console.log(`load: ${f.sent} requests at ${f.achieved_rate}/s (asked ${f.rate}/s; mix ${Object.entries(MIX).map(([e, s]) => `${e} ${s * 100}%`).join(', ')}); client event-loop delay max ${f.client_loop_delay_max_ms} ms`);
   console.log(`load average before ${f.load_average_before.join(' ')}, after ${f.load_average_after.join(' ')} (${os.cpus().length} cores)`);
   for (const [e, x] of Object.entries(f.endpoints)) {

@@ -29,7 +29,7 @@ const TSX_LOADER = import.meta.resolve('tsx');
 
 export interface EngineHostOptions {
   log?: Logger;
-  /** Added to the child's nice value (lower CPU priority than the API); 0 leaves it as the parent's. */
+  /** Added to the child's nice value (lower CPU priority than the API); default $KLEIN_ENGINE_NICE, else 0. */
   nice?: number;
   /** How long close() waits for the child to release its model and exit before killing it. */
   closeMs?: number;
@@ -40,6 +40,13 @@ interface Pending {
   resolve: (r: GenerateResult) => void;
   reject: (e: Error) => void;
   opts: GenerateOptions;
+}
+
+function engineNice(): number {
+  const v = process.env.KLEIN_ENGINE_NICE;
+  const n = v === undefined || v === '' ? 0 : Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 19) throw new Error(`KLEIN_ENGINE_NICE must be 0–19, got "${v}"`);
+  return n;
 }
 
 export function describeExit(code: number | null, signal: NodeJS.Signals | null): string {
@@ -94,9 +101,11 @@ export class EngineHost implements ImagePipeline {
     return new Promise((resolve, reject) => {
       const child = fork(CHILD, [], { execArgv: ['--import', TSX_LOADER], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
       this.starts++;
-      if (this.o.nice && child.pid) {
+      const nice = this.o.nice ?? engineNice();
+      if (nice && child.pid) {
         try {
-          os.setPriority(child.pid, Math.min(19, os.getPriority() + this.o.nice));
+          // its compute threads are created later by its main thread and inherit this
+          os.setPriority(child.pid, Math.min(19, os.getPriority() + nice));
         } catch (e) {
           this.o.log?.warn({ err: e }, 'cannot lower the engine process priority');
         }
