@@ -15,6 +15,7 @@ import { deviceWeightBytes, resolveComputeDtype, type ComputeDtype } from '../gr
 import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout, type Flux2Weights } from '../weights/flux2-layouts.ts';
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';
+import { applyOutlierEdits, flux2OutlierEdits } from '../weights/stress-outliers.ts';
 import type { Precision } from '../pipeline/types.ts';
 
 // ───────────────────────── §1.1 hyperparameters ─────────────────────────
@@ -866,6 +867,8 @@ export interface RandomFlux2Options {
   /** Key layout; default 'bfl'. The same seed gives the same weights in both layouts. */
   layout?: Flux2Layout;
   seed?: number;
+  /** The stress model of issue 21: outlier channels, heavy-tailed SwiGLU products (weights/stress-outliers.ts). */
+  outliers?: boolean;
 }
 
 /** FNV-1a of a string, to give every tensor its own reproducible random stream. */
@@ -907,16 +910,21 @@ export function writeRandomFlux2Checkpoint(file: string, config: Flux2Config, op
   const layout = opts.layout ?? 'bfl';
   const seed = opts.seed ?? 0;
   const encode = (a: Float32Array) => (dtype === 'F32' ? a : dtype === 'BF16' ? f32ToBf16(a) : f32ToF16(a));
+  const generate = (name: string, shape: number[]) => {
+    const d = randomTensor(name, shape, seed);
+    if (opts.outliers) applyOutlierEdits(d, shape, flux2OutlierEdits(name, config));
+    return d;
+  };
   const tensors: Record<string, TensorToWrite> = {};
   // diffusers splits one BFL tensor into several: generate it once, hand out its row blocks in order
   let cache: { name: string; data: Float32Array } | undefined;
   const bflData = (name: string, shape: number[]) => {
-    if (cache?.name !== name) cache = { name, data: randomTensor(name, shape, seed) };
+    if (cache?.name !== name) cache = { name, data: generate(name, shape) };
     return cache.data;
   };
   for (const { name, shape } of flux2BflShapes(config)) {
     if (layout === 'bfl') {
-      tensors[name] = { dtype, shape, data: () => encode(randomTensor(name, shape, seed)) };
+      tensors[name] = { dtype, shape, data: () => encode(generate(name, shape)) };
       continue;
     }
     const rowLen = shape.slice(1).reduce((a, b) => a * b, 1);
@@ -941,5 +949,5 @@ export function writeRandomFlux2Checkpoint(file: string, config: Flux2Config, op
       };
     }
   }
-  writeSafetensors(file, tensors, { format: 'pt', generator: 'klein writeRandomFlux2Checkpoint', flux2_config: JSON.stringify(config), seed: String(seed) });
+  writeSafetensors(file, tensors, { format: 'pt', generator: 'klein writeRandomFlux2Checkpoint', flux2_config: JSON.stringify(config), seed: String(seed), ...(opts.outliers ? { outliers: 'issue-21' } : {}) });
 }
