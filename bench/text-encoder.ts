@@ -13,6 +13,7 @@ import { UsageError } from '../src/cli/errors.ts';
 import { parsePrecision } from '../src/cli/precision.ts';
 import { GiB, peakRssBytes, resetPeakRss } from './util.ts';
 import { relativeError } from '../src/conform/compare.ts';
+import { applyOutlierEdits, applyOutlierEditsBf16, qwen3OutlierEdits } from '../src/weights/stress-outliers.ts';
 
 /** HF config.json of Qwen/Qwen3-4B (the klein 4B text encoder). */
 export const QWEN3_4B_CONFIG = {
@@ -42,6 +43,8 @@ export interface RandomCheckpointOptions {
   layers?: number;
   /** Called after each shard is written. */
   onShard?: (done: number, total: number) => void;
+  /** The stress model of issue 21: outlier channels, massive-activation tokens, heavy-tailed SwiGLU (src/weights/stress-outliers.ts). */
+  outliers?: boolean;
 }
 
 /** xorshift32: a seeded stream of 32-bit words, fast enough to fill gigabytes. */
@@ -101,6 +104,7 @@ export function writeRandomQwen3Checkpoint(folder: string, config: Record<string
   const shardName = (i: number) => `model-${String(i + 1).padStart(5, '0')}-of-${String(total).padStart(5, '0')}.safetensors`;
   const weightMap: Record<string, string> = {};
   const write = (i: number, tensors: Record<string, TensorToWrite>) => {
+    if (opts.outliers) for (const [name, t] of Object.entries(tensors)) stressTensor(name, t);
     writeSafetensors(path.join(folder, shardName(i)), tensors);
     for (const k of Object.keys(tensors)) weightMap[k] = shardName(i);
     opts.onShard?.(i + 1, total);
@@ -124,9 +128,18 @@ export function writeRandomQwen3Checkpoint(folder: string, config: Record<string
       [`${p}mlp.down_proj.weight`]: tensor([H, cfg.intermediateSize], next, dtype, wExp),
     });
   }
-  fs.writeFileSync(path.join(folder, 'model.safetensors.index.json'), JSON.stringify({ metadata: { random_seed: opts.seed ?? 1 }, weight_map: weightMap }, null, 1));
+  fs.writeFileSync(path.join(folder, 'model.safetensors.index.json'), JSON.stringify({ metadata: { random_seed: opts.seed ?? 1, ...(opts.outliers ? { outliers: 'issue-21' } : {}) }, weight_map: weightMap }, null, 1));
   fs.writeFileSync(path.join(folder, 'config.json'), JSON.stringify({ ...config, torch_dtype: dtype === 'BF16' ? 'bfloat16' : 'float32' }, null, 2));
   return cfg;
+}
+
+/** Applies the stress model's edits to one generated tensor in place (bf16 bits or fp32 values). */
+function stressTensor(name: string, t: TensorToWrite): void {
+  const edits = qwen3OutlierEdits(name, t.shape);
+  if (edits.length === 0) return;
+  if (t.data instanceof Uint16Array) applyOutlierEditsBf16(t.data, t.shape, edits);
+  else if (t.data instanceof Float32Array) applyOutlierEdits(t.data, t.shape, edits);
+  else throw new Error(`stress model: ${name} is not generated in memory`);
 }
 
 /** Multiply-adds ×2 of one forward over `batch × seq` tokens through `layers` decoder layers (full attention matrix). */
