@@ -16,6 +16,7 @@ import { diffusersSource, flux2BflShapes, openFlux2Checkpoint, type Flux2Layout,
 import { INT8_SCHEME, int8ExternalData, quantizedLinear } from '../graph/quantize.ts';
 import { Int8Cache, Int8CacheCorruptError } from '../weights/quantized-cache.ts';
 import { applyOutlierEdits, flux2OutlierEdits } from '../weights/stress-outliers.ts';
+import { int8ActivationsExperiment, sharedInt8Linear } from '../graph/int8-linear.ts';
 import type { Precision } from '../pipeline/types.ts';
 
 // ───────────────────────── §1.1 hyperparameters ─────────────────────────
@@ -174,6 +175,7 @@ function int8Linear(cx: Ctx, x: Value, name: string, rows?: [number, number], co
   // while in-memory external data is copied through the C heap, which kept ~1 byte per parameter of freed copies
   // resident (measured 0.96–1.10 vs 1.9–2.4 bytes per parameter, eight [3072, 9216] weights)
   const t = cx.int8File(key);
+  if (int8ActivationsExperiment()) return sharedInt8Linear(cx.g, x, { q: cx.g.weight(t.q), scale: cx.g.weight(t.scale), inFeatures: inF, outFeatures: out }, { hint });
   return cx.g.op('DynamicQuantizeMatMul', [x, cx.g.weight(t.q), cx.g.weight(t.scale)], {}, { domain: MS_DOMAIN, hint });
 }
 
@@ -709,7 +711,7 @@ export class Flux2Transformer {
     for (let attempt = 0; ; attempt++) try {
       for (const [done, i] of order.entries()) {
         const { stage, graph, weights } = built[i];
-        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name, gpu: gpu && `gpu-${dtype}`, precision: int8 && `fast-${INT8_SCHEME}` };
+        const key = { model: 'flux2-transformer', version: FLUX2_GRAPH_VERSION, config: w.config, layout: w.layout, stage: stage.name, gpu: gpu && `gpu-${dtype}`, precision: int8 && `fast-${INT8_SCHEME}${int8ActivationsExperiment()}` };
         if (int8Stage(built[i])) {
           // int8 weights from the cache file, checked against their crc32 first unless this load just wrote them;
           // the compiled graph lives beside the cache file (its key covers the checkpoint: the folder's hash does)

@@ -11,6 +11,7 @@ import { defaultDevice, resolveDevice, type Device } from '../graph/device.ts';
 import { bf16ToF32, Checkpoint, DTYPE_SIZE, f16ToF32, readFloat32, type TensorInfo } from '../weights/safetensors.ts';
 import type { Precision } from '../pipeline/types.ts';
 import { quantizedLinear } from '../graph/quantize.ts';
+import { int8ActivationsExperiment, sharedInt8Linear } from '../graph/int8-linear.ts';
 import { Int8Cache, Int8CacheCorruptError, type Int8CacheOptions } from '../weights/quantized-cache.ts';
 import { deviceWeightBytes, resolveComputeDtype, throwIfOverflowed, type ComputeDtype } from '../graph/compute-dtype.ts';
 import { UsageError } from '../cli/errors.ts';
@@ -132,7 +133,7 @@ const QWEN3_GPU_GRAPH_VERSION = 2; // 2: down_proj prescaled in fp16
  * compiled graphs stay valid; fast and GPU graphs embed the norms, so the checkpoint files' identity keys them too.
  */
 export function qwen3GraphKey(cfg: Qwen3Config, graphOpts: Qwen3GraphOptions, checkpoint: string[]): unknown {
-  if (graphOpts.precision === 'fast') return { cfg, graphOpts, fast: QWEN3_FAST_GRAPH_VERSION, checkpoint };
+  if (graphOpts.precision === 'fast') return { cfg, graphOpts, fast: int8ActivationsExperiment() ? `${QWEN3_FAST_GRAPH_VERSION}${int8ActivationsExperiment()}` : QWEN3_FAST_GRAPH_VERSION, checkpoint };
   if (graphOpts.gpu) return { cfg, graphOpts, gpu: QWEN3_GPU_GRAPH_VERSION, checkpoint };
   return { cfg, graphOpts };
 }
@@ -318,6 +319,7 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
     if (fast) {
       const info = W(name);
       const t = int8Weights!(info.name);
+      if (int8ActivationsExperiment()) return sharedInt8Linear(g, x, { q: g.weight(t.q), scale: g.weight(t.scale), inFeatures: info.shape[1], outFeatures: info.shape[0], bias }, { hint });
       return quantizedLinear(g, x, { name: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], location: '', initializers: { q: g.weight(t.q), scale: g.weight(t.scale) }, bias, hint });
     }
     const inputs: Value[] = [x, matrix(W(name))];
