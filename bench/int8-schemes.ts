@@ -9,7 +9,7 @@ import { int8ExternalData, quantizeInt8, quantizedLinear } from '../src/graph/qu
 import { int8Activation, int8Product } from '../src/graph/int8-linear.ts';
 import { f32, ort, sessionOptions } from '../src/graph/session.ts';
 import { relativeError } from '../src/conform/compare.ts';
-import { drawLinearInput, seededRandom } from '../src/weights/stress-outliers.ts';
+import { OUTLIER_CHANNEL_FACTORS, drawLinearInput, outlierChannels, seededRandom } from '../src/weights/stress-outliers.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { benchCacheDir } from './util.ts';
 import { runLoadBench } from './int8-load.ts';
@@ -42,8 +42,10 @@ interface Product {
   K: number;
   N: number;
   w: Float32Array;
-  /** Activations the product is measured on; `smooth` holds the per-channel factor x is divided by (SmoothQuant). */
+  /** Activations the product is measured on. */
   x: Float32Array;
+  /** Drawn like the stress model's. */
+  stress: boolean;
 }
 
 /** One scheme: the graph of `x Wᵀ` and the bytes of its initializers. */
@@ -99,6 +101,7 @@ export const SCHEMES: Scheme[] = [
     },
   },
   { name: 'per row: QuantizeLinear → MatMulIntegerToFloat', build: perRow(0) },
+  { name: 'per row + norm weights folded into W (SwiGLU inputs: nothing to fold)', build: (g, x, p, data) => perRowSmoothed(g, x, p, data, normFactor(p)), feed: (p) => divideChannels(p.x, normFactor(p)) },
   { name: 'per row + SmoothQuant α=0.5 (calibrated on this x)', build: (g, x, p, data) => perRowSmoothed(g, x, p, data), feed: (p) => divideChannels(p.x, smoothFactor(p)) },
   { name: 'per row + 16 outlier channels fp32', build: perRow(16) },
   { name: 'per row + 32 outlier channels fp32', build: perRow(32) },
@@ -115,8 +118,17 @@ function divideChannels(x: Float32Array, s: Float32Array): Float32Array {
   return Float32Array.from(x, (v, i) => v / s[i % K]);
 }
 
-function perRowSmoothed(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>): Value {
-  const s = smoothFactor(p);
+/**
+ * The stress model's RMSNorm / adaLN channel factors (what folding the norm weights into W moves there), 1 for the
+ * random draws and for SwiGLU inputs (no norm before them).
+ */
+function normFactor(p: Product): Float32Array {
+  const s = new Float32Array(p.K).fill(1);
+  if (p.K < 4000 && p.stress) outlierChannels(p.K, OUTLIER_CHANNEL_FACTORS.length).forEach((c, i) => (s[c] = OUTLIER_CHANNEL_FACTORS[i]));
+  return s;
+}
+
+function perRowSmoothed(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>, s = smoothFactor(p)): Value {
   const ws = Float32Array.from(p.w, (v, i) => v * s[i % p.K]);
   return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 0 }), int8Weights(g, ws, p.N, p.K, data));
 }
@@ -217,8 +229,8 @@ export async function runInt8SchemesBench(o: { shapes: typeof INT8_SHAPES; schem
     const swiglu = K > 4000;
     const w = drawWeight(N, K);
     const draws = {
-      random: { M, K, N, w, x: drawLinearInput(M, K, { swiglu, stress: false }) },
-      stress: { M, K, N, w, x: drawLinearInput(M, K, { swiglu, stress: true, massiveTokens: shape.model === 'qwen3' }) },
+      random: { M, K, N, w, stress: false, x: drawLinearInput(M, K, { swiglu, stress: false }) },
+      stress: { M, K, N, w, stress: true, x: drawLinearInput(M, K, { swiglu, stress: true, massiveTokens: shape.model === 'qwen3' }) },
     };
     // the fp32 product is the reference: run first, whatever the scheme list
     const ref = await measure(SCHEMES[0], shape, draws, {}, o.runs, o.threads);
