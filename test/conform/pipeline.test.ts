@@ -31,7 +31,7 @@ async function writeOddReferenceCase(file: string): Promise<{ width: number; hei
   const width = w + 7;
   const height = h + 9;
   const ref = sharp(edit.u8('ref_image_uint8_hwc'), { raw: { width: w, height: h, channels: 3 } });
-  const framed = await sharp({ create: { width, height, channels: 3, noise: { type: 'gaussian', mean: 128, sigma: 60 } } })
+  const framed = await sharp({ create: { width, height, channels: 3, background: '#000', noise: { type: 'gaussian', mean: 128, sigma: 60 } } })
     .composite([{ input: await ref.png().toBuffer(), left: 3, top: 4 }])
     .removeAlpha()
     .raw()
