@@ -13,6 +13,7 @@ import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
 import { DEVICE_HELP, requestedDevice } from './device-option.ts';
+import { addModelPull } from './auto-pull.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './generate.ts';
 import { GPU_DTYPE_HELP, describeDevice, parseGpuDtypeFlag, resolveGpuDtype } from './gpu-dtype.ts';
@@ -162,4 +163,5 @@ export function registerServe(program: Command): void {
       await pipeline.close();
       if (scale) await local.close();
     });
+  addModelPull(program.commands.find((c) => c.name() === 'serve')!); // a missing model is pulled first (auto-pull.ts)
 }
