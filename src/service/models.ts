@@ -38,7 +38,7 @@ const common = {
 };
 
 /** seed + num_images − 1 is the last image's seed: it must stay a seed too. */
-const seedsInRange = (v: { seed?: number; num_images: number }) => v.seed === undefined || v.seed + v.num_images - 1 <= LIMITS.maxSeed;
+const seedsInRange = (v: { seed?: number; num_images: number }) => v.seed === undefined || v.seed <= LIMITS.maxSeed - (v.num_images - 1);
 const seedRule = { message: `seed + num_images − 1 must be at most ${LIMITS.maxSeed}`, path: ['seed'] };
 
 export const TextToImageInput = z
