@@ -97,11 +97,11 @@ export class EngineHost implements ImagePipeline {
     return this.starting;
   }
 
-  private spawn(): Promise<ChildProcess> {
+  private async spawn(): Promise<ChildProcess> {
+    const nice = this.o.nice ?? engineNice();
     return new Promise((resolve, reject) => {
       const child = fork(CHILD, [], { execArgv: ['--import', TSX_LOADER], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
       this.starts++;
-      const nice = this.o.nice ?? engineNice();
       if (nice && child.pid) {
         try {
           // its compute threads are created later by its main thread and inherit this
