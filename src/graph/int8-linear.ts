@@ -16,7 +16,7 @@ import type { Graph, Value } from './onnx-graph.ts';
 import { MS_DOMAIN } from './onnx-graph.ts';
 
 /** Names the activation scheme; part of the compiled graphs' cache keys. Bump when the numbers change. */
-export const INT8_ACTIVATION_SCHEME = 'int8-row-top16-v1';
+export const INT8_ACTIVATION_SCHEME = 'int8-row-top16-residual-v1';
 
 /** Input channels multiplied in fp32 per product when not told otherwise (measured: docs/benchmarks.md, fast mode). */
 export const DEFAULT_OUTLIER_CHANNELS = 16;
@@ -50,6 +50,12 @@ export interface Int8LinearWeight {
   outFeatures: number;
   /** Optional fp32 `[outFeatures]`. */
   bias?: Value;
+  /**
+   * Where the outlier channels' weight rows are gathered from (default `q`). `q`: the same int8 bytes as another
+   * initializer, so that ORT can release `q` once it has pre-packed it (a Gather keeps its input alive); `residual`:
+   * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`), which make those rows exact to ~2⁻¹⁴.
+   */
+  rows?: { q?: Value; residual?: { q: Value; scale: Value } };
 }
 
 /** Channel maxima are taken over every ROW_STRIDE-th row: a full pass over x cost ~10 % of a product. */
@@ -96,7 +102,9 @@ export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hi
   let y = g.op('MatMulIntegerToFloat', [a.q, w.q, a.rowScale, w.scale, u8(g, 128)], {}, { domain: MS_DOMAIN, hint });
   if (a.outliers) {
     // the outlier channels' rows of W, dequantized: [k, N]
-    const rows = g.op('Mul', [g.op('Cast', [g.op('Gather', [w.q, a.outliers.channels], { axis: 0 })], { to: 1 }), w.scale], {}, { hint: `${hint}_outlier_rows` });
+    const dequantized = (q: Value, scale: Value) => g.op('Mul', [g.op('Cast', [g.op('Gather', [q, a.outliers!.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
+    let rows = dequantized(w.rows?.q ?? w.q, w.scale);
+    if (w.rows?.residual) rows = g.op('Add', [rows, dequantized(w.rows.residual.q, w.rows.residual.scale)]);
     y = g.op('Gemm', [a.outliers.values, rows, y], {}, { hint: `${hint}_plus_outliers` });
   }
   if (w.bias) y = g.op('Add', [y, w.bias], {}, { hint: `${hint}_bias` });

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Graph, type Value } from '../../src/graph/onnx-graph.ts';
-import { int8ExternalData, quantizeInt8, quantizedLinear } from '../../src/graph/quantize.ts';
+import { int8ExternalData, quantizeInt8, quantizeInt8Residual, quantizedLinear } from '../../src/graph/quantize.ts';
 import { int8Activation, int8Linear, int8Product, sharedInt8Linear } from '../../src/graph/int8-linear.ts';
 import { f32, ort, sessionOptions } from '../../src/graph/session.ts';
 import { relativeError } from '../../src/conform/compare.ts';
@@ -75,11 +75,37 @@ for (const [what, draw, bound] of cases) {
   });
 }
 
-test('int8Linear on random-model activations: no worse than the old scheme (0.81 vs 1.06 %, SwiGLU 1.60 vs 3.15 % rms)', async () => {
+test('int8Linear on random-model activations: no worse than the old scheme (0.83 vs 1.06 %, SwiGLU 1.72 vs 3.15 % rms)', async () => {
   for (const swiglu of [false, true]) {
     const e = await errors({ swiglu, stress: false });
     assert.ok(e.new.rms <= e.old.rms * 1.05, `swiglu ${swiglu}: new ${e.new.rms} vs old ${e.old.rms}`);
     assert.ok(e.new.rms < (swiglu ? 0.025 : 0.012), `swiglu ${swiglu}: new rms ${e.new.rms}`);
+  }
+});
+
+test('int8Linear with residual outlier rows (quantizeInt8Residual, gathered from a second initializer): 3× smaller error on outlier channels', async () => {
+  const x = drawLinearInput(M, K, { swiglu: false, stress: true });
+  const w = weight(N, K, 3);
+  const ref = reference(x, w, M, K, N);
+  const qw = quantizeInt8(w, N, K);
+  const res = quantizeInt8Residual(w, qw);
+  const g = new Graph('int8_residual');
+  const wv = {
+    q: g.inMemoryWeight('w.int8', 'int8', [K, N], 'mem/w.int8'),
+    scale: g.inMemoryWeight('w.scale', 'float32', [N], 'mem/w.scale'),
+    outFeatures: N,
+    inFeatures: K,
+    rows: { q: g.inMemoryWeight('w.rows', 'int8', [K, N], 'mem/w.int8'), residual: { q: g.inMemoryWeight('r.int8', 'int8', [K, N], 'mem/r.int8'), scale: g.inMemoryWeight('r.scale', 'float32', [N], 'mem/r.scale') } },
+  };
+  g.output(int8Linear(g, g.input('x', 'float32', [M, K]), wv), 'y', 'float32', [M, N]);
+  const sess = await ort.InferenceSession.create(g.serialize(tmp()), { ...sessionOptions({ threads: 1 }), externalData: [...int8ExternalData('mem/w', qw), ...int8ExternalData('mem/r', res)] });
+  try {
+    const e = relativeError((await sess.run({ x: f32(x, [M, K]) })).y.data as Float32Array, ref);
+    const plain = relativeError(await run(newScheme, x, w, M, K, N), ref);
+    // measured 0.13 % against 0.39 % without the residual: the int8 rounding of the outlier rows dominates there
+    assert.ok(e.rms < 0.002 && e.rms < plain.rms / 2, `rms ${e.rms} with the residual, ${plain.rms} without`);
+  } finally {
+    await sess.release();
   }
 });
 
