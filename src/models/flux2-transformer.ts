@@ -81,7 +81,7 @@ export interface Ctx {
    * Fast mode, once the int8 cache is open: where each int8 weight lies in the cache file. The stage's graph then
    * lets ORT read them from that file, and its few other weights (QK-norm scales) are embedded as constants.
    */
-  int8File?: (key: string) => { q: TensorInfo; scale: TensorInfo };
+  int8File?: (key: string) => { q: TensorInfo; scale: TensorInfo; residual?: { q: TensorInfo; scale: TensorInfo } };
 }
 
 /** A weight handed to ORT in memory as fp32: its stored row blocks (optionally a column range), converted at load. */
@@ -175,7 +175,10 @@ function int8Linear(cx: Ctx, x: Value, name: string, rows?: [number, number], co
   // while in-memory external data is copied through the C heap, which kept ~1 byte per parameter of freed copies
   // resident (measured 0.96–1.10 vs 1.9–2.4 bytes per parameter, eight [3072, 9216] weights)
   const t = cx.int8File(key);
-  if (int8ActivationsExperiment()) return sharedInt8Linear(cx.g, x, { q: cx.g.weight(t.q), scale: cx.g.weight(t.scale), inFeatures: inF, outFeatures: out }, { hint });
+  if (int8ActivationsExperiment()) {
+    const residual = t.residual && { q: cx.g.weight(t.residual.q), scale: cx.g.weight(t.residual.scale) };
+    return sharedInt8Linear(cx.g, x, { q: cx.g.weight(t.q), scale: cx.g.weight(t.scale), inFeatures: inF, outFeatures: out, rows: { residual } }, { hint });
+  }
   return cx.g.op('DynamicQuantizeMatMul', [x, cx.g.weight(t.q), cx.g.weight(t.scale)], {}, { domain: MS_DOMAIN, hint });
 }
 
@@ -689,6 +692,7 @@ export class Flux2Transformer {
         sourceFiles: w.files,
         entries: built.flatMap((b) => b.weights.filter((l) => l.int8).map((l) => ({ key: l.int8!, outFeatures: l.shape[0], inFeatures: l.shape[1], read: () => readWeightF32(l) }))),
         onProgress: onQuantizeProgress,
+        residual: int8ActivationsExperiment() !== '',
       });
     let cache = openCache(requantize);
     const cacheInfo = cache && { folder: cache.folder, built: cache.built };

@@ -139,7 +139,7 @@ export function qwen3GraphKey(cfg: Qwen3Config, graphOpts: Qwen3GraphOptions, ch
 }
 
 /** Fast mode: where each projection's int8 values and scales are (the int8 cache file). */
-export type Int8Tensors = (tensor: string) => { q: TensorInfo; scale: TensorInfo };
+export type Int8Tensors = (tensor: string) => { q: TensorInfo; scale: TensorInfo; residual?: { q: TensorInfo; scale: TensorInfo } };
 
 /**
  * How bf16 (or f16) projection weights become fp32 for ORT's CPU MatMul:
@@ -319,7 +319,10 @@ export function buildQwen3Graph(ck: Checkpoint, cfg: Qwen3Config, opts: Qwen3Gra
     if (fast) {
       const info = W(name);
       const t = int8Weights!(info.name);
-      if (int8ActivationsExperiment()) return sharedInt8Linear(g, x, { q: g.weight(t.q), scale: g.weight(t.scale), inFeatures: info.shape[1], outFeatures: info.shape[0], bias }, { hint });
+      if (int8ActivationsExperiment()) {
+        const residual = t.residual && { q: g.weight(t.residual.q), scale: g.weight(t.residual.scale) };
+        return sharedInt8Linear(g, x, { q: g.weight(t.q), scale: g.weight(t.scale), inFeatures: info.shape[1], outFeatures: info.shape[0], bias, rows: { residual } }, { hint });
+      }
       return quantizedLinear(g, x, { name: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], location: '', initializers: { q: g.weight(t.q), scale: g.weight(t.scale) }, bias, hint });
     }
     const inputs: Value[] = [x, matrix(W(name))];
@@ -460,6 +463,7 @@ function int8Projections(ck: Checkpoint, layers: number, onProgress?: (done: num
     sourceFiles: [...new Set(infos.map((i) => i.file))],
     entries: infos.map((info) => ({ key: info.name, outFeatures: info.shape[0], inFeatures: info.shape[1], read: () => readFloat32(info) })),
     onProgress: (done, total) => onProgress?.(done, total),
+    residual: int8ActivationsExperiment() !== '',
   };
   const verified = (cache: Int8Cache) => {
     if (!cache.built) cache.verifyAll(); // just written: its bytes came from this process

@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import zlib from 'node:zlib';
-import { INT8_SCHEME, quantizeInt8, type Int8Weight } from '../graph/quantize.ts';
+import { INT8_SCHEME, quantizeInt8, quantizeInt8Residual, type Int8Weight } from '../graph/quantize.ts';
 import { SafetensorsFile, readRaw, writeSafetensors, type TensorInfo, type TensorToWrite } from './safetensors.ts';
 
 /** One weight to quantize. */
@@ -40,6 +40,8 @@ export interface Int8CacheOptions {
   cacheRoot?: string;
   /** Quantize again even if a valid cache exists (benchmarks measuring the first load). */
   rebuild?: boolean;
+  /** Also store each weight's `quantizeInt8Residual` (`<key>.int8r`, `<key>.scaler`): issue-21 experiment. */
+  residual?: boolean;
 }
 
 /** A cache file whose bytes do not match its manifest; the file has been removed, reopen to rebuild it. */
@@ -81,6 +83,7 @@ function identityOf(o: Int8CacheOptions): string {
       scheme: INT8_SCHEME,
       sources: o.sourceFiles.map(fileIdentity).sort(),
       entries: o.entries.map((e) => [e.key, e.outFeatures, e.inFeatures]),
+      ...(o.residual ? { residual: true } : {}),
     }))
     .digest('hex');
 }
@@ -164,9 +167,13 @@ export class Int8Cache {
     const file = path.join(folder, WEIGHTS);
     const crc32: Record<string, number> = {};
     const tensors: Record<string, TensorToWrite> = {};
-    let current: { key: string; w: Int8Weight } | undefined;
+    let current: { key: string; w: Int8Weight; r?: Int8Weight } | undefined;
     const quantized = (e: Int8CacheEntry): Int8Weight => {
-      if (current?.key !== e.key) current = { key: e.key, w: quantizeInt8(e.read(), e.outFeatures, e.inFeatures) };
+      if (current?.key !== e.key) {
+        const w = e.read();
+        const qw = quantizeInt8(w, e.outFeatures, e.inFeatures);
+        current = { key: e.key, w: qw, r: o.residual ? quantizeInt8Residual(w, qw) : undefined };
+      }
       return current.w;
     };
     o.entries.forEach((e, i) => {
@@ -186,11 +193,35 @@ export class Int8Cache {
         data: () => {
           const s = quantized(e).scale;
           crc32[sName(e.key)] = zlib.crc32(new Uint8Array(s.buffer, s.byteOffset, s.byteLength));
-          current = undefined; // both tensors written: let the weight go
+          if (!o.residual) current = undefined; // both tensors written: let the weight go
           o.onProgress?.(i + 1, o.entries.length, e.key);
           return s;
         },
       };
+      if (o.residual) {
+        tensors[`${e.key}.int8r`] = {
+          dtype: 'I8',
+          shape: [e.inFeatures, e.outFeatures],
+          data: () => {
+            quantized(e);
+            const q = current!.r!.q;
+            const bytes = new Uint8Array(q.buffer, q.byteOffset, q.byteLength);
+            crc32[`${e.key}.int8r`] = zlib.crc32(bytes);
+            return bytes;
+          },
+        };
+        tensors[`${e.key}.scaler`] = {
+          dtype: 'F32',
+          shape: [e.outFeatures],
+          data: () => {
+            quantized(e);
+            const r = current!.r!.scale;
+            crc32[`${e.key}.scaler`] = zlib.crc32(new Uint8Array(r.buffer, r.byteOffset, r.byteLength));
+            current = undefined; // all four tensors written: let the weight go
+            return r;
+          },
+        };
+      }
     });
     writeSafetensors(file, tensors, { format: 'klein-int8', klein_int8_identity: identity, scheme: INT8_SCHEME });
     const manifest: Manifest = { format: FORMAT, identity, scheme: INT8_SCHEME, size: fs.statSync(file).size, crc32 };
@@ -202,11 +233,13 @@ export class Int8Cache {
    * Where `key`'s int8 values and scales lie in the cache file, for a graph that lets ORT read them from disk
    * (`Graph.weight`). Call `get` (or `verifyAll`) first: this does not check the bytes.
    */
-  tensors(key: string): { q: TensorInfo; scale: TensorInfo } {
+  tensors(key: string): { q: TensorInfo; scale: TensorInfo; residual?: { q: TensorInfo; scale: TensorInfo } } {
     const q = this.st.tensors.get(qName(key));
     const scale = this.st.tensors.get(sName(key));
     if (!q || !scale) throw new Error(`int8 cache ${this.file}: no weight ${key}`);
-    return { q, scale };
+    const rq = this.st.tensors.get(`${key}.int8r`);
+    const rs = this.st.tensors.get(`${key}.scaler`);
+    return { q, scale, residual: rq && rs ? { q: rq, scale: rs } : undefined };
   }
 
   /** `verify` of every stored weight (reads the whole file once, keeps nothing); a mismatch behaves as in `get`. */
@@ -219,11 +252,11 @@ export class Int8Cache {
    * ORT read the tensors from the file (`tensors`). A mismatch behaves as in `get`.
    */
   verify(key: string): void {
-    const { q, scale } = this.tensors(key);
+    const { q, scale, residual } = this.tensors(key);
     const buf = Buffer.allocUnsafe(4 << 20);
     const fd = fs.openSync(this.file, 'r');
     try {
-      for (const t of [q, scale]) {
+      for (const t of [q, scale, ...(residual ? [residual.q, residual.scale] : [])]) {
         let crc = 0;
         for (let done = 0; done < t.byteLength; ) {
           const n = fs.readSync(fd, buf, 0, Math.min(buf.length, t.byteLength - done), t.dataOffset + done);
