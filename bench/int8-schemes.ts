@@ -5,7 +5,7 @@
 import os from 'node:os';
 import type { Command } from 'commander';
 import { Graph, MS_DOMAIN, type Value } from '../src/graph/onnx-graph.ts';
-import { int8ExternalData, quantizeInt8, quantizedLinear } from '../src/graph/quantize.ts';
+import { int8ExternalData, quantizeInt8, quantizeInt8Residual, quantizedLinear } from '../src/graph/quantize.ts';
 import { int8Activation, int8Product } from '../src/graph/int8-linear.ts';
 import { f32, ort, sessionOptions } from '../src/graph/session.ts';
 import { relativeError } from '../src/conform/compare.ts';
@@ -105,6 +105,16 @@ export const SCHEMES: Scheme[] = [
   { name: 'per row + SmoothQuant α=0.5 (calibrated on this x)', build: (g, x, p, data) => perRowSmoothed(g, x, p, data), feed: (p) => divideChannels(p.x, smoothFactor(p)) },
   { name: 'per row + 16 outlier channels fp32', build: perRow(16) },
   { name: 'per row + 32 outlier channels fp32', build: perRow(32) },
+  {
+    name: 'per row + 16 outlier channels fp32, rows exact (residual)',
+    build: (g, x, p, data) => {
+      const w = int8Weights(g, p.w, p.N, p.K, data);
+      const r = quantizeInt8Residual(p.w, quantizeInt8(p.w, p.N, p.K));
+      data.push(...int8ExternalData('mem/r', r));
+      const residual = { q: g.inMemoryWeight('r.int8', 'int8', [p.K, p.N], 'mem/r.int8'), scale: g.inMemoryWeight('r.scale', 'float32', [p.N], 'mem/r.scale') };
+      return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, rows: { residual } });
+    },
+  },
   {
     name: 'per tensor + 16 outlier channels fp32',
     build: (g, x, p, data) => perTensorTop(g, x, p, int8Weights(g, p.w, p.N, p.K, data), 16),
