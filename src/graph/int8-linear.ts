@@ -2,14 +2,15 @@
 // input channels with the largest magnitudes taken out of the int8 product and multiplied in fp32 (LLM.int8()'s
 // decomposition, with the channels picked at run time, so no calibration data is needed and channels that move
 // with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
-// `[in, out]`, one fp32 scale per output column): the int8 cache is unchanged.
+// `[in, out]`, one fp32 scale per output column), optionally with `quantizeInt8Residual`'s tensors, which make the
+// gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
 //
 // For x `[…, K]` and a weight `W ≈ q · scale`:
 //   o      = the `outlierChannels` input channels with the largest max |x| over every 8th row (TopK of a column max)
 //   x̃      = x with the columns o set to 0
 //   r[m]   = max_k |x̃[m, k]| / 127                         (one scale per row)
 //   y      = MatMulIntegerToFloat(QuantizeLinear(x̃, r, 128), q, r, scale, 128)   (uint8 × int8 on VNNI)
-//          + x[:, o] · (q[o, :] · scale)                    (fp32, K = |o|)
+//          + x[:, o] · (q[o, :] · scale [+ r[o, :] · r.scale])   (fp32, K = |o|)
 // The activation half (o, x̃'s uint8 values, r, x[:, o]) is computed once per input and shared by every Linear
 // reading that input (q, k, v; gate, up): `int8Activation` once, `int8Product` per weight.
 import type { Graph, Value } from './onnx-graph.ts';
@@ -37,7 +38,7 @@ export interface Int8Activation {
   rowScale: Value;
   /** int64 `[k]` and fp32 `[M, k]`: the outlier channels and x's values there, when `outlierChannels` > 0. */
   outliers?: { channels: Value; values: Value };
-  /** The output shape for N outputs: x's leading dims, then N (undefined when x is 2-D). */
+  /** The output shape for N outputs: x's leading dims, then N. */
   outShape?: (outFeatures: number) => Value;
 }
 
