@@ -24,12 +24,13 @@ export class EngineCrashed extends AttemptLost {
 }
 
 const CHILD = new URL('./engine-child.ts', import.meta.url);
+const DEFAULT_ENGINE_NICE = 10;
 // an absolute URL: `--import tsx` would be looked up from the working directory, which may be anywhere
 const TSX_LOADER = import.meta.resolve('tsx');
 
 export interface EngineHostOptions {
   log?: Logger;
-  /** Added to the child's nice value (lower CPU priority than the API); default $KLEIN_ENGINE_NICE, else 0. */
+  /** Added to the child's nice value (lower CPU priority than the API); default $KLEIN_ENGINE_NICE, else 10. */
   nice?: number;
   /** How long close() waits for the child to release its model and exit before killing it. */
   closeMs?: number;
@@ -42,9 +43,14 @@ interface Pending {
   opts: GenerateOptions;
 }
 
+/**
+ * How much lower the engine's CPU priority is than the API's: $KLEIN_ENGINE_NICE, default 10. When the cores are
+ * contended, the API's few milliseconds per request then come first and the engine gets the rest; on an idle
+ * machine nothing changes (docs/benchmarks.md, "Runs API during a generation").
+ */
 function engineNice(): number {
   const v = process.env.KLEIN_ENGINE_NICE;
-  const n = v === undefined || v === '' ? 0 : Number(v);
+  const n = v === undefined || v === '' ? DEFAULT_ENGINE_NICE : Number(v);
   if (!Number.isInteger(n) || n < 0 || n > 19) throw new Error(`KLEIN_ENGINE_NICE must be 0–19, got "${v}"`);
   return n;
 }
