@@ -1,8 +1,8 @@
 // `klein bench load --during-generation`: does the API keep answering while the engine works? Starts a real
 // `klein serve` (its own process, a fresh data folder), creates one large run (1024² on the tiny model by default;
 // its model load included), and while it runs sends a fixed-rate open-loop mix of health checks, polls, small run
-// creations and SSE subscriptions from this process. Prints p50/p99/max per endpoint for the requests sent during
-// the generation, and the last line as JSON. `--in-process` runs the server's engine on its event loop (the old way).
+// creations and SSE subscriptions from this process (after a short warm-up that starts no generation). Prints
+// p50/p99/max per endpoint for the requests sent during the generation, and the last line as JSON. `--in-process` runs the server's engine on its event loop (the old way).
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -29,6 +29,8 @@ export interface DuringGenerationOptions {
   precision?: string;
   inProcess?: boolean;
   threads?: number;
+  /** seconds of uncounted requests that start no generation, before the large run (default 2) */
+  warmupS?: number;
 }
 
 export interface EndpointFigures { count: number; errors: number; status: Record<string, number>; p50_ms: number; p99_ms: number; max_ms: number }
@@ -36,7 +38,11 @@ export interface EndpointFigures { count: number; errors: number; status: Record
 export interface DuringGenerationFigures {
   model: string; size: string; rate: number; in_process: boolean;
   server_start_s: number; generation_s: number; run_status: string; run_timings: Record<string, number> | null;
-  sent: number; achieved_rate: number; client_loop_delay_max_ms: number;
+  /** the run's started→completed time in the service minus the engine's own total: request preparation, IPC, file and database writes */
+  service_overhead_s: number | null;
+  sent: number; achieved_rate: number; client_loop_delay_max_ms: number; warmup_s: number;
+  /** the server's own event-loop delay over the generation (its /metrics: prom-client's monitorEventLoopDelay) */
+  server_loop_delay_p99_ms: number; server_loop_delay_max_ms: number;
   load_average_before: number[]; load_average_after: number[];
   endpoints: Record<Endpoint, EndpointFigures>;
   /** the slowest requests: when they were sent (seconds after the large run was created) and how long they took */
@@ -45,6 +51,8 @@ export interface DuringGenerationFigures {
 
 interface Server { proc: ChildProcess; url: string; key: string }
 interface Sample { at: number; ms: number; status: number | 'error' }
+/** The large run as its last poll saw it; `wallS`: from started to completed as the service recorded them. */
+interface Finished { status: string; timings: Record<string, number> | null; wallS: number }
 
 /** `klein serve` on 127.0.0.1:0 over `dataDir`; resolves with its URL and the admin key of its first start. */
 function startServer(o: DuringGenerationOptions, dataDir: string): Promise<Server> {
@@ -108,13 +116,15 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: { id: string }[] };
     const modelId = models.data.find((m) => !m.id.endsWith('/edit'))!.id;
     const runBody = (prompt: string, width: number, height: number, steps?: number, seed = 1) => JSON.stringify({ input: { prompt, image_size: { width, height }, seed, ...(steps ? { num_inference_steps: steps } : {}) } });
+    await warmUp(server, headers, modelId, o.rate, o.warmupS ?? 2);
     const created = await fetch(`${server.url}/v1/models/${modelId}/runs`, { method: 'POST', headers, body: runBody('a lighthouse at dusk, during the load', o.width, o.height, o.steps) });
     if (created.status !== 201) throw new Error(`creating the large run: HTTP ${created.status} ${await created.text()}`);
+    await serverLoopDelay(server); // the scrape resets the server's event-loop delay histogram
     const big = ((await created.json()) as { id: string }).id;
     ids.push(big);
     const tGen = performance.now();
     const deadline = tGen + o.maxSeconds * 1000;
-    let finished: { status: string; timings: Record<string, number> | null } | null = null;
+    let finished: Finished | null = null;
     const inflight = new Set<Promise<void>>();
     const timed = (e: Endpoint, fn: () => Promise<number>) => {
       const s = performance.now();
@@ -130,8 +140,10 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
         const id = i % 4 === 0 ? big : ids[(i * 7919) % ids.length];
         timed(e, async () => {
           const res = await fetch(`${server.url}/v1/runs/${id}`, { headers });
-          const run = (await res.json()) as { status_code?: string; output?: { timings?: Record<string, number> } };
-          if (id === big && ['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) finished ??= { status: run.status_code!, timings: run.output?.timings ?? null };
+          const run = (await res.json()) as { status_code?: string; started_at?: string; completed_at?: string; output?: { timings?: Record<string, number> } };
+          if (id === big && ['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) {
+            finished ??= { status: run.status_code!, timings: run.output?.timings ?? null, wallS: (Date.parse(run.completed_at!) - Date.parse(run.started_at!)) / 1000 };
+          }
           return res.status;
         });
       } else if (e === 'create') {
@@ -165,15 +177,18 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     }
     clientLoop.disable();
     const genS = (performance.now() - tGen) / 1000;
+    const serverLoop = await serverLoopDelay(server);
     await Promise.race([Promise.all(inflight), new Promise((r) => setTimeout(r, 30_000))]);
     const endpoints = Object.fromEntries((Object.keys(samples) as Endpoint[]).map((e) => [e, figures(samples[e])])) as Record<Endpoint, EndpointFigures>;
     const slowest = (Object.entries(samples) as [Endpoint, Sample[]][]).flatMap(([endpoint, xs]) => xs.map((x) => ({ endpoint, at_s: Number((x.at / 1000).toFixed(2)), ms: Number(x.ms.toFixed(1)) })))
       .sort((a, b) => b.ms - a.ms).slice(0, 5);
-    const f = finished as { status: string; timings: Record<string, number> | null } | null;
+    const f = finished as Finished | null;
     return {
       model: o.model, size: `${o.width}x${o.height}`, rate: o.rate, in_process: o.inProcess === true,
       server_start_s: Number(serverStartS.toFixed(1)), generation_s: Number(genS.toFixed(1)), run_status: f?.status ?? 'unfinished (time bound)', run_timings: f?.timings ?? null,
+      service_overhead_s: f?.timings?.total !== undefined ? Number((f.wallS - f.timings.total).toFixed(3)) : null,
       sent: i, achieved_rate: Number((i / genS).toFixed(1)), client_loop_delay_max_ms: Number((clientLoop.max / 1e6).toFixed(1)),
+      server_loop_delay_p99_ms: serverLoop.p99, server_loop_delay_max_ms: serverLoop.max, warmup_s: o.warmupS ?? 2,
       load_average_before: loadBefore.map((v) => Number(v.toFixed(2))), load_average_after: os.loadavg().map((v) => Number(v.toFixed(2))),
       endpoints, slowest,
     };
@@ -181,6 +196,33 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     await stopServer(server.proc);
     fs.rmSync(dataDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A freshly started server compiles its code paths on their first requests; a deployed one has long done so. So the
+ * same rate of health checks, polls and creations first runs for `seconds`, none of which starts a generation (the
+ * poll asks for no run: 404; the creation is refused: 422), and none of which is counted.
+ */
+async function warmUp(server: Server, headers: Record<string, string>, modelId: string, rate: number, seconds: number): Promise<void> {
+  const t0 = performance.now();
+  const pending: Promise<unknown>[] = [];
+  for (let i = 0; performance.now() - t0 < seconds * 1000; i++) {
+    const wait = t0 + (i * 1000) / rate - performance.now();
+    if (wait > 1) await new Promise((r) => setTimeout(r, wait));
+    const e = endpointOf(i);
+    const req = e === 'health' ? fetch(`${server.url}/v1/health`)
+      : e === 'poll' ? fetch(`${server.url}/v1/runs/run_warm_up_${i}`, { headers })
+      : fetch(`${server.url}/v1/models/${modelId}/runs`, { method: 'POST', headers, body: JSON.stringify({ input: { prompt: 'warm-up', image_size: { width: 100, height: 100 } } }) });
+    pending.push(req.then(drain, () => undefined));
+  }
+  await Promise.all(pending);
+}
+
+/** The server's event-loop delay p99 and max since its previous scrape, in ms (an admin key reads /metrics). */
+async function serverLoopDelay(server: Server): Promise<{ p99: number; max: number }> {
+  const text = await (await fetch(`${server.url}/metrics`, { headers: { authorization: `Bearer ${server.key}` } })).text();
+  const ms = (name: string) => Number((Number(text.match(new RegExp(`^${name} (\\S+)$`, 'm'))?.[1]) * 1000).toFixed(1));
+  return { p99: ms('nodejs_eventloop_lag_p99_seconds'), max: ms('nodejs_eventloop_lag_max_seconds') };
 }
 
 async function drain(res: Response): Promise<Response> {
@@ -202,8 +244,9 @@ function stopServer(proc: ChildProcess): Promise<void> {
 
 export function printDuringGeneration(f: DuringGenerationFigures): void {
   console.log(`server: ${f.in_process ? 'engine in process (--in-process)' : 'engine in a child process'}, started in ${f.server_start_s} s; model ${f.model}`);
-  console.log(`generation: ${f.size} ${f.run_status} in ${f.generation_s} s (engine: ${f.run_timings ? Object.entries(f.run_timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ') : '—'})`);
+  console.log(`generation: ${f.size} ${f.run_status} in ${f.generation_s} s (engine: ${f.run_timings ? Object.entries(f.run_timings).map(([k, v]) => `${k} ${v.toFixed(2)} s`).join(', ') : '—'}; the service's started→completed beyond the engine's total: ${f.service_overhead_s ?? '—'} s)`);
   console.log(`load: ${f.sent} requests at ${f.achieved_rate}/s (asked ${f.rate}/s; mix ${Object.entries(MIX).map(([e, s]) => `${e} ${s * 100}%`).join(', ')}); client event-loop delay max ${f.client_loop_delay_max_ms} ms`);
+  console.log(`server event-loop delay over the generation: p99 ${f.server_loop_delay_p99_ms} ms, max ${f.server_loop_delay_max_ms} ms (after a ${f.warmup_s} s warm-up)`);
   console.log(`load average before ${f.load_average_before.join(' ')}, after ${f.load_average_after.join(' ')} (${os.cpus().length} cores)`);
   for (const [e, x] of Object.entries(f.endpoints)) {
     console.log(`${e.padEnd(6)} n ${String(x.count).padStart(5)}  p50 ${x.p50_ms} ms  p99 ${x.p99_ms} ms  max ${x.max_ms} ms  status ${JSON.stringify(x.status)}`);

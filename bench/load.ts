@@ -1,7 +1,9 @@
 // `klein bench load`: many concurrent clients against create + poll over loopback, with the real pipeline on a tiny
-// model. Closed loop: each client creates a run, polls it once, and repeats until the request budget or the time
-// budget is spent. Prints requests/s, p50/p99 latency per route, status counts and the server's memory over the
-// run; the last line is JSON. `runLoad` is also the bounded load test's engine (test/reliability/load.test.ts).
+// model in an engine process (as klein serve runs it; --in-process for the old way). Closed loop: each client
+// creates a run, polls it once, and repeats until the request budget or the time budget is spent. Prints
+// requests/s, p50/p99 latency per route, status counts and the server's memory over the run; the last line is JSON.
+// `runLoad` is also the bounded load test's engine (test/reliability/load.test.ts). `--during-generation`: see
+// load-generation.ts.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -14,6 +16,7 @@ import type { ImagePipeline } from '../src/pipeline/types.ts';
 import { openPipeline } from '../src/pipeline/pipeline.ts';
 import { cpuTarget } from '../src/runtime/target.ts';
 import { createApp } from '../src/service/app.ts';
+import { EngineHost } from '../src/service/engine-host.ts';
 import { createKey } from '../src/service/auth.ts';
 import { loadConfig } from '../src/service/config.ts';
 import { createLogger } from '../src/service/logger.ts';
@@ -126,7 +129,7 @@ export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
 
 interface LoadCliOptions {
   model?: string; clients: string; requests: string; seconds?: string; createLimit: string;
-  duringGeneration?: boolean; size: string; steps?: string; rate: string; precision?: string; inProcess?: boolean; threads?: string;
+  duringGeneration?: boolean; size: string; steps?: string; rate: string; precision?: string; inProcess?: boolean; threads?: string; warmup?: string;
 }
 
 /** `--during-generation`: a real `klein serve` answering a fixed-rate mix while it generates one large image. */
@@ -140,7 +143,9 @@ async function duringGeneration(o: LoadCliOptions, model: string): Promise<void>
   const steps = parseIntOption(o.steps, '--steps');
   const threads = parseIntOption(o.threads, '--threads');
   process.stderr.write(`bench load --during-generation: ${o.size} on ${model}, ${rate} requests/s while it runs…\n`);
-  const f = await runDuringGeneration({ model, width: Number(size[1]), height: Number(size[2]), steps, rate, maxSeconds: seconds, precision: o.precision, inProcess: o.inProcess, threads });
+  const warmupS = o.warmup === undefined ? 2 : Number(o.warmup);
+  if (!(warmupS >= 0 && warmupS <= 60)) throw new UsageError(`--warmup must be 0–60 seconds, got "${o.warmup}"`);
+  const f = await runDuringGeneration({ model, width: Number(size[1]), height: Number(size[2]), steps, rate, maxSeconds: seconds, precision: o.precision, inProcess: o.inProcess, threads, warmupS });
   printDuringGeneration(f);
 }
 
@@ -159,7 +164,8 @@ export function registerLoadBench(bench: Command): void {
     .option('--rate <n>', 'with --during-generation: requests per second, all endpoints together', '200')
     .option('--precision <mode>', 'with --during-generation: passed to klein serve (fast for real-size weights)')
     .option('--threads <n>', 'with --during-generation: passed to klein serve')
-    .option('--in-process', 'with --during-generation: the server runs its engine on its own event loop (the old way, for comparison)')
+    .option('--in-process', 'the server runs its engine on its own event loop (the old way, for comparison)')
+    .option('--warmup <s>', 'with --during-generation: seconds of uncounted requests that start no generation, first (default 2)')
     .action(async (o: LoadCliOptions) => {
       let model = o.model;
       if (!model) {
@@ -175,7 +181,9 @@ export function registerLoadBench(bench: Command): void {
       if (requests < 1 || requests > 1_000_000) throw new UsageError('--requests must be 1–1000000');
       if (seconds < 1 || seconds > 3600) throw new UsageError('--seconds must be 1–3600');
       if (limit < 1) throw new UsageError('--create-limit must be at least 1');
-      const pipeline = await openPipeline({ model, target: cpuTarget(), keepLoaded: true });
+      // as klein serve runs it: the engine in a child process (--in-process: on this event loop, the old way)
+      const options = { model, target: cpuTarget(), keepLoaded: true };
+      const pipeline = o.inProcess ? await openPipeline(options) : await EngineHost.start(options);
       process.stderr.write(`bench load: ${clients} clients, at most ${requests} requests or ${seconds} s…\n`);
       try {
         const f = await runLoad({ pipeline, clients, requests, maxSeconds: seconds, createsPerMinute: limit });

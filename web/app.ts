@@ -364,7 +364,8 @@ $('copy').addEventListener('click', async () => {
 $('refs-max').textContent = String(cfg.limits.maxRefs);
 $('steps-max').textContent = String(cfg.limits.maxSteps);
 stepsIn.max = String(cfg.limits.maxSteps);
-seedIn.max = String(2 ** 32 - 1);
+seedIn.max = String(cfg.limits.maxSeed);
+prompt.maxLength = cfg.limits.maxPromptChars;
 fillSizeOptions();
 refresh();
 listModels()

@@ -1,8 +1,8 @@
-// What the server injects into the page (the size presets and limits come from the service's model table, so the
-// page never disagrees with the API about what it accepts).
+// What the server injects into the page (the size presets and limits come from the pipeline's limits module, the
+// model ids from the variant the server runs, so the page never disagrees with the API about what it accepts).
 export interface PlaygroundConfig {
   presets: Record<string, { width: number; height: number }>;
-  limits: { minSide: number; multiple: number; maxPixels: number; maxImages: number; maxSteps: number; maxRefs: number };
+  limits: { minSide: number; multiple: number; maxPixels: number; maxImages: number; maxSteps: number; maxRefs: number; maxSeed: number; maxPromptChars: number };
   models: { t2i: string; edit: string };
 }
 

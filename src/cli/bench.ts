@@ -6,6 +6,7 @@ import { registerTransformerBench } from '../../bench/transformer.ts';
 import { registerApiBench } from '../../bench/api.ts';
 import { registerPipelineBench } from '../../bench/pipeline.ts';
 import { registerLoadBench } from '../../bench/load.ts';
+import { registerInt8SchemesBench } from '../../bench/int8-schemes.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -20,5 +21,6 @@ export function registerBench(program: Command): Command {
   registerApiBench(bench);
   registerPipelineBench(bench);
   registerLoadBench(bench);
+  registerInt8SchemesBench(bench);
   return bench;
 }

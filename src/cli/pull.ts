@@ -7,7 +7,7 @@ import { DEFAULT_MATTING_REPO, defaultMattingDir, openMattingFolder } from '../w
 import { isRepoId } from '../weights/cache-dirs.ts';
 import { DEFAULT_REPO, openModelFolder } from '../weights/model-folder.ts';
 import { inspectMattingFolder } from '../pipeline/matting-model.ts';
-import { PullError, pullModel } from '../weights/hub.ts';
+import { PullError, pullModel, type PullOptions, type PullResult } from '../weights/hub.ts';
 import { EXIT_FAILED, UsageError } from './errors.ts';
 import { fmtBytes, stageBar } from './progress-bars.ts';
 
@@ -32,6 +32,28 @@ function check(kind: 'klein' | 'matting', dir: string): { variant?: string; matt
   }
 }
 
+/** `pullModel` with the progress `klein pull` shows on stderr: a bar per file, a line when a download resumes. */
+export async function pullWithProgress(opts: PullOptions, quiet = false): Promise<PullResult> {
+  const bar = stageBar({ quiet });
+  let current = '';
+  try {
+    return await pullModel({
+      ...opts,
+      onProgress: (p) => {
+        if (p.phase === 'list') bar.stage(`listing ${opts.repo}`, 1);
+        if (p.phase === 'download' && p.file && p.file !== current) {
+          current = p.file;
+          bar.stage(p.file.length > 40 ? `…${p.file.slice(-39)}` : p.file, p.fileTotal ?? 0, 'bytes');
+          if (p.resumedFrom && !quiet) process.stderr.write(`klein: resuming ${p.file} at ${fmtBytes(p.resumedFrom)}\n`);
+        }
+        if (p.phase === 'download') bar.update(p.fileBytes ?? 0);
+      },
+    });
+  } finally {
+    bar.stop();
+  }
+}
+
 export function registerPull(program: Command): void {
   program
     .command('pull')
@@ -51,27 +73,8 @@ export function registerPull(program: Command): void {
       if (opts.hubUrl && !/^https?:\/\//.test(opts.hubUrl)) throw new UsageError(`--hub-url must be an http(s) URL, got "${opts.hubUrl}"`);
       const retries = Number(opts.retries);
       if (!Number.isInteger(retries) || retries < 0) throw new UsageError(`--retries must be a whole number ≥ 0, got "${opts.retries}"`);
-      const bar = stageBar({ quiet: opts.quiet });
-      let current = '';
       try {
-        const r = await pullModel({
-          repo,
-          revision: opts.revision,
-          hubUrl: opts.hubUrl,
-          dest: opts.dir,
-          retries,
-          kind: opts.matting ? 'matting' : 'auto',
-          onProgress: (p) => {
-            if (p.phase === 'list') bar.stage(`listing ${repo}`, 1);
-            if (p.phase === 'download' && p.file && p.file !== current) {
-              current = p.file;
-              bar.stage(p.file.length > 40 ? `…${p.file.slice(-39)}` : p.file, p.fileTotal ?? 0, 'bytes');
-              if (p.resumedFrom) process.stderr.write(opts.quiet ? '' : `klein: resuming ${p.file} at ${fmtBytes(p.resumedFrom)}\n`);
-            }
-            if (p.phase === 'download') bar.update(p.fileBytes ?? 0);
-          },
-        });
-        bar.stop();
+        const r = await pullWithProgress({ repo, revision: opts.revision, hubUrl: opts.hubUrl, dest: opts.dir, retries, kind: opts.matting ? 'matting' : 'auto' }, opts.quiet);
         const { variant, matting, problem } = check(r.kind, r.dir);
         if (opts.json) {
           console.log(JSON.stringify({ repo: r.repo, revision: r.revision, kind: r.kind, dir: r.dir, bytes: r.bytes, variant, matting, problem, files: r.files }));
@@ -89,7 +92,6 @@ export function registerPull(program: Command): void {
           if (problem) console.log(`warning: the folder is not usable yet:\n${problem}`);
         }
       } catch (e) {
-        bar.stop();
         // 4xx (no such repo, no access) is the user's to fix: exit 2; a network or checksum failure: exit 1
         if (e instanceof PullError && (e.usage || (e.status !== undefined && e.status >= 400 && e.status < 500))) throw new UsageError(e.message);
         if (e instanceof PullError) {

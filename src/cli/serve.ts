@@ -6,11 +6,12 @@ import type { Command } from 'commander';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { createApp, type Service } from '../service/app.ts';
 import { mattingProbe } from '../service/background.ts';
-import { openEngines } from '../service/engine-host.ts';
+import { EngineHost, openEngines } from '../service/engine-host.ts';
 import { PipelinePool } from '../service/pool.ts';
 import { ensureAdminKey } from '../service/auth.ts';
 import { defaultDataDir, loadConfig, type ServiceConfig } from '../service/config.ts';
 import { createLogger } from '../service/logger.ts';
+import { addModelPull } from './auto-pull.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './option-parsers.ts';
 import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
@@ -75,6 +76,7 @@ export function registerServe(program: Command): void {
     .option('--lora-dir <folder>', 'LoRA files requests may name by a relative path (default: config.json loras.dir or $KLEIN_LORA_DIR; URLs and Hub references need none)')
     .option('--in-process', 'run the engine on the API\'s own event loop instead of a child process (debugging: requests wait while it computes)')
     .action((o: ServeOptions) => runServe(o));
+  addModelPull(program.commands.find((c) => c.name() === 'serve')!); // a missing model is pulled first (auto-pull.ts)
 }
 
 async function runServe(o: ServeOptions): Promise<void> {
@@ -108,7 +110,8 @@ async function runServe(o: ServeOptions): Promise<void> {
   // transparent requests are checked against the matting weights at creation; scaled out, the API cannot see the
   // workers' files, so a worker without them fails the run instead
   const matting = scale ? undefined : mattingProbe({ explicit: o.mattingModel, modelRoot: info.modelRoot });
-  const svc = createApp({ pipeline, config, logger: log, modelDir: info.modelRoot, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
+  const engineHosts = members.filter((m): m is EngineHost => m instanceof EngineHost);
+  const svc = createApp({ pipeline, config, logger: log, modelDir: info.modelRoot, engines: engineHosts, ...(scale ? { scale: scale.api } : {}), ...(matting ? { matting } : {}) });
   const admin = ensureAdminKey(svc.store);
   const listening = await listenOrUsageError(svc, port, o.host);
   const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];

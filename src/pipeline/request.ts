@@ -72,7 +72,8 @@ export function resolveRequest(req: GenerateRequest, variant: VariantInfo): Reso
   if (!Number.isInteger(req.numImages) || req.numImages < 1 || req.numImages > L.maxImages) {
     throw new PipelineInputError('invalid_num_images', `num_images must be 1 to ${L.maxImages}, got ${req.numImages}`, 'numImages');
   }
-  if (req.seed + req.numImages - 1 > L.maxSeed) throw new PipelineInputError('invalid_seed', `seed ${req.seed} + image index exceeds ${L.maxSeed}`, 'seed');
+  // compared this way round: seed + index past 2^53 is not exact in a double
+  if (req.seed > L.maxSeed - (req.numImages - 1)) throw new PipelineInputError('invalid_seed', `seed ${req.seed} + image index exceeds ${L.maxSeed}`, 'seed');
   const steps = req.steps ?? variant.defaultSteps;
   if (!Number.isInteger(steps) || steps < 1 || steps > L.maxSteps) throw new PipelineInputError('invalid_steps', `steps must be a whole number from 1 to ${L.maxSteps}, got ${steps}`, 'steps');
   const guidance = req.guidance ?? variant.defaultGuidance;

@@ -2,7 +2,7 @@
 // here knows how images are made.
 import type { AddressInfo } from 'node:net';
 import crypto from 'node:crypto';
-import { OpenAPIHono } from '@hono/zod-openapi';
+import { createRoute, OpenAPIHono, z } from '@hono/zod-openapi';
 import { serve, type ServerType } from '@hono/node-server';
 import { bodyLimit } from 'hono/body-limit';
 import { HTTPException } from 'hono/http-exception';
@@ -13,13 +13,14 @@ import { authenticate, RateLimiter } from './auth.ts';
 import type { MattingProbe } from './background.ts';
 import { Callbacks } from './callbacks.ts';
 import type { ServiceConfig } from './config.ts';
-import type { App, AppEnv, Deps } from './context.ts';
+import { type App, type AppEnv, type Deps, route } from './context.ts';
 import { ApiError, envelope, sendError, validation, zodIssues } from './errors.ts';
 import { FileStore } from './files.ts';
 import { createLogger } from './logger.ts';
 import { RunQueue } from './queue.ts';
 import { Store } from './store.ts';
 import { LIMITS } from './models.ts';
+import { ErrorSchema, errorResponses } from './schemas.ts';
 import { type EngineProcessStats, ServiceMetrics } from './metrics.ts';
 import { registerAccount } from './routes/account.ts';
 import { registerCallbacks } from './routes/callbacks.ts';
@@ -191,7 +192,16 @@ function registerRoutes(app: App, deps: Deps, metrics: ServiceMetrics, scale: Sc
   scale?.register(app);
   // Prometheus text; an admin key's, like the rest of the operator's view (usage of every key), unless config.json
   // says the server sits on a private network where the scraper has no key (`metrics.public`)
-  app.get('/metrics', async (c) => {
+  route(app, createRoute({
+    method: 'get', path: '/metrics', operationId: 'getMetrics', tags: ['Discovery'], summary: 'Prometheus metrics (admin key)',
+    description: 'Prometheus text format: request latency per route, event-loop lag and process figures, engine busy time, outcomes and seconds per stage, runs by status, and the Redis queue when scaled out. Needs an admin API key unless config.json sets `metrics.public`.',
+    security: [{ bearer: [] }],
+    responses: {
+      200: { description: 'Prometheus text exposition format 0.0.4', content: { 'text/plain': { schema: z.string() } } },
+      ...errorResponses(401),
+      403: { description: 'The API key is not an admin key (FORBIDDEN)', content: { 'application/json': { schema: ErrorSchema } } },
+    },
+  }), async (c) => {
     if (!deps.cfg.metrics.public) {
       const key = authenticate(deps.store, c.req.header('authorization'));
       if (key.is_admin !== 1) throw new ApiError(403, 'FORBIDDEN', '/metrics needs an admin API key (or `"metrics": {"public": true}` in config.json)');

@@ -25,18 +25,24 @@ export type MattingProbe = () => string | null;
 
 /**
  * The probe of a server whose pipeline finds its matting model the way `KleinPipeline` does (`explicit`: its
- * `mattingModel` option, `modelRoot`: the klein model folder). It re-resolves on every transparent request (a
- * safetensors header read), so weights pulled while the server runs are picked up without a restart.
+ * `mattingModel` option, `modelRoot`: the klein model folder). It re-resolves (a safetensors header read) when its
+ * answer is older than `ttlMs`, so weights pulled while the server runs are picked up without a restart, and
+ * /v1/health, which asks on every request, does not read the header each time.
  */
-export function mattingProbe(where: { explicit?: string; modelRoot?: string }): MattingProbe {
+export function mattingProbe(where: { explicit?: string; modelRoot?: string }, ttlMs = 2000): MattingProbe {
+  let last: { at: number; answer: string | null } | undefined;
   return () => {
+    const now = Date.now();
+    if (last && now - last.at < ttlMs) return last.answer;
+    let answer: string | null = null;
     try {
       resolveMattingModel(where);
-      return null;
     } catch (e) {
-      if (e instanceof MattingModelError) return e.message;
-      throw e;
+      if (!(e instanceof MattingModelError)) throw e;
+      answer = e.message;
     }
+    last = { at: now, answer };
+    return answer;
   };
 }
 

@@ -24,12 +24,13 @@ export class EngineCrashed extends AttemptLost {
 }
 
 const CHILD = new URL('./engine-child.ts', import.meta.url);
+const DEFAULT_ENGINE_NICE = 10;
 // an absolute URL: `--import tsx` would be looked up from the working directory, which may be anywhere
 const TSX_LOADER = import.meta.resolve('tsx');
 
 export interface EngineHostOptions {
   log?: Logger;
-  /** Added to the child's nice value (lower CPU priority than the API); 0 leaves it as the parent's. */
+  /** Added to the child's nice value (lower CPU priority than the API); default $KLEIN_ENGINE_NICE, else 10. */
   nice?: number;
   /** How long close() waits for the child to release its model and exit before killing it. */
   closeMs?: number;
@@ -40,6 +41,18 @@ interface Pending {
   resolve: (r: GenerateResult) => void;
   reject: (e: Error) => void;
   opts: GenerateOptions;
+}
+
+/**
+ * How much lower the engine's CPU priority is than the API's: $KLEIN_ENGINE_NICE, default 10. When the cores are
+ * contended, the API's few milliseconds per request then come first and the engine gets the rest; on an idle
+ * machine nothing changes (docs/benchmarks.md, "Runs API during a generation").
+ */
+function engineNice(): number {
+  const v = process.env.KLEIN_ENGINE_NICE;
+  const n = v === undefined || v === '' ? DEFAULT_ENGINE_NICE : Number(v);
+  if (!Number.isInteger(n) || n < 0 || n > 19) throw new Error(`KLEIN_ENGINE_NICE must be 0–19, got "${v}"`);
+  return n;
 }
 
 export function describeExit(code: number | null, signal: NodeJS.Signals | null): string {
@@ -90,13 +103,15 @@ export class EngineHost implements ImagePipeline {
     return this.starting;
   }
 
-  private spawn(): Promise<ChildProcess> {
+  private async spawn(): Promise<ChildProcess> {
+    const nice = this.o.nice ?? engineNice();
     return new Promise((resolve, reject) => {
       const child = fork(CHILD, [], { execArgv: ['--import', TSX_LOADER], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
       this.starts++;
-      if (this.o.nice && child.pid) {
+      if (nice && child.pid) {
         try {
-          os.setPriority(child.pid, Math.min(19, os.getPriority() + this.o.nice));
+          // its compute threads are created later by its main thread and inherit this
+          os.setPriority(child.pid, Math.min(19, os.getPriority() + nice));
         } catch (e) {
           this.o.log?.warn({ err: e }, 'cannot lower the engine process priority');
         }

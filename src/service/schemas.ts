@@ -55,7 +55,7 @@ export const RunSchema = z.object({
   object: z.literal('run'),
   model_id: z.string().openapi({ description: 'The id of the model the run used (GET /v1/models).' }),
   status_code: z.enum(RUN_STATUSES as [string, ...string[]]),
-  input: z.union([TextToImageInput, EditInput]),
+  input: z.union([TextToImageInput.openapi('TextToImageInput'), EditInput.openapi('EditInput')]).openapi({ description: 'The input as the run uses it, defaults filled in.' }),
   output: OutputSchema.nullable(),
   cost: z.string().nullable().openapi({ description: 'USD, decimal string. An estimate until the run succeeds; "0.000" when failed or cancelled.', example: '0.014' }),
   cost_breakdown: z.record(z.string(), z.unknown()).nullable(),
@@ -74,6 +74,7 @@ export const RunSchema = z.object({
   links: z.object({ self: z.string(), events: z.string(), cancel: z.string(), callback: z.string() }),
 }).openapi('Run');
 
+// inline in the request body, not a component: client generators make the input's defaulted fields optional there
 export const CreateRunBody = z
   .object({
     input: z.union([TextToImageInput, EditInput]).openapi({ description: "The model's input: TextToImageInput, or EditInput for …/edit." }),
@@ -81,6 +82,6 @@ export const CreateRunBody = z
     metadata: z.record(z.string(), z.unknown()).optional().openapi({ description: 'Echoed verbatim in the run and its callbacks (at most 16 KiB).' }),
     client_ref: z.string().max(256).optional(),
   })
-  .openapi('CreateRun');
+  .openapi({ description: "A run request: the model's input, and where and how to report back." });
 
 export const RunListSchema = z.object({ data: z.array(RunSchema), next_cursor: z.string().nullable(), has_more: z.boolean() }).openapi('RunList');

@@ -100,3 +100,19 @@ export function quantizeForRef(ref: WeightRef, scheme: string, output: string, m
   if (!bytes) throw new Error(`${ref.key}: scheme ${scheme} has no output ${output}`);
   return bytes;
 }
+
+/**
+ * What `qw` leaves of `w` (`[out, in]`), quantized the same way: `w[n, k] ≈ q[k, n]·scale[n] + r.q[k, n]·r.scale[n]`
+ * to ~2⁻¹⁴ of each column's range. The outlier-tolerant int8 Linear (int8-linear.ts) multiplies the few outlier
+ * channels in fp32 with `q + r` rows, so their weights are as good as fp32 where the activations are largest.
+ */
+export function quantizeInt8Residual(w: Float32Array, qw: Int8Weight): Int8Weight {
+  const { inFeatures: K, outFeatures: N } = qw;
+  if (w.length !== N * K) throw new RangeError(`quantizeInt8Residual: ${w.length} values for a [${N}, ${K}] weight (${N * K} expected)`);
+  const rest = new Float32Array(N * K);
+  for (let n = 0; n < N; n++) {
+    const s = qw.scale[n];
+    for (let k = 0; k < K; k++) rest[n * K + k] = w[n * K + k] - qw.q[k * N + n] * s;
+  }
+  return quantizeInt8(rest, N, K);
+}

@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import sharp from 'sharp';
 import { runKlein, tmpDir } from './helpers.ts';
+import { LIMITS } from '../../src/pipeline/limits.ts';
 
 let work: string;
 let model: string;
@@ -97,7 +98,8 @@ test('every bad argument is exit 2 with a message naming the problem', async () 
     [['generate', 'p', '-m', model, '--size', 'huge', '-o', o], /unknown --size "huge": use square_hd, square, portrait_4_3/],
     [['generate', 'p', '-m', model, '--height', 'tall', '-o', o], /--height must be a whole number, got "tall"/],
     [['generate', 'p', '-m', model, '-n', '5', '-o', o], /--num-images must be 1 to 4, got 5/],
-    [['generate', 'p', '-m', model, '--steps', '0', '-o', o], /steps must be a whole number from 1 to 100, got 0/],
+    [['generate', 'p', '-m', model, '--steps', '0', '-o', o], new RegExp(`steps must be a whole number from 1 to ${LIMITS.maxSteps}, got 0`)],
+    [['generate', 'p', '-m', model, '--steps', String(LIMITS.maxSteps + 1), '-o', o], new RegExp(`steps must be a whole number from 1 to ${LIMITS.maxSteps}, got ${LIMITS.maxSteps + 1}`)],
     [['generate', 'p', '-m', model, '--steps', '2.5', '-o', o], /--steps must be a whole number, got "2\.5"/],
     [['generate', 'p', '-m', model, '--seed=-1', '-o', o], /--seed must be a whole number, got "-1"/],
     [['generate', 'p', '-m', model, '--guidance', 'strong', '-o', o], /--guidance must be a number, got "strong"/],

@@ -45,12 +45,16 @@ export interface ServeProcess {
 }
 
 /**
- * Starts `klein serve ARGS` (add `--port 0`) and resolves once it listens — and, on a first start, once it has
+ * Starts `klein serve ARGS` (add `--port 0`), or `command ARGS`, and resolves once it listens — and, on a first start, once it has
  * printed the admin key that follows the listening line. The process is pushed to `track` for the caller's cleanup.
  */
-export function startServe(args: string[], opts: { env?: Record<string, string>; track?: ChildProcess[]; timeoutMs?: number } = {}): Promise<ServeProcess> {
+export function startServe(args: string[], opts: { env?: Record<string, string | undefined>; track?: ChildProcess[]; timeoutMs?: number; command?: string[] } = {}): Promise<ServeProcess> {
   return new Promise((resolve, reject) => {
-    const proc = spawn(process.execPath, [KLEIN, 'serve', ...args], { env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...opts.env } });
+    // `command` runs klein serve another way (`npm start --`); ARGS follow it
+    const [cmd, ...pre] = opts.command ?? [process.execPath, KLEIN, 'serve'];
+    // a wrapper (npm) gets a process group of its own: stopProcess signals the whole group, klein serve included
+    const proc = spawn(cmd, [...pre, ...args], { cwd: ROOT, env: { ...process.env, KLEIN_LOG_LEVEL: 'silent', ...opts.env }, detached: opts.command !== undefined });
+    if (opts.command) groupLeaders.add(proc);
     opts.track?.push(proc);
     let out = '';
     let stdout = '';
@@ -72,12 +76,16 @@ export function startServe(args: string[], opts: { env?: Record<string, string>;
   });
 }
 
+/** Processes started in a group of their own (startServe's `command`): stopped group and all. */
+const groupLeaders = new WeakSet<ChildProcess>();
+
 /** SIGTERM; resolves with the exit code once the process has exited. */
 export function stopProcess(proc: ChildProcess): Promise<number | null> {
   return new Promise((resolve) => {
     if (proc.exitCode !== null || proc.signalCode !== null) return resolve(proc.exitCode);
     proc.once('exit', (code) => resolve(code));
-    proc.kill('SIGTERM');
+    if (groupLeaders.has(proc) && proc.pid !== undefined) process.kill(-proc.pid, 'SIGTERM');
+    else proc.kill('SIGTERM');
   });
 }
 

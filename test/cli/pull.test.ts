@@ -1,59 +1,21 @@
-// `klein pull` against a fake Hub on 127.0.0.1 that speaks the two endpoints the real Hub serves for it: the
-// tree listing (`/api/models/{repo}/tree/{rev}?recursive=true`, with git blob ids and LFS sha256) and
-// `/{repo}/resolve/{rev}/{path}` with HTTP Range support.
+// `klein pull` against a fake Hub on 127.0.0.1 (fake-hub.ts: the tree listing and `resolve` with HTTP Range).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import sharp from 'sharp';
 import { writeSafetensors } from '../../src/weights/safetensors.ts';
 import { DEFAULT_MATTING_REPO } from '../../src/weights/matting-folder.ts';
 import { writeTinyMattingModel, writeTinyModel } from '../../src/fixtures/tiny-model.ts';
+import { type FakeHub, type Served, servedFolder, startFakeHub } from './fake-hub.ts';
 import { runKlein, tmpDir } from './helpers.ts';
 
 const REPO = 'acme/klein-tiny';
 const TOKEN = 'hf_test_token';
 
-interface Served {
-  body: Buffer;
-  lfs: boolean;
-}
 const files = new Map<string, Served>();
-/** Further repositories served by the same hub: repo id → files. */
-const repos = new Map<string, Map<string, Served>>([[REPO, files]]);
-const requests: Array<{ path: string; range?: string; auth?: string }> = [];
-/** path → bytes after which the next response for it is cut off (then the entry is removed). */
-const cutOnce = new Map<string, number>();
-/** path → cut every response after this many bytes. */
-const cutAlways = new Map<string, number>();
-/** path → serve these bytes instead of the listed ones. */
-const corrupt = new Map<string, Buffer>();
-let server: http.Server;
+let hub: FakeHub;
 let hubUrl: string;
-
-function blobSha1(b: Buffer): string {
-  return crypto.createHash('sha1').update(`blob ${b.length}\0`).update(b).digest('hex');
-}
-
-function listing(served: Map<string, Served>): unknown[] {
-  const dirs = new Set<string>();
-  const out: unknown[] = [];
-  for (const [p, f] of served) {
-    const parts = p.split('/');
-    for (let i = 1; i < parts.length; i++) dirs.add(parts.slice(0, i).join('/'));
-    const sha256 = crypto.createHash('sha256').update(f.body).digest('hex');
-    out.push(
-      f.lfs
-        ? { type: 'file', path: p, size: f.body.length, oid: crypto.randomBytes(20).toString('hex'), lfs: { oid: sha256, size: f.body.length, pointerSize: 134 } }
-        : { type: 'file', path: p, size: f.body.length, oid: blobSha1(f.body) },
-    );
-  }
-  for (const d of dirs) out.push({ type: 'directory', path: d, size: 0, oid: '0'.repeat(40) });
-  return out;
-}
 
 before(async () => {
   const st = tmpDir('hub-src');
@@ -64,73 +26,20 @@ before(async () => {
   files.set('tokenizer/tokenizer_config.json', { body: Buffer.from('{}'), lfs: false });
   files.set('README.md', { body: Buffer.from('# not needed'), lfs: false });
   files.set('flux-2-klein-4b.safetensors', { body: Buffer.alloc(5000, 7), lfs: true });
-
-  server = http.createServer((req, res) => {
-    const url = new URL(req.url ?? '/', 'http://x');
-    const auth = req.headers.authorization;
-    if (auth !== `Bearer ${TOKEN}`) {
-      res.writeHead(401, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Invalid credentials' }));
-      return;
-    }
-    const tree = /^\/api\/models\/([^/]+\/[^/]+)\/tree\/([^/]+)$/.exec(url.pathname);
-    if (tree) {
-      const served = repos.get(tree[1]);
-      if (!served) {
-        res.writeHead(404, { 'content-type': 'application/json', 'x-error-code': 'RepoNotFound' }).end(JSON.stringify({ error: 'Repository not found' }));
-        return;
-      }
-      if (tree[2] !== 'main') {
-        res.writeHead(404, { 'content-type': 'application/json', 'x-error-code': 'RevisionNotFound' }).end(JSON.stringify({ error: 'Revision Not Found' }));
-        return;
-      }
-      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(listing(served)));
-      return;
-    }
-    const resolve = /^\/([^/]+\/[^/]+)\/resolve\/main\/(.+)$/.exec(url.pathname);
-    const p = resolve ? decodeURIComponent(resolve[2]) : '';
-    const f = resolve ? repos.get(resolve[1])?.get(p) : undefined;
-    if (!f) {
-      res.writeHead(404, { 'x-error-code': url.pathname.startsWith('/api/') ? 'RepoNotFound' : 'EntryNotFound', 'content-type': 'application/json' }).end(JSON.stringify({ error: 'Not Found' }));
-      return;
-    }
-    requests.push({ path: p, range: req.headers.range, auth });
-    const body = corrupt.get(p) ?? f.body;
-    let start = 0;
-    const m = /^bytes=(\d+)-(\d*)$/.exec(req.headers.range ?? '');
-    const headers: Record<string, string | number> = { etag: `"${blobSha1(body)}"`, 'x-repo-commit': 'c0ffee', 'accept-ranges': 'bytes' };
-    if (m) {
-      start = Number(m[1]);
-      if (start >= body.length) {
-        res.writeHead(416, { 'content-range': `bytes */${body.length}` }).end();
-        return;
-      }
-      res.writeHead(206, { ...headers, 'content-range': `bytes ${start}-${body.length - 1}/${body.length}`, 'content-length': body.length - start });
-    } else {
-      res.writeHead(200, { ...headers, 'content-length': body.length });
-    }
-    const cut = cutOnce.get(p) ?? cutAlways.get(p);
-    if (cut !== undefined && cut > start) {
-      cutOnce.delete(p);
-      // send part of the body, then close the connection mid-response the way a flaky network would (FIN, not
-      // RST: a reset would also discard bytes the client has received but not read yet)
-      res.write(body.subarray(start, cut), () => res.socket?.end());
-      return;
-    }
-    res.end(body.subarray(start));
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  hubUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  hub = await startFakeHub({ token: TOKEN });
+  hub.repos.set(REPO, files);
+  hubUrl = hub.url;
 });
 
-after(() => server.close());
+after(() => hub.close());
 
 const BIG = 'transformer/diffusion_pytorch_model.safetensors';
 const env = { HF_TOKEN: TOKEN, HF_ENDPOINT: undefined };
 
 test('klein pull downloads only the model files, verifies them, and resumes a connection cut mid-file by itself', async () => {
   const dest = tmpDir('pull');
-  requests.length = 0;
-  cutOnce.set(BIG, 100_000);
+  hub.requests.length = 0;
+  hub.cutOnce.set(BIG, 100_000);
   const r = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--json'], env);
   assert.equal(r.code, 0, r.stderr);
   const out = JSON.parse(r.stdout) as { files: Array<{ path: string; status: string }>; dir: string };
@@ -142,40 +51,40 @@ test('klein pull downloads only the model files, verifies them, and resumes a co
     else assert.ok(fs.readFileSync(target).equals(f.body), `${p} content`);
   }
   assert.equal(fs.existsSync(path.join(dest, `${BIG}.part`)), false);
-  const big = requests.filter((q) => q.path === BIG);
+  const big = hub.requests.filter((q) => q.path === BIG);
   assert.equal(big.length, 2);
   assert.equal(big[0].range, undefined);
   // the retry continues from what reached the .part file (the client may drop bytes still buffered when the
   // connection failed): never from 0, never past what the server sent
   const from = Number(/^bytes=(\d+)-$/.exec(big[1].range ?? '')?.[1]);
   assert.ok(from > 0 && from <= 100_000, `resumed from ${big[1].range}`);
-  assert.ok(requests.every((q) => q.auth === `Bearer ${TOKEN}`));
+  assert.ok(hub.requests.every((q) => q.auth === `Bearer ${TOKEN}`));
   // the incomplete folder is reported, not hidden
   assert.match(r.stdout, /"problem":".*incomplete/);
 
   // a second pull finds everything verified and downloads nothing
-  requests.length = 0;
+  hub.requests.length = 0;
   const again = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--json'], env);
   assert.equal(again.code, 0, again.stderr);
   assert.ok((JSON.parse(again.stdout) as { files: Array<{ status: string }> }).files.every((f) => f.status === 'present'));
-  assert.equal(requests.length, 0);
+  assert.equal(hub.requests.length, 0);
 });
 
 test('an interrupted klein pull leaves a .part file and the next run continues from it with a Range request', async () => {
   const dest = tmpDir('pull-resume');
-  cutAlways.set(BIG, 150_000);
+  hub.cutAlways.set(BIG, 150_000);
   const first = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest, '--retries', '0'], env);
-  cutAlways.delete(BIG);
+  hub.cutAlways.delete(BIG);
   assert.equal(first.code, 1, first.stderr);
   assert.match(first.stderr, /partial download is kept/);
   assert.equal(fs.statSync(path.join(dest, `${BIG}.part`)).size, 150_000);
   assert.equal(fs.existsSync(path.join(dest, BIG)), false);
 
-  requests.length = 0;
+  hub.requests.length = 0;
   const second = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest], env);
   assert.equal(second.code, 0, second.stderr);
   assert.match(second.stderr, /resuming transformer\/diffusion_pytorch_model\.safetensors at 146\.5 KiB/);
-  const big = requests.filter((q) => q.path === BIG);
+  const big = hub.requests.filter((q) => q.path === BIG);
   assert.deepEqual(big.map((q) => q.range), ['bytes=150000-']);
   assert.ok(fs.readFileSync(path.join(dest, BIG)).equals(files.get(BIG)!.body));
 });
@@ -184,9 +93,9 @@ test('a corrupted download fails the sha256 check, exits 1 and keeps nothing', a
   const dest = tmpDir('pull-bad');
   const bad = Buffer.from(files.get(BIG)!.body);
   bad[bad.length - 1] ^= 0xff;
-  corrupt.set(BIG, bad);
+  hub.corrupt.set(BIG, bad);
   const r = await runKlein(['pull', REPO, '--hub-url', hubUrl, '--dir', dest], env);
-  corrupt.delete(BIG);
+  hub.corrupt.delete(BIG);
   assert.equal(r.code, 1);
   assert.match(r.stderr, /checksum mismatch \(sha256 [0-9a-f]{64} ≠ listed [0-9a-f]{64}\)/);
   assert.equal(fs.existsSync(path.join(dest, BIG)), false);
@@ -213,17 +122,9 @@ test('a tiny model pulled into the cache ($KLEIN_HOME) is listed by klein models
   // serve a real tiny model in the HF layout, the way the Hub serves black-forest-labs/FLUX.2-klein-4B
   const src = tmpDir('hub-tiny');
   writeTinyModel(src, { seed: 4 });
-  const served = new Map<string, Served>();
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (!e.name.startsWith('.')) served.set(path.relative(src, p), { body: fs.readFileSync(p), lfs: e.name.endsWith('.safetensors') || e.name === 'tokenizer.json' });
-    }
-  };
-  walk(src);
+  const served = servedFolder(src);
   served.set('README.md', { body: Buffer.from('# tiny'), lfs: false });
-  repos.set('acme/klein-tiny-real', served);
+  hub.repos.set('acme/klein-tiny-real', served);
   const home = tmpDir('pull-home');
   const r = await runKlein(['pull', 'acme/klein-tiny-real', '--hub-url', hubUrl, '--json', '-q'], { ...env, KLEIN_HOME: home });
   assert.equal(r.code, 0, r.stderr);
@@ -256,7 +157,7 @@ test('klein pull --matting fetches only the BiRefNet weights and config into the
     ['handler.py', { body: Buffer.from('# endpoint handler'), lfs: false }],
     ['README.md', { body: Buffer.from('# BiRefNet-matting'), lfs: false }],
   ]);
-  repos.set(DEFAULT_MATTING_REPO, served);
+  hub.repos.set(DEFAULT_MATTING_REPO, served);
   const home = tmpDir('pull-matting-home');
   const r = await runKlein(['pull', '--matting', '--hub-url', hubUrl, '--json', '-q'], { ...env, KLEIN_HOME: home });
   assert.equal(r.code, 0, r.stderr);

@@ -3,8 +3,11 @@
 // run succeeds, and /v1/health answered 200 all along (polled every 50 ms, each request bounded to 10 s).
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import type { ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import { EngineHost } from '../../src/service/engine-host.ts';
-import { type Harness, pollUntil, realPipeline, startService, terminal } from '../service/helpers.ts';
+import { startServe, stopProcess } from '../cli/helpers.ts';
+import { type Harness, pollUntil, realPipeline, startService, tempDir, terminal } from '../service/helpers.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
@@ -15,17 +18,26 @@ const midRun = (attempts: number) => (r: any) => (r.status_code === 'running' &&
 
 let host: EngineHost;
 let h: Harness;
+let modelDir: string;
+const spawned: ChildProcess[] = [];
 
 before(async () => {
   const tiny = await realPipeline();
   await tiny.close(); // only its folder: the service's engine runs in the host's child process
-  host = await EngineHost.start({ target: cpuTarget(), model: tiny.modelDir, keepLoaded: true });
+  modelDir = tiny.modelDir;
+  host = await EngineHost.start({ target: cpuTarget(), model: modelDir, keepLoaded: true });
   h = await startService({ pipeline: host, engines: [host] });
 });
 after(async () => {
   await h?.svc.close();
   await host?.close();
+  for (const p of spawned) if (p.exitCode === null) p.kill('SIGKILL');
 });
+
+/** A process's children (Linux /proc). */
+const childrenOf = (pid: number) => fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+const commandOf = (pid: number) => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ');
+const alive = (pid: number) => fs.existsSync(`/proc/${pid}`) && !/^State:\s+Z/m.test(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
 
 /** Polls /v1/health every 50 ms until stopped; every answer and failure is kept. */
 function healthPoller(url: string) {
@@ -97,4 +109,36 @@ test('engine killed mid-run: retried on a fresh engine; killed twice: ENGINE_CRA
   assert.equal(value('klein_engine_starts_total'), 4);
   assert.equal(value('klein_engine_generation_seconds_count{outcome="lost"}'), 3);
   assert.equal(value('klein_engine_generation_seconds_count{outcome="succeeded"}'), 2);
+});
+
+test('klein serve generates in an engine child process by default: killed mid-run, the run is retried and the server stays up; SIGTERM stops both', { timeout: 300_000 }, async () => {
+  const data = tempDir('klein-engine-serve-');
+  const serve = await startServe(['--model', modelDir, '--data', data, '--port', '0'], { track: spawned });
+  const key = serve.lines.at(-1)!;
+  const engines = childrenOf(serve.proc.pid!).filter((p) => /engine-child\.ts/.test(commandOf(p)));
+  assert.equal(engines.length, 1, `one engine child of klein serve: ${childrenOf(serve.proc.pid!).map(commandOf).join('; ')}`);
+  const api = async (method: string, p: string, body?: unknown) => {
+    const res = await fetch(serve.url + p, { method, headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, ...(body ? { body: JSON.stringify(body) } : {}) });
+    return { status: res.status, json: (await res.json()) as any };
+  };
+  const run = await api('POST', T2I, long);
+  assert.equal(run.status, 201, JSON.stringify(run.json));
+  const poll = async (pred: (r: any) => boolean) => {
+    for (const t0 = Date.now(); Date.now() - t0 < 240_000; await new Promise((r) => setTimeout(r, 25))) {
+      const r = (await api('GET', `/v1/runs/${run.json.id}`)).json;
+      if (pred(r)) return r;
+    }
+    throw new Error('timed out');
+  };
+  await poll(midRun(1));
+  process.kill(engines[0], 'SIGKILL');
+  const done = await poll(terminal);
+  assert.equal(done.status_code, 'succeeded', JSON.stringify(done));
+  assert.equal(done.attempts, 2);
+  const fresh = childrenOf(serve.proc.pid!).filter((p) => /engine-child\.ts/.test(commandOf(p)));
+  assert.equal(fresh.length, 1);
+  assert.notEqual(fresh[0], engines[0]);
+  assert.equal(await stopProcess(serve.proc), 0);
+  for (const t0 = Date.now(); alive(fresh[0]) && Date.now() - t0 < 15_000; ) await new Promise((r) => setTimeout(r, 50));
+  assert.ok(!alive(fresh[0]), 'the engine process exits with klein serve');
 });

@@ -9,7 +9,9 @@ const Day = z.string().regex(/^\d{4}-\d{2}-\d{2}$/, 'a day as YYYY-MM-DD');
 
 export function registerAccount(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/auth/me', tags: ['Account'], summary: 'Check the API key', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/auth/me', operationId: 'getCurrentKey', tags: ['Account'], summary: 'Check the API key',
+    description: 'The key this request authenticated with (its id, name, prefix, admin flag; never the secret) and the limits that apply to it: run creations and requests per minute, runs at once.',
+    security: [{ bearer: [] }],
     responses: {
       200: { description: 'The key and its limits', content: { 'application/json': { schema: z.object({ key: z.record(z.string(), z.unknown()), limits: z.record(z.string(), z.number()) }) } } },
       ...errorResponses(401),
@@ -28,7 +30,9 @@ export function registerAccount(app: App, deps: Deps): void {
 
   const UsageRow = z.object({ day: z.string(), key_id: z.string(), model_id: z.string(), runs: z.number().int(), images: z.number().int(), output_mp: z.number().int(), input_mp: z.number().int(), lora_mp: z.number().int().openapi({ description: 'Output megapixels of runs with LoRAs (billed with the LoRA surcharge).' }), cost: z.string() });
   route(app, createRoute({
-    method: 'get', path: '/v1/usage', tags: ['Account'], summary: 'Usage ledger per key and day (succeeded runs only)', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/usage', operationId: 'getUsage', tags: ['Account'], summary: 'Usage ledger per key and day (succeeded runs only)',
+    description: 'Runs, images, megapixels and cost per day, key and model, from the billed (succeeded) runs, with the total. `from` and `to` are inclusive UTC days. Admin keys see every key, or one with `key_id`.',
+    security: [{ bearer: [] }],
     request: { query: z.object({ from: Day.optional(), to: Day.optional(), key_id: z.string().optional().openapi({ description: 'Admin keys: one key (default: all keys)' }) }) },
     responses: {
       200: { description: 'Rows per day, key and model, and the total', content: { 'application/json': { schema: z.object({ currency: z.literal('USD'), data: z.array(UsageRow), total_cost: z.string() }) } } },

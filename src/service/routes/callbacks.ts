@@ -16,7 +16,7 @@ const RunId = z.object({ id: z.string().openapi({ param: { name: 'id', in: 'path
 
 export function registerCallbacks(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'post', path: '/v1/callback-secrets', tags: ['Callbacks'], summary: 'Create a callback signing secret',
+    method: 'post', path: '/v1/callback-secrets', operationId: 'createCallbackSecret', tags: ['Callbacks'], summary: 'Create a callback signing secret',
     description: 'The new secret becomes current and signs `Runflow-Signature` (hex HMAC-SHA256 of the raw body). The previous one stays valid and signs `Runflow-Signature-Previous` until revoked or until a third is created. `plain_secret` is shown only in this response.',
     security: [{ bearer: [] }],
     request: { body: { content: { 'application/json': { schema: z.object({ label: z.string().max(100).optional() }) } }, required: false } },
@@ -30,7 +30,9 @@ export function registerCallbacks(app: App, deps: Deps): void {
   });
 
   route(app, createRoute({
-    method: 'get', path: '/v1/callback-secrets', tags: ['Callbacks'], summary: 'List callback secrets (never their values)', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/callback-secrets', operationId: 'listCallbackSecrets', tags: ['Callbacks'], summary: 'List callback secrets (never their values)',
+    description: 'The secrets of this key, newest first: which one is current (signs `Runflow-Signature`), which is previous (signs `Runflow-Signature-Previous`) and which are revoked.',
+    security: [{ bearer: [] }],
     responses: { 200: { description: 'Secrets, newest first', content: { 'application/json': { schema: z.object({ data: z.array(Secret) }) } } }, ...errorResponses(401) },
   }), (c) => {
     const key = c.get('key');
@@ -39,7 +41,9 @@ export function registerCallbacks(app: App, deps: Deps): void {
   });
 
   route(app, createRoute({
-    method: 'delete', path: '/v1/callback-secrets/{id}', tags: ['Callbacks'], summary: 'Revoke a callback secret (ends a rotation)', security: [{ bearer: [] }],
+    method: 'delete', path: '/v1/callback-secrets/{id}', operationId: 'revokeCallbackSecret', tags: ['Callbacks'], summary: 'Revoke a callback secret (ends a rotation)',
+    description: 'Callbacks are no longer signed with this secret. Revoke the previous secret once receivers check the new one.',
+    security: [{ bearer: [] }],
     request: { params: RunId },
     responses: { 200: { description: 'The revoked secret', content: { 'application/json': { schema: Secret } } }, ...errorResponses(401, 404) },
   }), (c) => {
@@ -50,7 +54,9 @@ export function registerCallbacks(app: App, deps: Deps): void {
   });
 
   route(app, createRoute({
-    method: 'get', path: '/v1/runs/{id}/callback', tags: ['Callbacks'], summary: "A run's callback deliveries and their attempts", security: [{ bearer: [] }],
+    method: 'get', path: '/v1/runs/{id}/callback', operationId: 'getRunCallback', tags: ['Callbacks'], summary: "A run's callback deliveries and their attempts",
+    description: 'Every delivery of the run\'s callback (the first and any redeliveries), each with its attempts: HTTP status, response body excerpt, time taken, error, and when the next attempt is due.',
+    security: [{ bearer: [] }],
     request: { params: RunId },
     responses: { 200: { description: 'Deliveries, oldest first', content: { 'application/json': { schema: z.object({ run_id: z.string(), callback_url: z.string().nullable(), deliveries: z.array(Delivery) }) } } }, ...errorResponses(401, 404) },
   }), (c) => {
@@ -59,7 +65,7 @@ export function registerCallbacks(app: App, deps: Deps): void {
   });
 
   route(app, createRoute({
-    method: 'post', path: '/v1/runs/{id}/callback-redeliveries', tags: ['Callbacks'], summary: 'Send the callback again',
+    method: 'post', path: '/v1/runs/{id}/callback-redeliveries', operationId: 'redeliverRunCallback', tags: ['Callbacks'], summary: 'Send the callback again',
     description: 'Builds a fresh payload from the current run state and delivers it with the usual retries. 409 while a delivery is still pending or when the run has not ended.',
     security: [{ bearer: [] }], request: { params: RunId },
     responses: { 201: { description: 'The new delivery', content: { 'application/json': { schema: Delivery } } }, ...errorResponses(401, 404, 409, 422) },

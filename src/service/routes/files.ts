@@ -9,13 +9,14 @@ const TYPES: Record<string, string> = { png: 'image/png', jpg: 'image/jpeg', web
 
 export function registerFiles(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/files/{run_id}/{file}', tags: ['Files'], summary: 'Download an output image (signed URL from the run output)',
+    method: 'get', path: '/v1/files/{run_id}/{file}', operationId: 'getFile', tags: ['Files'], summary: 'Download an output image (signed URL from the run output)',
+    description: 'No API key: the `expires` and `signature` query parameters of the URL in the run output are the credential. 410 once the URL has expired (GET the run again for a fresh one), 404 once retention removed the file.',
     request: {
       params: z.object({ run_id: z.string().openapi({ param: { name: 'run_id', in: 'path' } }), file: z.string().openapi({ param: { name: 'file', in: 'path' } }) }),
       query: z.object({ expires: z.string().optional(), signature: z.string().optional() }),
     },
     responses: {
-      200: { description: 'The image', content: { 'image/png': { schema: z.string().openapi({ format: 'binary' }) } } },
+      200: { description: 'The image', content: Object.fromEntries(Object.values(TYPES).map((t) => [t, { schema: z.string().openapi({ format: 'binary' }) }])) },
       ...errorResponses(403, 404, 410),
     },
   }), (c) => {

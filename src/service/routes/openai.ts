@@ -280,7 +280,7 @@ async function imagesToDataUris(images: File[]): Promise<{ uris: string[]; token
 
 export function registerOpenAI(app: App, deps: Deps): void {
   app.openAPIRegistry.registerPath(createRoute({
-    method: 'post', path: '/v1/images/generations', tags: ['OpenAI-compatible'], summary: 'Create images (OpenAI images API)',
+    method: 'post', path: '/v1/images/generations', operationId: 'createImage', tags: ['OpenAI-compatible'], summary: 'Create images (OpenAI images API)',
     description: 'OpenAI-compatible text to image. Creates a klein run (listed in GET /v1/runs, billed like any run) and waits for it. Errors use OpenAI\'s shape.',
     security: [{ bearer: [] }],
     request: { body: { content: { 'application/json': { schema: GenerationsBody } }, required: true } },
@@ -299,7 +299,7 @@ export function registerOpenAI(app: App, deps: Deps): void {
   });
 
   app.openAPIRegistry.registerPath(createRoute({
-    method: 'post', path: '/v1/images/edits', tags: ['OpenAI-compatible'], summary: 'Edit images (OpenAI images API)',
+    method: 'post', path: '/v1/images/edits', operationId: 'createImageEdit', tags: ['OpenAI-compatible'], summary: 'Edit images (OpenAI images API)',
     description: 'OpenAI-compatible editing with 1–4 reference images (`image` or `image[]`). Masks are not supported. Creates a klein edit run and waits for it.',
     security: [{ bearer: [] }],
     request: { body: { content: { 'multipart/form-data': { schema: EditsBody } }, required: true } },

@@ -62,14 +62,14 @@ export function registerPlayground(app: App, deps: Deps): void {
     new Response(body, { headers: { 'Content-Type': `${type}; charset=utf-8`, 'Cache-Control': 'no-cache' } });
 
   // documented like /docs (every route the server answers is in /openapi.json)
-  const page = (p: string, summary: string, type: string, pick: (a: Assets) => string) => {
+  const page = (p: string, operationId: string, summary: string, description: string, type: string, pick: (a: Assets) => string) => {
     app.openAPIRegistry.registerPath(createRoute({
-      method: 'get', path: p, tags: ['Playground'], summary,
+      method: 'get', path: p, operationId, tags: ['Playground'], summary, description,
       responses: { 200: { description: summary, content: { [type]: { schema: z.string() } } }, ...errorResponses(500) },
     }));
     app.get(p, async () => send(pick(await get()), type));
   };
-  page('/', 'Web playground: generate and edit images in the browser', 'text/html', (a) => a.html);
-  page('/playground/app.js', "The playground's script (web/*.ts bundled)", 'text/javascript', (a) => a.js);
-  page('/playground/app.css', "The playground's stylesheet", 'text/css', (a) => a.css);
+  page('/', 'getPlayground', 'Web playground: generate and edit images in the browser', 'The page, with the size presets, limits and model ids of this server; it asks for an API key and calls the runs API.', 'text/html', (a) => a.html);
+  page('/playground/app.js', 'getPlaygroundScript', "The playground's script (web/*.ts bundled)", 'Bundled by esbuild on the first request and kept for the life of the process.', 'text/javascript', (a) => a.js);
+  page('/playground/app.css', 'getPlaygroundStylesheet', "The playground's stylesheet", 'web/styles.css as it is.', 'text/css', (a) => a.css);
 }

@@ -98,6 +98,7 @@ function registerCreateRun(app: App, deps: Deps): void {
   const createDoc = createRoute({
     method: 'post',
     path: '/v1/models/{model_id}/runs',
+    operationId: 'createRun',
     tags: ['Runs'],
     summary: 'Create a run',
     description:
@@ -120,7 +121,9 @@ function registerCreateRun(app: App, deps: Deps): void {
 
 function registerRunStatuses(app: App): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/runs/statuses', tags: ['Runs'], summary: 'List run statuses', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/runs/statuses', operationId: 'listRunStatuses', tags: ['Runs'], summary: 'List run statuses',
+    description: 'Every `status_code` a run can have, whether it is terminal, and what it means.',
+    security: [{ bearer: [] }],
     responses: { 200: { description: 'Statuses', content: { 'application/json': { schema: z.object({ data: z.array(z.object({ code: z.string(), terminal: z.boolean(), description: z.string() })) }) } } }, ...errorResponses(401) },
   }), (c) => c.json({ data: RUN_STATUSES.map((s) => ({ code: s, terminal: TERMINAL.has(s), description: STATUS_TEXT[s] })) }));
 }
@@ -138,7 +141,9 @@ const ListQuery = z.object({
 
 function registerListRuns(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/runs', tags: ['Runs'], summary: 'List runs (newest first)', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/runs', operationId: 'listRuns', tags: ['Runs'], summary: 'List runs (newest first)',
+    description: 'A page of this key\'s runs (admin keys: every key\'s, or one with `key_id`), filtered by status, model, `client_ref` and creation time. Pass `next_cursor` as `cursor` for the next page while `has_more` is true.',
+    security: [{ bearer: [] }],
     request: { query: ListQuery },
     responses: { 200: { description: 'A page of runs', content: { 'application/json': { schema: RunListSchema } } }, ...errorResponses(401, 422) },
   }), (c) => listRuns(c, deps, c.req.valid('query')));
@@ -171,13 +176,15 @@ function listRuns(c: Context<AppEnv>, deps: Deps, q: z.infer<typeof ListQuery>):
 
 function registerGetAndCancel(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/runs/{id}', tags: ['Runs'], summary: 'Get a run (poll)', security: [{ bearer: [] }],
+    method: 'get', path: '/v1/runs/{id}', operationId: 'getRun', tags: ['Runs'], summary: 'Get a run (poll)',
+    description: 'The run as it is now: status, progress, output with freshly signed image URLs once it succeeded, cost, failure details. Poll until `status_code` is terminal, or stream `/events` instead.',
+    security: [{ bearer: [] }],
     request: { params: RunId },
     responses: { 200: { description: 'The run', content: { 'application/json': { schema: RunSchema } } }, ...errorResponses(401, 404) },
   }), (c) => c.json(presentRun(runOr404(c, deps, c.req.valid('param').id), { files: deps.files, baseUrl: deps.baseUrl(c) })));
 
   route(app, createRoute({
-    method: 'post', path: '/v1/runs/{id}/cancellation', tags: ['Runs'], summary: 'Cancel a run',
+    method: 'post', path: '/v1/runs/{id}/cancellation', operationId: 'cancelRun', tags: ['Runs'], summary: 'Cancel a run',
     description: 'A queued run is cancelled at once; a running one stops between denoising steps. 201 when this call cancelled it, 200 when the run had already ended (no-op), 202 when the stop is still in progress. Cancelled runs cost nothing.',
     security: [{ bearer: [] }], request: { params: RunId },
     responses: {
@@ -198,7 +205,7 @@ function registerGetAndCancel(app: App, deps: Deps): void {
 
 function registerRunEvents(app: App, deps: Deps): void {
   route(app, createRoute({
-    method: 'get', path: '/v1/runs/{id}/events', tags: ['Runs'], summary: 'Stream run events (server-sent events)',
+    method: 'get', path: '/v1/runs/{id}/events', operationId: 'streamRunEvents', tags: ['Runs'], summary: 'Stream run events (server-sent events)',
     description: 'Events: `queued` and `running` (data: the Run), `progress` (data: Progress with run_id; one per denoising step), and `done` (data: the final Run), after which the stream ends.',
     security: [{ bearer: [] }], request: { params: RunId },
     responses: { 200: { description: 'text/event-stream', content: { 'text/event-stream': { schema: ProgressSchema } } }, ...errorResponses(401, 404) },

@@ -1,0 +1,143 @@
+// The int8 Linear that survives activation outliers (issue 21): per-row (per-token) activation scales, and the few
+// input channels with the largest magnitudes taken out of the int8 product and multiplied in fp32 (LLM.int8()'s
+// decomposition, with the channels picked at run time, so no calibration data is needed and channels that move
+// with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
+// `[in, out]`, one fp32 scale per output column), optionally with `quantizeInt8Residual`'s tensors, which make the
+// gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
+//
+// For x `[…, K]` and a weight `W ≈ q · scale`:
+//   o      = the `outlierChannels` input channels with the largest max |x| over every 8th row (TopK of a column max)
+//   x̃      = x with the columns o set to 0
+//   r[m]   = max_k |x̃[m, k]| / 127                         (one scale per row)
+//   y      = MatMulIntegerToFloat(QuantizeLinear(x̃, r, 128), q, r, scale, 128)   (uint8 × int8 on VNNI)
+//          + x[:, o] · (q[o, :] · scale [+ r[o, :] · r.scale])   (fp32, K = |o|)
+// The activation half (o, x̃'s uint8 values, r, x[:, o]) is computed once per input and shared by every Linear
+// reading that input (q, k, v; gate, up): `int8Activation` once, `int8Product` per weight.
+import type { Graph, Value } from './onnx-graph.ts';
+import { MS_DOMAIN } from './onnx-graph.ts';
+
+/** Names the activation scheme; part of the compiled graphs' cache keys. Bump when the numbers change. */
+export const INT8_ACTIVATION_SCHEME = 'int8-row-top16-residual-v1';
+
+/** Input channels multiplied in fp32 per product when not told otherwise (measured: docs/benchmarks.md, fast mode). */
+export const DEFAULT_OUTLIER_CHANNELS = 16;
+
+export interface Int8ActivationOptions {
+  /** Input features K (the last dim of x). */
+  inFeatures: number;
+  /** Channels taken out of the int8 product and multiplied in fp32, picked per run (0: none). Default 16. */
+  outlierChannels?: number;
+  hint?: string;
+}
+
+/** An activation prepared for int8 products: what every Linear reading the same input shares. */
+export interface Int8Activation {
+  /** uint8 `[M, K]` (zero point 128), the outlier columns zeroed before quantizing. */
+  q: Value;
+  /** fp32 `[M, 1]`: the row scales. */
+  rowScale: Value;
+  /** int64 `[k]` and fp32 `[M, k]`: the outlier channels and x's values there, when `outlierChannels` > 0. */
+  outliers?: { channels: Value; values: Value };
+  /** The output shape for N outputs: x's leading dims, then N. */
+  outShape?: (outFeatures: number) => Value;
+}
+
+/** The int8 weight of one Linear: `quantizeInt8`'s tensors as initializers. */
+export interface Int8LinearWeight {
+  /** int8 `[inFeatures, outFeatures]`. */
+  q: Value;
+  /** fp32 `[outFeatures]`. */
+  scale: Value;
+  outFeatures: number;
+  /** Optional fp32 `[outFeatures]`. */
+  bias?: Value;
+  /**
+   * Where the outlier channels' weight rows are gathered from (default `q`). `q`: the same int8 bytes as another
+   * initializer, so that ORT can release `q` once it has pre-packed it (a Gather keeps its input alive); `residual`:
+   * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`), which make those rows exact to ~2⁻¹⁴.
+   */
+  rows?: { q?: Value; residual?: { q: Value; scale: Value } };
+}
+
+/** Channel maxima are taken over every ROW_STRIDE-th row: a full pass over x cost ~10 % of a product. */
+const ROW_STRIDE = 8;
+
+const u8 = (g: Graph, v: number): Value => g.const({ type: 'uint8', dims: [], data: Uint8Array.of(v) }, 'zp128');
+
+/** Column-wise max |x| over rows of 2-D x, as two reductions (no |x| temporary). */
+function absMax(g: Graph, x: Value, axis: number, keepdims: 0 | 1): Value {
+  const ax = g.constI64([axis]);
+  return g.op('Max', [g.op('ReduceMax', [x, ax], { keepdims }), g.op('Neg', [g.op('ReduceMin', [x, ax], { keepdims })])]);
+}
+
+/** Prepares x `[…, K]` for `int8Product` (see the file comment). */
+export function int8Activation(g: Graph, x: Value, o: Int8ActivationOptions): Int8Activation {
+  const K = o.inFeatures;
+  const k = Math.min(o.outlierChannels ?? DEFAULT_OUTLIER_CHANNELS, K);
+  const hint = o.hint ?? 'int8_act';
+  const lead = g.op('Shape', [x], { end: -1 }, { hint: `${hint}_lead` });
+  const x2 = g.op('Reshape', [x, g.constI64([-1, K])], {}, { hint: `${hint}_2d` });
+  const outShape = (N: number) => g.op('Concat', [lead, g.constI64([N])], { axis: 0 }, { hint: `${hint}_shape` });
+  let xi = x2;
+  let outliers: Int8Activation['outliers'];
+  if (k > 0) {
+    // channel maxima over every ROW_STRIDE-th row: outlier channels are large on most rows, and a row whose own
+    // outliers are missed still gets its own scale (it loses only its own precision)
+    const sample = g.op('Slice', [x2, g.constI64([0]), g.constI64([Number.MAX_SAFE_INTEGER]), g.constI64([0]), g.constI64([ROW_STRIDE])], {}, { hint: `${hint}_sample` });
+    const [, channels] = g.opN('TopK', [absMax(g, sample, 0, 0), g.constI64([k])], 2, { sorted: 0 }, { hint: `${hint}_outlier_channels` });
+    const mask = g.op('ScatterElements', [g.constF32(new Float32Array(K).fill(1), [K], 'ones'), channels, g.constF32(new Float32Array(k), [k], 'zeros')], { axis: 0 }, { hint: `${hint}_mask` });
+    xi = g.op('Mul', [x2, mask], {}, { hint: `${hint}_inliers` });
+    outliers = { channels, values: g.op('Gather', [x2, channels], { axis: 1 }, { hint: `${hint}_outliers` }) };
+  }
+  // one scale per row: its max |x| over 127; an all-zero row gets a tiny scale (its values quantize to 0)
+  const rowScale = g.op('Div', [g.op('Max', [absMax(g, xi, 1, 1), g.scalarF32(1e-30)]), g.scalarF32(127)], {}, { hint: `${hint}_row_scale` });
+  const flat = g.op('Reshape', [rowScale, g.constI64([-1])]);
+  const zp = g.op('Expand', [u8(g, 128), g.op('Shape', [flat])]);
+  const q = g.op('QuantizeLinear', [xi, flat, zp], { axis: 0 }, { hint: `${hint}_u8` });
+  return { q, rowScale, outliers, outShape };
+}
+
+/** `x Wᵀ (+ bias)` in fp32 from a prepared activation and an int8 weight. */
+export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hint = 'int8_linear'): Value {
+  // the bias is added apart: MatMulIntegerToFloat applies a non-scalar A scale after its bias (it would scale it)
+  let y = g.op('MatMulIntegerToFloat', [a.q, w.q, a.rowScale, w.scale, u8(g, 128)], {}, { domain: MS_DOMAIN, hint });
+  if (a.outliers) {
+    // the outlier channels' rows of W, dequantized: [k, N]
+    const dequantized = (q: Value, scale: Value) => g.op('Mul', [g.op('Cast', [g.op('Gather', [q, a.outliers!.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
+    let rows = dequantized(w.rows?.q ?? w.q, w.scale);
+    if (w.rows?.residual) rows = g.op('Add', [rows, dequantized(w.rows.residual.q, w.rows.residual.scale)]);
+    y = g.op('Gemm', [a.outliers.values, rows, y], {}, { hint: `${hint}_plus_outliers` });
+  }
+  if (w.bias) y = g.op('Add', [y, w.bias], {}, { hint: `${hint}_bias` });
+  return a.outShape ? g.op('Reshape', [y, a.outShape(w.outFeatures)], {}, { hint }) : y;
+}
+
+/** One Linear: `int8Activation` then `int8Product` (use the two when several Linears read the same input). */
+export function int8Linear(g: Graph, x: Value, w: Int8LinearWeight & { inFeatures: number }, o: Omit<Int8ActivationOptions, 'inFeatures'> = {}): Value {
+  return int8Product(g, int8Activation(g, x, { ...o, inFeatures: w.inFeatures }), w, o.hint);
+}
+
+/** Activations already prepared in a graph, by input Value (Values belong to one graph). */
+const prepared = new WeakMap<Value, Int8Activation>();
+
+/** `int8Linear` that prepares each input once however many Linears read it (q, k, v; gate, up). */
+export function sharedInt8Linear(g: Graph, x: Value, w: Int8LinearWeight & { inFeatures: number }, o: Omit<Int8ActivationOptions, 'inFeatures'> = {}): Value {
+  let a = prepared.get(x);
+  if (!a) {
+    a = int8Activation(g, x, { ...o, inFeatures: w.inFeatures });
+    prepared.set(x, a);
+  }
+  return int8Product(g, a, w, o.hint);
+}
+
+/**
+ * Experiment switch until the new engine's weight policy emits this scheme: `KLEIN_INT8_ACTIVATIONS=row-outliers`
+ * makes the current models' fast mode use `sharedInt8Linear` instead of DynamicQuantizeMatMul. Returns the tag the
+ * compiled-graph cache keys must include ('' when unset).
+ */
+export function int8ActivationsExperiment(): string {
+  const v = process.env.KLEIN_INT8_ACTIVATIONS;
+  if (v === undefined || v === '') return '';
+  if (v !== 'row-outliers') throw new Error(`KLEIN_INT8_ACTIVATIONS must be row-outliers or unset, got ${JSON.stringify(v)}`);
+  return `-${INT8_ACTIVATION_SCHEME}`;
+}
