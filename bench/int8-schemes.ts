@@ -1,18 +1,19 @@
 // `klein bench int8-schemes`: the int8 activation schemes of issue 21 compared op by op at klein's real Linear
 // shapes, on activations drawn like the random model's and like the stress model's (src/fixtures/stress-outliers.ts):
 // relative rms and max error against the fp32 product, and GOP/s (2·M·K·N / s, best of --runs). One line per
-// shape × scheme; `--load` measures session load time and resident memory of eight file-backed weights instead.
+// shape × scheme. The weights reach ORT in memory (its `externalData` option), not through a weight store: each
+// scheme's tensors are made here, for one product at a time.
 import os from 'node:os';
 import type { Command } from 'commander';
-import { Graph, MS_DOMAIN, type Value } from '../src/graph/onnx-graph.ts';
-import { int8ExternalData, quantizeInt8, quantizeInt8Residual, quantizedLinear } from '../src/graph/quantize.ts';
+import { Graph, MS_DOMAIN, type ElemType, type ExternalLocation, type Value } from '../src/graph/onnx-graph.ts';
+import type { WeightRef } from '../src/weights/weight-ref.ts';
+import { quantizeInt8, quantizeInt8Residual, type Int8Weight } from '../src/weights/quantize.ts';
+import { ELEM_SIZE } from '../src/weights/dtypes.ts';
 import { int8Activation, int8Product } from '../src/graph/int8-linear.ts';
-import { f32, ort, sessionOptions } from '../src/graph/session.ts';
+import { f32, ort, sessionOptions } from '../src/runtime/session.ts';
 import { relativeError } from '../src/conform/compare.ts';
 import { OUTLIER_CHANNEL_FACTORS, drawLinearInput, outlierChannels, seededRandom } from '../src/fixtures/stress-outliers.ts';
 import { UsageError } from '../src/cli/errors.ts';
-import { benchCacheDir } from './util.ts';
-import { runLoadBench } from './int8-load.ts';
 
 /** The products of klein's Linears: FLUX.2 at 1024 image + 512 text tokens, Qwen3-4B at one 512-token prompt. */
 export const INT8_SHAPES: Array<{ M: number; K: number; N: number; what: string; model: 'flux2' | 'qwen3' }> = [
@@ -58,10 +59,25 @@ interface Scheme {
 
 const bytes = (a: Float32Array | Int8Array | Uint8Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
+/** A weight whose bytes the session gets in memory as `mem/<key>` (no stored source: never in a weight store). */
+function inMemoryWeight(g: Graph, key: string, type: ElemType, dims: number[]): Value {
+  return g.weight({ key, type, dims, source: { parts: [] }, transform: { kind: 'convert' } });
+}
+
+/** Where `inMemoryWeight`'s bytes are: all of `mem/<key>`. */
+function inMemoryLocation(ref: WeightRef): ExternalLocation {
+  return { location: `mem/${ref.key}`, offset: 0, length: ref.dims.reduce((a, b) => a * b, 1) * ELEM_SIZE[ref.type] };
+}
+
+/** `quantizeInt8`'s tensors as in-memory external data: `<prefix>.int8` and `<prefix>.scale`. */
+function int8ExternalData(prefix: string, qw: Int8Weight): Array<{ path: string; data: Uint8Array }> {
+  return [{ path: `${prefix}.int8`, data: bytes(qw.q) }, { path: `${prefix}.scale`, data: bytes(qw.scale) }];
+}
+
 function int8Weights(g: Graph, w: Float32Array, N: number, K: number, data: Array<{ path: string; data: Uint8Array }>, tag = 'w') {
   const qw = quantizeInt8(w, N, K);
   data.push(...int8ExternalData(`mem/${tag}`, qw));
-  return { q: g.inMemoryWeight(`${tag}.int8`, 'int8', [K, N], `mem/${tag}.int8`), scale: g.inMemoryWeight(`${tag}.scale`, 'float32', [N], `mem/${tag}.scale`), outFeatures: N };
+  return { q: inMemoryWeight(g, `${tag}.int8`, 'int8', [K, N]), scale: inMemoryWeight(g, `${tag}.scale`, 'float32', [N]), outFeatures: N };
 }
 
 /** SmoothQuant's factor, α = 0.5, from the activations themselves (calibration on the measured data: its best case). */
@@ -81,14 +97,14 @@ export const SCHEMES: Scheme[] = [
       const wt = new Float32Array(p.K * p.N);
       for (let n = 0; n < p.N; n++) for (let k = 0; k < p.K; k++) wt[k * p.N + n] = p.w[n * p.K + k];
       data.push({ path: 'mem/wt', data: bytes(wt) });
-      return g.op('MatMul', [x, g.inMemoryWeight('wt', 'float32', [p.K, p.N], 'mem/wt')]);
+      return g.op('MatMul', [x, inMemoryWeight(g, 'wt', 'float32', [p.K, p.N])]);
     },
   },
   {
     name: 'old: DynamicQuantizeMatMul (per tensor)',
     build: (g, x, p, data) => {
       const w = int8Weights(g, p.w, p.N, p.K, data);
-      return quantizedLinear(g, x, { name: 'w', inFeatures: p.K, outFeatures: p.N, location: '', initializers: w });
+      return g.op('DynamicQuantizeMatMul', [x, w.q, w.scale], {}, { domain: MS_DOMAIN });
     },
   },
   {
@@ -111,8 +127,8 @@ export const SCHEMES: Scheme[] = [
       const w = int8Weights(g, p.w, p.N, p.K, data);
       const r = quantizeInt8Residual(p.w, quantizeInt8(p.w, p.N, p.K));
       data.push(...int8ExternalData('mem/r', r));
-      const residual = { q: g.inMemoryWeight('r.int8', 'int8', [p.K, p.N], 'mem/r.int8'), scale: g.inMemoryWeight('r.scale', 'float32', [p.N], 'mem/r.scale') };
-      return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, rows: { residual } });
+      const residual = { q: inMemoryWeight(g, 'r.int8', 'int8', [p.K, p.N]), scale: inMemoryWeight(g, 'r.scale', 'float32', [p.N]) };
+      return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, residual });
     },
   },
   {
@@ -170,8 +186,8 @@ function matMulNBits(g: Graph, x: Value, p: Product, data: Array<{ path: string;
     }
   }
   data.push({ path: 'mem/nbits', data: B }, { path: 'mem/nbits.scale', data: bytes(S) });
-  const Bv = g.inMemoryWeight('nbits', 'uint8', [N, nb, block], 'mem/nbits');
-  const Sv = g.inMemoryWeight('nbits.scale', 'float32', [N * nb], 'mem/nbits.scale');
+  const Bv = inMemoryWeight(g, 'nbits', 'uint8', [N, nb, block]);
+  const Sv = inMemoryWeight(g, 'nbits.scale', 'float32', [N * nb]);
   return g.op('MatMulNBits', [x, Bv, Sv], { K, N, bits: 8, block_size: block, accuracy_level: 4 }, { domain: MS_DOMAIN });
 }
 
@@ -200,10 +216,10 @@ async function measure(scheme: Scheme, shape: (typeof INT8_SHAPES)[number], draw
     const g = new Graph('int8_scheme');
     const data: Array<{ path: string; data: Uint8Array }> = [];
     const y = scheme.build(g, g.input('x', 'float32', [M, K]), p, data);
-    g.output(y, 'y', 'float32', [M, N]);
-    g.output(g.op('ReduceSum', [y], { keepdims: 0 }), 'sum', 'float32', []);
-    const opts = { ...sessionOptions({ threads }), externalData: data, logSeverityLevel: 3 as const, extra: { session: { 'intra_op.allow_spinning': '0' } } };
-    const sess = await ort.InferenceSession.create(g.serialize(benchCacheDir('int8-schemes')), opts);
+    g.output(y, 'y', [M, N]);
+    g.output(g.op('ReduceSum', [y], { keepdims: 0 }), 'sum', []);
+    const opts = { ...sessionOptions({ device: 'cpu', threads, prepack: true }), externalData: data, logSeverityLevel: 3 as const, extra: { session: { 'intra_op.allow_spinning': '0' } } };
+    const sess = await ort.InferenceSession.create(g.serialize(inMemoryLocation), opts);
     try {
       const x = f32(scheme.feed ? scheme.feed(p) : p.x, [M, K]);
       outs[which] = (await sess.run({ x }, ['y'])).y.data as Float32Array;
@@ -262,13 +278,11 @@ export function registerInt8SchemesBench(bench: Command): void {
     .option('--schemes <list>', 'indices into the scheme list (comma-separated; default all)')
     .option('--runs <n>', 'timed runs per product (best is reported)', '5')
     .option('--threads <n>', 'intra-op threads', '2')
-    .option('--load', 'instead: session load time and resident memory of eight file-backed [3072, 9216] int8 weights, pre-packing on and off')
-    .action(async (opts: { shapes: string; schemes?: string; runs: string; threads: string; load?: boolean }) => {
+    .action(async (opts: { shapes: string; schemes?: string; runs: string; threads: string }) => {
       const runs = Number(opts.runs);
       const threads = Number(opts.threads);
       if (!Number.isInteger(runs) || runs < 1) throw new UsageError('--runs must be a positive integer');
       if (!Number.isInteger(threads) || threads < 1) throw new UsageError('--threads must be a positive integer');
-      if (opts.load) return void (await runLoadBench({ threads }));
       const pick = <T>(list: T[], spec: string, what: string): T[] =>
         spec.split(',').map((s) => {
           const i = Number(s);

@@ -4,6 +4,7 @@
 // with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
 // `[in, out]`, one fp32 scale per output column), optionally with `quantizeInt8Residual`'s tensors, which make the
 // gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
+// Int8Policy (nn/weight-policy.ts) emits it for `row-outliers`; the weight store holds the tensors.
 //
 // For x `[…, K]` and a weight `W ≈ q · scale`:
 //   o      = the `outlierChannels` input channels with the largest max |x| over every 8th row (TopK of a column max)
@@ -16,11 +17,11 @@
 import type { Graph, Value } from './onnx-graph.ts';
 import { MS_DOMAIN } from './onnx-graph.ts';
 
-/** Names the activation scheme; part of the compiled graphs' cache keys. Bump when the numbers change. */
-export const INT8_ACTIVATION_SCHEME = 'int8-row-top16-residual-v1';
+/** Names the activation scheme; part of the int8 policy's tag. Bump when the numbers change. */
+export const INT8_ACTIVATION_SCHEME = 'row-top16-v1';
 
 /** Input channels multiplied in fp32 per product when not told otherwise (measured: docs/benchmarks.md, fast mode). */
-export const DEFAULT_OUTLIER_CHANNELS = 16;
+const DEFAULT_OUTLIER_CHANNELS = 16;
 
 export interface Int8ActivationOptions {
   /** Input features K (the last dim of x). */
@@ -52,11 +53,10 @@ export interface Int8LinearWeight {
   /** Optional fp32 `[outFeatures]`. */
   bias?: Value;
   /**
-   * Where the outlier channels' weight rows are gathered from (default `q`). `q`: the same int8 bytes as another
-   * initializer, so that ORT can release `q` once it has pre-packed it (a Gather keeps its input alive); `residual`:
-   * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`), which make those rows exact to ~2⁻¹⁴.
+   * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`): the gathered outlier rows become exact to
+   * ~2⁻¹⁴. The outlier rows are gathered from `q` itself: a file-mapped initializer costs only the pages it reads.
    */
-  rows?: { q?: Value; residual?: { q: Value; scale: Value } };
+  residual?: { q: Value; scale: Value };
 }
 
 /** Channel maxima are taken over every ROW_STRIDE-th row: a full pass over x cost ~10 % of a product. */
@@ -104,40 +104,10 @@ export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hi
   if (a.outliers) {
     // the outlier channels' rows of W, dequantized: [k, N]
     const dequantized = (q: Value, scale: Value) => g.op('Mul', [g.op('Cast', [g.op('Gather', [q, a.outliers!.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
-    let rows = dequantized(w.rows?.q ?? w.q, w.scale);
-    if (w.rows?.residual) rows = g.op('Add', [rows, dequantized(w.rows.residual.q, w.rows.residual.scale)]);
+    let rows = dequantized(w.q, w.scale);
+    if (w.residual) rows = g.op('Add', [rows, dequantized(w.residual.q, w.residual.scale)]);
     y = g.op('Gemm', [a.outliers.values, rows, y], {}, { hint: `${hint}_plus_outliers` });
   }
   if (w.bias) y = g.op('Add', [y, w.bias], {}, { hint: `${hint}_bias` });
   return a.outShape ? g.op('Reshape', [y, a.outShape(w.outFeatures)], {}, { hint }) : y;
-}
-
-/** One Linear: `int8Activation` then `int8Product` (use the two when several Linears read the same input). */
-export function int8Linear(g: Graph, x: Value, w: Int8LinearWeight & { inFeatures: number }, o: Omit<Int8ActivationOptions, 'inFeatures'> = {}): Value {
-  return int8Product(g, int8Activation(g, x, { ...o, inFeatures: w.inFeatures }), w, o.hint);
-}
-
-/** Activations already prepared in a graph, by input Value (Values belong to one graph). */
-const prepared = new WeakMap<Value, Int8Activation>();
-
-/** `int8Linear` that prepares each input once however many Linears read it (q, k, v; gate, up). */
-export function sharedInt8Linear(g: Graph, x: Value, w: Int8LinearWeight & { inFeatures: number }, o: Omit<Int8ActivationOptions, 'inFeatures'> = {}): Value {
-  let a = prepared.get(x);
-  if (!a) {
-    a = int8Activation(g, x, { ...o, inFeatures: w.inFeatures });
-    prepared.set(x, a);
-  }
-  return int8Product(g, a, w, o.hint);
-}
-
-/**
- * Experiment switch until the new engine's weight policy emits this scheme: `KLEIN_INT8_ACTIVATIONS=row-outliers`
- * makes the current models' fast mode use `sharedInt8Linear` instead of DynamicQuantizeMatMul. Returns the tag the
- * compiled-graph cache keys must include ('' when unset).
- */
-export function int8ActivationsExperiment(): string {
-  const v = process.env.KLEIN_INT8_ACTIVATIONS;
-  if (v === undefined || v === '') return '';
-  if (v !== 'row-outliers') throw new Error(`KLEIN_INT8_ACTIVATIONS must be row-outliers or unset, got ${JSON.stringify(v)}`);
-  return `-${INT8_ACTIVATION_SCHEME}`;
 }

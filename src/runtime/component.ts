@@ -23,7 +23,7 @@ export interface HostTransfers {
  */
 export function policyFor(target: ExecutionTarget, o: { int8?: (name: string) => boolean; gpuDtype?: 'fp32' | 'fp16' } = {}): WeightPolicy {
   if (target.device !== 'cpu') return new GpuPolicy(o.gpuDtype ?? target.gpuDtype);
-  if (target.precision === 'fast' && o.int8) return new Int8Policy(o.int8);
+  if (target.precision === 'fast' && o.int8) return new Int8Policy(o.int8, target.int8Scheme);
   return new Fp32Policy();
 }
 

@@ -2,6 +2,7 @@
 // service config) and passed down as is. Combinations that cannot work are refused here, before anything loads.
 import { UserError } from '../errors.ts';
 import { resolveDevice, type Device, type DeviceRequest } from './device.ts';
+import { INT8_SCHEMES, type Int8Scheme } from '../graph/nn/weight-policy.ts';
 
 /**
  * `exact`: fp32 products, the reference numbers. `fast`: the large Linear layers of the text encoder and the
@@ -21,6 +22,8 @@ export interface TargetRequest {
   gpuDtype?: GpuDtype;
   /** ORT intra-op threads; default all cores. */
   threads?: number;
+  /** Fast mode's activation scheme; default $KLEIN_INT8_SCHEME, else `dynamic`. */
+  int8Scheme?: Int8Scheme;
 }
 
 export interface ExecutionTarget {
@@ -29,6 +32,8 @@ export interface ExecutionTarget {
   /** The GPU products' dtype; `fp32` on the CPU (which computes in fp32 or int8). */
   gpuDtype: GpuDtype;
   threads?: number;
+  /** How fast mode's int8 products quantize activations (weight-policy.ts); absent: `dynamic`. */
+  int8Scheme?: Int8Scheme;
 }
 
 export function parsePrecision(s: string, source = '--precision'): Precision {
@@ -41,6 +46,18 @@ export function parseGpuDtype(s: string, source = '--gpu-dtype'): GpuDtype {
   throw new UserError(`${source}: unknown GPU dtype "${s}"; use one of: ${GPU_DTYPES.join(', ')}`);
 }
 
+export function parseInt8Scheme(s: string, source = 'KLEIN_INT8_SCHEME'): Int8Scheme {
+  if ((INT8_SCHEMES as readonly string[]).includes(s)) return s as Int8Scheme;
+  throw new UserError(`${source}: unknown int8 scheme "${s}"; use one of: ${INT8_SCHEMES.join(', ')}`);
+}
+
+/** The request's int8 scheme, else $KLEIN_INT8_SCHEME's (the one place it is read), else none (`dynamic`). */
+function requestedInt8Scheme(req: TargetRequest): Int8Scheme | undefined {
+  if (req.int8Scheme) return req.int8Scheme;
+  const env = process.env.KLEIN_INT8_SCHEME;
+  return env ? parseInt8Scheme(env) : undefined;
+}
+
 /** Checks a request and probes its device; the result is what every component of a pipeline runs with. */
 export async function resolveTarget(req: TargetRequest = {}): Promise<ExecutionTarget> {
   const precision = req.precision ?? 'exact';
@@ -49,9 +66,10 @@ export async function resolveTarget(req: TargetRequest = {}): Promise<ExecutionT
   if (precision === 'fast' && named !== 'cpu' && named !== 'auto') throw new UserError(`precision fast (int8 products) runs on the CPU only; use precision exact on ${named}`, 'unsupported_target');
   if (req.gpuDtype === 'fp16' && named === 'cpu') throw new UserError('fp16 compute needs a GPU device (--device webgpu or cuda); the CPU computes in fp32', 'unsupported_target');
   if (req.threads !== undefined && (!Number.isInteger(req.threads) || req.threads < 1)) throw new UserError(`threads must be a positive integer, got ${req.threads}`);
+  const int8Scheme = requestedInt8Scheme(req);
   const device = precision === 'fast' && named === 'auto' ? 'cpu' : await resolveDevice(named);
   if (req.gpuDtype === 'fp16' && device === 'cpu') throw new UserError('fp16 compute needs a GPU device; `auto` found none here', 'unsupported_target');
-  return { device, precision, gpuDtype: device === 'cpu' ? 'fp32' : (req.gpuDtype ?? 'fp16'), threads: req.threads };
+  return { device, precision, gpuDtype: device === 'cpu' ? 'fp32' : (req.gpuDtype ?? 'fp16'), threads: req.threads, ...(int8Scheme ? { int8Scheme } : {}) };
 }
 
 /** A target for tests and tools: the CPU, exact unless said otherwise. */

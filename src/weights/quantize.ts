@@ -12,6 +12,12 @@ import { sourceShape, type WeightRef } from './weight-ref.ts';
 /** Names the quantization scheme; part of every quantized-weight cache key. Bump when the numbers change. */
 export const INT8_SCHEME = 'int8-sym-per-column-v1';
 
+/**
+ * INT8_SCHEME's `q` and `scale` plus `quantizeInt8Residual`'s as `residual.q` and `residual.scale`: what the
+ * outlier-tolerant int8 Linear (graph/int8-linear.ts) reads.
+ */
+export const INT8_RESIDUAL_SCHEME = 'int8-sym-per-column-residual-v1';
+
 /** A Linear weight quantized to int8: `W[n, k] ≈ q[k · outFeatures + n] · scale[n]`. */
 export interface Int8Weight {
   /** int8 values `[inFeatures, outFeatures]` row-major (K × N): DynamicQuantizeMatMul's B, i.e. Wᵀ. */
@@ -90,11 +96,16 @@ function sourceKey(ref: WeightRef): string {
 export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => Float32Array): Uint8Array {
   const key = `${scheme}:${sourceKey(ref)}`;
   if (memo.key !== key) {
-    if (scheme !== INT8_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
+    if (scheme !== INT8_SCHEME && scheme !== INT8_RESIDUAL_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
     const [out, inF] = sourceShape(ref.source);
-    const qw = quantizeInt8(read(), out, inF);
+    const w = read();
+    const qw = quantizeInt8(w, out, inF);
     memo.key = key;
     memo.outputs = { q: new Uint8Array(qw.q.buffer), scale: new Uint8Array(qw.scale.buffer) };
+    if (scheme === INT8_RESIDUAL_SCHEME) {
+      const r = quantizeInt8Residual(w, qw);
+      Object.assign(memo.outputs, { 'residual.q': new Uint8Array(r.q.buffer), 'residual.scale': new Uint8Array(r.scale.buffer) });
+    }
   }
   const bytes = memo.outputs![output];
   if (!bytes) throw new Error(`${ref.key}: scheme ${scheme} has no output ${output}`);

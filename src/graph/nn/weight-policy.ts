@@ -2,14 +2,16 @@
 // says it. Every policy keeps activations, norms, attention and residuals in fp32; only the products differ.
 //  - `fp32` (CPU, exact): the weight widened to fp32 once into the weight store; FusedMatMul multiplies by the
 //    `[out, in]` matrix directly (transB), so nothing is transposed or folded when the session opens.
-//  - `int8` (CPU, fast): the Linears the model selects as int8 products on the CPU's VNNI units (scheme in
-//    weights/quantize.ts); the rest as `fp32`.
+//  - `int8` (CPU, fast): the Linears the model selects as int8 products on the CPU's VNNI units (weights:
+//    weights/quantize.ts; activations per tensor (`dynamic`) or per row with outlier channels in fp32
+//    (`row-outliers`, graph/int8-linear.ts)); the rest as `fp32`.
 //  - `gpu-fp32` / `gpu-fp16` (WebGPU, CUDA): MatMul by a weight stored transposed `[in, out]` (WebGPU has no
 //    FusedMatMul); in fp16 the activation is cast once per value however many products read it (q, k and v share
 //    one cast) and each product is cast back to fp32.
 import { Graph, MS_DOMAIN, type Value } from '../onnx-graph.ts';
 import type { ElemType } from '../../weights/dtypes.ts';
-import { INT8_SCHEME } from '../../weights/quantize.ts';
+import { INT8_RESIDUAL_SCHEME, INT8_SCHEME } from '../../weights/quantize.ts';
+import { INT8_ACTIVATION_SCHEME, int8Activation, int8Product, type Int8Activation } from '../int8-linear.ts';
 import { convertedRef, sourceShape, type WeightRef, type WeightSource } from '../../weights/weight-ref.ts';
 
 /** A Linear's weight as the policy sees it: `[out, in]` rows of stored tensors, maybe a column range. */
@@ -84,25 +86,50 @@ export class Fp32Policy implements WeightPolicy {
 }
 
 /**
- * CPU fast: the Linears `select` names as com.microsoft DynamicQuantizeMatMul on int8 `[in, out]` weights with one
- * fp32 scale per output (the activation quantized per tensor at run time); everything else as Fp32Policy.
+ * How fast mode's int8 products quantize their activations: `dynamic`, one uint8 scale per tensor (ORT's
+ * DynamicQuantizeMatMul); `row-outliers`, one scale per row with the largest input channels in fp32 (int8-linear.ts).
+ */
+export type Int8Scheme = 'dynamic' | 'row-outliers';
+export const INT8_SCHEMES: readonly Int8Scheme[] = ['dynamic', 'row-outliers'];
+
+/**
+ * CPU fast: the Linears `select` names as int8 products on int8 `[in, out]` weights with one fp32 scale per output
+ * (activations quantized at run time as `scheme` says); everything else as Fp32Policy.
  */
 export class Int8Policy extends Fp32Policy {
-  override readonly tag: string = `int8-${INT8_SCHEME}`;
+  override readonly tag: string;
   override readonly dtype: WeightPolicy['dtype'] = 'int8';
+  /** The prepared activation of each input a `row-outliers` product read (q, k and v share one). */
+  private readonly activations = new WeakMap<Value, Int8Activation>();
 
-  constructor(private readonly select: (name: string) => boolean) {
+  constructor(
+    private readonly select: (name: string) => boolean,
+    readonly scheme: Int8Scheme = 'dynamic',
+  ) {
     super();
+    this.tag = scheme === 'dynamic' ? `int8-${INT8_SCHEME}` : `int8-${INT8_RESIDUAL_SCHEME}-${INT8_ACTIVATION_SCHEME}`;
   }
 
   override linear(g: Graph, x: Value, w: LinearWeight): Value {
     if (!this.select(w.name)) return super.linear(g, x, w);
     const [out, inF] = sourceShape(w.source);
+    const scheme = this.scheme === 'dynamic' ? INT8_SCHEME : INT8_RESIDUAL_SCHEME;
     const quantized = (output: string, type: ElemType, dims: number[]): Value =>
-      g.weight({ key: `${w.key}.${output}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme: INT8_SCHEME, output } });
+      g.weight({ key: `${w.key}.${output}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme, output } });
     const q = quantized('q', 'int8', [inF, out]);
     const scale = quantized('scale', 'float32', [out]);
-    return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
+    if (this.scheme === 'dynamic') return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
+    const residual = { q: quantized('residual.q', 'int8', [inF, out]), scale: quantized('residual.scale', 'float32', [out]) };
+    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, residual }, hintOf(w.name));
+  }
+
+  private activation(g: Graph, x: Value, inFeatures: number): Int8Activation {
+    let a = this.activations.get(x);
+    if (!a) {
+      a = int8Activation(g, x, { inFeatures, hint: 'int8_act' });
+      this.activations.set(x, a);
+    }
+    return a;
   }
 }
 
