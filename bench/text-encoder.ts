@@ -1,7 +1,8 @@
 // `klein bench text-encoder`: the Qwen3 text encoder at real Qwen3-4B shapes with random weights (only the layers
 // klein runs: 27 of 36), one 512-token batch. Prints the load (the first one builds the weight store), seconds per
 // prompt, GFLOP/s and peak RSS with its anonymous and file-backed parts; the last line is `GFLOP/s: <number>`.
-// `--device`, `--precision`, `--gpu-dtype` and `--threads` pick the target as on every command.
+// `--device`, `--precision`, `--gpu-dtype` and `--threads` pick the target as on every command. `--outliers` runs
+// the stress model of issue 21 (fixtures/stress-outliers.ts) on prompts that start with its massive-activation tokens.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -9,6 +10,7 @@ import type { Command } from 'commander';
 import { KLEIN_OUTPUT_LAYERS, layersNeeded, parseQwen3Config, qwen3Flops } from '../src/models/qwen3/config.ts';
 import { Qwen3TextEncoder, type Qwen3LoadOptions } from '../src/models/qwen3/runtime.ts';
 import { QWEN3_4B_CONFIG, writeRandomQwen3Checkpoint, xorshift } from '../src/fixtures/qwen3.ts';
+import { MASSIVE_TOKENS } from '../src/fixtures/stress-outliers.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { addTargetOptions, describeTarget, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
 import { formatMemory, GiB, MemorySampler, resetPeakRss } from './util.ts';
@@ -22,6 +24,7 @@ interface BenchOptions extends TargetFlags {
   compareExact?: boolean;
   layers?: string;
   rebuild?: boolean;
+  outliers?: boolean;
 }
 
 /** Relative error of a context over its real (unmasked) tokens: pad rows carry no information the transformer uses. */
@@ -36,23 +39,31 @@ function contextError(got: Float32Array, ref: Float32Array, mask: BigInt64Array,
   return relativeError(real(got), real(ref));
 }
 
-/** The random Qwen3-4B folder (klein's 27 layers, bf16), written once. */
-function benchFolder(dir: string | undefined): string {
-  const folder = path.resolve(dir ?? path.join(os.tmpdir(), 'klein-bench-qwen3-4b-random'));
+/**
+ * The random Qwen3-4B folder (bf16), written once: klein's 27 layers, or in a default folder of its own only the
+ * `layers` a `--layers` run needs; `outliers`: the stress model.
+ */
+function benchFolder(dir: string | undefined, o: { layers: number; outliers: boolean }): string {
+  const all = layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS });
+  const layers = dir === undefined ? o.layers : all;
+  const name = `klein-bench-qwen3-4b-${o.outliers ? 'outliers' : 'random'}${layers < all ? `-L${layers}` : ''}`;
+  const folder = path.resolve(dir ?? path.join(os.tmpdir(), name));
   const marker = path.join(folder, '.complete');
   if (!fs.existsSync(marker)) {
-    const layers = layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS });
-    console.log(`writing random Qwen3-4B weights (${layers} layers, bf16) to ${folder} …`);
+    console.log(`writing random Qwen3-4B weights (${layers} layers, bf16${o.outliers ? ', stress model: outliers' : ''}) to ${folder} …`);
     const t = performance.now();
-    writeRandomQwen3Checkpoint(folder, QWEN3_4B_CONFIG, { seed: 4, layers, onShard: (d, n) => process.stdout.write(`\r  shard ${d}/${n}`) });
+    writeRandomQwen3Checkpoint(folder, QWEN3_4B_CONFIG, { seed: 4, layers, outliers: o.outliers, onShard: (d, n) => process.stdout.write(`\r  shard ${d}/${n}`) });
     fs.writeFileSync(marker, '');
     console.log(`\n  written in ${((performance.now() - t) / 1000).toFixed(1)} s`);
   }
   return folder;
 }
 
-/** `batch` prompts of `seq` tokens: 75 % random real tokens, then padding, like a real klein prompt. */
-function promptBatch(batch: number, seq: number, vocab: number): { ids: BigInt64Array; mask: BigInt64Array } {
+/**
+ * `batch` prompts of `seq` tokens: 75 % random real tokens, then padding, like a real klein prompt; `outliers`: the
+ * first tokens are the ones whose embedding rows carry the stress model's massive activations.
+ */
+function promptBatch(batch: number, seq: number, vocab: number, outliers = false): { ids: BigInt64Array; mask: BigInt64Array } {
   const ids = new BigInt64Array(batch * seq);
   const mask = new BigInt64Array(batch * seq);
   const next = xorshift(7);
@@ -60,6 +71,7 @@ function promptBatch(batch: number, seq: number, vocab: number): { ids: BigInt64
   for (let b = 0; b < batch; b++) {
     for (let i = 0; i < seq; i++) {
       ids[b * seq + i] = i < real ? BigInt(next() % vocab) : 151643n;
+      if (outliers && i < Math.min(real, MASSIVE_TOKENS.length)) ids[b * seq + i] = BigInt(MASSIVE_TOKENS[i]);
       mask[b * seq + i] = i < real ? 1n : 0n;
     }
   }
@@ -94,7 +106,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   const outputLayers = runLayers === writeLayers ? KLEIN_OUTPUT_LAYERS : [...new Set([Math.ceil(runLayers / 3), Math.ceil((2 * runLayers) / 3), runLayers])];
   const target = await targetFromFlags(opts);
   if (opts.compareExact && target.precision !== 'fast') throw new UsageError('--compare-exact needs --precision fast');
-  const folder = benchFolder(opts.dir);
+  const folder = benchFolder(opts.dir, { layers: runLayers, outliers: opts.outliers === true });
   const cfg = parseQwen3Config(QWEN3_4B_CONFIG);
   // the peaks cover loads and runs, not the writing of the random checkpoint above
   resetPeakRss();
@@ -106,7 +118,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     enc = await timedLoad(folder, { target, outputLayers }, 'load again');
   }
   if (enc.fp16Overflows) console.log(`fp16: ${enc.fp16Overflows} weights clamped to ±65504`);
-  const { ids, mask } = promptBatch(batch, seq, cfg.vocabSize);
+  const { ids, mask } = promptBatch(batch, seq, cfg.vocabSize, opts.outliers);
   const flops = qwen3Flops(cfg, runLayers, batch, seq);
   let best = Infinity;
   let out: Float32Array = new Float32Array(0);
@@ -120,7 +132,7 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
   }
   await enc.close();
   const peak = memory.stop();
-  console.log(`shape: Qwen3-4B, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${enc.computeDtype} products, ${describeTarget(target)}`);
+  console.log(`shape: Qwen3-4B${opts.outliers ? ' (stress model: outliers)' : ''}, ${runLayers} of ${cfg.numHiddenLayers} layers, batch ${batch} × ${seq} tokens, ${(flops / 1e12).toFixed(2)} TFLOP per run (counted as fp32), ${enc.computeDtype} products, ${describeTarget(target)}`);
   if (opts.compareExact) {
     // after the fast encoder is released, so the two never share the memory; its peak is not the fast mode's
     const exact = await timedLoad(folder, { target: { ...target, precision: 'exact' }, outputLayers }, 'exact load');
@@ -128,6 +140,8 @@ export async function benchTextEncoder(opts: BenchOptions): Promise<void> {
     await exact.close();
     const e = contextError(out, ref, mask, outputLayers.length * cfg.hiddenSize);
     console.log(`fast vs exact, real tokens of the context: rms(fast − exact)/rms(exact) ${e.rms.toExponential(3)}, max |fast − exact|/max |exact| ${e.max.toExponential(3)}`);
+    console.log(`relative rms error: ${(e.rms * 100).toFixed(3)} %`);
+    console.log(`max error: ${(e.max * 100).toFixed(3)} % of max |exact|`);
   }
   console.log(`seconds per prompt (best of ${runs}, batch ${batch}): ${(best / batch).toFixed(2)}`);
   console.log(`peak RSS (loads and runs): ${formatMemory(peak)}`);
@@ -147,5 +161,6 @@ export function registerTextEncoderBench(bench: Command): void {
     .option('--layers <n>', 'run only the first N of the 27 layers (a cheaper run of the same weights)')
     .option('--rebuild', 'build the weight store again even if it is valid (times the first load)')
     .option('--compare-exact', 'fast only: also run the exact encoder on the same tokens and print the relative error of the context')
+    .option('--outliers', 'the stress model: random weights with realistic activation outliers (issue 21), in a folder of its own')
     .action((o: BenchOptions) => benchTextEncoder(o));
 }

@@ -5,6 +5,7 @@
 // figures compare); `--compare-exact` also runs the exact model on the same inputs first and prints the fast step's
 // relative error; on a GPU in fp16 `--compare-fp32` does the same with the fp32 model on the same device.
 // `--lora FILE[:SCALE]` (repeatable) or `--random-loras N` also times the step with LoRAs (bench/transformer-lora.ts).
+// `--outliers` runs the stress model of issue 21 (fixtures/stress-outliers.ts), its context with massive tokens.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,6 +20,7 @@ import { GiB, MemorySampler, benchCacheDir, formatMemory, resetPeakRss, seconds 
 import { relativeError } from '../src/conform/compare.ts';
 import { parseLoraSpec } from '../src/service/lora-fetch.ts';
 import { benchLoras, randomLoraFiles, type LoraBenchSpec } from './transformer-lora.ts';
+import { MASSIVE_CHANNELS, MASSIVE_FACTOR, MASSIVE_TOKENS, outlierChannels } from '../src/fixtures/stress-outliers.ts';
 
 export interface TransformerBenchOptions {
   doubleBlocks: number;
@@ -38,6 +40,8 @@ export interface TransformerBenchOptions {
   loras?: LoraBenchSpec[];
   /** Random real-width LoRAs to write into the bench cache and time with: count and rank. */
   randomLoras?: { count: number; rank: number };
+  /** The stress model of issue 21 and a context with massive-activation tokens. */
+  outliers?: boolean;
 }
 
 /**
@@ -57,19 +61,28 @@ export function flux2StepFlops(c: Flux2Config, nImg: number, nTxt: number): numb
   return 2 * (perTxt * nTxt + perImg * nImg) + 4 * T * T * H * (c.depth + c.depthSingleBlocks);
 }
 
-/** The random checkpoint for a block count, written once (bf16, BFL names, klein 4B shapes). */
-export function benchCheckpoint(cfg: Flux2Config, log: (s: string) => void): string {
-  const dir = benchCacheDir(`flux2-klein4b-d${cfg.depth}-s${cfg.depthSingleBlocks}-bf16`);
+/** The random checkpoint for a block count, written once (bf16, BFL names, klein 4B shapes); `outliers`: the stress model. */
+export function benchCheckpoint(cfg: Flux2Config, log: (s: string) => void, outliers = false): string {
+  const dir = benchCacheDir(`flux2-klein4b-d${cfg.depth}-s${cfg.depthSingleBlocks}-bf16${outliers ? '-outliers' : ''}`);
   const file = path.join(dir, 'model.safetensors');
   if (!fs.existsSync(file)) {
-    log(`writing random bf16 checkpoint ${file} (once)…`);
-    writeRandomFlux2Checkpoint(file, cfg, { dtype: 'BF16', layout: 'bfl', seed: 1 });
+    log(`writing random bf16 ${outliers ? 'stress (outliers) ' : ''}checkpoint ${file} (once)…`);
+    writeRandomFlux2Checkpoint(file, cfg, { dtype: 'BF16', layout: 'bfl', seed: 1, outliers });
   }
   return file;
 }
 
+/** The stress text encoder's massive-activation channels on the first context tokens, in each stacked state. */
+function massiveContextTokens(ctx: Float32Array, dim: number, nTxt: number): void {
+  const state = dim / 3; // three stacked hidden states of the text encoder
+  const channels = outlierChannels(state, MASSIVE_CHANNELS, 1);
+  for (let t = 0; t < Math.min(nTxt, MASSIVE_TOKENS.length); t++) {
+    for (let s = 0; s < 3; s++) for (const c of channels) ctx[t * dim + s * state + c] *= MASSIVE_FACTOR;
+  }
+}
+
 /** Synthetic step inputs: a W/16 × H/16 latent grid and `nTxt` text tokens with the real position ids. */
-function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
+function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number, outliers = false) {
   const nImg = gw * gh;
   let s = 12345;
   const rnd = () => ((s = (Math.imul(s, 1103515245) + 12345) >>> 0) / 2 ** 32) * 2 - 1;
@@ -79,6 +92,7 @@ function inputs(cfg: Flux2Config, gw: number, gh: number, nTxt: number) {
   for (let r = 0; r < gh; r++) for (let c = 0; c < gw; c++) { const i = (r * gw + c) * 4; xIds[i + 1] = BigInt(r); xIds[i + 2] = BigInt(c); }
   const ctxIds = new BigInt64Array(nTxt * 4);
   for (let l = 0; l < nTxt; l++) ctxIds[l * 4 + 3] = BigInt(l);
+  if (outliers) massiveContextTokens(ctx, cfg.contextInDim, nTxt);
   return { x, xIds, ctx, ctxIds, timesteps: Float32Array.of(0.9), batch: 1, nTokens: nImg, nCtx: nTxt };
 }
 
@@ -116,8 +130,8 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     const why = t.precision === 'fast' ? '--precision fast runs on the CPU (use --compare-exact)' : `this run computes in ${t.device === 'cpu' ? 'fp32' : t.gpuDtype} on ${t.device} (use --device webgpu or cuda with fp16)`;
     throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; ${why}`);
   }
-  const file = benchCheckpoint(cfg, log);
-  const inp = inputs(cfg, o.width / 16, o.height / 16, o.txtTokens);
+  const file = benchCheckpoint(cfg, log, o.outliers);
+  const inp = inputs(cfg, o.width / 16, o.height / 16, o.txtTokens, o.outliers);
   const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
   const threads = t.threads ?? os.availableParallelism();
   const refTarget = o.compareExact ? { ...t, precision: 'exact' as const } : o.compareFp32 ? { ...t, gpuDtype: 'fp32' as const } : undefined;
@@ -127,7 +141,7 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
   const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { target: t, onWeights: weightProgress(log), rebuild: o.rebuild }));
   const loadPeak = loadMem.stop();
   resetPeakRss();
-  log(`config: klein 4B shapes, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, products in ${model.computeDtype} on ${t.device}`);
+  log(`config: klein 4B shapes${o.outliers ? ' (stress model: outliers)' : ''}, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, products in ${model.computeDtype}${t.precision === 'fast' ? ` (int8 scheme ${t.int8Scheme ?? 'dynamic'})` : ''} on ${t.device}`);
   log(`load seconds: ${loadS.toFixed(2)}${model.weightsBuilt ? ' (weights converted into the store)' : ' (weights from the store)'}${model.graphCached ? '' : ' (graphs compiled)'}`);
   if (model.computeDtype === 'fp16') log(`fp16: ${model.fp16Overflows} weights clamped to ±65504`);
   const stepMem = new MemorySampler();
@@ -137,7 +151,10 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
     if (reference) {
       const e = relativeError(firstOut, reference);
       const [what, ref] = o.compareExact ? ['fast', 'exact'] : ['fp16', 'fp32'];
+      // this line's format is read by test/models/flux2-transformer-fast and scripts/gpu-check.sh
       log(`${what} vs ${ref}, same inputs: relative rms error ${(e.rms * 100).toFixed(3)} %, max |error| ${(e.max * 100).toFixed(3)} % of max |${ref}|`);
+      log(`relative rms error: ${(e.rms * 100).toFixed(3)} %`);
+      log(`max error: ${(e.max * 100).toFixed(3)} % of max |${ref}|`);
     }
     // the sampler's steps: context once, then steps on it
     const context = await model.prepareContext(inp);
@@ -203,7 +220,8 @@ export function registerTransformerBench(bench: Command): void {
     .option('--lora <FILE[:SCALE]>', 'also time the step with this LoRA (repeatable: the first alone, then all together) and switching between them', (v: string, prev: string[] = []) => [...prev, v])
     .option('--random-loras <n>', 'also time the step with n random real-width LoRAs (written once into the bench cache)')
     .option('--lora-rank <r>', 'rank of the --random-loras', '32')
-    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean; lora?: string[] }) => {
+    .option('--outliers', 'the stress model: random weights with realistic activation outliers (issue 21), written once beside the plain one')
+    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean; lora?: string[]; outliers?: boolean }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -217,6 +235,7 @@ export function registerTransformerBench(bench: Command): void {
         compareExact: opts.compareExact === true,
         compareFp32: opts.compareFp32 === true,
         rebuild: opts.rebuild === true,
+        outliers: opts.outliers === true,
         loras: (opts.lora ?? []).map(benchLoraSpec),
         randomLoras: opts.randomLoras ? { count: positiveInt('random-loras', opts.randomLoras), rank: Math.max(1, positiveInt('lora-rank', opts.loraRank)) } : undefined,
       };

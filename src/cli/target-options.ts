@@ -90,7 +90,8 @@ export async function targetFromFlags(flags: TargetFlags): Promise<ExecutionTarg
 /** `cpu`, `cpu (fast: int8)` or `webgpu in fp16`: the target as start lines print it. */
 export function describeTarget(t: ExecutionTarget): string {
   if (t.device !== 'cpu') return `${t.device} in ${t.gpuDtype}`;
-  return t.precision === 'fast' ? 'cpu (fast: int8 products)' : 'cpu';
+  if (t.precision !== 'fast') return 'cpu';
+  return t.int8Scheme && t.int8Scheme !== 'dynamic' ? `cpu (fast: int8 products, ${t.int8Scheme} activations)` : 'cpu (fast: int8 products)';
 }
 
 export const MEMORY_LIMIT_HELP = 'memory to plan with instead of what the machine reports, e.g. 16G (default: $KLEIN_MEMORY_LIMIT, else the cgroup limit or MemAvailable); a request that cannot fit is refused before anything loads';
