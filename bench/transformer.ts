@@ -14,6 +14,7 @@ import { KLEIN_4B, headDim, mlpHidden, type Flux2Config } from '../src/models/fl
 import { Flux2Transformer, type Flux2ForwardInput } from '../src/models/flux2/runtime.ts';
 import { writeRandomFlux2Checkpoint } from '../src/fixtures/flux2.ts';
 import type { ExecutionTarget } from '../src/runtime/target.ts';
+import { DEFAULT_INT8_SCHEME } from '../src/graph/nn/weight-policy.ts';
 import { UsageError } from '../src/cli/errors.ts';
 import { addTargetOptions, targetFromFlags, type TargetFlags } from '../src/cli/target-options.ts';
 import { GiB, MemorySampler, benchCacheDir, formatMemory, resetPeakRss, seconds } from './util.ts';
@@ -141,7 +142,7 @@ export async function runTransformerBench(o: TransformerBenchOptions, log: (s: s
   const [loadS, model] = await seconds(() => Flux2Transformer.load(file, { target: t, onWeights: weightProgress(log), rebuild: o.rebuild }));
   const loadPeak = loadMem.stop();
   resetPeakRss();
-  log(`config: klein 4B shapes${o.outliers ? ' (stress model: outliers)' : ''}, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, products in ${model.computeDtype}${t.precision === 'fast' ? ` (int8 scheme ${t.int8Scheme ?? 'dynamic'})` : ''} on ${t.device}`);
+  log(`config: klein 4B shapes${o.outliers ? ' (stress model: outliers)' : ''}, ${cfg.depth} double + ${cfg.depthSingleBlocks} single blocks, ${o.width}x${o.height} (${inp.nTokens} image tokens) + ${o.txtTokens} text tokens, heads ${cfg.numHeads}×${headDim(cfg)}, products in ${model.computeDtype}${t.precision === 'fast' ? ` (int8 scheme ${t.int8Scheme ?? DEFAULT_INT8_SCHEME})` : ''} on ${t.device}`);
   log(`load seconds: ${loadS.toFixed(2)}${model.weightsBuilt ? ' (weights converted into the store)' : ' (weights from the store)'}${model.graphCached ? '' : ' (graphs compiled)'}`);
   if (model.computeDtype === 'fp16') log(`fp16: ${model.fp16Overflows} weights clamped to ±65504`);
   const stepMem = new MemorySampler();

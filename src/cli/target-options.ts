@@ -5,6 +5,7 @@
 import type { Command } from 'commander';
 import { parseDevice, type Device, type DeviceRequest } from '../runtime/device.ts';
 import { parseGpuDtype, parsePrecision, resolveTarget, type ExecutionTarget, type GpuDtype, type Precision } from '../runtime/target.ts';
+import { DEFAULT_INT8_SCHEME } from '../graph/nn/weight-policy.ts';
 import { parseMemorySize } from '../runtime/memory-plan.ts';
 import { UsageError } from './errors.ts';
 
@@ -91,7 +92,7 @@ export async function targetFromFlags(flags: TargetFlags): Promise<ExecutionTarg
 export function describeTarget(t: ExecutionTarget): string {
   if (t.device !== 'cpu') return `${t.device} in ${t.gpuDtype}`;
   if (t.precision !== 'fast') return 'cpu';
-  return t.int8Scheme && t.int8Scheme !== 'dynamic' ? `cpu (fast: int8 products, ${t.int8Scheme} activations)` : 'cpu (fast: int8 products)';
+  return `cpu (fast: int8 products, ${t.int8Scheme ?? DEFAULT_INT8_SCHEME} activations)`;
 }
 
 export const MEMORY_LIMIT_HELP = 'memory to plan with instead of what the machine reports, e.g. 16G (default: $KLEIN_MEMORY_LIMIT, else the cgroup limit or MemAvailable); a request that cannot fit is refused before anything loads';

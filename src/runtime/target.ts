@@ -22,7 +22,7 @@ export interface TargetRequest {
   gpuDtype?: GpuDtype;
   /** ORT intra-op threads; default all cores. */
   threads?: number;
-  /** Fast mode's activation scheme; default $KLEIN_INT8_SCHEME, else `dynamic`. */
+  /** Fast mode's activation scheme; default $KLEIN_INT8_SCHEME, else DEFAULT_INT8_SCHEME. */
   int8Scheme?: Int8Scheme;
 }
 
@@ -32,7 +32,7 @@ export interface ExecutionTarget {
   /** The GPU products' dtype; `fp32` on the CPU (which computes in fp32 or int8). */
   gpuDtype: GpuDtype;
   threads?: number;
-  /** How fast mode's int8 products quantize activations (weight-policy.ts); absent: `dynamic`. */
+  /** How fast mode's int8 products quantize activations (weight-policy.ts); absent: DEFAULT_INT8_SCHEME. */
   int8Scheme?: Int8Scheme;
 }
 
@@ -51,7 +51,7 @@ export function parseInt8Scheme(s: string, source = 'KLEIN_INT8_SCHEME'): Int8Sc
   throw new UserError(`${source}: unknown int8 scheme "${s}"; use one of: ${INT8_SCHEMES.join(', ')}`);
 }
 
-/** The request's int8 scheme, else $KLEIN_INT8_SCHEME's (the one place it is read), else none (`dynamic`). */
+/** The request's int8 scheme, else $KLEIN_INT8_SCHEME's (the one place it is read), else none (the default). */
 function requestedInt8Scheme(req: TargetRequest): Int8Scheme | undefined {
   if (req.int8Scheme) return req.int8Scheme;
   const env = process.env.KLEIN_INT8_SCHEME;

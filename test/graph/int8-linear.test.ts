@@ -132,7 +132,7 @@ test('row-outliers: one activation half shared by two Linears, 3-D input, bias, 
   const bias = Float32Array.from({ length: N2 }, (_, i) => i / 10);
   const c = checkpoint({ 'a.weight': { shape: [N1, Kk], data: w1 }, 'b.weight': { shape: [N2, Kk], data: w2 }, 'b.bias': { shape: [N2], data: bias } });
   const policy = new Int8Policy(() => true, 'row-outliers');
-  assert.notEqual(policy.tag, new Int8Policy(() => true).tag, 'the two schemes never share a weight store');
+  assert.notEqual(policy.tag, new Int8Policy(() => true, 'dynamic').tag, 'the two schemes never share a weight store');
   const g = new Graph('int8_shared');
   const nn = layersOf(g, c, policy);
   const xin = g.input('x', 'float32', [B, L, Kk]);

@@ -91,7 +91,7 @@ test('Int8Policy: the Linears it selects run as DynamicQuantizeMatMul on stored 
     for (let k = 0; k < K; k++) acc += x[m * K + k] * w[n * K + k];
     ref[m * N + n] = acc;
   }
-  const policy = new Int8Policy((name) => name !== 'keep.weight');
+  const policy = new Int8Policy((name) => name !== 'keep.weight', 'dynamic');
   assert.equal(policy.tag, `int8-${INT8_SCHEME}`, 'the scheme names the weight store, so a new scheme never reads old bytes');
   const g = new Graph('qlinear');
   const nn = layersOf(g, Checkpoint.open(dir), policy);

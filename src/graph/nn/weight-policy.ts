@@ -91,6 +91,8 @@ export class Fp32Policy implements WeightPolicy {
  */
 export type Int8Scheme = 'dynamic' | 'row-outliers';
 export const INT8_SCHEMES: readonly Int8Scheme[] = ['dynamic', 'row-outliers'];
+/** Real checkpoints carry activation outliers that wreck one scale per tensor (docs/benchmarks.md, issue 21). */
+export const DEFAULT_INT8_SCHEME: Int8Scheme = 'row-outliers';
 
 /**
  * CPU fast: the Linears `select` names as int8 products on int8 `[in, out]` weights with one fp32 scale per output
@@ -104,7 +106,7 @@ export class Int8Policy extends Fp32Policy {
 
   constructor(
     private readonly select: (name: string) => boolean,
-    readonly scheme: Int8Scheme = 'dynamic',
+    readonly scheme: Int8Scheme = DEFAULT_INT8_SCHEME,
   ) {
     super();
     this.tag = scheme === 'dynamic' ? `int8-${INT8_SCHEME}` : `int8-${INT8_RESIDUAL_SCHEME}-${INT8_ACTIVATION_SCHEME}`;
