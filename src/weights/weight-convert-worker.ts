@@ -1,17 +1,17 @@
-// Worker thread of weight-store.ts: computes every weight of a folder (weight-values.ts) and writes it into
-// `weights.bin` at its offset, reporting progress, the spot checksums and the conversion statistics.
+// Worker thread of weight-store.ts: computes its group of a folder's weights (weight-values.ts) and writes each into
+// `weights.bin` (made at its full size by the parent) at its offset, reporting progress, the spot checksums and the
+// conversion statistics.
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { computeWeight, type ConversionStats, type QuantizeMemo } from './weight-values.ts';
 import { spotCrc, type ConvertJob, type ConvertMessage } from './weight-store.ts';
 
-const { file, size, jobs } = workerData.data as { file: string; size: number; jobs: ConvertJob[] };
+const { file, jobs } = workerData.data as { file: string; jobs: ConvertJob[] };
 const post = (m: ConvertMessage) => parentPort!.postMessage(m);
 
 try {
-  const fd = fs.openSync(file, 'w');
+  const fd = fs.openSync(file, 'r+');
   try {
-    fs.ftruncateSync(fd, size);
     const stats: ConversionStats = { fp16Overflows: 0 };
     const memo: QuantizeMemo = {};
     const crcs: Array<{ head: number; tail: number }> = [];

@@ -14,6 +14,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import type { Worker } from 'node:worker_threads';
 import zlib from 'node:zlib';
 import { ELEM_SIZE } from './dtypes.ts';
 import { storedInPlace, type WeightRef } from './weight-ref.ts';
@@ -275,16 +276,53 @@ export interface ConvertResult {
 /** Messages of weight-convert-worker.ts. */
 export type ConvertMessage = { kind: 'progress'; done: number; key: string } | { kind: 'done'; result: ConvertResult } | { kind: 'error'; message: string };
 
-function convertInWorker(file: string, size: number, jobs: ConvertJob[], onProgress?: WeightStoreOptions['onProgress']): Promise<ConvertResult> {
-  if (jobs.length === 0) {
-    fs.writeFileSync(file, new Uint8Array(0));
-    return Promise.resolve({ crcs: [], stats: { fp16Overflows: 0 } });
+/**
+ * Converts `jobs` into `file` on one worker thread per core: contiguous groups of about equal bytes, cut only where
+ * the source changes (a source's quantized outputs come from one computation, kept by the worker that made it).
+ */
+async function convertInWorker(file: string, size: number, jobs: ConvertJob[], onProgress?: WeightStoreOptions['onProgress']): Promise<ConvertResult> {
+  const fd = fs.openSync(file, 'w');
+  try {
+    fs.ftruncateSync(fd, size);
+  } finally {
+    fs.closeSync(fd);
   }
+  let done = 0;
+  const progress = (key: string) => onProgress?.(++done, jobs.length, key);
+  const groups = jobGroups(jobs, Math.min(os.availableParallelism(), MAX_CONVERT_WORKERS));
+  const workers: Worker[] = [];
+  // one failure ends the build: the other workers stop rather than write into a folder about to be removed
+  const results = await Promise.all(groups.map((g) => convertGroup(file, g, progress, workers))).catch(async (e: unknown) => {
+    await Promise.all(workers.map((w) => w.terminate()));
+    throw e;
+  });
+  return { crcs: results.flatMap((r) => r.crcs), stats: { fp16Overflows: results.reduce((n, r) => n + r.stats.fp16Overflows, 0) } };
+}
+
+/** More workers than this only add memory: the conversion also reads and writes the disk. */
+const MAX_CONVERT_WORKERS = 4;
+
+/** `jobs` cut into at most `n` contiguous groups of about equal bytes, never between two refs of one source. */
+function jobGroups(jobs: ConvertJob[], n: number): ConvertJob[][] {
+  const total = jobs.reduce((a, j) => a + j.length, 0);
+  const groups: ConvertJob[][] = [[]];
+  let bytes = 0;
+  jobs.forEach((job, i) => {
+    const sameSource = i > 0 && JSON.stringify(jobs[i - 1].ref.source) === JSON.stringify(job.ref.source);
+    if (!sameSource && groups.length < n && bytes >= (total * groups.length) / n) groups.push([]);
+    groups[groups.length - 1].push(job);
+    bytes += job.length;
+  });
+  return groups.filter((g) => g.length > 0);
+}
+
+function convertGroup(file: string, jobs: ConvertJob[], progress: (key: string) => void, workers: Worker[]): Promise<ConvertResult> {
   return new Promise((resolve, reject) => {
-    const worker = startWorker(new URL('./weight-convert-worker.ts', import.meta.url), { file, size, jobs });
+    const worker = startWorker(new URL('./weight-convert-worker.ts', import.meta.url), { file, jobs });
+    workers.push(worker);
     let settled = false;
     worker.on('message', (m: ConvertMessage) => {
-      if (m.kind === 'progress') onProgress?.(m.done, jobs.length, m.key);
+      if (m.kind === 'progress') progress(m.key);
       else if (m.kind === 'done') {
         settled = true;
         resolve(m.result);
