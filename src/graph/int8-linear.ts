@@ -54,9 +54,14 @@ export interface Int8LinearWeight {
   bias?: Value;
   /**
    * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`): the gathered outlier rows become exact to
-   * ~2⁻¹⁴. The outlier rows are gathered from `q` itself: a file-mapped initializer costs only the pages it reads.
+   * ~2⁻¹⁴.
    */
   residual?: { q: Value; scale: Value };
+  /**
+   * `q`'s bytes as an initializer of their own, for the outlier-row gathers: with `q` read by the product alone, ORT
+   * packs it and lets the mapped original go, so only the gathered rows' pages stay resident.
+   */
+  rows?: Value;
 }
 
 /** Channel maxima are taken over every ROW_STRIDE-th row: a full pass over x cost ~10 % of a product. */
@@ -104,7 +109,7 @@ export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hi
   if (a.outliers) {
     // the outlier channels' rows of W, dequantized: [k, N]
     const dequantized = (q: Value, scale: Value) => g.op('Mul', [g.op('Cast', [g.op('Gather', [q, a.outliers!.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
-    let rows = dequantized(w.q, w.scale);
+    let rows = dequantized(w.rows ?? w.q, w.scale);
     if (w.residual) rows = g.op('Add', [rows, dequantized(w.residual.q, w.residual.scale)]);
     y = g.op('Gemm', [a.outliers.values, rows, y], {}, { hint: `${hint}_plus_outliers` });
   }

@@ -122,7 +122,8 @@ export class Int8Policy extends Fp32Policy {
     const scale = quantized('scale', 'float32', [out]);
     if (this.scheme === 'dynamic') return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
     const residual = { q: quantized('residual.q', 'int8', [inF, out]), scale: quantized('residual.scale', 'float32', [out]) };
-    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, residual }, hintOf(w.name));
+    const rows = g.weight({ key: `${w.key}.q.rows`, type: 'int8', dims: [inF, out], source: w.source, transform: { kind: 'quantize', scheme, output: 'q' } });
+    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, residual, rows }, hintOf(w.name));
   }
 
   private activation(g: Graph, x: Value, inFeatures: number): Int8Activation {
