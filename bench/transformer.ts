@@ -13,6 +13,7 @@ import type { Command } from 'commander';
 import { KLEIN_4B, headDim, mlpHidden, type Flux2Config } from '../src/models/flux2/config.ts';
 import { Flux2Transformer, type Flux2ForwardInput } from '../src/models/flux2/runtime.ts';
 import { writeRandomFlux2Checkpoint } from '../src/fixtures/flux2.ts';
+import { openFlux2Checkpoint } from '../src/models/flux2/checkpoint.ts';
 import type { ExecutionTarget } from '../src/runtime/target.ts';
 import { DEFAULT_INT8_SCHEME } from '../src/graph/nn/weight-policy.ts';
 import { UsageError } from '../src/cli/errors.ts';
@@ -43,6 +44,20 @@ export interface TransformerBenchOptions {
   randomLoras?: { count: number; rank: number };
   /** The stress model of issue 21 and a context with massive-activation tokens. */
   outliers?: boolean;
+  /** A transformer checkpoint (file or folder, BFL or diffusers layout) instead of the random one of the block counts. */
+  checkpoint?: string;
+}
+
+/** An absolute path that exists, else a usage error. */
+function existingPath(p: string): string {
+  if (!fs.existsSync(p)) throw new UsageError(`--checkpoint: ${p} does not exist`);
+  return path.resolve(p);
+}
+
+/** Bytes of a safetensors file, or of every one in a folder. */
+function safetensorsBytes(fileOrFolder: string): number {
+  if (!fs.statSync(fileOrFolder).isDirectory()) return fs.statSync(fileOrFolder).size;
+  return fs.readdirSync(fileOrFolder).filter((f) => f.endsWith('.safetensors')).reduce((n, f) => n + fs.statSync(path.join(fileOrFolder, f)).size, 0);
 }
 
 /**
@@ -125,15 +140,15 @@ function weightProgress(log: (s: string) => void): (done: number, total: number,
 }
 
 export async function runTransformerBench(o: TransformerBenchOptions, log: (s: string) => void = console.log): Promise<number> {
-  const cfg: Flux2Config = { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
+  const cfg: Flux2Config = o.checkpoint ? openFlux2Checkpoint(o.checkpoint).config : { ...KLEIN_4B, depth: o.doubleBlocks, depthSingleBlocks: o.singleBlocks };
   const t = o.target;
   if (o.compareFp32 && (t.device === 'cpu' || t.gpuDtype !== 'fp16')) {
     const why = t.precision === 'fast' ? '--precision fast runs on the CPU (use --compare-exact)' : `this run computes in ${t.device === 'cpu' ? 'fp32' : t.gpuDtype} on ${t.device} (use --device webgpu or cuda with fp16)`;
     throw new UsageError(`--compare-fp32 compares a GPU's fp16 products with fp32 on the same device; ${why}`);
   }
-  const file = benchCheckpoint(cfg, log, o.outliers);
+  const file = o.checkpoint ?? benchCheckpoint(cfg, log, o.outliers);
   const inp = inputs(cfg, o.width / 16, o.height / 16, o.txtTokens, o.outliers);
-  const weightBytesF32 = (fs.statSync(file).size / 2) * 4;
+  const weightBytesF32 = (safetensorsBytes(file) / 2) * 4;
   const threads = t.threads ?? os.availableParallelism();
   const refTarget = o.compareExact ? { ...t, precision: 'exact' as const } : o.compareFp32 ? { ...t, gpuDtype: 'fp32' as const } : undefined;
   const reference = refTarget ? await referenceOutput(file, inp, refTarget, log) : undefined;
@@ -222,7 +237,8 @@ export function registerTransformerBench(bench: Command): void {
     .option('--random-loras <n>', 'also time the step with n random real-width LoRAs (written once into the bench cache)')
     .option('--lora-rank <r>', 'rank of the --random-loras', '32')
     .option('--outliers', 'the stress model: random weights with realistic activation outliers (issue 21), written once beside the plain one')
-    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean; lora?: string[]; outliers?: boolean }) => {
+    .option('--checkpoint <path>', "a klein transformer (safetensors file or a model folder's transformer/) instead of the random one; its config sets the blocks")
+    .action(async (opts: Record<string, string> & TargetFlags & { compareExact?: boolean; compareFp32?: boolean; rebuild?: boolean; lora?: string[]; outliers?: boolean; checkpoint?: string }) => {
       const m = /^(\d+)x(\d+)$/.exec(opts.size);
       if (!m || Number(m[1]) % 16 || Number(m[2]) % 16 || Number(m[1]) === 0 || Number(m[2]) === 0) throw new UsageError(`--size must be WxH with positive multiples of 16, got "${opts.size}"`);
       const o: TransformerBenchOptions = {
@@ -237,11 +253,13 @@ export function registerTransformerBench(bench: Command): void {
         compareFp32: opts.compareFp32 === true,
         rebuild: opts.rebuild === true,
         outliers: opts.outliers === true,
+        checkpoint: opts.checkpoint === undefined ? undefined : existingPath(opts.checkpoint),
         loras: (opts.lora ?? []).map(benchLoraSpec),
         randomLoras: opts.randomLoras ? { count: positiveInt('random-loras', opts.randomLoras), rank: Math.max(1, positiveInt('lora-rank', opts.loraRank)) } : undefined,
       };
       if (o.compareExact && o.target.precision !== 'fast') throw new UsageError('--compare-exact goes with --precision fast');
       if (o.txtTokens < 1) throw new UsageError('--txt-tokens must be at least 1');
+      if (o.checkpoint && o.outliers) throw new UsageError('--checkpoint and --outliers: the stress model is a random checkpoint of its own');
       await runTransformerBench(o);
     });
 }
