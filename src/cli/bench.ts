@@ -7,6 +7,7 @@ import { registerApiBench } from '../../bench/api.ts';
 import { registerPipelineBench } from '../../bench/pipeline.ts';
 import { registerLoadBench } from '../../bench/load.ts';
 import { registerInt8SchemesBench } from '../../bench/int8-schemes.ts';
+import { registerHfFolderBench } from '../../bench/hf-folder.ts';
 
 /**
  * `klein bench STAGE`: each stage registers its own subcommand with its options; see bench/*.ts.
@@ -22,5 +23,6 @@ export function registerBench(program: Command): Command {
   registerPipelineBench(bench);
   registerLoadBench(bench);
   registerInt8SchemesBench(bench);
+  registerHfFolderBench(bench);
   return bench;
 }
