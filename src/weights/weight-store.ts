@@ -1,6 +1,6 @@
 // Where a model's graphs find their weights: one folder per (checkpoint, weight policy, weight set) under
 // `$KLEIN_CACHE_DIR/weights/` holding `weights.bin` (every weight that needs computing — widened to fp32,
-// narrowed to fp16, transposed, quantized — written once by a worker thread), hard links to the checkpoint files
+// narrowed to fp16, transposed, quantized — written once by worker threads, one per core), hard links to the checkpoint files
 // whose tensors are used as stored, and the compiled .onnx graphs, which reference both by relative path (ORT
 // resolves external data only below the model's folder and refuses symlinks that leave it). ORT maps these files:
 // the weights are page cache, reclaimable by the kernel and shared between sessions and processes, and a cached
