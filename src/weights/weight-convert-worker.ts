@@ -15,14 +15,14 @@ try {
     const stats: ConversionStats = { fp16Overflows: 0 };
     const memo: QuantizeMemo = {};
     const crcs: Array<{ head: number; tail: number }> = [];
-    jobs.forEach((job, i) => {
+    for (const job of jobs) {
       const bytes = computeWeight(job.ref, stats, memo);
       if (bytes.byteLength !== job.length) throw new Error(`${job.ref.key}: computed ${bytes.byteLength} bytes, expected ${job.length}`);
       let done = 0;
       while (done < bytes.byteLength) done += fs.writeSync(fd, bytes, done, bytes.byteLength - done, job.offset + done);
       crcs.push(spotCrc(bytes));
-      post({ kind: 'progress', done: i + 1, key: job.ref.key });
-    });
+      post({ kind: 'progress', key: job.ref.key });
+    }
     fs.fsyncSync(fd);
     post({ kind: 'done', result: { crcs, stats } });
   } finally {

@@ -274,7 +274,7 @@ export interface ConvertResult {
 }
 
 /** Messages of weight-convert-worker.ts. */
-export type ConvertMessage = { kind: 'progress'; done: number; key: string } | { kind: 'done'; result: ConvertResult } | { kind: 'error'; message: string };
+export type ConvertMessage = { kind: 'progress'; key: string } | { kind: 'done'; result: ConvertResult } | { kind: 'error'; message: string };
 
 /**
  * Converts `jobs` into `file` on one worker thread per core: contiguous groups of about equal bytes, cut only where

@@ -116,13 +116,13 @@ export class Int8Policy extends Fp32Policy {
     if (!this.select(w.name)) return super.linear(g, x, w);
     const [out, inF] = sourceShape(w.source);
     const scheme = this.scheme === 'dynamic' ? INT8_SCHEME : INT8_RESIDUAL_SCHEME;
-    const quantized = (output: string, type: ElemType, dims: number[]): Value =>
-      g.weight({ key: `${w.key}.${output}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme, output } });
+    const quantized = (output: string, type: ElemType, dims: number[], key = output): Value =>
+      g.weight({ key: `${w.key}.${key}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme, output } });
     const q = quantized('q', 'int8', [inF, out]);
     const scale = quantized('scale', 'float32', [out]);
     if (this.scheme === 'dynamic') return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
     const residual = { q: quantized('residual.q', 'int8', [inF, out]), scale: quantized('residual.scale', 'float32', [out]) };
-    const rows = g.weight({ key: `${w.key}.q.rows`, type: 'int8', dims: [inF, out], source: w.source, transform: { kind: 'quantize', scheme, output: 'q' } });
+    const rows = quantized('q', 'int8', [inF, out], 'q.rows');
     return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, residual, rows }, hintOf(w.name));
   }
 
