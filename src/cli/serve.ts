@@ -117,10 +117,12 @@ async function runServe(o: ServeOptions): Promise<void> {
   const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
   console.log(`klein serve: ${info.variant.id} (${precision} precision) on ${describeTarget(target)} from ${info.modelRoot} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
   if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
+  // the stop handlers first: writes to a pipe are synchronous, so whoever reads the listening line may signal at once
+  const stopped = stopSignal(() => console.log(`klein serve: stopping (${stopPlan(scale?.api.drainMs, localWorkers.length)})`));
   // one write: a reader that acts on the listening line (tests, scripts) then has the first start's key with it
   const firstStart = admin ? `\nklein serve: first start: an admin API key was created. It is shown only this once; keep it safe:\n${admin.key}` : '';
   console.log(`klein serve: listening on ${listening.url} (docs: ${listening.url}/docs)${firstStart}`);
-  await stopSignal(() => console.log(`klein serve: stopping (${stopPlan(scale?.api.drainMs, localWorkers.length)})`));
+  await stopped;
   if (scale) exitIfTheStopHangs(scale.api.drainMs, o.queue!);
   // local queue workers finish their current run; then the API drains the remote runs (scaled out) and puts what
   // is still running back in the queue

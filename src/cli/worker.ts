@@ -109,11 +109,13 @@ export function registerWorker(program: Command): void {
         await pipeline.close();
         throw new UsageError(`cannot join ${o.api}: ${(e as Error).message}`);
       }
-      console.log(`klein worker ${worker.id}: ${modelId} on ${describeTarget(target)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
-      await new Promise<void>((resolve) => {
+      // the stop handlers before the ready line: whoever reads it may signal at once (pipe writes are synchronous)
+      const stopped = new Promise<void>((resolve) => {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);
       });
+      console.log(`klein worker ${worker.id}: ${modelId} on ${describeTarget(target)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
+      await stopped;
       console.log('klein worker: stopping after the current run (signal again to hand it back now)');
       const again = () => {
         console.log('klein worker: handing the current run back');
