@@ -7,7 +7,7 @@ import os from 'node:os';
 import type { Command } from 'commander';
 import { Graph, MS_DOMAIN, type ElemType, type ExternalLocation, type Value } from '../src/graph/onnx-graph.ts';
 import type { WeightRef } from '../src/weights/weight-ref.ts';
-import { quantizeInt8, quantizeInt8Residual, type Int8Weight } from '../src/weights/quantize.ts';
+import { quantizeInt8, type Int8Weight } from '../src/weights/quantize.ts';
 import { ELEM_SIZE } from '../src/weights/dtypes.ts';
 import { int8Activation, int8Product } from '../src/graph/int8-linear.ts';
 import { f32, ort, sessionOptions } from '../src/runtime/session.ts';
@@ -125,7 +125,7 @@ export const SCHEMES: Scheme[] = [
     name: 'per row + 16 outlier channels fp32, rows exact (residual)',
     build: (g, x, p, data) => {
       const w = int8Weights(g, p.w, p.N, p.K, data);
-      const r = quantizeInt8Residual(p.w, quantizeInt8(p.w, p.N, p.K));
+      const r = quantizeInt8(p.w, p.N, p.K, { residual: true }).residual!;
       data.push(...int8ExternalData('mem/r', r));
       const residual = { q: inMemoryWeight(g, 'r.int8', 'int8', [p.K, p.N]), scale: inMemoryWeight(g, 'r.scale', 'float32', [p.N]) };
       return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, residual });

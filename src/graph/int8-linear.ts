@@ -2,7 +2,7 @@
 // input channels with the largest magnitudes taken out of the int8 product and multiplied in fp32 (LLM.int8()'s
 // decomposition, with the channels picked at run time, so no calibration data is needed and channels that move
 // with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
-// `[in, out]`, one fp32 scale per output column), optionally with `quantizeInt8Residual`'s tensors, which make the
+// `[in, out]`, one fp32 scale per output column), optionally with its residual tensors, which make the
 // gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
 // Int8Policy (nn/weight-policy.ts) emits it for `row-outliers`; the weight store holds the tensors.
 //
@@ -16,9 +16,6 @@
 // reading that input (q, k, v; gate, up): `int8Activation` once, `int8Product` per weight.
 import type { Graph, Value } from './onnx-graph.ts';
 import { MS_DOMAIN } from './onnx-graph.ts';
-
-/** Names the activation scheme; part of the int8 policy's tag. Bump when the numbers change. */
-export const INT8_ACTIVATION_SCHEME = 'row-top16-v1';
 
 /** Input channels multiplied in fp32 per product when not told otherwise (measured: docs/benchmarks.md, fast mode). */
 const DEFAULT_OUTLIER_CHANNELS = 16;
@@ -53,13 +50,14 @@ export interface Int8LinearWeight {
   /** Optional fp32 `[outFeatures]`. */
   bias?: Value;
   /**
-   * `quantizeInt8Residual`'s tensors (int8 `[in, out]`, fp32 `[out]`): the gathered outlier rows become exact to
-   * ~2⁻¹⁴.
+   * `quantizeInt8`'s residual tensors (int8 `[in, out]`, fp32 `[out]`): the gathered outlier rows become exact to
+   * half of `scale / 254`.
    */
   residual?: { q: Value; scale: Value };
   /**
-   * `q`'s bytes as an initializer of their own, for the outlier-row gathers: with `q` read by the product alone, ORT
-   * packs it and lets the mapped original go, so only the gathered rows' pages stay resident.
+   * `q`'s bytes as an initializer of their own (the weight store maps the same region), for the outlier-row gathers:
+   * with `q` read by the product alone, ORT packs it and lets the mapped original go, so only the gathered rows'
+   * pages stay resident.
    */
   rows?: Value;
 }

@@ -13,10 +13,10 @@ import { sourceShape, type WeightRef } from './weight-ref.ts';
 export const INT8_SCHEME = 'int8-sym-per-column-v1';
 
 /**
- * INT8_SCHEME's `q` and `scale` plus `quantizeInt8Residual`'s as `residual.q` and `residual.scale`: what the
- * outlier-tolerant int8 Linear (graph/int8-linear.ts) reads.
+ * INT8_SCHEME's `q` and `scale` plus the residual of `quantizeInt8(…, { residual: true })` as `residual.q` and
+ * `residual.scale`: what the outlier-tolerant int8 Linear (graph/int8-linear.ts) reads.
  */
-export const INT8_RESIDUAL_SCHEME = 'int8-sym-per-column-residual-v1';
+export const INT8_RESIDUAL_SCHEME = 'int8-sym-per-column-residual-v2';
 
 /** A Linear weight quantized to int8: `W[n, k] ≈ q[k · outFeatures + n] · scale[n]`. */
 export interface Int8Weight {
@@ -31,20 +31,33 @@ export interface Int8Weight {
 /** Rows of W handled together while transposing: 64 input streams, each written 64 bytes at a time. */
 const BLOCK = 64;
 
+/** The residual's step: a rounding error is at most half a step of q, so 254 steps span it (no pass for its max). */
+const RESIDUAL_STEPS = 254;
+
+/** Half away from zero (as C's lround), clamped to ±127 so it never wraps. */
+function roundInt8(v: number): number {
+  const r = (v + (v >= 0 ? 0.5 : -0.5)) | 0;
+  return r > 127 ? 127 : r < -127 ? -127 : r;
+}
+
 /**
  * Quantizes `w` (`[outFeatures, inFeatures]` row-major fp32, PyTorch's Linear layout) to int8 with per-output-column
- * scales, transposed to `[in, out]`. Deterministic; a 9216 × 3072 matrix takes a fraction of a second.
+ * scales, transposed to `[in, out]`. With `residual`, also what q leaves of w, quantized in the same pass with the
+ * fixed step `scale / 254`: `w[n, k] ≈ q[k, n]·scale[n] + r.q[k, n]·r.scale[n]` to half of that step (the
+ * outlier-tolerant int8 Linear, int8-linear.ts, multiplies its few fp32 channels with `q + r` rows). Deterministic.
  */
-export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: number): Int8Weight {
+export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: number, o: { residual?: boolean } = {}): Int8Weight & { residual?: Int8Weight } {
   const N = outFeatures;
   const K = inFeatures;
   if (!Number.isInteger(N) || !Number.isInteger(K) || N < 1 || K < 1) throw new RangeError(`quantizeInt8: bad shape [${outFeatures}, ${inFeatures}]`);
   if (w.length !== N * K) throw new RangeError(`quantizeInt8: ${w.length} values for a [${N}, ${K}] weight (${N * K} expected)`);
   const scale = new Float32Array(N);
   const q = new Int8Array(K * N);
+  const r = o.residual ? { q: new Int8Array(K * N), scale: new Float32Array(N) } : undefined;
   // Rows are quantized in blocks into a row-major scratch (sequential reads of W), then the block is transposed
   // into q, writing BLOCK consecutive bytes per input feature.
   const tmp = new Int8Array(BLOCK * K);
+  const rtmp = r ? new Int8Array(BLOCK * K) : undefined;
   for (let n0 = 0; n0 < N; n0 += BLOCK) {
     const n1 = Math.min(N, n0 + BLOCK);
     for (let n = n0; n < n1; n++) {
@@ -57,23 +70,35 @@ export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: n
         if (a > mx) mx = a;
       }
       if (!Number.isFinite(sum)) throw new RangeError(`quantizeInt8: output ${n} has a non-finite weight`);
-      scale[n] = mx > 0 ? Math.fround(mx / 127) : 1;
-      const inv = 1 / scale[n];
+      const s = (scale[n] = mx > 0 ? Math.fround(mx / 127) : 1);
+      const inv = 1 / s;
       const t = (n - n0) * K;
+      if (!r || !rtmp) {
+        for (let k = 0; k < K; k++) tmp[t + k] = roundInt8(w[row + k] * inv);
+        continue;
+      }
+      const rs = (r.scale[n] = Math.fround(s / RESIDUAL_STEPS));
+      const rinv = 1 / rs;
       for (let k = 0; k < K; k++) {
-        const v = w[row + k] * inv;
-        // half away from zero (as C's lround): truncating v ± 0.5; |v| ≤ 127 up to rounding, clamped so it never wraps
-        const r = (v + (v >= 0 ? 0.5 : -0.5)) | 0;
-        tmp[t + k] = r > 127 ? 127 : r < -127 ? -127 : r;
+        const v = w[row + k];
+        const qv = roundInt8(v * inv);
+        tmp[t + k] = qv;
+        rtmp[t + k] = roundInt8((v - qv * s) * rinv);
       }
     }
-    const width = n1 - n0;
-    for (let k = 0; k < K; k++) {
-      const out = k * N + n0;
-      for (let j = 0; j < width; j++) q[out + j] = tmp[j * K + k];
-    }
+    transposeBlock(tmp, q, n0, n1, N, K);
+    if (r && rtmp) transposeBlock(rtmp, r.q, n0, n1, N, K);
   }
-  return { q, scale, inFeatures: K, outFeatures: N };
+  return { q, scale, inFeatures: K, outFeatures: N, ...(r ? { residual: { ...r, inFeatures: K, outFeatures: N } } : {}) };
+}
+
+/** Rows `[n0, n1)` of a row-major `[·, K]` block into the `[K, N]` layout. */
+function transposeBlock(block: Int8Array, out: Int8Array, n0: number, n1: number, N: number, K: number): void {
+  const width = n1 - n0;
+  for (let k = 0; k < K; k++) {
+    const at = k * N + n0;
+    for (let j = 0; j < width; j++) out[at + j] = block[j * K + k];
+  }
 }
 
 /** The fp32 weight `[out, in]` an Int8Weight stands for (tests and error analysis). */
@@ -98,32 +123,12 @@ export function quantizeForRef(ref: WeightRef, scheme: string, output: string, m
   if (memo.key !== key) {
     if (scheme !== INT8_SCHEME && scheme !== INT8_RESIDUAL_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
     const [out, inF] = sourceShape(ref.source);
-    const w = read();
-    const qw = quantizeInt8(w, out, inF);
+    const qw = quantizeInt8(read(), out, inF, { residual: scheme === INT8_RESIDUAL_SCHEME });
     memo.key = key;
     memo.outputs = { q: new Uint8Array(qw.q.buffer), scale: new Uint8Array(qw.scale.buffer) };
-    if (scheme === INT8_RESIDUAL_SCHEME) {
-      const r = quantizeInt8Residual(w, qw);
-      Object.assign(memo.outputs, { 'residual.q': new Uint8Array(r.q.buffer), 'residual.scale': new Uint8Array(r.scale.buffer) });
-    }
+    if (qw.residual) Object.assign(memo.outputs, { 'residual.q': new Uint8Array(qw.residual.q.buffer), 'residual.scale': new Uint8Array(qw.residual.scale.buffer) });
   }
   const bytes = memo.outputs![output];
   if (!bytes) throw new Error(`${ref.key}: scheme ${scheme} has no output ${output}`);
   return bytes;
-}
-
-/**
- * What `qw` leaves of `w` (`[out, in]`), quantized the same way: `w[n, k] ≈ q[k, n]·scale[n] + r.q[k, n]·r.scale[n]`
- * to ~2⁻¹⁴ of each column's range. The outlier-tolerant int8 Linear (int8-linear.ts) multiplies the few outlier
- * channels in fp32 with `q + r` rows, so their weights are as good as fp32 where the activations are largest.
- */
-export function quantizeInt8Residual(w: Float32Array, qw: Int8Weight): Int8Weight {
-  const { inFeatures: K, outFeatures: N } = qw;
-  if (w.length !== N * K) throw new RangeError(`quantizeInt8Residual: ${w.length} values for a [${N}, ${K}] weight (${N * K} expected)`);
-  const rest = new Float32Array(N * K);
-  for (let n = 0; n < N; n++) {
-    const s = qw.scale[n];
-    for (let k = 0; k < K; k++) rest[n * K + k] = w[n * K + k] - qw.q[k * N + n] * s;
-  }
-  return quantizeInt8(rest, N, K);
 }

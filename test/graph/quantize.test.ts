@@ -6,7 +6,7 @@ import path from 'node:path';
 import onnxProto from 'onnx-proto';
 import { Graph } from '../../src/graph/onnx-graph.ts';
 import { Int8Policy } from '../../src/graph/nn/weight-policy.ts';
-import { dequantizeInt8, INT8_SCHEME, quantizeInt8, quantizeInt8Residual } from '../../src/weights/quantize.ts';
+import { dequantizeInt8, INT8_SCHEME, quantizeInt8 } from '../../src/weights/quantize.ts';
 import { f32 } from '../../src/runtime/session.ts';
 import { Checkpoint, writeSafetensors } from '../../src/weights/safetensors.ts';
 import { relativeError } from '../../src/conform/compare.ts';
@@ -130,21 +130,23 @@ test('Int8Policy: the Linears it selects run as DynamicQuantizeMatMul on stored 
   }
 });
 
-test('quantizeInt8Residual: q·scale + r.q·r.scale is within 1/254 of a step of w', () => {
+test('quantizeInt8 with residual: q·scale + r.q·r.scale is within half a residual step (scale / 254) of w', () => {
   const [N, K] = [40, 90];
   const w = uniform(N * K, 17, 0.1);
   w[3 * K + 7] = 2; // a large weight: its column's step is coarse, the residual restores it
-  const qw = quantizeInt8(w, N, K);
-  const r = quantizeInt8Residual(w, qw);
+  const qw = quantizeInt8(w, N, K, { residual: true });
+  const r = qw.residual!;
+  assert.deepEqual(qw.q, quantizeInt8(w, N, K).q, 'the residual leaves q as it is');
   const a = dequantizeInt8(qw);
   const b = dequantizeInt8(r);
   for (let n = 0; n < N; n++) {
+    assert.equal(r.scale[n], Math.fround(qw.scale[n] / 254));
     for (let k = 0; k < K; k++) {
       const err = Math.abs(a[n * K + k] + b[n * K + k] - w[n * K + k]);
-      assert.ok(err <= qw.scale[n] / 254 + 1e-7, `[${n}, ${k}] error ${err} over ${qw.scale[n] / 254}`);
+      assert.ok(err <= r.scale[n] / 2 + 1e-7, `[${n}, ${k}] error ${err} over ${r.scale[n] / 2}`);
     }
   }
   const both = Float32Array.from(a, (v, i) => v + b[i]);
   assert.ok(relativeError(both, w).rms < relativeError(a, w).rms / 100, 'the residual cuts the rounding error by more than 100×');
-  assert.throws(() => quantizeInt8Residual(new Float32Array(3), qw), /3 values/);
+  assert.ok(r.q.some((v) => Math.abs(v) > 100), 'the residual uses its range');
 });

@@ -11,7 +11,7 @@
 import { Graph, MS_DOMAIN, type Value } from '../onnx-graph.ts';
 import type { ElemType } from '../../weights/dtypes.ts';
 import { INT8_RESIDUAL_SCHEME, INT8_SCHEME } from '../../weights/quantize.ts';
-import { INT8_ACTIVATION_SCHEME, int8Activation, int8Product, type Int8Activation } from '../int8-linear.ts';
+import { int8Activation, int8Product, type Int8Activation } from '../int8-linear.ts';
 import { convertedRef, sourceShape, type WeightRef, type WeightSource } from '../../weights/weight-ref.ts';
 
 /** A Linear's weight as the policy sees it: `[out, in]` rows of stored tensors, maybe a column range. */
@@ -109,7 +109,9 @@ export class Int8Policy extends Fp32Policy {
     readonly scheme: Int8Scheme = DEFAULT_INT8_SCHEME,
   ) {
     super();
-    this.tag = scheme === 'dynamic' ? `int8-${INT8_SCHEME}` : `int8-${INT8_RESIDUAL_SCHEME}-${INT8_ACTIVATION_SCHEME}`;
+    // the weight store holds what the weight scheme makes; how activations are quantized is in the graphs, whose
+    // cache keys follow their content
+    this.tag = `int8-${scheme === 'dynamic' ? INT8_SCHEME : INT8_RESIDUAL_SCHEME}`;
   }
 
   override linear(g: Graph, x: Value, w: LinearWeight): Value {
