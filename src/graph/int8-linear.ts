@@ -55,9 +55,9 @@ export interface Int8LinearWeight {
    */
   residual?: { q: Value; scale: Value };
   /**
-   * `q`'s bytes as an initializer of their own (the weight store maps the same region), for the outlier-row gathers:
-   * with `q` read by the product alone, ORT packs it and lets the mapped original go, so only the gathered rows'
-   * pages stay resident.
+   * `q`'s bytes as an initializer of their own, for the outlier-row gathers: with `q` read by the product alone, ORT
+   * packs it and lets the mapped original go, so only the gathered rows' pages stay resident. (One region of the
+   * store for both kept every page of q resident: 6.13 GiB file-backed at real size instead of 1.53.)
    */
   rows?: Value;
 }

@@ -79,13 +79,8 @@ function fileIdentity(f: string): string {
   return `${f}:${st.size}:${Math.floor(st.mtimeMs)}`;
 }
 
-/** What a ref's bytes are made from and how: equal contents give equal bytes whatever the key. */
-function content(r: WeightRef): unknown[] {
-  return [r.type, r.dims, r.transform, r.source.cols ?? null, r.source.parts.map((p) => [p.name, p.dtype, p.shape, p.dataOffset, p.byteLength])];
-}
-
 function recipe(r: WeightRef): unknown {
-  return [r.key, ...content(r)];
+  return [r.key, r.type, r.dims, r.transform, r.source.cols ?? null, r.source.parts.map((p) => [p.name, p.dtype, p.shape, p.dataOffset, p.byteLength])];
 }
 
 function spotCrc(bytes: Uint8Array): { head: number; tail: number } {
@@ -221,28 +216,16 @@ async function build(folder: string, identity: string, sources: string[], refs: 
   fs.mkdirSync(tmp, { recursive: true });
   try {
     const { inPlace, links, convert } = linkSources(tmp, refs);
-    // refs with the same bytes under other names (a product's int8 weight and the copy its outlier rows are
-    // gathered from) share one region: written once, mapped by each initializer on its own
     const jobs: ConvertJob[] = [];
-    const jobOf = new Map<string, number>();
-    const sameAs: Array<[string, number]> = [];
     let size = 0;
     for (const ref of convert) {
-      const bytes = JSON.stringify(content(ref));
-      const earlier = jobOf.get(bytes);
-      if (earlier !== undefined) {
-        sameAs.push([ref.key, earlier]);
-        continue;
-      }
       const length = WeightStore.bytes([ref]);
-      jobOf.set(bytes, jobs.length);
       jobs.push({ ref, offset: size, length });
       size += Math.ceil(length / ALIGN) * ALIGN;
     }
     const done = await convertInWorker(path.join(tmp, 'weights.bin'), size, jobs, onProgress);
     const entries: Manifest['entries'] = {};
     jobs.forEach((j, i) => (entries[j.ref.key] = { offset: j.offset, length: j.length, ...done.crcs[i] }));
-    for (const [key, i] of sameAs) entries[key] = entries[jobs[i].ref.key];
     const manifest: Manifest = { format: FORMAT, identity, sources, size, entries, inPlace, links, stats: done.stats };
     fs.writeFileSync(path.join(tmp, 'manifest.json'), JSON.stringify(manifest));
     try {

@@ -140,13 +140,11 @@ test('row-outliers: one activation half shared by two Linears, 3-D input, bias, 
   g.output(nn.linear(xin, 'b'), 'y2', [B, L, N2]);
   assert.equal(g.nodes.filter((n) => n.proto.opType === 'QuantizeLinear').length, 1, 'x is quantized once for both products');
   assert.equal(g.nodes.filter((n) => n.proto.opType === 'MatMulIntegerToFloat').length, 2);
-  // the outlier rows' initializer maps the int8 weight's own bytes: one region in the store, not a copy
+  // the outlier rows' initializer has bytes of its own: sharing q's region kept every packed page of q resident
+  // at real size (docs/benchmarks.md)
   const { store } = await compile(g, policy);
   const region = (key: string) => store.locate([...g.weights.values()].find((r) => r.key === key)!);
-  assert.deepEqual(region('a.weight.q.rows'), region('a.weight.q'));
-  assert.notDeepEqual(region('b.weight.q'), region('a.weight.q'));
-  const unique = new Set([...g.weights.values()].map((r) => JSON.stringify(store.locate(r))));
-  assert.equal(unique.size, g.weights.size - 2, 'two row copies share their weight\'s region');
+  assert.notEqual(region('a.weight.q.rows').offset, region('a.weight.q').offset);
   const { y1, y2 } = await runGraph(g, policy, x, [B, L, Kk]);
   assert.equal(y1.length, B * L * N1);
   assert.ok(y1.every(Number.isFinite) && y2.every(Number.isFinite));
