@@ -57,7 +57,7 @@ interface Scheme {
   feed?(p: Product): Float32Array;
 }
 
-const bytes = (a: Float32Array | Int8Array | Uint8Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+const bytes = (a: Float32Array | Int16Array | Int8Array | Uint8Array) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
 /** A weight whose bytes the session gets in memory as `mem/<key>` (no stored source: never in a weight store). */
 function inMemoryWeight(g: Graph, key: string, type: ElemType, dims: number[]): Value {
@@ -122,13 +122,13 @@ export const SCHEMES: Scheme[] = [
   { name: 'per row + 16 outlier channels fp32', build: perRow(16) },
   { name: 'per row + 32 outlier channels fp32', build: perRow(32) },
   {
-    name: 'per row + 16 outlier channels fp32, rows exact (residual)',
+    name: 'per row + 16 outlier channels fp32, rows exact (int16 rows)',
     build: (g, x, p, data) => {
       const w = int8Weights(g, p.w, p.N, p.K, data);
-      const r = quantizeInt8(p.w, p.N, p.K, { residual: true }).residual!;
-      data.push(...int8ExternalData('mem/r', r));
-      const residual = { q: inMemoryWeight(g, 'r.int8', 'int8', [p.K, p.N]), scale: inMemoryWeight(g, 'r.scale', 'float32', [p.N]) };
-      return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, residual });
+      const rows = quantizeInt8(p.w, p.N, p.K, { rows: true }).rows!;
+      data.push({ path: 'mem/rows.int16', data: bytes(rows.values) }, { path: 'mem/rows.scale', data: bytes(rows.scale) });
+      const exact = { values: inMemoryWeight(g, 'rows.int16', 'int16', [p.K, p.N]), scale: inMemoryWeight(g, 'rows.scale', 'float32', [p.N]) };
+      return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, rows: exact });
     },
   },
   {

@@ -2,7 +2,7 @@
 // input channels with the largest magnitudes taken out of the int8 product and multiplied in fp32 (LLM.int8()'s
 // decomposition, with the channels picked at run time, so no calibration data is needed and channels that move
 // with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
-// `[in, out]`, one fp32 scale per output column), optionally with its residual tensors, which make the
+// `[in, out]`, one fp32 scale per output column), optionally with its exact rows (int16, 254× finer), which make the
 // gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
 // Int8Policy (nn/weight-policy.ts) emits it for `row-outliers`; the weight store holds the tensors.
 //
@@ -11,7 +11,7 @@
 //   x̃      = x with the columns o set to 0
 //   r[m]   = max_k |x̃[m, k]| / 127                         (one scale per row)
 //   y      = MatMulIntegerToFloat(QuantizeLinear(x̃, r, 128), q, r, scale, 128)   (uint8 × int8 on VNNI)
-//          + x[:, o] · (q[o, :] · scale [+ r[o, :] · r.scale])   (fp32, K = |o|)
+//          + x[:, o] · (rows[o, :] · rows.scale)   (fp32, K = |o|; without exact rows: q[o, :] · scale)
 // The activation half (o, x̃'s uint8 values, r, x[:, o]) is computed once per input and shared by every Linear
 // reading that input (q, k, v; gate, up): `int8Activation` once, `int8Product` per weight.
 import type { Graph, Value } from './onnx-graph.ts';
@@ -50,16 +50,11 @@ export interface Int8LinearWeight {
   /** Optional fp32 `[outFeatures]`. */
   bias?: Value;
   /**
-   * `quantizeInt8`'s residual tensors (int8 `[in, out]`, fp32 `[out]`): the gathered outlier rows become exact to
-   * half of `scale / 254`.
+   * `quantizeInt8`'s exact rows (int16 `[in, out]`, fp32 `[out]`), for the outlier-row gathers: exact to half of
+   * `scale / 254`, and an initializer of their own, so ORT packs `q` for the product and lets its mapped original go
+   * while only the gathered rows' pages of these stay resident.
    */
-  residual?: { q: Value; scale: Value };
-  /**
-   * `q`'s bytes as an initializer of their own, for the outlier-row gathers: with `q` read by the product alone, ORT
-   * packs it and lets the mapped original go, so only the gathered rows' pages stay resident. (One region of the
-   * store for both kept every page of q resident: 6.13 GiB file-backed at real size instead of 1.53.)
-   */
-  rows?: Value;
+  rows?: { values: Value; scale: Value };
 }
 
 /** Channel maxima are taken over every ROW_STRIDE-th row: a full pass over x cost ~10 % of a product. */
@@ -106,9 +101,8 @@ export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hi
   let y = g.op('MatMulIntegerToFloat', [a.q, w.q, a.rowScale, w.scale, u8(g, 128)], {}, { domain: MS_DOMAIN, hint });
   if (a.outliers) {
     // the outlier channels' rows of W, dequantized: [k, N]
-    const dequantized = (q: Value, scale: Value) => g.op('Mul', [g.op('Cast', [g.op('Gather', [q, a.outliers!.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
-    let rows = dequantized(w.rows ?? w.q, w.scale);
-    if (w.residual) rows = g.op('Add', [rows, dequantized(w.residual.q, w.residual.scale)]);
+    const [table, scale] = w.rows ? [w.rows.values, w.rows.scale] : [w.q, w.scale];
+    const rows = g.op('Mul', [g.op('Cast', [g.op('Gather', [table, a.outliers.channels], { axis: 0 })], { to: 1 }), scale], {}, { hint: `${hint}_outlier_rows` });
     y = g.op('Gemm', [a.outliers.values, rows, y], {}, { hint: `${hint}_plus_outliers` });
   }
   if (w.bias) y = g.op('Add', [y, w.bias], {}, { hint: `${hint}_bias` });

@@ -13,10 +13,10 @@ import { sourceShape, type WeightRef } from './weight-ref.ts';
 export const INT8_SCHEME = 'int8-sym-per-column-v1';
 
 /**
- * INT8_SCHEME's `q` and `scale` plus the residual of `quantizeInt8(…, { residual: true })` as `residual.q` and
- * `residual.scale`: what the outlier-tolerant int8 Linear (graph/int8-linear.ts) reads.
+ * INT8_SCHEME's `q` and `scale` plus the exact rows of `quantizeInt8(…, { rows: true })` as `rows` and `rows.scale`:
+ * what the outlier-tolerant int8 Linear (graph/int8-linear.ts) reads.
  */
-export const INT8_RESIDUAL_SCHEME = 'int8-sym-per-column-residual-v2';
+export const INT8_ROWS_SCHEME = 'int8-sym-per-column-rows16-v1';
 
 /** A Linear weight quantized to int8: `W[n, k] ≈ q[k · outFeatures + n] · scale[n]`. */
 export interface Int8Weight {
@@ -31,8 +31,17 @@ export interface Int8Weight {
 /** Rows of W handled together while transposing: 64 input streams, each written 64 bytes at a time. */
 const BLOCK = 64;
 
-/** The residual's step: a rounding error is at most half a step of q, so 254 steps span it (no pass for its max). */
-const RESIDUAL_STEPS = 254;
+/**
+ * Steps of the exact rows per step of q: q's rounding error is at most half a step, so a residual of ±127 fine steps
+ * spans it, and `q·254 + residual` fits int16 (|·| ≤ 32385).
+ */
+const FINE_STEPS = 254;
+
+/** `W ≈ values · scale`: int16 `[in, out]` with one fp32 scale per output column. */
+export interface Int16Rows {
+  values: Int16Array;
+  scale: Float32Array;
+}
 
 /** Half away from zero (as C's lround), clamped to ±127 so it never wraps. */
 function roundInt8(v: number): number {
@@ -42,22 +51,23 @@ function roundInt8(v: number): number {
 
 /**
  * Quantizes `w` (`[outFeatures, inFeatures]` row-major fp32, PyTorch's Linear layout) to int8 with per-output-column
- * scales, transposed to `[in, out]`. With `residual`, also what q leaves of w, quantized in the same pass with the
- * fixed step `scale / 254`: `w[n, k] ≈ q[k, n]·scale[n] + r.q[k, n]·r.scale[n]` to half of that step (the
- * outlier-tolerant int8 Linear, int8-linear.ts, multiplies its few fp32 channels with `q + r` rows). Deterministic.
+ * scales, transposed to `[in, out]`. With `rows`, also the same weight to 254× finer steps in int16, in the same pass:
+ * `rows.values[k, n] = q[k, n]·254 + round((w[n, k] − q[k, n]·scale[n]) / rows.scale[n])` with
+ * `rows.scale = scale / 254`, exact to half a fine step (the outlier-tolerant int8 Linear, int8-linear.ts, gathers
+ * its few fp32 channels' rows from it). Deterministic.
  */
-export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: number, o: { residual?: boolean } = {}): Int8Weight & { residual?: Int8Weight } {
+export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: number, o: { rows?: boolean } = {}): Int8Weight & { rows?: Int16Rows } {
   const N = outFeatures;
   const K = inFeatures;
   if (!Number.isInteger(N) || !Number.isInteger(K) || N < 1 || K < 1) throw new RangeError(`quantizeInt8: bad shape [${outFeatures}, ${inFeatures}]`);
   if (w.length !== N * K) throw new RangeError(`quantizeInt8: ${w.length} values for a [${N}, ${K}] weight (${N * K} expected)`);
   const scale = new Float32Array(N);
   const q = new Int8Array(K * N);
-  const r = o.residual ? { q: new Int8Array(K * N), scale: new Float32Array(N) } : undefined;
+  const rows = o.rows ? { values: new Int16Array(K * N), scale: new Float32Array(N) } : undefined;
   // Rows are quantized in blocks into a row-major scratch (sequential reads of W), then the block is transposed
   // into q, writing BLOCK consecutive bytes per input feature.
   const tmp = new Int8Array(BLOCK * K);
-  const rtmp = r ? new Int8Array(BLOCK * K) : undefined;
+  const rtmp = rows ? new Int16Array(BLOCK * K) : undefined;
   for (let n0 = 0; n0 < N; n0 += BLOCK) {
     const n1 = Math.min(N, n0 + BLOCK);
     for (let n = n0; n < n1; n++) {
@@ -73,27 +83,27 @@ export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: n
       const s = (scale[n] = mx > 0 ? Math.fround(mx / 127) : 1);
       const inv = 1 / s;
       const t = (n - n0) * K;
-      if (!r || !rtmp) {
+      if (!rows || !rtmp) {
         for (let k = 0; k < K; k++) tmp[t + k] = roundInt8(w[row + k] * inv);
         continue;
       }
-      const rs = (r.scale[n] = Math.fround(s / RESIDUAL_STEPS));
-      const rinv = 1 / rs;
+      const fine = (rows.scale[n] = Math.fround(s / FINE_STEPS));
+      const fineInv = 1 / fine;
       for (let k = 0; k < K; k++) {
         const v = w[row + k];
         const qv = roundInt8(v * inv);
         tmp[t + k] = qv;
-        rtmp[t + k] = roundInt8((v - qv * s) * rinv);
+        rtmp[t + k] = qv * FINE_STEPS + roundInt8((v - qv * s) * fineInv);
       }
     }
     transposeBlock(tmp, q, n0, n1, N, K);
-    if (r && rtmp) transposeBlock(rtmp, r.q, n0, n1, N, K);
+    if (rows && rtmp) transposeBlock(rtmp, rows.values, n0, n1, N, K);
   }
-  return { q, scale, inFeatures: K, outFeatures: N, ...(r ? { residual: { ...r, inFeatures: K, outFeatures: N } } : {}) };
+  return { q, scale, inFeatures: K, outFeatures: N, ...(rows ? { rows } : {}) };
 }
 
 /** Rows `[n0, n1)` of a row-major `[·, K]` block into the `[K, N]` layout. */
-function transposeBlock(block: Int8Array, out: Int8Array, n0: number, n1: number, N: number, K: number): void {
+function transposeBlock<T extends Int8Array | Int16Array>(block: T, out: T, n0: number, n1: number, N: number, K: number): void {
   const width = n1 - n0;
   for (let k = 0; k < K; k++) {
     const at = k * N + n0;
@@ -121,12 +131,12 @@ function sourceKey(ref: WeightRef): string {
 export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => Float32Array): Uint8Array {
   const key = `${scheme}:${sourceKey(ref)}`;
   if (memo.key !== key) {
-    if (scheme !== INT8_SCHEME && scheme !== INT8_RESIDUAL_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
+    if (scheme !== INT8_SCHEME && scheme !== INT8_ROWS_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
     const [out, inF] = sourceShape(ref.source);
-    const qw = quantizeInt8(read(), out, inF, { residual: scheme === INT8_RESIDUAL_SCHEME });
+    const qw = quantizeInt8(read(), out, inF, { rows: scheme === INT8_ROWS_SCHEME });
     memo.key = key;
     memo.outputs = { q: new Uint8Array(qw.q.buffer), scale: new Uint8Array(qw.scale.buffer) };
-    if (qw.residual) Object.assign(memo.outputs, { 'residual.q': new Uint8Array(qw.residual.q.buffer), 'residual.scale': new Uint8Array(qw.residual.scale.buffer) });
+    if (qw.rows) Object.assign(memo.outputs, { rows: new Uint8Array(qw.rows.values.buffer), 'rows.scale': new Uint8Array(qw.rows.scale.buffer) });
   }
   const bytes = memo.outputs![output];
   if (!bytes) throw new Error(`${ref.key}: scheme ${scheme} has no output ${output}`);

@@ -130,23 +130,23 @@ test('Int8Policy: the Linears it selects run as DynamicQuantizeMatMul on stored 
   }
 });
 
-test('quantizeInt8 with residual: q·scale + r.q·r.scale is within half a residual step (scale / 254) of w', () => {
+test('quantizeInt8 with rows: int16 q·254 + residual, within half a fine step (scale / 254) of w', () => {
   const [N, K] = [40, 90];
   const w = uniform(N * K, 17, 0.1);
-  w[3 * K + 7] = 2; // a large weight: its column's step is coarse, the residual restores it
-  const qw = quantizeInt8(w, N, K, { residual: true });
-  const r = qw.residual!;
-  assert.deepEqual(qw.q, quantizeInt8(w, N, K).q, 'the residual leaves q as it is');
+  w[3 * K + 7] = 2; // a large weight: its column's step is coarse, the fine rows restore it
+  const qw = quantizeInt8(w, N, K, { rows: true });
+  const rows = qw.rows!;
+  assert.deepEqual(qw.q, quantizeInt8(w, N, K).q, 'the rows leave q as it is');
   const a = dequantizeInt8(qw);
-  const b = dequantizeInt8(r);
   for (let n = 0; n < N; n++) {
-    assert.equal(r.scale[n], Math.fround(qw.scale[n] / 254));
+    assert.equal(rows.scale[n], Math.fround(qw.scale[n] / 254));
     for (let k = 0; k < K; k++) {
-      const err = Math.abs(a[n * K + k] + b[n * K + k] - w[n * K + k]);
-      assert.ok(err <= r.scale[n] / 2 + 1e-7, `[${n}, ${k}] error ${err} over ${r.scale[n] / 2}`);
+      const v = rows.values[k * N + n];
+      assert.ok(Math.abs(v - qw.q[k * N + n] * 254) <= 127, `[${n}, ${k}]: ${v} is q·254 plus at most 127 fine steps`);
+      const err = Math.abs(v * rows.scale[n] - w[n * K + k]);
+      assert.ok(err <= rows.scale[n] / 2 + 1e-7, `[${n}, ${k}] error ${err} over ${rows.scale[n] / 2}`);
     }
   }
-  const both = Float32Array.from(a, (v, i) => v + b[i]);
-  assert.ok(relativeError(both, w).rms < relativeError(a, w).rms / 100, 'the residual cuts the rounding error by more than 100×');
-  assert.ok(r.q.some((v) => Math.abs(v) > 100), 'the residual uses its range');
+  const exact = Float32Array.from({ length: N * K }, (_, i) => rows.values[(i % K) * N + Math.floor(i / K)] * rows.scale[Math.floor(i / K)]);
+  assert.ok(relativeError(exact, w).rms < relativeError(a, w).rms / 100, 'the fine rows cut the rounding error by more than 100×');
 });

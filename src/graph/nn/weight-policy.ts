@@ -10,7 +10,7 @@
 //    one cast) and each product is cast back to fp32.
 import { Graph, MS_DOMAIN, type Value } from '../onnx-graph.ts';
 import type { ElemType } from '../../weights/dtypes.ts';
-import { INT8_RESIDUAL_SCHEME, INT8_SCHEME } from '../../weights/quantize.ts';
+import { INT8_ROWS_SCHEME, INT8_SCHEME } from '../../weights/quantize.ts';
 import { int8Activation, int8Product, type Int8Activation } from '../int8-linear.ts';
 import { convertedRef, sourceShape, type WeightRef, type WeightSource } from '../../weights/weight-ref.ts';
 
@@ -111,21 +111,20 @@ export class Int8Policy extends Fp32Policy {
     super();
     // the weight store holds what the weight scheme makes; how activations are quantized is in the graphs, whose
     // cache keys follow their content
-    this.tag = `int8-${scheme === 'dynamic' ? INT8_SCHEME : INT8_RESIDUAL_SCHEME}`;
+    this.tag = `int8-${scheme === 'dynamic' ? INT8_SCHEME : INT8_ROWS_SCHEME}`;
   }
 
   override linear(g: Graph, x: Value, w: LinearWeight): Value {
     if (!this.select(w.name)) return super.linear(g, x, w);
     const [out, inF] = sourceShape(w.source);
-    const scheme = this.scheme === 'dynamic' ? INT8_SCHEME : INT8_RESIDUAL_SCHEME;
-    const quantized = (output: string, type: ElemType, dims: number[], key = output): Value =>
-      g.weight({ key: `${w.key}.${key}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme, output } });
+    const scheme = this.scheme === 'dynamic' ? INT8_SCHEME : INT8_ROWS_SCHEME;
+    const quantized = (output: string, type: ElemType, dims: number[]): Value =>
+      g.weight({ key: `${w.key}.${output}`, type, dims, source: w.source, transform: { kind: 'quantize', scheme, output } });
     const q = quantized('q', 'int8', [inF, out]);
     const scale = quantized('scale', 'float32', [out]);
     if (this.scheme === 'dynamic') return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
-    const residual = { q: quantized('residual.q', 'int8', [inF, out]), scale: quantized('residual.scale', 'float32', [out]) };
-    const rows = quantized('q', 'int8', [inF, out], 'q.rows');
-    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, residual, rows }, hintOf(w.name));
+    const rows = { values: quantized('rows', 'int16', [inF, out]), scale: quantized('rows.scale', 'float32', [out]) };
+    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, rows }, hintOf(w.name));
   }
 
   private activation(g: Graph, x: Value, inFeatures: number): Int8Activation {
