@@ -157,7 +157,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   const keepLoaded = o.keepLoaded ?? false;
   const pipe = await KleinPipeline.open({ model, target, keepLoaded, memoryLimit });
   log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
-  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${target.threads ?? os.availableParallelism()} threads, on ${describeTarget(target)}, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${target.threads ?? os.availableParallelism()} threads, on ${describeTarget(target)}, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}, GLIBC_TUNABLES ${process.env.GLIBC_TUNABLES || '(none)'}`);
   log(`component dtypes: ${Object.entries(pipe.componentDtypes()).map(([c, d]) => `${c} ${d}`).join(', ')}`);
   let total: number;
   let image: Uint8Array;

@@ -4,5 +4,8 @@
 import { register } from 'tsx/esm/api';
 
 register();
-const { main } = await import('../src/cli/main.ts');
-await main(process.argv);
+const { reexecWithMallocTunables } = await import('../src/cli/reexec.ts');
+if (!reexecWithMallocTunables(process.argv)) {
+  const { main } = await import('../src/cli/main.ts');
+  await main(process.argv);
+}

@@ -4,11 +4,14 @@
 // (V8 serialization: image bytes are Uint8Arrays). A child that dies mid-run fails the attempt with EngineCrashed
 // (the run queue retries it once, then fails it ENGINE_CRASHED) and a fresh child is started at once.
 import { type ChildProcess, fork } from 'node:child_process';
+import fs from 'node:fs';
 import os from 'node:os';
+import path from 'node:path';
 import type { Logger } from 'pino';
 import type { GenerateOptions, GenerateRequest, GenerateResult, ImagePipeline } from '../pipeline/types.ts';
-import { deserializeError, engineInfo, type EngineInfo, type EngineOptions, type FromEngine, type ToEngine } from './engine-protocol.ts';
+import { deserializeError, engineInfo, type EngineInfo, type EngineOptions, type FromEngine, type HandedOverResult, type ToEngine } from './engine-protocol.ts';
 import { AttemptLost } from './queue.ts';
+import { engineProcessEnv } from '../runtime/malloc-env.ts';
 
 export type { EngineInfo, EngineOptions } from './engine-protocol.ts';
 
@@ -72,13 +75,20 @@ export class EngineHost implements ImagePipeline {
   crashes = 0;
   /** Engine processes started, the first one included. */
   starts = 0;
+  /** Where the engine writes the images of a result for this host to read (engine-protocol.ts HandedOverImage). */
+  readonly handoverDir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-engine-'));
 
   private constructor(private readonly options: EngineOptions, private readonly o: EngineHostOptions) {}
 
   /** Starts the engine process and opens the model there; rejects with the engine's own error (e.g. ModelFolderError). */
   static async start(options: EngineOptions, o: EngineHostOptions = {}): Promise<EngineHost> {
     const host = new EngineHost(options, o);
-    await host.ensureChild();
+    try {
+      await host.ensureChild();
+    } catch (e) {
+      fs.rmSync(host.handoverDir, { recursive: true, force: true });
+      throw e;
+    }
     return host;
   }
 
@@ -106,7 +116,7 @@ export class EngineHost implements ImagePipeline {
   private async spawn(): Promise<ChildProcess> {
     const nice = this.o.nice ?? engineNice();
     return new Promise((resolve, reject) => {
-      const child = fork(CHILD, [], { execArgv: ['--import', TSX_LOADER], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+      const child = fork(CHILD, [], { execArgv: ['--import', TSX_LOADER], env: engineProcessEnv(), serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
       this.starts++;
       if (nice && child.pid) {
         try {
@@ -149,7 +159,7 @@ export class EngineHost implements ImagePipeline {
       child.once('error', failed);
       // a send to a child that died at once fails in 'error'/'exit', which reject already
       child.on('error', (e) => this.o.log?.warn({ err: e }, 'engine process channel error'));
-      this.post(child, { type: 'open', options: this.options });
+      this.post(child, { type: 'open', options: this.options, handoverDir: this.handoverDir });
     });
   }
 
@@ -161,7 +171,7 @@ export class EngineHost implements ImagePipeline {
     const p = this.pending;
     if (!p || !('id' in m) || m.id !== p.id) return;
     if (m.type === 'progress') p.opts.onProgress?.(m.event);
-    else if (m.type === 'result') this.settle(p, () => p.resolve(m.result));
+    else if (m.type === 'result') this.settle(p, () => void this.takeOver(m.result).then(p.resolve, p.reject));
     else if (m.type === 'error') {
       const signal = p.opts.signal;
       // a cancelled generation rejects with the caller's own reason, as the in-process pipeline does
@@ -183,6 +193,20 @@ export class EngineHost implements ImagePipeline {
     if (p) this.settle(p, () => p.reject(p.opts.signal?.aborted ? (p.opts.signal.reason as Error) : new EngineCrashed(`${what} during the run`)));
     // the next run (this one's retry, often) should not wait for the process start and model open
     void this.ensureChild().catch((e) => this.o.log?.error({ err: e }, 'the engine process could not be restarted; the next run tries again'));
+  }
+
+  /** The result with its images' bytes read from the hand-over folder (on libuv's threads, not this event loop) and their files removed. */
+  private async takeOver(r: HandedOverResult): Promise<GenerateResult> {
+    const images = await Promise.all(r.images.map(async ({ name, ...image }) => {
+      const file = path.join(this.handoverDir, path.basename(name));
+      try {
+        const bytes = await fs.promises.readFile(file);
+        return { ...image, data: new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
+      } finally {
+        await fs.promises.rm(file, { force: true });
+      }
+    }));
+    return { ...r, images };
   }
 
   private settle(p: Pending, fn: () => void): void {

@@ -9,6 +9,7 @@ import { EngineHost } from '../../src/service/engine-host.ts';
 import { startServe, stopProcess } from '../cli/helpers.ts';
 import { type Harness, pollUntil, realPipeline, startService, tempDir, terminal } from '../service/helpers.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
+import { mallocTunablesApply } from '../../src/runtime/malloc-env.ts';
 
 const T2I = '/v1/models/black-forest-labs/flux-2-klein-4b/runs';
 // 50 steps at 256²: long enough on the tiny model to be caught between its first and last step
@@ -131,6 +132,9 @@ test('klein serve generates in an engine child process by default: killed mid-ru
     throw new Error('timed out');
   };
   await poll(midRun(1));
+  // the engine process runs with glibc's malloc tunables (runtime/malloc-env.ts) wherever they apply (glibc splits
+  // the variable at its colons in the process's original environment block when it parses it)
+  if (mallocTunablesApply()) assert.match(fs.readFileSync(`/proc/${engines[0]}/environ`, 'utf8'), /(^|\0)GLIBC_TUNABLES=glibc\.malloc\.hugetlb=1[:\0]glibc\.malloc\.mmap_threshold=1048576(\0|$)/);
   process.kill(engines[0], 'SIGKILL');
   const done = await poll(terminal);
   assert.equal(done.status_code, 'succeeded', JSON.stringify(done));
