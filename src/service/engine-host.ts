@@ -183,6 +183,7 @@ export class EngineHost implements ImagePipeline {
     if (this.child !== child) return;
     this.child = null;
     const p = this.pending;
+    if (p) this.dropHandedOver(p.id); // what a dying engine had written of its images
     if (this.closing) {
       if (p) this.settle(p, () => p.reject(new Error('the engine was closed during the run')));
       return;
@@ -207,6 +208,10 @@ export class EngineHost implements ImagePipeline {
       }
     }));
     return { ...r, images };
+  }
+
+  private dropHandedOver(id: number): void {
+    for (const name of fs.readdirSync(this.handoverDir)) if (name.startsWith(`${id}-`)) fs.rmSync(path.join(this.handoverDir, name), { force: true });
   }
 
   private settle(p: Pending, fn: () => void): void {
@@ -266,13 +271,15 @@ export class EngineHost implements ImagePipeline {
     this.closing = true;
     await this.starting?.catch(() => undefined);
     const child = this.child;
-    if (!child) return;
-    this.holdOpen(true);
-    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), this.o.closeMs ?? 10_000);
-    this.post(child, { type: 'close' });
-    await exited;
-    clearTimeout(timer);
+    if (child) {
+      this.holdOpen(true);
+      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+      const timer = setTimeout(() => child.kill('SIGKILL'), this.o.closeMs ?? 10_000);
+      this.post(child, { type: 'close' });
+      await exited;
+      clearTimeout(timer);
+    }
+    fs.rmSync(this.handoverDir, { recursive: true, force: true });
   }
 }
 

@@ -6,7 +6,7 @@ import type { KleinPipeline, PipelineOptions } from '../pipeline/pipeline.ts';
 import type { Device } from '../runtime/device.ts';
 import type { GpuDtype, Precision } from '../runtime/target.ts';
 import { PipelineInputError, type PipelineInputCode } from '../pipeline/request.ts';
-import type { GenerateRequest, GenerateResult, ProgressEvent } from '../pipeline/types.ts';
+import type { GeneratedImage, GenerateRequest, GenerateResult, ProgressEvent } from '../pipeline/types.ts';
 import { MattingModelError } from '../weights/matting-folder.ts';
 import { isLoraErrorCode, LoraError } from '../models/flux2/lora/load.ts';
 import { ModelFolderError, type VariantInfo } from '../weights/model-folder.ts';
@@ -29,8 +29,16 @@ export function engineInfo(p: KleinPipeline): EngineInfo {
   return { variant: { ...p.variant }, modelRoot: p.model.root, device: t.device, precision: t.precision, ...(t.device !== 'cpu' ? { gpuDtype: t.gpuDtype } : {}) };
 }
 
+/**
+ * A generated image as the engine hands it over: its bytes in a file of the host's hand-over folder (`name` inside
+ * it), which the host reads off its event loop and removes. Sent over the IPC channel instead, a 3 MB image blocked
+ * the receiving event loop for 13-22 ms while it was reassembled and deserialized (docs/benchmarks.md).
+ */
+export type HandedOverImage = Omit<GeneratedImage, 'data'> & { name: string };
+export type HandedOverResult = Omit<GenerateResult, 'images'> & { images: HandedOverImage[] };
+
 export type ToEngine =
-  | { type: 'open'; options: EngineOptions }
+  | { type: 'open'; options: EngineOptions; handoverDir: string }
   | { type: 'generate'; id: number; req: GenerateRequest }
   | { type: 'cancel'; id: number }
   | { type: 'close' };
@@ -39,7 +47,7 @@ export type FromEngine =
   | { type: 'ready'; info: EngineInfo }
   | { type: 'open-failed'; error: SerializedError }
   | { type: 'progress'; id: number; event: ProgressEvent }
-  | { type: 'result'; id: number; result: GenerateResult }
+  | { type: 'result'; id: number; result: HandedOverResult }
   | { type: 'error'; id: number; error: SerializedError };
 
 export interface SerializedError {

@@ -58,6 +58,8 @@ describe('engine host: the pipeline in a child process', () => {
       assert.deepEqual([meta.format, meta.width, meta.height], ['png', 128, 96]);
     }
     assert.equal(b.seed, 7);
+    // the images came through files of the host's hand-over folder, read and removed
+    assert.deepEqual(fs.readdirSync(host.handoverDir), []);
     assert.ok(b.timings.denoise > 0 && b.timings.total >= b.timings.denoise);
     // both were cold (first use loads each component; load events are left out): same stages, same steps
     const stages = (es: ProgressEvent[]) => es.filter((e) => e.stage !== 'load').map((e) => `${e.stage}:${e.step ?? ''}/${e.total ?? ''}`);
@@ -116,6 +118,7 @@ describe('engine host: the pipeline in a child process', () => {
     assert.equal(e.code, ENGINE_CRASHED);
     assert.match(e.message, new RegExp(`pid ${pid}.*SIGKILL`));
     assert.equal(host.crashes, 1);
+    assert.deepEqual(fs.readdirSync(host.handoverDir), []);
     const next = await host.generate(req({ numImages: 1 }));
     assert.equal(next.images.length, 1);
     assert.notEqual(host.pid, pid);
@@ -126,8 +129,10 @@ describe('engine host: the pipeline in a child process', () => {
     const other = await EngineHost.start({ target: cpuTarget(), model: local.modelDir });
     const pid = other.pid!;
     assert.ok(alive(pid));
+    assert.ok(fs.statSync(other.handoverDir).isDirectory());
     await other.close();
     assert.ok(await gone(pid), `engine ${pid} still runs after close`);
+    assert.equal(fs.existsSync(other.handoverDir), false, 'the hand-over folder outlived its host');
     await assert.rejects(other.generate(req()), /closed/);
   });
 });
