@@ -157,15 +157,19 @@ function useMiddleware(app: App, deps: Deps, metrics: ServiceMetrics): void {
     const id = c.req.header('x-request-id')?.slice(0, 100) || crypto.randomUUID();
     c.set('requestId', id);
     const t0 = performance.now();
-    await next();
+    // set before the handler, so the response is made with it: set after, Hono rebuilds the finished response
     c.header('X-Request-Id', id);
+    await next();
+    if (!c.res.headers.has('X-Request-Id')) c.header('X-Request-Id', id); // a handler's own Response object
     log.info({ req: id, method: c.req.method, path: c.req.path, status: c.res.status, ms: Math.round(performance.now() - t0) }, 'request');
   });
 
   // nothing reads an unbounded body into memory: the cap holds the most data-URI references allowed, and a
   // larger body is refused while it streams in
   const maxBody = cfg.maxBodyBytes ?? LIMITS.maxRefs * Math.ceil((cfg.inputs.maxBytes * 4) / 3) + 1024 * 1024;
-  app.use('*', bodyLimit({ maxSize: maxBody, onError: (c) => c.json(envelope('PAYLOAD_TOO_LARGE', `the request body is larger than ${maxBody} bytes`), 413) }));
+  const limitBody = bodyLimit({ maxSize: maxBody, onError: (c) => c.json(envelope('PAYLOAD_TOO_LARGE', `the request body is larger than ${maxBody} bytes`), 413) });
+  // GET and HEAD carry no body; asking for one makes the Node adapter build a full Request (streams and all)
+  app.use('*', (c, next) => (c.req.method === 'GET' || c.req.method === 'HEAD' ? next() : limitBody(c, next)));
 
   app.use('/v1/images/*', openAIErrors); // before auth: its errors too get OpenAI's shape on these routes
   app.use('/v1/*', async (c, next) => {

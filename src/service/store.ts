@@ -131,6 +131,7 @@ export interface ListRunsQuery {
 
 export class Store {
   readonly db: Database.Database;
+  private readonly statements = new Map<string, Database.Statement>();
 
   constructor(readonly file: string) {
     fs.mkdirSync(path.dirname(file), { recursive: true });
@@ -153,56 +154,66 @@ export class Store {
     if (this.db.open) this.db.close();
   }
 
+  /** Each SQL text is prepared once: preparing costs more than running most of these statements (every request authenticates and reads a run). */
+  private sql(text: string): Database.Statement {
+    let statement = this.statements.get(text);
+    if (!statement) {
+      statement = this.db.prepare(text);
+      this.statements.set(text, statement);
+    }
+    return statement;
+  }
+
   tx<T>(fn: () => T): T {
     return this.db.transaction(fn)();
   }
 
   // --- meta ---
   getMeta(key: string): string | undefined {
-    return (this.db.prepare('SELECT value FROM meta WHERE key = ?').get(key) as { value: string } | undefined)?.value;
+    return (this.sql('SELECT value FROM meta WHERE key = ?').get(key) as { value: string } | undefined)?.value;
   }
   setMeta(key: string, value: string): void {
-    this.db.prepare('INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value').run(key, value);
+    this.sql('INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value').run(key, value);
   }
 
   // --- keys ---
   insertKey(k: Omit<KeyRow, 'last_used_at' | 'revoked_at'>): void {
-    this.db
-      .prepare('INSERT INTO api_keys (id, name, prefix, hash, is_admin, rate_limit_per_min, max_concurrency, created_at) VALUES (@id, @name, @prefix, @hash, @is_admin, @rate_limit_per_min, @max_concurrency, @created_at)')
+    this
+      .sql('INSERT INTO api_keys (id, name, prefix, hash, is_admin, rate_limit_per_min, max_concurrency, created_at) VALUES (@id, @name, @prefix, @hash, @is_admin, @rate_limit_per_min, @max_concurrency, @created_at)')
       .run(k);
   }
   keyByHash(hash: string): KeyRow | undefined {
-    return this.db.prepare('SELECT * FROM api_keys WHERE hash = ?').get(hash) as KeyRow | undefined;
+    return this.sql('SELECT * FROM api_keys WHERE hash = ?').get(hash) as KeyRow | undefined;
   }
   keyById(id: string): KeyRow | undefined {
-    return this.db.prepare('SELECT * FROM api_keys WHERE id = ?').get(id) as KeyRow | undefined;
+    return this.sql('SELECT * FROM api_keys WHERE id = ?').get(id) as KeyRow | undefined;
   }
   listKeys(): KeyRow[] {
-    return this.db.prepare('SELECT * FROM api_keys ORDER BY created_at, id').all() as KeyRow[];
+    return this.sql('SELECT * FROM api_keys ORDER BY created_at, id').all() as KeyRow[];
   }
   countKeys(): number {
-    return (this.db.prepare('SELECT count(*) AS n FROM api_keys').get() as { n: number }).n;
+    return (this.sql('SELECT count(*) AS n FROM api_keys').get() as { n: number }).n;
   }
   revokeKey(idOrPrefix: string): KeyRow | undefined {
-    const row = this.db.prepare('SELECT * FROM api_keys WHERE id = ? OR prefix = ?').get(idOrPrefix, idOrPrefix) as KeyRow | undefined;
-    if (row && !row.revoked_at) this.db.prepare('UPDATE api_keys SET revoked_at = ? WHERE id = ?').run(isoNow(), row.id);
+    const row = this.sql('SELECT * FROM api_keys WHERE id = ? OR prefix = ?').get(idOrPrefix, idOrPrefix) as KeyRow | undefined;
+    if (row && !row.revoked_at) this.sql('UPDATE api_keys SET revoked_at = ? WHERE id = ?').run(isoNow(), row.id);
     return row ? this.keyById(row.id) : undefined;
   }
   touchKey(id: string): void {
-    this.db.prepare('UPDATE api_keys SET last_used_at = ? WHERE id = ?').run(isoNow(), id);
+    this.sql('UPDATE api_keys SET last_used_at = ? WHERE id = ?').run(isoNow(), id);
   }
 
   // --- runs ---
   insertRun(r: RunRow): void {
-    this.db
-      .prepare(`INSERT INTO runs (id, key_id, model_id, status, input, output, progress, cost_micros, cost_breakdown, metadata,
+    this
+      .sql(`INSERT INTO runs (id, key_id, model_id, status, input, output, progress, cost_micros, cost_breakdown, metadata,
         client_ref, callback_url, seed, attempts, created_at, started_at, completed_at, failure_code, failure_stage, failure_message)
         VALUES (@id, @key_id, @model_id, @status, @input, @output, @progress, @cost_micros, @cost_breakdown, @metadata,
         @client_ref, @callback_url, @seed, @attempts, @created_at, @started_at, @completed_at, @failure_code, @failure_stage, @failure_message)`)
       .run(r);
   }
   getRun(id: string): RunRow | undefined {
-    return this.db.prepare('SELECT * FROM runs WHERE id = ?').get(id) as RunRow | undefined;
+    return this.sql('SELECT * FROM runs WHERE id = ?').get(id) as RunRow | undefined;
   }
   /** Update some columns of a run; `onlyIf` guards the transition (returns false when the run was not in it). */
   updateRun(id: string, set: Partial<RunRow>, onlyIf?: RunStatus[]): boolean {
@@ -210,8 +221,8 @@ export class Store {
     if (cols.length === 0) return true;
     const guard = Object.fromEntries((onlyIf ?? []).map((s, i) => [`__s${i}`, s]));
     const where = onlyIf ? ` AND status IN (${Object.keys(guard).map((k) => `@${k}`).join(',')})` : '';
-    const info = this.db
-      .prepare(`UPDATE runs SET ${cols.map((c) => `${c} = @${c}`).join(', ')} WHERE id = @__id${where}`)
+    const info = this
+      .sql(`UPDATE runs SET ${cols.map((c) => `${c} = @${c}`).join(', ')} WHERE id = @__id${where}`)
       .run({ ...set, ...guard, __id: id });
     return info.changes > 0;
   }
@@ -227,81 +238,87 @@ export class Store {
     if (q.createdBefore) add('created_at < ?', q.createdBefore);
     if (q.before) add('id < ?', q.before);
     const sql = `SELECT * FROM runs ${where.length ? 'WHERE ' + where.join(' AND ') : ''} ORDER BY id DESC LIMIT ?`;
-    return this.db.prepare(sql).all(...args, q.limit) as RunRow[];
+    return this.sql(sql).all(...args, q.limit) as RunRow[];
   }
   runsWithStatus(status: RunStatus, limit = 1000): RunRow[] {
-    return this.db.prepare('SELECT * FROM runs WHERE status = ? ORDER BY id LIMIT ?').all(status, limit) as RunRow[];
+    return this.sql('SELECT * FROM runs WHERE status = ? ORDER BY id LIMIT ?').all(status, limit) as RunRow[];
   }
   countByStatus(): Record<RunStatus, number> {
     const out = Object.fromEntries(RUN_STATUSES.map((s) => [s, 0])) as Record<RunStatus, number>;
-    for (const r of this.db.prepare('SELECT status, count(*) AS n FROM runs GROUP BY status').all() as { status: RunStatus; n: number }[]) out[r.status] = r.n;
+    for (const r of this.sql('SELECT status, count(*) AS n FROM runs GROUP BY status').all() as { status: RunStatus; n: number }[]) out[r.status] = r.n;
+    return out;
+  }
+  /** Runs waiting and running: a range of the status index, however many finished runs the table holds (health checks ask often). */
+  countActive(): { queued: number; running: number } {
+    const out = { queued: 0, running: 0 };
+    for (const r of this.sql("SELECT status, count(*) AS n FROM runs WHERE status IN ('queued', 'running') GROUP BY status").all() as { status: 'queued' | 'running'; n: number }[]) out[r.status] = r.n;
     return out;
   }
   /** Succeeded runs whose files are older than `beforeIso` and not yet cleaned. */
   runsWithFilesBefore(beforeIso: string): RunRow[] {
-    return this.db
-      .prepare("SELECT * FROM runs WHERE status = 'succeeded' AND completed_at < ? AND output IS NOT NULL AND json_extract(output, '$.expired') IS NULL")
+    return this
+      .sql("SELECT * FROM runs WHERE status = 'succeeded' AND completed_at < ? AND output IS NOT NULL AND json_extract(output, '$.expired') IS NULL")
       .all(beforeIso) as RunRow[];
   }
 
   // --- idempotency ---
   getIdempotency(keyId: string, idemKey: string): { request_hash: string; run_id: string; response: string | null } | undefined {
-    return this.db.prepare('SELECT request_hash, run_id, response FROM idempotency WHERE key_id = ? AND idem_key = ?').get(keyId, idemKey) as never;
+    return this.sql('SELECT request_hash, run_id, response FROM idempotency WHERE key_id = ? AND idem_key = ?').get(keyId, idemKey) as never;
   }
   insertIdempotency(keyId: string, idemKey: string, hash: string, runId: string): void {
-    this.db.prepare('INSERT INTO idempotency (key_id, idem_key, request_hash, run_id, created_at) VALUES (?, ?, ?, ?, ?)').run(keyId, idemKey, hash, runId, isoNow());
+    this.sql('INSERT INTO idempotency (key_id, idem_key, request_hash, run_id, created_at) VALUES (?, ?, ?, ?, ?)').run(keyId, idemKey, hash, runId, isoNow());
   }
   setIdempotencyResponse(keyId: string, idemKey: string, response: string): void {
-    this.db.prepare('UPDATE idempotency SET response = ? WHERE key_id = ? AND idem_key = ? AND response IS NULL').run(response, keyId, idemKey);
+    this.sql('UPDATE idempotency SET response = ? WHERE key_id = ? AND idem_key = ? AND response IS NULL').run(response, keyId, idemKey);
   }
 
   // --- callback secrets ---
   insertSecret(s: Omit<SecretRow, 'revoked_at'>): void {
-    this.db.prepare('INSERT INTO callback_secrets (id, key_id, label, secret, prefix, created_at) VALUES (@id, @key_id, @label, @secret, @prefix, @created_at)').run(s);
+    this.sql('INSERT INTO callback_secrets (id, key_id, label, secret, prefix, created_at) VALUES (@id, @key_id, @label, @secret, @prefix, @created_at)').run(s);
   }
   /** Active secrets of a key, newest first. */
   activeSecrets(keyId: string): SecretRow[] {
-    return this.db.prepare('SELECT * FROM callback_secrets WHERE key_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id DESC').all(keyId) as SecretRow[];
+    return this.sql('SELECT * FROM callback_secrets WHERE key_id = ? AND revoked_at IS NULL ORDER BY created_at DESC, id DESC').all(keyId) as SecretRow[];
   }
   listSecrets(keyId: string): SecretRow[] {
-    return this.db.prepare('SELECT * FROM callback_secrets WHERE key_id = ? ORDER BY created_at DESC, id DESC').all(keyId) as SecretRow[];
+    return this.sql('SELECT * FROM callback_secrets WHERE key_id = ? ORDER BY created_at DESC, id DESC').all(keyId) as SecretRow[];
   }
   revokeSecret(keyId: string, id: string): SecretRow | undefined {
-    this.db.prepare('UPDATE callback_secrets SET revoked_at = ? WHERE key_id = ? AND id = ? AND revoked_at IS NULL').run(isoNow(), keyId, id);
-    return this.db.prepare('SELECT * FROM callback_secrets WHERE key_id = ? AND id = ?').get(keyId, id) as SecretRow | undefined;
+    this.sql('UPDATE callback_secrets SET revoked_at = ? WHERE key_id = ? AND id = ? AND revoked_at IS NULL').run(isoNow(), keyId, id);
+    return this.sql('SELECT * FROM callback_secrets WHERE key_id = ? AND id = ?').get(keyId, id) as SecretRow | undefined;
   }
 
   // --- callback deliveries ---
   insertDelivery(d: DeliveryRow): void {
-    this.db
-      .prepare(`INSERT INTO callback_deliveries (id, run_id, url, event, payload, status, attempt_count, max_attempts, next_attempt_at, failure_reason_code, created_at, completed_at)
+    this
+      .sql(`INSERT INTO callback_deliveries (id, run_id, url, event, payload, status, attempt_count, max_attempts, next_attempt_at, failure_reason_code, created_at, completed_at)
         VALUES (@id, @run_id, @url, @event, @payload, @status, @attempt_count, @max_attempts, @next_attempt_at, @failure_reason_code, @created_at, @completed_at)`)
       .run(d);
   }
   dueDeliveries(nowMs: number, limit = 20): DeliveryRow[] {
-    return this.db.prepare("SELECT * FROM callback_deliveries WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?").all(nowMs, limit) as DeliveryRow[];
+    return this.sql("SELECT * FROM callback_deliveries WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?").all(nowMs, limit) as DeliveryRow[];
   }
   deliveriesOf(runId: string): DeliveryRow[] {
-    return this.db.prepare('SELECT * FROM callback_deliveries WHERE run_id = ? ORDER BY created_at, id').all(runId) as DeliveryRow[];
+    return this.sql('SELECT * FROM callback_deliveries WHERE run_id = ? ORDER BY created_at, id').all(runId) as DeliveryRow[];
   }
   updateDelivery(id: string, set: Partial<DeliveryRow>): void {
     const cols = Object.keys(set);
-    this.db.prepare(`UPDATE callback_deliveries SET ${cols.map((c) => `${c} = @${c}`).join(', ')} WHERE id = @__id`).run({ ...set, __id: id });
+    this.sql(`UPDATE callback_deliveries SET ${cols.map((c) => `${c} = @${c}`).join(', ')} WHERE id = @__id`).run({ ...set, __id: id });
   }
   insertAttempt(a: AttemptRow): void {
-    this.db
-      .prepare('INSERT INTO callback_attempts (delivery_id, attempt_number, status_code, response_body, response_time_ms, error_message, attempted_at) VALUES (@delivery_id, @attempt_number, @status_code, @response_body, @response_time_ms, @error_message, @attempted_at)')
+    this
+      .sql('INSERT INTO callback_attempts (delivery_id, attempt_number, status_code, response_body, response_time_ms, error_message, attempted_at) VALUES (@delivery_id, @attempt_number, @status_code, @response_body, @response_time_ms, @error_message, @attempted_at)')
       .run(a);
   }
   attemptsOf(deliveryId: string): AttemptRow[] {
-    return this.db.prepare('SELECT * FROM callback_attempts WHERE delivery_id = ? ORDER BY attempt_number').all(deliveryId) as AttemptRow[];
+    return this.sql('SELECT * FROM callback_attempts WHERE delivery_id = ? ORDER BY attempt_number').all(deliveryId) as AttemptRow[];
   }
 
   // --- usage ---
   /** `lora_mp`: output megapixels of a run with LoRAs (what their surcharge is billed on); 0 without. */
   insertUsage(u: { run_id: string; key_id: string; day: string; model_id: string; images: number; output_mp: number; input_mp: number; lora_mp?: number; cost_micros: number }): void {
-    this.db
-      .prepare('INSERT OR IGNORE INTO usage (run_id, key_id, day, model_id, images, output_mp, input_mp, lora_mp, cost_micros, created_at) VALUES (@run_id, @key_id, @day, @model_id, @images, @output_mp, @input_mp, @lora_mp, @cost_micros, @created_at)')
+    this
+      .sql('INSERT OR IGNORE INTO usage (run_id, key_id, day, model_id, images, output_mp, input_mp, lora_mp, cost_micros, created_at) VALUES (@run_id, @key_id, @day, @model_id, @images, @output_mp, @input_mp, @lora_mp, @cost_micros, @created_at)')
       .run({ lora_mp: 0, ...u, created_at: isoNow() });
   }
   usage(q: { keyId?: string; from?: string; to?: string }): { key_id: string; day: string; model_id: string; runs: number; images: number; output_mp: number; input_mp: number; lora_mp: number; cost_micros: number }[] {
@@ -310,8 +327,8 @@ export class Store {
     if (q.keyId) { where.push('key_id = ?'); args.push(q.keyId); }
     if (q.from) { where.push('day >= ?'); args.push(q.from); }
     if (q.to) { where.push('day <= ?'); args.push(q.to); }
-    return this.db
-      .prepare(`SELECT key_id, day, model_id, count(*) AS runs, sum(images) AS images, sum(output_mp) AS output_mp, sum(input_mp) AS input_mp,
+    return this
+      .sql(`SELECT key_id, day, model_id, count(*) AS runs, sum(images) AS images, sum(output_mp) AS output_mp, sum(input_mp) AS input_mp,
         sum(lora_mp) AS lora_mp, sum(cost_micros) AS cost_micros FROM usage ${where.length ? 'WHERE ' + where.join(' AND ') : ''} GROUP BY key_id, day, model_id ORDER BY day, key_id, model_id`)
       .all(...args) as never;
   }

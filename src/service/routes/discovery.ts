@@ -52,8 +52,7 @@ export function registerDiscovery(app: App, deps: Deps): void {
     description: 'No API key. The version, uptime, runs queued and running, the model folder, precision (and GPU dtype), and whether transparent backgrounds can be served.',
     responses: { 200: { description: 'OK', content: { 'application/json': { schema: z.object({ status: z.literal('ok'), version: z.string(), uptime_s: z.number(), queue: z.record(z.string(), z.number()), model_dir: z.string(), precision: z.enum(['exact', 'fast']), gpu_dtype: GpuDtype.optional(), transparent_backgrounds: TransparentBackgrounds }) } } } },
   }), (c) => {
-    const counts = deps.store.countByStatus();
-    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: { queued: counts.queued, running: counts.running }, model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', ...(deps.cfg.gpuDtype ? { gpu_dtype: deps.cfg.gpuDtype } : {}), transparent_backgrounds: mattingState(deps), ...(deps.healthExtra?.() ?? {}) });
+    return c.json({ status: 'ok' as const, version: VERSION, uptime_s: Math.round((Date.now() - deps.startedAt) / 1000), queue: deps.store.countActive(), model_dir: deps.modelDir, precision: deps.cfg.precision ?? 'exact', ...(deps.cfg.gpuDtype ? { gpu_dtype: deps.cfg.gpuDtype } : {}), transparent_backgrounds: mattingState(deps), ...(deps.healthExtra?.() ?? {}) });
   });
 
   route(app, createRoute({
