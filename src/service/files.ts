@@ -37,18 +37,19 @@ export class FileStore {
     this.secret = Buffer.from(s, 'hex');
   }
 
-  save(runId: string, index: number, img: GeneratedImage): StoredImage {
+  /** Writes on libuv's threads: an image is megabytes, and the API's event loop has requests to answer meanwhile. */
+  async save(runId: string, index: number, img: GeneratedImage): Promise<StoredImage> {
     const dir = path.join(this.root, runId);
-    fs.mkdirSync(dir, { recursive: true });
+    await fs.promises.mkdir(dir, { recursive: true });
     const file = `${index}.${EXT[img.contentType] ?? 'bin'}`;
     // write then rename: a crash never leaves a half-written image under the final name
     const tmp = path.join(dir, `.${file}.tmp`);
     try {
-      fs.writeFileSync(tmp, img.data);
-      fs.renameSync(tmp, path.join(dir, file));
+      await fs.promises.writeFile(tmp, img.data);
+      await fs.promises.rename(tmp, path.join(dir, file));
     } catch (e) {
       // a full disk leaves a partial temp file: drop it, so the failure frees what it took
-      fs.rmSync(tmp, { force: true });
+      await fs.promises.rm(tmp, { force: true });
       throw e;
     }
     return { file, width: img.width, height: img.height, content_type: img.contentType, bytes: img.data.length, has_alpha: img.hasAlpha === true };

@@ -177,7 +177,7 @@ export class RunQueue extends EventEmitter {
       if (req.background === 'transparent' && result.images.some((img) => img.hasAlpha !== true)) {
         throw new Error('the pipeline returned an image without an alpha channel for a transparent background');
       }
-      const images: StoredImage[] = result.images.map((img, i) => this.files.save(run.id, i, img));
+      const images: StoredImage[] = await Promise.all(result.images.map((img, i) => this.files.save(run.id, i, img)));
       const background = images.length > 0 && images.every((img) => img.has_alpha) ? 'transparent' : 'opaque';
       const output: StoredOutput = { images, seed: result.seed, prompt: input.prompt, background, timings: result.timings, ...(result.promptTruncated ? { prompt_truncated: true } : {}) };
       const loras = req.loras?.length ?? 0;

@@ -50,7 +50,7 @@ test('disk full on the data folder: refused or failed with a code, nothing half-
     }
     console.log('disk full outcomes:', outcomes.join('; '));
     // the image write of a run that was stored before the disk filled: ENOSPC, and no partial file left behind
-    assert.throws(() => h.svc.files.save('01FULLDISKRUN', 0, { data: new Uint8Array(2 * 1024 * 1024), contentType: 'image/png', width: 64, height: 64 } as never), /ENOSPC/);
+    await assert.rejects(h.svc.files.save('01FULLDISKRUN', 0, { data: new Uint8Array(2 * 1024 * 1024), contentType: 'image/png', width: 64, height: 64 } as never), /ENOSPC/);
     const partial = fs.readdirSync(path.join(mountPoint, 'outputs'), { recursive: true }).map(String).filter((f) => f.endsWith('.tmp'));
     assert.deepEqual(partial, []);
     assert.equal((await fetch(h.url + '/v1/health')).status, 200);
