@@ -1,8 +1,10 @@
 // The service's rules for `background`: which formats can carry a transparent background, and whether this server
 // can cut subjects out at all (the matting weights are a separate download). Both are checked when a run is created,
 // so a request that can only fail is refused before anything is stored, queued or quoted.
+import fs from 'node:fs';
+import path from 'node:path';
 import { z } from '@hono/zod-openapi';
-import { MattingModelError } from '../weights/matting-folder.ts';
+import { BUNDLED_MATTING_DIR, defaultMattingDir, MattingModelError } from '../weights/matting-folder.ts';
 import { resolveMattingModel } from '../pipeline/matting-model.ts';
 import { ApiError } from './errors.ts';
 
@@ -25,15 +27,21 @@ export type MattingProbe = () => string | null;
 
 /**
  * The probe of a server whose pipeline finds its matting model the way `KleinPipeline` does (`explicit`: its
- * `mattingModel` option, `modelRoot`: the klein model folder). It re-resolves (a safetensors header read) when its
- * answer is older than `ttlMs`, so weights pulled while the server runs are picked up without a restart, and
- * /v1/health, which asks on every request, does not read the header each time.
+ * `mattingModel` option, `modelRoot`: the klein model folder). Every `ttlMs` it looks at the places the lookup
+ * searches (a few stat calls) and resolves again (a safetensors header read and check, 2-36 ms on the API's event
+ * loop while an engine computes) only when one of them changed, so weights pulled while the server runs are picked
+ * up without a restart, and /v1/health, which asks on every request, stays cheap.
  */
 export function mattingProbe(where: { explicit?: string; modelRoot?: string }, ttlMs = 2000): MattingProbe {
-  let last: { at: number; answer: string | null } | undefined;
+  let last: { at: number; places: string; answer: string | null } | undefined;
   return () => {
     const now = Date.now();
     if (last && now - last.at < ttlMs) return last.answer;
+    const places = mattingPlaces(where);
+    if (last && places === last.places) {
+      last.at = now;
+      return last.answer;
+    }
     let answer: string | null = null;
     try {
       resolveMattingModel(where);
@@ -41,9 +49,24 @@ export function mattingProbe(where: { explicit?: string; modelRoot?: string }, t
       if (!(e instanceof MattingModelError)) throw e;
       answer = e.message;
     }
-    last = { at: now, answer };
+    last = { at: now, places, answer };
     return answer;
   };
+}
+
+/** The state of every place findMattingModel searches: each path's kind, mtime and size, and a folder's files'. */
+function mattingPlaces(where: { explicit?: string; modelRoot?: string }): string {
+  const candidates = [where.explicit, process.env.KLEIN_MATTING_MODEL, where.modelRoot && path.join(where.modelRoot, BUNDLED_MATTING_DIR), defaultMattingDir()];
+  const stamp = (p: string) => {
+    const s = fs.statSync(p, { throwIfNoEntry: false });
+    return s ? `${s.isDirectory() ? 'd' : 'f'}${s.mtimeMs}:${s.size}` : '-';
+  };
+  return candidates.map((p) => {
+    if (!p) return '';
+    const self = stamp(p);
+    const files = self.startsWith('d') ? fs.readdirSync(p).sort().map((name) => `${name}=${stamp(path.join(p, name))}`) : [];
+    return `${p}=${self}[${files.join(',')}]`;
+  }).join('|');
 }
 
 /** The pipeline's "no usable matting model" error (thrown before generating when no probe refused the run). */
