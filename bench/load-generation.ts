@@ -3,12 +3,15 @@
 // its model load included), and while it runs sends a fixed-rate open-loop mix of health checks, polls, small run
 // creations and SSE subscriptions from this process (after a short warm-up that starts no generation). Prints
 // p50/p99/max per endpoint for the requests sent during the generation, and the last line as JSON. `--in-process` runs the server's engine on its event loop (the old way).
+// A latency here includes this process's own pauses: its requests go through node:http (http-client.ts), not fetch,
+// whose garbage and CPU per request showed up as 15-20 ms collections in the figures (docs/benchmarks.md).
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { percentile } from './api.ts';
+import { LoadClient } from './http-client.ts';
 
 const KLEIN = new URL('../bin/klein.js', import.meta.url).pathname;
 
@@ -31,6 +34,8 @@ export interface DuringGenerationOptions {
   threads?: number;
   /** seconds of uncounted requests that start no generation, before the large run (default 2) */
   warmupS?: number;
+  /** writes every counted request (endpoint, sent at s after the large run's creation, ms, status) here as JSON */
+  samplesFile?: string;
 }
 
 export interface EndpointFigures { count: number; errors: number; status: Record<string, number>; p50_ms: number; p99_ms: number; max_ms: number }
@@ -49,7 +54,7 @@ export interface DuringGenerationFigures {
   slowest: { endpoint: Endpoint; at_s: number; ms: number }[];
 }
 
-interface Server { proc: ChildProcess; url: string; key: string }
+interface Server { proc: ChildProcess; url: string; key: string; http: LoadClient }
 interface Sample { at: number; ms: number; status: number | 'error' }
 /** The large run as its last poll saw it; `wallS`: from started to completed as the service recorded them. */
 interface Finished { status: string; timings: Record<string, number> | null; wallS: number }
@@ -71,7 +76,7 @@ function startServer(o: DuringGenerationOptions, dataDir: string): Promise<Serve
       const key = out.match(/\n(kl_live_\S+)\n/)?.[1];
       if (url && key) {
         clearTimeout(timer);
-        resolve({ proc, url, key });
+        resolve({ proc, url, key, http: new LoadClient(url) });
       }
     });
     proc.once('exit', (code) => {
@@ -113,14 +118,15 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
   const ids: string[] = [];
   const clientLoop = monitorEventLoopDelay({ resolution: 10 });
   try {
-    const models = (await (await fetch(`${server.url}/v1/models`)).json()) as { data: { id: string }[] };
+    const http = server.http;
+    const models = JSON.parse((await http.request('GET', '/v1/models')).body) as { data: { id: string }[] };
     const modelId = models.data.find((m) => !m.id.endsWith('/edit'))!.id;
     const runBody = (prompt: string, width: number, height: number, steps?: number, seed = 1) => JSON.stringify({ input: { prompt, image_size: { width, height }, seed, ...(steps ? { num_inference_steps: steps } : {}) } });
     await warmUp(server, headers, modelId, o.rate, o.warmupS ?? 2);
-    const created = await fetch(`${server.url}/v1/models/${modelId}/runs`, { method: 'POST', headers, body: runBody('a lighthouse at dusk, during the load', o.width, o.height, o.steps) });
-    if (created.status !== 201) throw new Error(`creating the large run: HTTP ${created.status} ${await created.text()}`);
+    const created = await http.request('POST', `/v1/models/${modelId}/runs`, headers, runBody('a lighthouse at dusk, during the load', o.width, o.height, o.steps));
+    if (created.status !== 201) throw new Error(`creating the large run: HTTP ${created.status} ${created.body}`);
     await serverLoopDelay(server); // the scrape resets the server's event-loop delay histogram
-    const big = ((await created.json()) as { id: string }).id;
+    const big = (JSON.parse(created.body) as { id: string }).id;
     ids.push(big);
     const tGen = performance.now();
     const deadline = tGen + o.maxSeconds * 1000;
@@ -135,35 +141,28 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     };
     const send = (i: number) => {
       const e = endpointOf(i);
-      if (e === 'health') timed(e, async () => (await drain(await fetch(`${server.url}/v1/health`))).status);
+      if (e === 'health') timed(e, async () => (await http.request('GET', '/v1/health')).status);
       else if (e === 'poll') {
         const id = i % 4 === 0 ? big : ids[(i * 7919) % ids.length];
         timed(e, async () => {
-          const res = await fetch(`${server.url}/v1/runs/${id}`, { headers });
-          const run = (await res.json()) as { status_code?: string; started_at?: string; completed_at?: string; output?: { timings?: Record<string, number> } };
-          if (id === big && ['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) {
+          const res = await http.request('GET', `/v1/runs/${id}`, headers);
+          if (id !== big) return res.status;
+          const run = JSON.parse(res.body) as { status_code?: string; started_at?: string; completed_at?: string; output?: { timings?: Record<string, number> } };
+          if (['succeeded', 'failed', 'cancelled'].includes(run.status_code ?? '')) {
             finished ??= { status: run.status_code!, timings: run.output?.timings ?? null, wallS: (Date.parse(run.completed_at!) - Date.parse(run.started_at!)) / 1000 };
           }
           return res.status;
         });
       } else if (e === 'create') {
         timed(e, async () => {
-          const res = await fetch(`${server.url}/v1/models/${modelId}/runs`, { method: 'POST', headers, body: runBody(`small ${i}`, 64, 64, 1, i) });
-          const run = (await res.json()) as { id?: string };
+          const res = await http.request('POST', `/v1/models/${modelId}/runs`, headers, runBody(`small ${i}`, 64, 64, 1, i));
+          const run = JSON.parse(res.body) as { id?: string };
           if (run.id) ids.push(run.id);
           return res.status;
         });
       } else {
         // an SSE subscription: the latency is until its first event (the run's state as of subscribing)
-        timed(e, async () => {
-          const ac = new AbortController();
-          const res = await fetch(`${server.url}/v1/runs/${big}/events`, { headers, signal: ac.signal });
-          const reader = res.body!.getReader();
-          await reader.read();
-          ac.abort();
-          await reader.cancel().catch(() => undefined);
-          return res.status;
-        });
+        timed(e, () => http.firstChunk(`/v1/runs/${big}/events`, headers));
       }
     };
     clientLoop.enable();
@@ -179,6 +178,7 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
     const genS = (performance.now() - tGen) / 1000;
     const serverLoop = await serverLoopDelay(server);
     await Promise.race([Promise.all(inflight), new Promise((r) => setTimeout(r, 30_000))]);
+    if (o.samplesFile) fs.writeFileSync(o.samplesFile, JSON.stringify({ generation_s: genS, samples }));
     const endpoints = Object.fromEntries((Object.keys(samples) as Endpoint[]).map((e) => [e, figures(samples[e])])) as Record<Endpoint, EndpointFigures>;
     const slowest = (Object.entries(samples) as [Endpoint, Sample[]][]).flatMap(([endpoint, xs]) => xs.map((x) => ({ endpoint, at_s: Number((x.at / 1000).toFixed(2)), ms: Number(x.ms.toFixed(1)) })))
       .sort((a, b) => b.ms - a.ms).slice(0, 5);
@@ -193,6 +193,7 @@ export async function runDuringGeneration(o: DuringGenerationOptions): Promise<D
       endpoints, slowest,
     };
   } finally {
+    server.http.close();
     await stopServer(server.proc);
     fs.rmSync(dataDir, { recursive: true, force: true });
   }
@@ -210,24 +211,19 @@ async function warmUp(server: Server, headers: Record<string, string>, modelId: 
     const wait = t0 + (i * 1000) / rate - performance.now();
     if (wait > 1) await new Promise((r) => setTimeout(r, wait));
     const e = endpointOf(i);
-    const req = e === 'health' ? fetch(`${server.url}/v1/health`)
-      : e === 'poll' ? fetch(`${server.url}/v1/runs/run_warm_up_${i}`, { headers })
-      : fetch(`${server.url}/v1/models/${modelId}/runs`, { method: 'POST', headers, body: JSON.stringify({ input: { prompt: 'warm-up', image_size: { width: 100, height: 100 } } }) });
-    pending.push(req.then(drain, () => undefined));
+    const req = e === 'health' ? server.http.request('GET', '/v1/health')
+      : e === 'poll' ? server.http.request('GET', `/v1/runs/run_warm_up_${i}`, headers)
+      : server.http.request('POST', `/v1/models/${modelId}/runs`, headers, JSON.stringify({ input: { prompt: 'warm-up', image_size: { width: 100, height: 100 } } }));
+    pending.push(req.catch(() => undefined));
   }
   await Promise.all(pending);
 }
 
 /** The server's event-loop delay p99 and max since its previous scrape, in ms (an admin key reads /metrics). */
 async function serverLoopDelay(server: Server): Promise<{ p99: number; max: number }> {
-  const text = await (await fetch(`${server.url}/metrics`, { headers: { authorization: `Bearer ${server.key}` } })).text();
+  const text = (await server.http.request('GET', '/metrics', { authorization: `Bearer ${server.key}` })).body;
   const ms = (name: string) => Number((Number(text.match(new RegExp(`^${name} (\\S+)$`, 'm'))?.[1]) * 1000).toFixed(1));
   return { p99: ms('nodejs_eventloop_lag_p99_seconds'), max: ms('nodejs_eventloop_lag_max_seconds') };
-}
-
-async function drain(res: Response): Promise<Response> {
-  await res.arrayBuffer();
-  return res;
 }
 
 function stopServer(proc: ChildProcess): Promise<void> {

@@ -129,7 +129,7 @@ export async function runLoad(o: LoadOptions): Promise<LoadFigures> {
 
 interface LoadCliOptions {
   model?: string; clients: string; requests: string; seconds?: string; createLimit: string;
-  duringGeneration?: boolean; size: string; steps?: string; rate: string; precision?: string; inProcess?: boolean; threads?: string; warmup?: string;
+  duringGeneration?: boolean; size: string; steps?: string; rate: string; precision?: string; inProcess?: boolean; threads?: string; warmup?: string; samples?: string;
 }
 
 /** `--during-generation`: a real `klein serve` answering a fixed-rate mix while it generates one large image. */
@@ -145,7 +145,7 @@ async function duringGeneration(o: LoadCliOptions, model: string): Promise<void>
   process.stderr.write(`bench load --during-generation: ${o.size} on ${model}, ${rate} requests/s while it runs…\n`);
   const warmupS = o.warmup === undefined ? 2 : Number(o.warmup);
   if (!(warmupS >= 0 && warmupS <= 60)) throw new UsageError(`--warmup must be 0–60 seconds, got "${o.warmup}"`);
-  const f = await runDuringGeneration({ model, width: Number(size[1]), height: Number(size[2]), steps, rate, maxSeconds: seconds, precision: o.precision, inProcess: o.inProcess, threads, warmupS });
+  const f = await runDuringGeneration({ model, width: Number(size[1]), height: Number(size[2]), steps, rate, maxSeconds: seconds, precision: o.precision, inProcess: o.inProcess, threads, warmupS, samplesFile: o.samples });
   printDuringGeneration(f);
 }
 
@@ -165,6 +165,7 @@ export function registerLoadBench(bench: Command): void {
     .option('--precision <mode>', 'with --during-generation: passed to klein serve (fast for real-size weights)')
     .option('--threads <n>', 'with --during-generation: passed to klein serve')
     .option('--in-process', 'the server runs its engine on its own event loop (the old way, for comparison)')
+    .option('--samples <file>', 'with --during-generation: every counted request (endpoint, when it was sent, ms, status) as JSON, for plotting the tail over time')
     .option('--warmup <s>', 'with --during-generation: seconds of uncounted requests that start no generation, first (default 2)')
     .action(async (o: LoadCliOptions) => {
       let model = o.model;
