@@ -8,18 +8,23 @@ import process from 'node:process';
 /** `GLIBC_TUNABLES` entries: huge pages by madvise (glibc ≥ 2.35), and a fixed mmap threshold of 1 MiB. */
 export const ENGINE_MALLOC_TUNABLES: Readonly<Record<string, string>> = { 'glibc.malloc.hugetlb': '1', 'glibc.malloc.mmap_threshold': '1048576' };
 
-/** glibc's version on this process, e.g. [2, 36]; undefined on other C libraries and systems. */
-function glibcVersion(): [number, number] | undefined {
-  const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
-  const m = /^(\d+)\.(\d+)/.exec(header?.glibcVersionRuntime ?? '');
-  return m ? [Number(m[1]), Number(m[2])] : undefined;
+let glibc: [number, number] | null | undefined;
+
+/** glibc's version on this process, e.g. [2, 36]; null on other C libraries and systems (read once: a report is slow). */
+function glibcVersion(): [number, number] | null {
+  if (glibc === undefined) {
+    const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
+    const m = /^(\d+)\.(\d+)/.exec(header?.glibcVersionRuntime ?? '');
+    glibc = m ? [Number(m[1]), Number(m[2])] : null;
+  }
+  return glibc;
 }
 
 /** Whether the tunables apply here: Linux with glibc 2.35 or later, and not turned off by `KLEIN_MALLOC_TUNABLES=0`. */
 export function mallocTunablesApply(env: NodeJS.ProcessEnv = process.env): boolean {
   if (process.platform !== 'linux' || env.KLEIN_MALLOC_TUNABLES === '0') return false;
   const v = glibcVersion();
-  return v !== undefined && (v[0] > 2 || (v[0] === 2 && v[1] >= 35));
+  return v !== null && (v[0] > 2 || (v[0] === 2 && v[1] >= 35));
 }
 
 /** `env` with the engine's tunables added to its `GLIBC_TUNABLES` (the user's own entries win). */
