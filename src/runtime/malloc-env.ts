@@ -27,18 +27,25 @@ export function mallocTunablesApply(env: NodeJS.ProcessEnv = process.env): boole
   return v !== null && (v[0] > 2 || (v[0] === 2 && v[1] >= 35));
 }
 
-/** `env` with the engine's tunables added to its `GLIBC_TUNABLES` (the user's own entries win). */
-export function engineProcessEnv(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
-  if (!mallocTunablesApply(env)) return env;
-  const entries = new Map(Object.entries(ENGINE_MALLOC_TUNABLES));
+/** The entries of `env.GLIBC_TUNABLES` (`key=value:key=value`), in order. */
+function tunables(env: NodeJS.ProcessEnv): Map<string, string> {
+  const entries = new Map<string, string>();
   for (const item of (env.GLIBC_TUNABLES ?? '').split(':').filter(Boolean)) {
     const [key, ...value] = item.split('=');
     entries.set(key, value.join('='));
   }
+  return entries;
+}
+
+/** `env` with the engine's tunables added to its `GLIBC_TUNABLES` (the user's own entries win). */
+export function engineProcessEnv(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  if (!mallocTunablesApply(env)) return env;
+  const entries = new Map([...Object.entries(ENGINE_MALLOC_TUNABLES), ...tunables(env)]);
   return { ...env, GLIBC_TUNABLES: [...entries].map(([k, v]) => `${k}=${v}`).join(':') };
 }
 
 /** True when this process started with the engine's tunables in force (or they do not apply here). */
 export function hasEngineTunables(env: NodeJS.ProcessEnv = process.env): boolean {
-  return !mallocTunablesApply(env) || Object.keys(ENGINE_MALLOC_TUNABLES).every((k) => (env.GLIBC_TUNABLES ?? '').split(':').some((e) => e.startsWith(`${k}=`)));
+  const set = tunables(env);
+  return !mallocTunablesApply(env) || Object.keys(ENGINE_MALLOC_TUNABLES).every((k) => set.has(k));
 }

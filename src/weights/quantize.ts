@@ -7,7 +7,7 @@
 // q[k, n] = round(W[n, k] · (1 / scale[n])) rounded half away from zero, in [-127, 127]; an all-zero column gets scale 1
 // and q 0. Per-column scales keep a column with large weights from costing every other column its precision.
 
-import { sourceShape, type WeightRef } from './weight-ref.ts';
+import { sourceIdentity, sourceShape, type WeightRef } from './weight-ref.ts';
 
 /** Names the quantization scheme; part of every quantized-weight cache key. Bump when the numbers change. */
 export const INT8_SCHEME = 'int8-sym-per-column-v1';
@@ -119,17 +119,12 @@ export function dequantizeInt8(qw: Int8Weight): Float32Array {
   return w;
 }
 
-/** Identity of a weight's source (files, offsets, column range): quantized outputs of one source are computed once. */
-function sourceKey(ref: WeightRef): string {
-  return JSON.stringify([ref.source.parts.map((p) => [p.file, p.dataOffset, p.byteLength]), ref.source.cols ?? null]);
-}
-
 /**
  * One output of a quantization scheme for `ref`'s `[out, in]` source, as the bytes its initializer holds. `read`
  * gives the fp32 source; `memo` keeps the last source's outputs so its sibling refs reuse them.
  */
 export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => Float32Array): Uint8Array {
-  const key = `${scheme}:${sourceKey(ref)}`;
+  const key = `${scheme}:${sourceIdentity(ref.source)}`;
   if (memo.key !== key) {
     if (scheme !== INT8_SCHEME && scheme !== INT8_ROWS_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);
     const [out, inF] = sourceShape(ref.source);

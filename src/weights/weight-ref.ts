@@ -36,6 +36,14 @@ export function sourceShape(s: WeightSource): number[] {
 }
 
 /**
+ * Identity of a weight's source (files, offsets, column range): a quantization scheme's outputs of one source are
+ * computed together once, so the store's conversion never splits them between workers.
+ */
+export function sourceIdentity(s: WeightSource): string {
+  return JSON.stringify([s.parts.map((p) => [p.file, p.dataOffset, p.byteLength]), s.cols ?? null]);
+}
+
+/**
  * A whole stored tensor, or a row/column block of it, converted to `type`. `transpose` swaps the two axes of a
  * matrix (a `[out, in, 1, 1]` 1×1 convolution counts as `[out, in]`); `dims` reshapes (same element count).
  */

@@ -17,7 +17,7 @@ import path from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import zlib from 'node:zlib';
 import { ELEM_SIZE } from './dtypes.ts';
-import { storedInPlace, type WeightRef } from './weight-ref.ts';
+import { sourceIdentity, storedInPlace, type WeightRef } from './weight-ref.ts';
 import type { ConversionStats } from './weight-values.ts';
 import { startWorker } from './worker.ts';
 
@@ -308,7 +308,7 @@ function jobGroups(jobs: ConvertJob[], n: number): ConvertJob[][] {
   const groups: ConvertJob[][] = [[]];
   let bytes = 0;
   jobs.forEach((job, i) => {
-    const sameSource = i > 0 && JSON.stringify(jobs[i - 1].ref.source) === JSON.stringify(job.ref.source);
+    const sameSource = i > 0 && sourceIdentity(jobs[i - 1].ref.source) === sourceIdentity(job.ref.source);
     if (!sameSource && groups.length < n && bytes >= (total * groups.length) / n) groups.push([]);
     groups[groups.length - 1].push(job);
     bytes += job.length;
