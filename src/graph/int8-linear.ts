@@ -12,6 +12,7 @@
 //   r[m]   = max_k |x̃[m, k]| / 127                         (one scale per row)
 //   y      = MatMulIntegerToFloat(QuantizeLinear(x̃, r, 128), q, r, scale, 128)   (uint8 × int8 on VNNI)
 //          + x[:, o] · (rows[o, :] · rows.scale)   (fp32, K = |o|; without exact rows: q[o, :] · scale)
+//          (+ MatMulIntegerToFloat(QuantizeLinear(x̃ − q̃·r, r/254, 128), q, r/254, scale, 128) with `secondPass`)
 // The activation half (o, x̃'s uint8 values, r, x[:, o]) is computed once per input and shared by every Linear
 // reading that input (q, k, v; gate, up): `int8Activation` once, `int8Product` per weight.
 import type { Graph, Value } from './onnx-graph.ts';
@@ -26,6 +27,11 @@ export interface Int8ActivationOptions {
   /** Channels taken out of the int8 product and multiplied in fp32, picked per run (0: none). Default 16. */
   outlierChannels?: number;
   hint?: string;
+  /**
+   * Quantize the rounding residual of x too and multiply it by the same int8 weight: a second product that makes
+   * the activation ~254× finer (for inputs no norm bounds, whose row maxima sit far above their typical values).
+   */
+  secondPass?: boolean;
 }
 
 /** An activation prepared for int8 products: what every Linear reading the same input shares. */
@@ -36,6 +42,8 @@ export interface Int8Activation {
   rowScale: Value;
   /** int64 `[k]` and fp32 `[M, k]`: the outlier channels and x's values there, when `outlierChannels` > 0. */
   outliers?: { channels: Value; values: Value };
+  /** uint8 `[M, K]` and fp32 `[M, 1]`: x̃ − dequantized q, quantized at rowScale/254 (`secondPass`). */
+  residual?: { q: Value; rowScale: Value };
   /** The output shape for N outputs: x's leading dims, then N. */
   outShape?: (outFeatures: number) => Value;
 }
@@ -92,13 +100,25 @@ export function int8Activation(g: Graph, x: Value, o: Int8ActivationOptions): In
   const flat = g.op('Reshape', [rowScale, g.constI64([-1])]);
   const zp = g.op('Expand', [u8(g, 128), g.op('Shape', [flat])]);
   const q = g.op('QuantizeLinear', [xi, flat, zp], { axis: 0 }, { hint: `${hint}_u8` });
-  return { q, rowScale, outliers, outShape };
+  let residual: Int8Activation['residual'];
+  if (o.secondPass) {
+    // rounding leaves |x̃ − q·r| ≤ r/2, so r/254 maps the residual onto ±127 without clipping
+    const rest = g.op('Sub', [xi, g.op('DequantizeLinear', [q, flat, zp], { axis: 0 })], {}, { hint: `${hint}_residual` });
+    const restScale = g.op('Div', [rowScale, g.scalarF32(254)]);
+    const restQ = g.op('QuantizeLinear', [rest, g.op('Reshape', [restScale, g.constI64([-1])]), zp], { axis: 0 }, { hint: `${hint}_residual_u8` });
+    residual = { q: restQ, rowScale: restScale };
+  }
+  return { q, rowScale, outliers, outShape, residual };
 }
 
 /** `x Wᵀ (+ bias)` in fp32 from a prepared activation and an int8 weight. */
 export function int8Product(g: Graph, a: Int8Activation, w: Int8LinearWeight, hint = 'int8_linear'): Value {
   // the bias is added apart: MatMulIntegerToFloat applies a non-scalar A scale after its bias (it would scale it)
   let y = g.op('MatMulIntegerToFloat', [a.q, w.q, a.rowScale, w.scale, u8(g, 128)], {}, { domain: MS_DOMAIN, hint });
+  if (a.residual) {
+    const rest = g.op('MatMulIntegerToFloat', [a.residual.q, w.q, a.residual.rowScale, w.scale, u8(g, 128)], {}, { domain: MS_DOMAIN, hint: `${hint}_residual` });
+    y = g.op('Add', [y, rest], {}, { hint: `${hint}_plus_residual` });
+  }
   if (a.outliers) {
     // the outlier channels' rows of W, dequantized: [k, N]
     const [table, scale] = w.rows ? [w.rows.values, w.rows.scale] : [w.q, w.scale];

@@ -18,12 +18,13 @@ export interface HostTransfers {
 
 /**
  * The weight policy a component computes with on `target`. `int8` names the Linears fast mode quantizes (the text
- * encoder and the transformer pass theirs; the VAE and matting model none: they stay exact). `gpuDtype` overrides
+ * encoder and the transformer pass theirs; the VAE and matting model none: they stay exact), `int8SecondPass` those
+ * of them that also multiply their activation's rounding residual (Int8Policy). `gpuDtype` overrides
  * the target's for components that must stay fp32 on GPUs (the VAE: ORT's WebGPU Conv accumulates in fp16).
  */
-export function policyFor(target: ExecutionTarget, o: { int8?: (name: string) => boolean; gpuDtype?: 'fp32' | 'fp16' } = {}): WeightPolicy {
+export function policyFor(target: ExecutionTarget, o: { int8?: (name: string) => boolean; int8SecondPass?: (name: string) => boolean; gpuDtype?: 'fp32' | 'fp16' } = {}): WeightPolicy {
   if (target.device !== 'cpu') return new GpuPolicy(o.gpuDtype ?? target.gpuDtype);
-  if (target.precision === 'fast' && o.int8) return new Int8Policy(o.int8, target.int8Scheme);
+  if (target.precision === 'fast' && o.int8) return new Int8Policy(o.int8, target.int8Scheme, o.int8SecondPass);
   return new Fp32Policy();
 }
 

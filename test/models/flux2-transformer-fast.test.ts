@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Flux2Transformer } from '../../src/models/flux2/runtime.ts';
-import { isBlockLinear } from '../../src/models/flux2/config.ts';
+import { isBlockLinear, readsUnnormalisedInput } from '../../src/models/flux2/config.ts';
 import { cpuTarget } from '../../src/runtime/target.ts';
 import { targetFromFlags } from '../../src/cli/target-options.ts';
 import { UsageError } from '../../src/cli/errors.ts';
@@ -63,6 +63,13 @@ test('the int8 selection: block Linears only; modulation, embedders, txt_in, img
   }
   for (const n of ['double_stream_modulation_img.lin.weight', 'single_stream_modulation.lin.weight', 'final_layer.adaLN_modulation.1.weight', 'final_layer.linear.weight', 'time_in.in_layer.weight', 'guidance_in.out_layer.weight', 'img_in.weight', 'txt_in.weight', 'double_blocks.0.img_attn.norm.query_norm.scale', 'single_blocks.0.norm.key_norm.scale']) {
     assert.equal(isBlockLinear(n), false, n);
+  }
+  // the second activation pass: block Linears whose input is an attention output or a SwiGLU product
+  for (const n of ['double_blocks.4.txt_attn.proj.weight', 'double_blocks.0.img_attn.proj.weight', 'double_blocks.1.txt_mlp.2.weight', 'single_blocks.19.linear2.weight']) {
+    assert.ok(isBlockLinear(n) && readsUnnormalisedInput(n), n);
+  }
+  for (const n of ['double_blocks.0.img_attn.qkv.weight', 'double_blocks.1.img_mlp.0.weight', 'single_blocks.19.linear1.weight', 'final_layer.linear.weight', 'txt_in.weight']) {
+    assert.equal(readsUnnormalisedInput(n), false, n);
   }
 });
 

@@ -96,17 +96,20 @@ export const DEFAULT_INT8_SCHEME: Int8Scheme = 'row-outliers';
 
 /**
  * CPU fast: the Linears `select` names as int8 products on int8 `[in, out]` weights with one fp32 scale per output
- * (activations quantized at run time as `scheme` says); everything else as Fp32Policy.
+ * (activations quantized at run time as `scheme` says); everything else as Fp32Policy. With `row-outliers`, the
+ * Linears `secondPass` names also multiply their activation's rounding residual (int8-linear.ts): the component
+ * passes those whose input no norm bounds, where one int8 pass loses the most (docs/benchmarks.md, issue 21).
  */
 export class Int8Policy extends Fp32Policy {
   override readonly tag: string;
   override readonly dtype: WeightPolicy['dtype'] = 'int8';
-  /** The prepared activation of each input a `row-outliers` product read (q, k and v share one). */
-  private readonly activations = new WeakMap<Value, Int8Activation>();
+  /** The prepared activation of each input a `row-outliers` product read (q, k and v share one), by pass count. */
+  private readonly activations = [new WeakMap<Value, Int8Activation>(), new WeakMap<Value, Int8Activation>()];
 
   constructor(
     private readonly select: (name: string) => boolean,
     readonly scheme: Int8Scheme = DEFAULT_INT8_SCHEME,
+    private readonly secondPass: (name: string) => boolean = () => false,
   ) {
     super();
     // the weight store holds what the weight scheme makes; how activations are quantized is in the graphs, whose
@@ -124,14 +127,15 @@ export class Int8Policy extends Fp32Policy {
     const scale = quantized('scale', 'float32', [out]);
     if (this.scheme === 'dynamic') return g.op('DynamicQuantizeMatMul', [x, q, scale], {}, { domain: MS_DOMAIN, hint: hintOf(w.name) });
     const rows = { values: quantized('rows', 'int16', [inF, out]), scale: quantized('rows.scale', 'float32', [out]) };
-    return int8Product(g, this.activation(g, x, inF), { q, scale, outFeatures: out, rows }, hintOf(w.name));
+    return int8Product(g, this.activation(g, x, inF, this.secondPass(w.name)), { q, scale, outFeatures: out, rows }, hintOf(w.name));
   }
 
-  private activation(g: Graph, x: Value, inFeatures: number): Int8Activation {
-    let a = this.activations.get(x);
+  private activation(g: Graph, x: Value, inFeatures: number, secondPass: boolean): Int8Activation {
+    const prepared = this.activations[secondPass ? 1 : 0];
+    let a = prepared.get(x);
     if (!a) {
-      a = int8Activation(g, x, { inFeatures, hint: 'int8_act' });
-      this.activations.set(x, a);
+      a = int8Activation(g, x, { inFeatures, hint: 'int8_act', secondPass });
+      prepared.set(x, a);
     }
     return a;
   }

@@ -44,6 +44,15 @@ export function isBlockLinear(name: string): boolean {
   return /^(double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])\.weight$/.test(name);
 }
 
+/**
+ * The block Linears whose input no norm bounds: the attention output (`attn.proj`; linear2's first part) and the
+ * SwiGLU product (`mlp.2`; linear2's rest). Their rows' maxima sit far above the typical value, so one int8 pass
+ * rounds them coarsest: fast mode gives these a second pass over the rounding residual (docs/benchmarks.md, issue 21).
+ */
+export function readsUnnormalisedInput(name: string): boolean {
+  return /^(double_blocks\.\d+\.(img|txt)_(attn\.proj|mlp\.2)|single_blocks\.\d+\.linear2)\.weight$/.test(name);
+}
+
 /** Parameters of the whole transformer (spec §1.1; klein 4B: 3,875,544,576), for memory plans. */
 export function flux2Params(c: Flux2Config): number {
   const H = c.hiddenSize;

@@ -13,7 +13,7 @@ import type { WeightStore } from '../../weights/weight-store.ts';
 import { f32, i64, ort } from '../../runtime/session.ts';
 import type { ExecutionTarget } from '../../runtime/target.ts';
 import { openFlux2Checkpoint, type Flux2Weights } from './checkpoint.ts';
-import { isBlockLinear, type Flux2Config } from './config.ts';
+import { isBlockLinear, readsUnnormalisedInput, type Flux2Config } from './config.ts';
 import { buildFlux2Forward, STEP_INVARIANT_INPUTS } from './forward.ts';
 import { adaptsAnything, LoraAdapter, loraFeeds } from './lora/apply.ts';
 import type { AppliedLora } from './lora/load.ts';
@@ -134,7 +134,7 @@ export class Flux2Transformer {
   /** Opens a checkpoint (file, BFL folder or diffusers `transformer/` folder) on `opts.target`. */
   static async load(pathOrFolder: string, opts: Flux2LoadOptions): Promise<Flux2Transformer> {
     const w = openFlux2Checkpoint(pathOrFolder);
-    const policy = policyFor(opts.target, { int8: isBlockLinear });
+    const policy = policyFor(opts.target, { int8: isBlockLinear, int8SecondPass: readsUnnormalisedInput });
     const { graphs, carried } = splitForward(w, policy);
     const { store, sessions } = await openGraphs(graphs, { name: 'flux2-transformer', target: opts.target, policy, onWeights: opts.onWeights, rebuild: opts.rebuild }, [carried]);
     const [context, stepper] = sessions;
