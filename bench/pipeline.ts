@@ -7,6 +7,8 @@
 // The random model folder (BFL layout) is assembled once in the bench cache from the other benches' cached
 // checkpoints, hard-linked rather than copied: the transformer of `klein bench transformer`, the text encoder of
 // `klein bench text-encoder` (27 of 36 layers, all klein reads), a random fp32 VAE, and the real Qwen3 tokenizer.
+// `--outliers` assembles issue 21's stress model the same way: both stress checkpoints (fixtures/stress-outliers.ts;
+// the prompt template's first tokens are its massive-activation tokens), with `--compare-exact` the decoded PSNR.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -38,6 +40,7 @@ interface PipelineBenchOptions extends TargetFlags {
   prompt: string;
   compareExact?: boolean;
   blocks?: string;
+  outliers?: boolean;
 }
 
 /** Links `src` to `dst` (same filesystem), else copies it; ORT and our readers need real files, not symlinks. */
@@ -54,19 +57,21 @@ function linkOrCopy(src: string, dst: string): void {
 /**
  * The random klein 4B model folder (BFL layout), assembled once. `blocks` [double, single] other than klein 4B's
  * [5, 20] gives a reduced model at the real widths (real text encoder and VAE): what `--compare-exact` can afford.
+ * `outliers`: the stress model's transformer and text encoder.
  */
-function randomKlein4b(log: (s: string) => void, blocks: [number, number] = [KLEIN_4B.depth, KLEIN_4B.depthSingleBlocks]): string {
+function randomKlein4b(log: (s: string) => void, blocks: [number, number] = [KLEIN_4B.depth, KLEIN_4B.depthSingleBlocks], outliers = false): string {
   const full = blocks[0] === KLEIN_4B.depth && blocks[1] === KLEIN_4B.depthSingleBlocks;
-  const dir = benchCacheDir(full ? 'pipeline-klein4b-random' : `pipeline-klein4b-d${blocks[0]}-s${blocks[1]}-random`);
+  const kind = outliers ? 'outliers' : 'random';
+  const dir = benchCacheDir(full ? `pipeline-klein4b-${kind}` : `pipeline-klein4b-d${blocks[0]}-s${blocks[1]}-${kind}`);
   const done = path.join(dir, '.complete');
   if (fs.existsSync(done)) return dir;
   // transformer: the cached checkpoint of `klein bench transformer` (all 5 + 20 blocks, or the reduced depth)
-  linkOrCopy(benchCheckpoint({ ...KLEIN_4B, depth: blocks[0], depthSingleBlocks: blocks[1] }, log), path.join(dir, 'flux-2-klein-4b.safetensors'));
+  linkOrCopy(benchCheckpoint({ ...KLEIN_4B, depth: blocks[0], depthSingleBlocks: blocks[1] }, log, outliers), path.join(dir, 'flux-2-klein-4b.safetensors'));
   // text encoder: the cached folder of `klein bench text-encoder`, written here if missing
-  const te = path.join(os.tmpdir(), 'klein-bench-qwen3-4b-random');
+  const te = path.join(os.tmpdir(), `klein-bench-qwen3-4b-${kind}`);
   if (!fs.existsSync(path.join(te, '.complete'))) {
-    log(`writing random Qwen3-4B weights (27 layers, bf16) to ${te} (once)…`);
-    writeRandomQwen3Checkpoint(te, QWEN3_4B_CONFIG, { seed: 4, layers: layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS }) });
+    log(`writing random Qwen3-4B weights (27 layers, bf16${outliers ? ', stress model: outliers' : ''}) to ${te} (once)…`);
+    writeRandomQwen3Checkpoint(te, QWEN3_4B_CONFIG, { seed: 4, layers: layersNeeded({ outputLayers: KLEIN_OUTPUT_LAYERS }), outliers });
     fs.writeFileSync(path.join(te, '.complete'), '');
   }
   for (const f of fs.readdirSync(te)) if (/\.safetensors$|\.json$/.test(f)) linkOrCopy(path.join(te, f), path.join(dir, 'text_encoder', f));
@@ -122,7 +127,8 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
     if (o.model) throw new UsageError('--blocks builds a random model; it cannot be combined with --model');
     blocks = [Number(m[1]), Number(m[2])];
   }
-  const model = o.model ?? randomKlein4b(log, blocks);
+  if (o.outliers && o.model) throw new UsageError('--outliers builds the random stress model; it cannot be combined with --model');
+  const model = o.model ?? randomKlein4b(log, blocks, o.outliers === true);
 
   // stage segments: each progress event that names a new stage closes the previous one
   const segments: Array<{ name: string; seconds: number; peak: MemoryFigures }> = [];
@@ -156,7 +162,7 @@ export async function runPipelineBench(o: PipelineBenchOptions, log: (s: string)
   const request = { prompt: o.prompt, width: size.width, height: size.height, seed, numImages: 1, steps, outputFormat: 'png' as const };
   const keepLoaded = o.keepLoaded ?? false;
   const pipe = await KleinPipeline.open({ model, target, keepLoaded, memoryLimit });
-  log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
+  log(`model: ${pipe.model.root} (${pipe.variant.id}, ${pipe.model.layout} layout${o.model ? '' : `, random weights${o.outliers ? ' with activation outliers (stress model)' : ''}${blocks ? `, transformer reduced to ${blocks[0]} double + ${blocks[1]} single blocks at the real width` : ''}`}, ${(pipe.model.bytes / GiB).toFixed(2)} GiB of weights)`);
   log(`request: ${size.width}x${size.height}, ${steps ?? pipe.variant.defaultSteps} steps, seed ${seed}, ${target.threads ?? os.availableParallelism()} threads, on ${describeTarget(target)}, load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}, GLIBC_TUNABLES ${process.env.GLIBC_TUNABLES || '(none)'}`);
   log(`component dtypes: ${Object.entries(pipe.componentDtypes()).map(([c, d]) => `${c} ${d}`).join(', ')}`);
   let total: number;
@@ -210,6 +216,7 @@ export function registerPipelineBench(bench: Command): void {
     .option('--prompt <text>', 'the prompt', 'a red fox in fresh snow at dawn, soft light')
     .option('--compare-exact', 'fast only: run the same request in exact mode afterwards and print the PSNR of the fast image against it')
     .option('--blocks <double,single>', 'random model with a reduced transformer at the real width (klein 4B: 5,20), e.g. 1,2 for an affordable --compare-exact')
+    .option('--outliers', 'the stress model: random weights with realistic activation outliers (issue 21), in folders of their own')
     .action(async (o: PipelineBenchOptions) => {
       await runPipelineBench(o);
     });
