@@ -13,7 +13,7 @@ import { ModelFolderError, isVariantId, type VariantId } from '../weights/model-
 import { UserError } from '../errors.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption, parseNumberOption } from './option-parsers.ts';
-import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, CPU_DEFAULT_PRECISION, IMAGE_PRECISION_HELP, defaultPrecisionNote, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { stageBar, type StageBar } from './progress-bars.ts';
 import { LORA_DIR_HELP, LORA_HELP, parseLoraOptions, resolveLoraOptions } from './lora-options.ts';
 
@@ -64,7 +64,7 @@ export function addImageOptions(cmd: Command, defaultOutput: string): Command {
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .addOption(new Option('--background <mode>', 'transparent: cut the subject out into an RGBA PNG/WebP with the matting model (see `klein pull --matting`); auto (default) = opaque').choices(['auto', 'opaque', 'transparent']))
     .option('--matting-model <folder>', 'BiRefNet weights for --background transparent (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or the pulled ZhengPeng7/BiRefNet-matting)')
-    .option('--precision <mode>', PRECISION_HELP)
+    .option('--precision <mode>', IMAGE_PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--lora <FILE_OR_HUB_REF[:SCALE]>', LORA_HELP, (v: string, prev: string[] = []) => [...prev, v])
@@ -171,9 +171,11 @@ export async function runImageCommand(prompt: string, opts: ImageCliOptions, ref
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new UsageError(`output folder ${dir} does not exist`);
   if (opts.variant && !isVariantId(opts.variant)) throw new UsageError(`unknown --variant ${opts.variant}`);
   const loraSpecs = parseLoraOptions(opts.lora);
-  const target = await targetFromFlags(opts);
+  const target = await targetFromFlags(opts, { cpuPrecision: CPU_DEFAULT_PRECISION });
   const { device, precision } = target;
   const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
+  const note = defaultPrecisionNote(opts, target);
+  if (note && !opts.quiet) process.stderr.write(`klein: ${precision} precision on ${describeTarget(target)}${note}\n`);
 
   const bar = stageBar({ quiet: opts.quiet || undefined });
   let pipeline: KleinPipeline | undefined;

@@ -16,7 +16,7 @@ import { createMcpServer } from '../service/mcp.ts';
 import { type KeyRow, Store } from '../service/store.ts';
 import { UsageError } from './errors.ts';
 import { loadServiceConfig, parsePort } from './serve.ts';
-import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, memoryLimitFromFlag, requestedDevice, requestedPrecision, refuseFastOnGpu, targetFromFlags } from './target-options.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, CPU_DEFAULT_PRECISION, IMAGE_PRECISION_HELP, memoryLimitFromFlag, requestedDevice, requestedPrecision, refuseFastOnGpu, targetFromFlags } from './target-options.ts';
 
 interface McpOptions {
   model?: string;
@@ -62,15 +62,15 @@ export function registerMcp(program: Command): void {
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
-    .option('--precision <mode>', PRECISION_HELP)
+    .option('--precision <mode>', IMAGE_PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .action(async (o: McpOptions) => {
       const dataDir = path.resolve(o.data ?? defaultDataDir());
       const port = parsePort(o.port, '--port') ?? 0;
       // bad values fail before the key and the model are touched
-      const precision = requestedPrecision(o.precision);
-      refuseFastOnGpu(precision, requestedDevice(o.device), o);
+      const asked = requestedPrecision(o.precision);
+      if (asked) refuseFastOnGpu(asked, requestedDevice(o.device), o);
       const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
       const config = loadServiceConfig(dataDir, o.publicUrl);
       // the key first: a wrong one is refused before the model loads
@@ -79,14 +79,14 @@ export function registerMcp(program: Command): void {
       let pipeline: KleinPipeline;
       try {
         key = stdioKey(store, o.apiKey ?? process.env.KLEIN_API_KEY);
-        const target = await targetFromFlags(o);
+        const target = await targetFromFlags(o, { cpuPrecision: CPU_DEFAULT_PRECISION });
         pipeline = await KleinPipeline.open({ model: o.model ?? process.env.KLEIN_MODEL_DIR, target, keepLoaded: o.keepLoaded ? 'auto' : false, memoryLimit, mattingModel: o.mattingModel });
       } catch (e) {
         store.close();
         if (e instanceof ModelFolderError) throw new UsageError(e.message);
         throw e;
       }
-      config.precision = precision;
+      config.precision = pipeline.target.precision;
       config.variant = pipeline.variant.id;
       if (pipeline.target.device !== 'cpu') config.gpuDtype = pipeline.target.gpuDtype;
       // stdout carries the MCP messages: everything else goes to stderr

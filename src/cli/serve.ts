@@ -14,7 +14,7 @@ import { createLogger } from '../service/logger.ts';
 import { addModelPull } from './auto-pull.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './option-parsers.ts';
-import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, CPU_DEFAULT_PRECISION, IMAGE_PRECISION_HELP, defaultPrecisionNote, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import { startScale } from './worker.ts';
 
 /** Scaled out: how long a stop may take beyond the remote runs' drain before the process exits anyway. */
@@ -70,7 +70,7 @@ export function registerServe(program: Command): void {
     .option('--queue <redis-url>', 'scale out: runs go through this Redis (BullMQ) to `klein worker` processes; needs $KLEIN_WORKER_TOKEN')
     .option('--no-keep-loaded', 'load model components per stage instead of keeping them resident when they fit (less memory, slower)')
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
-    .option('--precision <mode>', PRECISION_HELP)
+    .option('--precision <mode>', IMAGE_PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--lora-dir <folder>', 'LoRA files requests may name by a relative path (default: config.json loras.dir or $KLEIN_LORA_DIR; URLs and Hub references need none)')
@@ -86,7 +86,7 @@ async function runServe(o: ServeOptions): Promise<void> {
   const workers = parseIntOption(o.workers, '--workers')!;
   if (workers < (o.queue ? 0 : 1) || workers > 16) throw new UsageError(`--workers must be 1–16, got ${workers}`);
   const config = serviceConfigFromFlags(o, dataDir);
-  const target = await targetFromFlags(o);
+  const target = await targetFromFlags(o, { cpuPrecision: CPU_DEFAULT_PRECISION });
   const { device, precision } = target;
   const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
   const modelSpec = o.model ?? process.env.KLEIN_MODEL_DIR;
@@ -115,7 +115,7 @@ async function runServe(o: ServeOptions): Promise<void> {
   const admin = ensureAdminKey(svc.store);
   const listening = await listenOrUsageError(svc, port, o.host);
   const localWorkers = scale ? await scale.startLocal(listening.url, local, workers, String(device)) : [];
-  console.log(`klein serve: ${info.variant.id} (${precision} precision) on ${describeTarget(target)} from ${info.modelRoot} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
+  console.log(`klein serve: ${info.variant.id} (${precision} precision${defaultPrecisionNote(o, target)}) on ${describeTarget(target)} from ${info.modelRoot} (${workers} ${scale ? 'local queue ' : ''}worker${workers !== 1 ? 's' : ''}), data in ${dataDir}`);
   if (scale) console.log(`klein serve: queue ${o.queue} (workers: klein worker --queue ${o.queue} --api ${listening.url} --model DIR)`);
   // the stop handlers first: writes to a pipe are synchronous, so whoever reads the listening line may signal at once
   const stopped = stopSignal(() => console.log(`klein serve: stopping (${stopPlan(scale?.api.drainMs, localWorkers.length)})`));

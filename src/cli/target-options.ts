@@ -10,7 +10,15 @@ import { parseMemorySize } from '../runtime/memory-plan.ts';
 import { UsageError } from './errors.ts';
 
 export const DEVICE_HELP = 'cpu, webgpu, cuda or auto (default: $KLEIN_DEVICE, else cpu)';
+/** The bench and conform commands measure against the reference: exact unless asked. */
 export const PRECISION_HELP = 'exact (fp32, matches the reference) or fast (int8 products in the text encoder and transformer; error in docs/benchmarks.md); default: $KLEIN_PRECISION, else exact';
+/**
+ * What the CPU computes in when neither `--precision` nor $KLEIN_PRECISION says, on the commands that make images
+ * (generate, edit, serve, worker, mcp): fast mode holds issue 21's error bounds on the stress model at half the time
+ * and 40 % of exact mode's memory (docs/benchmarks.md). GPUs compute exact (fast mode is CPU-only).
+ */
+export const CPU_DEFAULT_PRECISION: Precision = 'fast';
+export const IMAGE_PRECISION_HELP = `exact (fp32, matches the reference) or fast (int8 products in the text encoder and transformer; error in docs/benchmarks.md); default: $KLEIN_PRECISION, else ${CPU_DEFAULT_PRECISION} on the CPU and exact on GPUs`;
 export const GPU_DTYPE_HELP =
   "GPU devices only: the text encoder's and transformer's matrix products and weights in fp16 (half the memory) or fp32 (the reference numbers); norms, softmax, residual sums and the VAE stay fp32 either way. Default: $KLEIN_GPU_DTYPE, else fp16. The CPU always computes in fp32 (fp16 there is refused)";
 
@@ -43,9 +51,9 @@ export function requestedDevice(flag: string | undefined): DeviceRequest {
   return fromFlagOrEnv(flag, 'KLEIN_DEVICE', '--device', parseDevice) ?? 'cpu';
 }
 
-/** The precision asked for: the flag, else $KLEIN_PRECISION, else exact. */
-export function requestedPrecision(flag: string | undefined): Precision {
-  return fromFlagOrEnv(flag, 'KLEIN_PRECISION', '--precision', parsePrecision) ?? 'exact';
+/** The precision asked for: the flag, else $KLEIN_PRECISION, else none (the command's default for the device). */
+export function requestedPrecision(flag: string | undefined): Precision | undefined {
+  return fromFlagOrEnv(flag, 'KLEIN_PRECISION', '--precision', parsePrecision);
 }
 
 function requestedGpuDtype(flag: string | undefined, device: DeviceRequest): GpuDtype | undefined {
@@ -76,16 +84,25 @@ export function refuseFastOnGpu(precision: Precision, device: DeviceRequest | De
   throw new UsageError(`${p} cannot run with ${d}: fast mode (int8 products) runs on the CPU only; use --precision exact on ${device}, or --device cpu`);
 }
 
-/** Reads and checks the flags and their variables, probes the device: the target every component runs with. */
-export async function targetFromFlags(flags: TargetFlags): Promise<ExecutionTarget> {
-  const precision = requestedPrecision(flags.precision);
+/**
+ * Reads and checks the flags and their variables, probes the device: the target every component runs with. With
+ * no precision asked for, `cpuPrecision` on the CPU (exact unless the command says) and exact on GPUs.
+ */
+export async function targetFromFlags(flags: TargetFlags, o: { cpuPrecision?: Precision } = {}): Promise<ExecutionTarget> {
+  const asked = requestedPrecision(flags.precision);
   const device = requestedDevice(flags.device);
   const gpuDtype = requestedGpuDtype(flags.gpuDtype, device); // an unknown dtype fails before a GPU is probed
   const threads = requestedThreads(flags.threads);
-  refuseFastOnGpu(precision, device, flags);
-  const target = await resolveTarget({ device: precision === 'fast' && device === 'auto' ? 'auto' : device, precision: 'exact', gpuDtype, threads });
-  refuseFastOnGpu(precision, target.device, flags); // `auto` may have chosen a GPU
-  return { ...target, precision };
+  if (asked) refuseFastOnGpu(asked, device, flags);
+  const target = await resolveTarget({ device: asked === 'fast' && device === 'auto' ? 'auto' : device, precision: 'exact', gpuDtype, threads });
+  if (asked) refuseFastOnGpu(asked, target.device, flags); // `auto` may have chosen a GPU
+  return { ...target, precision: asked ?? (target.device === 'cpu' ? (o.cpuPrecision ?? 'exact') : 'exact') };
+}
+
+/** The start-line note for fast mode nobody asked for: that it is the default, and the flag for the other. */
+export function defaultPrecisionNote(flags: TargetFlags, t: ExecutionTarget): string {
+  if (requestedPrecision(flags.precision) !== undefined || t.device !== 'cpu' || t.precision !== 'fast') return '';
+  return ', the CPU default; --precision exact gives the reference numbers';
 }
 
 /** `cpu`, `cpu (fast: int8)` or `webgpu in fp16`: the target as start lines print it. */

@@ -11,7 +11,7 @@ import { KleinWorker } from '../service/scale/worker.ts';
 import { ModelFolderError } from '../weights/model-folder.ts';
 import { UsageError } from './errors.ts';
 import { parseIntOption } from './option-parsers.ts';
-import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, PRECISION_HELP, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
+import { DEVICE_HELP, GPU_DTYPE_HELP, MEMORY_LIMIT_HELP, CPU_DEFAULT_PRECISION, IMAGE_PRECISION_HELP, defaultPrecisionNote, describeTarget, memoryLimitFromFlag, targetFromFlags } from './target-options.ts';
 import type { GpuDtype, Precision } from '../runtime/target.ts';
 
 function workerToken(): string {
@@ -76,7 +76,7 @@ export function registerWorker(program: Command): void {
     .option('--threads <n>', 'CPU threads (default: all cores)')
     .option('--lock-ms <n>', 'job lock; a worker silent this long is presumed dead and its run goes to another', '30000')
     .option('--no-keep-loaded', 'load model components per stage (less memory, slower)')
-    .option('--precision <mode>', PRECISION_HELP)
+    .option('--precision <mode>', IMAGE_PRECISION_HELP)
     .option('--gpu-dtype <dtype>', GPU_DTYPE_HELP)
     .option('--memory-limit <size>', MEMORY_LIMIT_HELP)
     .option('--matting-model <folder>', 'BiRefNet weights for transparent backgrounds (default: $KLEIN_MATTING_MODEL, the model folder\'s matting/, or `klein pull --matting`)')
@@ -88,7 +88,7 @@ export function registerWorker(program: Command): void {
       const lockMs = parseIntOption(o.lockMs, '--lock-ms')!;
       if (lockMs < 1000) throw new UsageError('--lock-ms must be at least 1000');
       const memoryLimit = memoryLimitFromFlag(o.memoryLimit);
-      const target = await targetFromFlags(o);
+      const target = await targetFromFlags(o, { cpuPrecision: CPU_DEFAULT_PRECISION });
       const { device, precision } = target;
       const gpuDtype = device === 'cpu' ? undefined : target.gpuDtype;
       const log = createLogger();
@@ -114,7 +114,7 @@ export function registerWorker(program: Command): void {
         process.once('SIGINT', resolve);
         process.once('SIGTERM', resolve);
       });
-      console.log(`klein worker ${worker.id}: ${modelId} on ${describeTarget(target)} (${precision} precision), queue ${o.queue}, reporting to ${o.api}`);
+      console.log(`klein worker ${worker.id}: ${modelId} on ${describeTarget(target)} (${precision} precision${defaultPrecisionNote(o, target)}), queue ${o.queue}, reporting to ${o.api}`);
       await stopped;
       console.log('klein worker: stopping after the current run (signal again to hand it back now)');
       const again = () => {

@@ -59,9 +59,9 @@ function serve(args: string[], env: Record<string, string> = {}): Promise<ServeP
 
 const stop = stopProcess;
 
-test('KLEIN_DEVICE=cpu: klein serve runs on the CPU as before, and its stop line says running runs go back to the queue for the next start', async () => {
+test('KLEIN_DEVICE=cpu: klein serve runs on the CPU in fast mode, the CPU default, and says so; its stop line says running runs go back to the queue for the next start', async () => {
   const s = await serve(['--data', path.join(dir, 'serve-cpu')], { KLEIN_DEVICE: 'cpu' });
-  assert.match(s.out(), /klein serve: \S+ \(exact precision\) on cpu from /);
+  assert.match(s.out(), /klein serve: \S+ \(fast precision, the CPU default; --precision exact gives the reference numbers\) on cpu \(fast: int8 products, row-outliers activations\) from /);
   assert.equal(await stop(s.proc), 0, s.out());
   assert.match(s.out(), /klein serve: stopping \(running runs stop and go back to the queue for the next start\)/);
 });

@@ -122,7 +122,7 @@ const stop = stopProcess;
 type Health = { precision: string; gpu_dtype?: string; workers?: Array<{ device: string; gpu_dtype?: string }> };
 
 test('klein serve on the CPU reports no GPU dtype', async () => {
-  const { proc, url, out } = await serve(['--data', path.join(dir, 'cpu-data'), '--device', 'cpu']);
+  const { proc, url, out } = await serve(['--data', path.join(dir, 'cpu-data'), '--device', 'cpu', '--precision', 'exact']);
   assert.match(out, /\(exact precision\) on cpu from/);
   const health = (await (await fetch(`${url}/v1/health`)).json()) as Health;
   assert.equal(health.gpu_dtype, undefined);

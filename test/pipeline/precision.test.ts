@@ -144,3 +144,43 @@ test('scale-out: a queue worker announces its precision (/v1/health workers[].pr
     redis.stop();
   }
 });
+
+test('the CPU default is fast mode: klein generate says so and reports it; --precision exact and $KLEIN_PRECISION=exact give exact; the helps say it; bench and conform stay exact', async () => {
+  const out = path.join(dir, 'default.png');
+  const args = ['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '-o', out, '--json'];
+  const unset = { KLEIN_PRECISION: undefined, KLEIN_DEVICE: undefined };
+  const byDefault = await runKlein(args, unset);
+  assert.equal(byDefault.code, 0, byDefault.stderr);
+  assert.equal(JSON.parse(byDefault.stdout).precision, 'fast');
+  assert.match(byDefault.stderr, /klein: fast precision on cpu \(fast: int8 products, row-outliers activations\), the CPU default; --precision exact gives the reference numbers/);
+  const fastImage = await rgb(fs.readFileSync(out));
+  const exact = await runKlein([...args, '--precision', 'exact'], unset);
+  assert.equal(exact.code, 0, exact.stderr);
+  assert.equal(JSON.parse(exact.stdout).precision, 'exact');
+  assert.doesNotMatch(exact.stderr, /CPU default/);
+  const p = psnr(fastImage.data, (await rgb(fs.readFileSync(out))).data);
+  assert.ok(Number.isFinite(p) && p > PSNR_BOUND_DB, `the default (fast) and exact images: PSNR ${p}`);
+  const byEnv = await runKlein(args, { ...unset, KLEIN_PRECISION: 'exact' });
+  assert.equal(JSON.parse(byEnv.stdout).precision, 'exact', '$KLEIN_PRECISION=exact');
+  const asked = await runKlein([...args, '--precision', 'fast'], unset);
+  assert.doesNotMatch(asked.stderr, /CPU default/, 'no note when fast mode was asked for');
+  for (const cmd of ['generate', 'edit', 'serve', 'worker', 'mcp']) {
+    const help = await runKlein([cmd, '--help']);
+    assert.match(help.stdout.replace(/\s+/g, ' '), /default: \$KLEIN_PRECISION, else fast on the CPU and exact on GPUs/, `${cmd} --help`);
+  }
+  await withEnv({ KLEIN_PRECISION: undefined }, async () => {
+    assert.equal((await targetFromFlags({ device: 'cpu' })).precision, 'exact', 'bench and conform: exact unless asked');
+    assert.equal((await targetFromFlags({ device: 'cpu' }, { cpuPrecision: 'fast' })).precision, 'fast');
+  });
+});
+
+/** Runs `fn` with the variables set (undefined: unset), restoring them after. */
+async function withEnv(vars: Record<string, string | undefined>, fn: () => Promise<void>): Promise<void> {
+  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
+  for (const [k, v] of Object.entries(vars)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+  try {
+    await fn();
+  } finally {
+    for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+  }
+}
