@@ -73,9 +73,14 @@ after(() => fs.rmSync(dir, { recursive: true, force: true }));
 test('klein generate: a request that cannot fit --memory-limit exits 2 with the plan, before any weight is read', async () => {
   const cache = path.join(dir, 'cache');
   const out = path.join(dir, 'x.png');
-  const r = await runKlein(['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '--memory-limit', '1G', '-o', out], { KLEIN_CACHE_DIR: cache });
+  const args = ['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '--memory-limit', '1G', '-o', out];
+  const r = await runKlein([...args, '--precision', 'exact'], { KLEIN_CACHE_DIR: cache });
   assert.equal(r.code, 2, r.stderr);
   assert.match(r.stderr, /klein: this request needs [0-9.]+ GiB for the [a-zA-Z ]+ \(.*\), but 1\.0 GiB is available \(the configured memory limit\) and klein keeps 1\.5 GiB free: use --precision fast/);
+  // fast mode (the CPU default) has no lighter precision to offer
+  const byDefault = await runKlein(args, { KLEIN_CACHE_DIR: cache, KLEIN_PRECISION: undefined });
+  assert.equal(byDefault.code, 2, byDefault.stderr);
+  assert.match(byDefault.stderr, /klein: this request needs [0-9.]+ GiB .*but 1\.0 GiB is available \(the configured memory limit\) and klein keeps 1\.5 GiB free: use a smaller size or fewer images/);
   assert.ok(!fs.existsSync(path.join(cache, 'weights')), 'no weight store was built: nothing was read or converted');
   assert.ok(!fs.existsSync(out));
   const env = await runKlein(['generate', 'a fox', '-m', model, '--size', '64x64', '--seed', '1', '-o', out], { KLEIN_CACHE_DIR: cache, KLEIN_MEMORY_LIMIT: 'lots' });
