@@ -10,7 +10,7 @@ import { errorResponses } from '../schemas.ts';
 const Model = z.object({
   id: z.string(), aliases: z.array(z.string()), kind: z.enum(['text-to-image', 'edit']), title: z.string(), description: z.string(),
   price_label: z.string().nullable(), price_unit: z.string(), example_cost_1mp: z.string().nullable(), llms_txt: z.string(), runs_endpoint: z.string(),
-  precision: z.enum(['exact', 'fast']).openapi({ description: 'How this server runs the model: exact (fp32, matches the reference) or fast (int8 products; error stated in docs/benchmarks.md). Chosen when the server starts (klein serve --precision).' }),
+  precision: z.enum(['exact', 'fast']).openapi({ description: 'How this server runs the model: exact (fp32, matches the reference) or fast (int8 products; error stated in docs/benchmarks.md). Chosen when the server starts (klein serve --precision; default fast on the CPU, exact on GPUs).' }),
 }).openapi('Model');
 
 const GpuDtype = z.enum(['fp16', 'fp32']).openapi({ description: 'Only when the server\'s own pipeline runs on a GPU device: what its text encoder, transformer and VAE compute in where they have a GPU fp16 path (klein serve --gpu-dtype). Absent on the CPU, which computes in fp32.' });
