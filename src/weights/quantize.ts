@@ -43,6 +43,24 @@ export interface Int16Rows {
   scale: Float32Array;
 }
 
+/**
+ * A `[N, K]` weight as quantizeInt8 reads it: fp32 values, or a checkpoint's bf16 bits, widened one row at a time
+ * (the conversion then never holds the whole weight in fp32: 4 bytes per parameter less to allocate and copy).
+ */
+export type WeightRows = Float32Array | { bf16: Uint16Array };
+
+/** Row n of `w` as K fp32 values: a view, or bf16 widened (exactly) into `scratch`. */
+function rowReader(w: WeightRows, K: number): (n: number) => Float32Array {
+  if (w instanceof Float32Array) return (n) => w.subarray(n * K, n * K + K);
+  const scratch = new Float32Array(K);
+  const bits = new Uint32Array(scratch.buffer);
+  const src = w.bf16;
+  return (n) => {
+    for (let k = 0, at = n * K; k < K; k++) bits[k] = src[at + k] << 16;
+    return scratch;
+  };
+}
+
 /** Half away from zero (as C's lround), clamped to ±127 so it never wraps. */
 function roundInt8(v: number): number {
   const r = (v + (v >= 0 ? 0.5 : -0.5)) | 0;
@@ -56,11 +74,13 @@ function roundInt8(v: number): number {
  * `rows.scale = scale / 254`, exact to half a fine step (the outlier-tolerant int8 Linear, int8-linear.ts, gathers
  * its few fp32 channels' rows from it). Deterministic.
  */
-export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: number, o: { rows?: boolean } = {}): Int8Weight & { rows?: Int16Rows } {
+export function quantizeInt8(w: WeightRows, outFeatures: number, inFeatures: number, o: { rows?: boolean } = {}): Int8Weight & { rows?: Int16Rows } {
   const N = outFeatures;
   const K = inFeatures;
   if (!Number.isInteger(N) || !Number.isInteger(K) || N < 1 || K < 1) throw new RangeError(`quantizeInt8: bad shape [${outFeatures}, ${inFeatures}]`);
-  if (w.length !== N * K) throw new RangeError(`quantizeInt8: ${w.length} values for a [${N}, ${K}] weight (${N * K} expected)`);
+  const length = w instanceof Float32Array ? w.length : w.bf16.length;
+  if (length !== N * K) throw new RangeError(`quantizeInt8: ${length} values for a [${N}, ${K}] weight (${N * K} expected)`);
+  const rowOf = rowReader(w, K);
   const scale = new Float32Array(N);
   const q = new Int8Array(K * N);
   const rows = o.rows ? { values: new Int16Array(K * N), scale: new Float32Array(N) } : undefined;
@@ -73,9 +93,9 @@ export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: n
     for (let n = n0; n < n1; n++) {
       let mx = 0;
       let sum = 0; // NaN never wins a comparison, but it does poison a sum
-      const row = n * K;
+      const row = rowOf(n);
       for (let k = 0; k < K; k++) {
-        const a = Math.abs(w[row + k]);
+        const a = Math.abs(row[k]);
         sum += a;
         if (a > mx) mx = a;
       }
@@ -84,13 +104,13 @@ export function quantizeInt8(w: Float32Array, outFeatures: number, inFeatures: n
       const inv = 1 / s;
       const t = (n - n0) * K;
       if (!rows || !rtmp) {
-        for (let k = 0; k < K; k++) tmp[t + k] = roundInt8(w[row + k] * inv);
+        for (let k = 0; k < K; k++) tmp[t + k] = roundInt8(row[k] * inv);
         continue;
       }
       const fine = (rows.scale[n] = Math.fround(s / FINE_STEPS));
       const fineInv = 1 / fine;
       for (let k = 0; k < K; k++) {
-        const v = w[row + k];
+        const v = row[k];
         const qv = roundInt8(v * inv);
         tmp[t + k] = qv;
         rtmp[t + k] = qv * FINE_STEPS + roundInt8((v - qv * s) * fineInv);
@@ -121,9 +141,9 @@ export function dequantizeInt8(qw: Int8Weight): Float32Array {
 
 /**
  * One output of a quantization scheme for `ref`'s `[out, in]` source, as the bytes its initializer holds. `read`
- * gives the fp32 source; `memo` keeps the last source's outputs so its sibling refs reuse them.
+ * gives the source (fp32, or bf16 bits); `memo` keeps the last source's outputs so its sibling refs reuse them.
  */
-export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => Float32Array): Uint8Array {
+export function quantizeForRef(ref: WeightRef, scheme: string, output: string, memo: { key?: string; outputs?: Record<string, Uint8Array> }, read: () => WeightRows): Uint8Array {
   const key = `${scheme}:${sourceIdentity(ref.source)}`;
   if (memo.key !== key) {
     if (scheme !== INT8_SCHEME && scheme !== INT8_ROWS_SCHEME) throw new Error(`${ref.key}: unknown quantization scheme ${scheme}`);

@@ -2,7 +2,7 @@
 // range cut out, transposed, narrowed to fp16 (clamped), or quantized. Pure and synchronous: it runs inside the
 // conversion worker (weight-convert-worker.ts), never on the event loop that serves HTTP.
 import { transpose2d, f32ToF16Clamped } from './compute-dtype.ts';
-import { quantizeForRef } from './quantize.ts';
+import { quantizeForRef, type WeightRows } from './quantize.ts';
 import { bf16ToF32, f16ToF32, readRaw, type TensorInfo } from './safetensors.ts';
 import { sourceShape, type WeightRef, type WeightSource } from './weight-ref.ts';
 
@@ -30,6 +30,7 @@ function storedF32(p: TensorInfo): Float32Array {
 
 /** The source's values as fp32, rows concatenated and cut to its column range. */
 export function sourceF32(s: WeightSource): Float32Array {
+  if (s.parts.length === 1 && !s.cols) return storedF32(s.parts[0]); // already a fresh array: no second copy
   const out = new Float32Array(sourceShape(s).reduce((a, b) => a * b, 1));
   let at = 0;
   for (const p of s.parts) {
@@ -46,6 +47,18 @@ export function sourceF32(s: WeightSource): Float32Array {
   return out;
 }
 
+/**
+ * The source as quantizeInt8 reads it: a whole bf16 tensor as its stored bits (widened row by row there), anything
+ * else (fp32, fp16, joined parts, a column range) as sourceF32.
+ */
+function sourceRows(s: WeightSource): WeightRows {
+  const [p] = s.parts;
+  if (s.parts.length !== 1 || s.cols || p.dtype !== 'BF16') return sourceF32(s);
+  const raw = readRaw(p);
+  const aligned = raw.byteOffset % 2 === 0 ? raw : Buffer.from(raw);
+  return { bf16: new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2) };
+}
+
 /** Non-float weights (int64 index tables, …) are copied as stored. */
 function storedBytes(s: WeightSource): Uint8Array {
   if (s.cols || s.parts.length !== 1) throw new Error(`${s.parts[0].name}: only float weights can be sliced by column or joined`);
@@ -59,7 +72,7 @@ function bytesOf(a: Float32Array | Uint16Array): Uint8Array {
 /** Computes the bytes ORT reads for `ref`. Quantized refs of one source reuse `memo` (q and scale come together). */
 export function computeWeight(ref: WeightRef, stats: ConversionStats, memo: QuantizeMemo): Uint8Array {
   const t = ref.transform;
-  if (t.kind === 'quantize') return quantizeForRef(ref, t.scheme, t.output, memo, () => sourceF32(ref.source));
+  if (t.kind === 'quantize') return quantizeForRef(ref, t.scheme, t.output, memo, () => sourceRows(ref.source));
   if (ref.type !== 'float32' && ref.type !== 'float16') return storedBytes(ref.source);
   let v = sourceF32(ref.source);
   if (t.transpose) {

@@ -150,3 +150,22 @@ test('quantizeInt8 with rows: int16 q·254 + residual, within half a fine step (
   const exact = Float32Array.from({ length: N * K }, (_, i) => rows.values[(i % K) * N + Math.floor(i / K)] * rows.scale[Math.floor(i / K)]);
   assert.ok(relativeError(exact, w).rms < relativeError(a, w).rms / 100, 'the fine rows cut the rounding error by more than 100×');
 });
+
+test('quantizeInt8 from bf16 bits (widened row by row): the same bytes as from the fp32 values; non-finite bf16 is refused', () => {
+  const [N, K] = [70, 130];
+  const bits = Uint16Array.from({ length: N * K }, (_, i) => ((i * 2654435761) >>> 17) & 0x7eff | (i % 3 === 0 ? 0x8000 : 0));
+  bits.fill(0, 5 * K, 6 * K); // an all-zero output
+  const widened = new Float32Array(new Uint32Array(Array.from(bits, (b) => b << 16)).buffer);
+  for (const rows of [false, true]) {
+    const a = quantizeInt8(widened, N, K, { rows });
+    const b = quantizeInt8({ bf16: bits }, N, K, { rows });
+    assert.deepEqual(b.q, a.q);
+    assert.deepEqual(b.scale, a.scale);
+    assert.deepEqual(b.rows, a.rows);
+  }
+  assert.equal(quantizeInt8({ bf16: bits }, N, K).scale[5], 1, 'an all-zero output gets scale 1');
+  const bad = bits.slice();
+  bad[9 * K + 4] = 0x7f80; // +Inf
+  assert.throws(() => quantizeInt8({ bf16: bad }, N, K), /output 9 has a non-finite weight/);
+  assert.throws(() => quantizeInt8({ bf16: bits }, N, K + 1), /9100 values for a \[70, 131\] weight/);
+});
