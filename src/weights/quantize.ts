@@ -7,6 +7,7 @@
 // q[k, n] = round(W[n, k] · (1 / scale[n])) rounded half away from zero, in [-127, 127]; an all-zero column gets scale 1
 // and q 0. Per-column scales keep a column with large weights from costing every other column its precision.
 
+import { bf16ToF32 } from './safetensors.ts';
 import { sourceIdentity, sourceShape, type WeightRef } from './weight-ref.ts';
 
 /** Names the quantization scheme; part of every quantized-weight cache key. Bump when the numbers change. */
@@ -53,12 +54,7 @@ export type WeightRows = Float32Array | { bf16: Uint16Array };
 function rowReader(w: WeightRows, K: number): (n: number) => Float32Array {
   if (w instanceof Float32Array) return (n) => w.subarray(n * K, n * K + K);
   const scratch = new Float32Array(K);
-  const bits = new Uint32Array(scratch.buffer);
-  const src = w.bf16;
-  return (n) => {
-    for (let k = 0, at = n * K; k < K; k++) bits[k] = src[at + k] << 16;
-    return scratch;
-  };
+  return (n) => bf16ToF32(w.bf16.subarray(n * K, n * K + K), scratch);
 }
 
 /** Half away from zero (as C's lround), clamped to ±127 so it never wraps. */

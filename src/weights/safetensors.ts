@@ -149,9 +149,9 @@ export function readRaw(t: TensorInfo): Buffer {
   return buf;
 }
 
-export function bf16ToF32(src: Uint16Array): Float32Array {
-  const out = new Float32Array(src.length);
-  const bits = new Uint32Array(out.buffer);
+/** bf16 bits widened (exactly) to fp32, into `out` when given (its first src.length values). */
+export function bf16ToF32(src: Uint16Array, out = new Float32Array(src.length)): Float32Array {
+  const bits = new Uint32Array(out.buffer, out.byteOffset, src.length);
   for (let i = 0; i < src.length; i++) bits[i] = src[i] << 16;
   return out;
 }

@@ -11,10 +11,15 @@ export interface ConversionStats {
   fp16Overflows: number;
 }
 
+/** A tensor's stored bytes at an offset that is a multiple of 4 (pool slices may be misaligned). */
+function readAligned(p: TensorInfo): Buffer {
+  const raw = readRaw(p);
+  return raw.byteOffset % 4 === 0 ? raw : Buffer.from(raw);
+}
+
 /** Stored values of one tensor, exactly (fp32 widening of bf16/f16 is exact). */
 function storedF32(p: TensorInfo): Float32Array {
-  const raw = readRaw(p);
-  const aligned = raw.byteOffset % 4 === 0 ? raw : Buffer.from(raw); // pool slices may be misaligned
+  const aligned = readAligned(p);
   const n = p.shape.reduce((a, b) => a * b, 1);
   switch (p.dtype) {
     case 'F32':
@@ -54,8 +59,7 @@ export function sourceF32(s: WeightSource): Float32Array {
 function sourceRows(s: WeightSource): WeightRows {
   const [p] = s.parts;
   if (s.parts.length !== 1 || s.cols || p.dtype !== 'BF16') return sourceF32(s);
-  const raw = readRaw(p);
-  const aligned = raw.byteOffset % 2 === 0 ? raw : Buffer.from(raw);
+  const aligned = readAligned(p);
   return { bf16: new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2) };
 }
 
