@@ -4,10 +4,9 @@
 /** The largest finite fp16 value. */
 export const F16_MAX = 65504;
 
-/** `[rows, cols]` row-major → `[cols, rows]`, in 64×64 tiles so both sides stay in cache. */
-export function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {
-  if (src.length !== rows * cols) throw new RangeError(`transpose2d: ${src.length} values for ${rows}×${cols}`);
-  const out = new Float32Array(src.length);
+/** `[rows, cols]` row-major → `[cols, rows]` (into `out` when given), in 64×64 tiles so both sides stay in cache. */
+export function transpose2d(src: Float32Array, rows: number, cols: number, out = new Float32Array(src.length)): Float32Array {
+  if (src.length !== rows * cols || out.length !== src.length) throw new RangeError(`transpose2d: ${src.length} values for ${rows}×${cols} into ${out.length}`);
   const T = 64;
   for (let r0 = 0; r0 < rows; r0 += T) {
     const r1 = Math.min(rows, r0 + T);

@@ -132,9 +132,10 @@ function checkSupported(t: TensorInfo): void {
   }
 }
 
-/** Reads a tensor's raw bytes (one pread; for tensors that fit in memory). */
-export function readRaw(t: TensorInfo): Buffer {
-  const buf = Buffer.allocUnsafe(t.byteLength);
+/** Reads a tensor's raw bytes (one pread; for tensors that fit in memory), into `into` (its start) when given. */
+export function readRaw(t: TensorInfo, into?: Uint8Array): Buffer {
+  if (into && into.byteLength < t.byteLength) throw new RangeError(`readRaw: ${t.byteLength} bytes do not fit ${into.byteLength}`);
+  const buf = into ? Buffer.from(into.buffer, into.byteOffset, t.byteLength) : Buffer.allocUnsafe(t.byteLength);
   const fd = fs.openSync(t.file, 'r');
   try {
     let done = 0;
