@@ -7,7 +7,8 @@ import os from 'node:os';
 import type { Command } from 'commander';
 import { Graph, MS_DOMAIN, type ElemType, type ExternalLocation, type Value } from '../src/graph/onnx-graph.ts';
 import type { WeightRef } from '../src/weights/weight-ref.ts';
-import { quantizeInt8, type Int8Weight } from '../src/weights/quantize.ts';
+import type { Int8Quantizer, Int8Weight } from '../src/weights/quantize.ts';
+import { createQuantizer } from '../src/runtime/int8-quantizer.ts';
 import { ELEM_SIZE } from '../src/weights/dtypes.ts';
 import { int8Activation, int8Product } from '../src/graph/int8-linear.ts';
 import { f32, ort, sessionOptions } from '../src/runtime/session.ts';
@@ -52,7 +53,7 @@ interface Product {
 /** One scheme: the graph of `x Wᵀ` and the bytes of its initializers. */
 interface Scheme {
   name: string;
-  build(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>): Value;
+  build(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>): Value | Promise<Value>;
   /** The activations the graph is fed (default x; SmoothQuant feeds x / s, the division folded into the norm before it). */
   feed?(p: Product): Float32Array;
 }
@@ -74,8 +75,16 @@ function int8ExternalData(prefix: string, qw: Int8Weight): Array<{ path: string;
   return [{ path: `${prefix}.int8`, data: bytes(qw.q) }, { path: `${prefix}.scale`, data: bytes(qw.scale) }];
 }
 
-function int8Weights(g: Graph, w: Float32Array, N: number, K: number, data: Array<{ path: string; data: Uint8Array }>, tag = 'w') {
-  const qw = quantizeInt8(w, N, K);
+let quantizer: Promise<Int8Quantizer> | undefined;
+
+/** The int8 scheme's tensors of `w` (the weight stores' quantizer, on every core). */
+async function quantizeInt8(w: Float32Array, N: number, K: number, rows = false) {
+  quantizer ??= createQuantizer(os.availableParallelism());
+  return (await quantizer).quantize(w, N, K, { rows });
+}
+
+async function int8Weights(g: Graph, w: Float32Array, N: number, K: number, data: Array<{ path: string; data: Uint8Array }>, tag = 'w') {
+  const qw = await quantizeInt8(w, N, K);
   data.push(...int8ExternalData(`mem/${tag}`, qw));
   return { q: inMemoryWeight(g, `${tag}.int8`, 'int8', [K, N]), scale: inMemoryWeight(g, `${tag}.scale`, 'float32', [N]), outFeatures: N };
 }
@@ -88,7 +97,7 @@ function smoothFactor(p: Product): Float32Array {
   return Float32Array.from(ax, (a, k) => Math.max(1e-5, Math.sqrt(a / Math.max(aw[k], 1e-8))));
 }
 
-const perRow = (topK: number): Scheme['build'] => (g, x, p, data) => int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: topK }), int8Weights(g, p.w, p.N, p.K, data));
+const perRow = (topK: number): Scheme['build'] => async (g, x, p, data) => int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: topK }), await int8Weights(g, p.w, p.N, p.K, data));
 
 export const SCHEMES: Scheme[] = [
   {
@@ -102,15 +111,15 @@ export const SCHEMES: Scheme[] = [
   },
   {
     name: 'old: DynamicQuantizeMatMul (per tensor)',
-    build: (g, x, p, data) => {
-      const w = int8Weights(g, p.w, p.N, p.K, data);
+    build: async (g, x, p, data) => {
+      const w = await int8Weights(g, p.w, p.N, p.K, data);
       return g.op('DynamicQuantizeMatMul', [x, w.q, w.scale], {}, { domain: MS_DOMAIN });
     },
   },
   {
     name: 'per row: x/rowmax → DynamicQuantizeMatMul → ×rowmax',
-    build: (g, x, p, data) => {
-      const w = int8Weights(g, p.w, p.N, p.K, data);
+    build: async (g, x, p, data) => {
+      const w = await int8Weights(g, p.w, p.N, p.K, data);
       const ax = g.constI64([-1]);
       const r = g.op('Max', [g.op('Max', [g.op('ReduceMax', [x, ax], { keepdims: 1 }), g.op('Neg', [g.op('ReduceMin', [x, ax], { keepdims: 1 })])]), g.scalarF32(1e-30)]);
       return g.op('Mul', [g.op('DynamicQuantizeMatMul', [g.op('Div', [x, r]), w.q, w.scale], {}, { domain: MS_DOMAIN }), r]);
@@ -123,9 +132,9 @@ export const SCHEMES: Scheme[] = [
   { name: 'per row + 32 outlier channels fp32', build: perRow(32) },
   {
     name: 'per row + 16 outlier channels fp32, rows exact (int16 rows)',
-    build: (g, x, p, data) => {
-      const w = int8Weights(g, p.w, p.N, p.K, data);
-      const rows = quantizeInt8(p.w, p.N, p.K, { rows: true }).rows!;
+    build: async (g, x, p, data) => {
+      const w = await int8Weights(g, p.w, p.N, p.K, data);
+      const rows = (await quantizeInt8(p.w, p.N, p.K, true)).rows!;
       data.push({ path: 'mem/rows.int16', data: bytes(rows.values) }, { path: 'mem/rows.scale', data: bytes(rows.scale) });
       const exact = { values: inMemoryWeight(g, 'rows.int16', 'int16', [p.K, p.N]), scale: inMemoryWeight(g, 'rows.scale', 'float32', [p.N]) };
       return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 16 }), { ...w, rows: exact });
@@ -133,7 +142,7 @@ export const SCHEMES: Scheme[] = [
   },
   {
     name: 'per tensor + 16 outlier channels fp32',
-    build: (g, x, p, data) => perTensorTop(g, x, p, int8Weights(g, p.w, p.N, p.K, data), 16),
+    build: async (g, x, p, data) => perTensorTop(g, x, p, await int8Weights(g, p.w, p.N, p.K, data), 16),
   },
   { name: 'MatMulNBits 8 bit, block 32, accuracy 4', build: (g, x, p, data) => matMulNBits(g, x, p, data, 32) },
   { name: 'MatMulNBits 8 bit, block 128, accuracy 4', build: (g, x, p, data) => matMulNBits(g, x, p, data, 128) },
@@ -154,9 +163,9 @@ function normFactor(p: Product): Float32Array {
   return s;
 }
 
-function perRowSmoothed(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>, s = smoothFactor(p)): Value {
+async function perRowSmoothed(g: Graph, x: Value, p: Product, data: Array<{ path: string; data: Uint8Array }>, s = smoothFactor(p)): Promise<Value> {
   const ws = Float32Array.from(p.w, (v, i) => v * s[i % p.K]);
-  return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 0 }), int8Weights(g, ws, p.N, p.K, data));
+  return int8Product(g, int8Activation(g, x, { inFeatures: p.K, outlierChannels: 0 }), await int8Weights(g, ws, p.N, p.K, data));
 }
 
 /** Outlier channels in fp32 and DynamicQuantizeMatMul's per-tensor scale for the rest. */
@@ -215,7 +224,7 @@ async function measure(scheme: Scheme, shape: (typeof INT8_SHAPES)[number], draw
     const p = draws[which];
     const g = new Graph('int8_scheme');
     const data: Array<{ path: string; data: Uint8Array }> = [];
-    const y = scheme.build(g, g.input('x', 'float32', [M, K]), p, data);
+    const y = await scheme.build(g, g.input('x', 'float32', [M, K]), p, data);
     g.output(y, 'y', [M, N]);
     g.output(g.op('ReduceSum', [y], { keepdims: 0 }), 'sum', []);
     const opts = { ...sessionOptions({ device: 'cpu', threads, prepack: true }), externalData: data, logSeverityLevel: 3 as const, extra: { session: { 'intra_op.allow_spinning': '0' } } };
@@ -266,6 +275,8 @@ export async function runInt8SchemesBench(o: { shapes: typeof INT8_SHAPES; schem
       log(`| ${r.shape} ${shape.what} | ${r.scheme} | ${pct(r.random.rms)} / ${pct(r.random.max)} | ${pct(r.stress.rms)} / ${pct(r.stress.max)} | ${r.gops.toFixed(0)} | ${r.gopsCpu.toFixed(0)} |`);
     }
   }
+  if (quantizer) await (await quantizer).release();
+  quantizer = undefined;
   log(`load average at end: ${os.loadavg().map((v) => v.toFixed(2)).join(' ')}`);
   return rows;
 }

@@ -1,7 +1,7 @@
 // The int8 Linear that survives activation outliers (issue 21): per-row (per-token) activation scales, and the few
 // input channels with the largest magnitudes taken out of the int8 product and multiplied in fp32 (LLM.int8()'s
 // decomposition, with the channels picked at run time, so no calibration data is needed and channels that move
-// with the timestep or the prompt are caught too). The weights are the ones `quantizeInt8` already makes (int8
+// with the timestep or the prompt are caught too). The weights are the ones weights/quantize.ts defines (int8
 // `[in, out]`, one fp32 scale per output column), optionally with its exact rows (int16, 254× finer), which make the
 // gathered outlier rows exact (their int8 rounding otherwise dominates the error where the outliers are large).
 // Int8Policy (nn/weight-policy.ts) emits it for `row-outliers`; the weight store holds the tensors.
@@ -48,7 +48,7 @@ export interface Int8Activation {
   outShape?: (outFeatures: number) => Value;
 }
 
-/** The int8 weight of one Linear: `quantizeInt8`'s tensors as initializers. */
+/** The int8 weight of one Linear: the scheme's tensors (weights/quantize.ts) as initializers. */
 export interface Int8LinearWeight {
   /** int8 `[inFeatures, outFeatures]`. */
   q: Value;
@@ -58,7 +58,7 @@ export interface Int8LinearWeight {
   /** Optional fp32 `[outFeatures]`. */
   bias?: Value;
   /**
-   * `quantizeInt8`'s exact rows (int16 `[in, out]`, fp32 `[out]`), for the outlier-row gathers: exact to half of
+   * The scheme's exact rows (int16 `[in, out]`, fp32 `[out]`), for the outlier-row gathers: exact to half of
    * `scale / 254`, and an initializer of their own, so ORT packs `q` for the product and lets its mapped original go
    * while only the gathered rows' pages of these stay resident.
    */

@@ -5,6 +5,7 @@ import type { Graph } from '../graph/onnx-graph.ts';
 import { Fp32Policy, GpuPolicy, Int8Policy, type WeightPolicy } from '../graph/nn/weight-policy.ts';
 import { WeightStore } from '../weights/weight-store.ts';
 import { compileGraph, openSession, ort } from './session.ts';
+import { INT8_QUANTIZER_MODULE } from './int8-quantizer.ts';
 import type { Device } from './device.ts';
 import type { ExecutionTarget } from './target.ts';
 
@@ -80,7 +81,7 @@ export interface ComponentLoad {
 /** Materialises the weights of `graphs` and opens a session per graph (`deviceOutputs[i]`: outputs kept on a GPU). */
 export async function openGraphs(graphs: Graph[], o: ComponentLoad, deviceOutputs: Array<readonly string[] | undefined> = []): Promise<{ store: WeightStore; sessions: GraphSession[] }> {
   const refs = graphs.flatMap((g) => [...g.weights.values()]);
-  const store = await WeightStore.open({ component: o.name, tag: o.policy.tag, refs, onProgress: o.onWeights, rebuild: o.rebuild });
+  const store = await WeightStore.open({ component: o.name, tag: o.policy.tag, refs, onProgress: o.onWeights, rebuild: o.rebuild, quantizer: INT8_QUANTIZER_MODULE });
   const sessions: GraphSession[] = [];
   try {
     for (const [i, g] of graphs.entries()) sessions.push(await GraphSession.open(g, store, o.target, o.policy, deviceOutputs[i]));

@@ -39,6 +39,11 @@ export interface WeightStoreOptions {
   onProgress?: (done: number, total: number, key: string) => void;
   /** Build again even if a valid folder exists (benchmarks of the first load). */
   rebuild?: boolean;
+  /**
+   * A module exporting `createQuantizer(): Promise<Int8Quantizer>` (runtime/int8-quantizer.ts), which each
+   * conversion worker imports when a ref is quantized: the runtime runs the scheme, this layer only stores it.
+   */
+  quantizer?: URL;
 }
 
 const FORMAT = 'klein-weights-1';
@@ -128,7 +133,7 @@ export class WeightStore {
       if (m) return new WeightStore(folder, m, false);
     }
     fs.rmSync(folder, { recursive: true, force: true });
-    const manifest = await build(folder, identity, files, refs, o.onProgress);
+    const manifest = await build(folder, identity, files, refs, o);
     removeStale(root, `${o.component}-${o.tag}-`, files, folder);
     return new WeightStore(folder, manifest, true);
   }
@@ -211,7 +216,7 @@ function linkSources(dir: string, refs: readonly WeightRef[]): { inPlace: Manife
   return { inPlace, links, convert };
 }
 
-async function build(folder: string, identity: string, sources: string[], refs: readonly WeightRef[], onProgress?: WeightStoreOptions['onProgress']): Promise<Manifest> {
+async function build(folder: string, identity: string, sources: string[], refs: readonly WeightRef[], o: Pick<WeightStoreOptions, 'onProgress' | 'quantizer'>): Promise<Manifest> {
   const tmp = `${folder}.tmp-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
   fs.mkdirSync(tmp, { recursive: true });
   try {
@@ -223,7 +228,7 @@ async function build(folder: string, identity: string, sources: string[], refs: 
       jobs.push({ ref, offset: size, length });
       size += Math.ceil(length / ALIGN) * ALIGN;
     }
-    const done = await convertInWorker(path.join(tmp, 'weights.bin'), size, jobs, onProgress);
+    const done = await convertInWorker(path.join(tmp, 'weights.bin'), size, jobs, o);
     const entries: Manifest['entries'] = {};
     jobs.forEach((j, i) => (entries[j.ref.key] = { offset: j.offset, length: j.length, ...done.crcs[i] }));
     const manifest: Manifest = { format: FORMAT, identity, sources, size, entries, inPlace, links, stats: done.stats };
@@ -280,7 +285,7 @@ export type ConvertMessage = { kind: 'progress'; key: string } | { kind: 'done';
  * Converts `jobs` into `file` on one worker thread per core: contiguous groups of about equal bytes, cut only where
  * the source changes (a source's quantized outputs come from one computation, kept by the worker that made it).
  */
-async function convertInWorker(file: string, size: number, jobs: ConvertJob[], onProgress?: WeightStoreOptions['onProgress']): Promise<ConvertResult> {
+async function convertInWorker(file: string, size: number, jobs: ConvertJob[], o: Pick<WeightStoreOptions, 'onProgress' | 'quantizer'>): Promise<ConvertResult> {
   const fd = fs.openSync(file, 'w');
   try {
     fs.ftruncateSync(fd, size);
@@ -288,11 +293,11 @@ async function convertInWorker(file: string, size: number, jobs: ConvertJob[], o
     fs.closeSync(fd);
   }
   let done = 0;
-  const progress = (key: string) => onProgress?.(++done, jobs.length, key);
+  const progress = (key: string) => o.onProgress?.(++done, jobs.length, key);
   const groups = jobGroups(jobs, Math.min(os.availableParallelism(), MAX_CONVERT_WORKERS));
   const workers: Worker[] = [];
   // one failure ends the build: the other workers stop rather than write into a folder about to be removed
-  const results = await Promise.all(groups.map((g) => convertGroup(file, g, progress, workers))).catch(async (e: unknown) => {
+  const results = await Promise.all(groups.map((g) => convertGroup(file, g, o.quantizer, progress, workers))).catch(async (e: unknown) => {
     await Promise.all(workers.map((w) => w.terminate()));
     throw e;
   });
@@ -316,9 +321,9 @@ function jobGroups(jobs: ConvertJob[], n: number): ConvertJob[][] {
   return groups.filter((g) => g.length > 0);
 }
 
-function convertGroup(file: string, jobs: ConvertJob[], progress: (key: string) => void, workers: Worker[]): Promise<ConvertResult> {
+function convertGroup(file: string, jobs: ConvertJob[], quantizer: URL | undefined, progress: (key: string) => void, workers: Worker[]): Promise<ConvertResult> {
   return new Promise((resolve, reject) => {
-    const worker = startWorker(new URL('./weight-convert-worker.ts', import.meta.url), { file, jobs });
+    const worker = startWorker(new URL('./weight-convert-worker.ts', import.meta.url), { file, jobs, quantizer: quantizer?.href });
     workers.push(worker);
     let settled = false;
     worker.on('message', (m: ConvertMessage) => {

@@ -1,9 +1,10 @@
 // The bytes of one WeightRef, computed from the checkpoint: stored row blocks read and widened to fp32, a column
-// range cut out, transposed, narrowed to fp16 (clamped), or quantized. Pure and synchronous: it runs inside the
-// conversion worker (weight-convert-worker.ts), never on the event loop that serves HTTP.
+// range cut out, transposed, narrowed to fp16 (clamped), or quantized (by the Int8Quantizer the worker was given). It
+// runs inside the conversion workers (weight-convert-worker.ts), never on the event loop that serves HTTP.
 import { transpose2d, f32ToF16Clamped } from './compute-dtype.ts';
-import { quantizeForRef, type WeightRows } from './quantize.ts';
+import { quantizeForRef, type Int8Quantizer, type QuantizeMemo, type WeightRows } from './quantize.ts';
 import { bf16ToF32, f16ToF32, readRaw, type TensorInfo } from './safetensors.ts';
+import { Scratch } from './scratch.ts';
 import { sourceShape, type WeightRef, type WeightSource } from './weight-ref.ts';
 
 /** Statistics a conversion reports (fp16 narrowing clamps values beyond ±65504). */
@@ -11,21 +12,44 @@ export interface ConversionStats {
   fp16Overflows: number;
 }
 
-/** A tensor's stored bytes at an offset that is a multiple of 4 (pool slices may be misaligned). */
-function readAligned(p: TensorInfo): Buffer {
-  const raw = readRaw(p);
+/**
+ * What a conversion worker keeps from one weight to the next: its statistics, the last quantized source, and
+ * reused memory (Scratch) for reading, widening and transposing. computeWeight's bytes are valid until its next call.
+ */
+export interface ConversionState {
+  stats: ConversionStats;
+  memo: QuantizeMemo;
+  scratch: { read: Scratch; widened: Scratch; transposed: Scratch };
+  /** Runs the int8 schemes; needed only when a ref is quantized. */
+  quantizer?: Int8Quantizer;
+}
+
+export function conversionState(quantizer?: Int8Quantizer): ConversionState {
+  return {
+    quantizer,
+    stats: { fp16Overflows: 0 },
+    memo: { scratch: { q: new Scratch(), rows: new Scratch() } },
+    scratch: { read: new Scratch(), widened: new Scratch(), transposed: new Scratch() },
+  };
+}
+
+type ReadScratch = Pick<ConversionState['scratch'], 'read' | 'widened'>;
+
+/** A tensor's stored bytes at an offset that is a multiple of 4 (pool slices may be misaligned; a Scratch is not). */
+function readAligned(p: TensorInfo, scratch?: ReadScratch): Buffer {
+  const raw = readRaw(p, scratch?.read.view(p.byteLength));
   return raw.byteOffset % 4 === 0 ? raw : Buffer.from(raw);
 }
 
-/** Stored values of one tensor, exactly (fp32 widening of bf16/f16 is exact). */
-function storedF32(p: TensorInfo): Float32Array {
-  const aligned = readAligned(p);
+/** Stored values of one tensor, exactly (fp32 widening of bf16/f16 is exact); in `scratch` when given. */
+function storedF32(p: TensorInfo, scratch?: ReadScratch): Float32Array {
+  const aligned = readAligned(p, scratch);
   const n = p.shape.reduce((a, b) => a * b, 1);
   switch (p.dtype) {
     case 'F32':
       return new Float32Array(aligned.buffer, aligned.byteOffset, n);
     case 'BF16':
-      return bf16ToF32(new Uint16Array(aligned.buffer, aligned.byteOffset, n));
+      return bf16ToF32(new Uint16Array(aligned.buffer, aligned.byteOffset, n), scratch?.widened.float32(n));
     case 'F16':
       return f16ToF32(new Uint16Array(aligned.buffer, aligned.byteOffset, n));
     default:
@@ -33,13 +57,13 @@ function storedF32(p: TensorInfo): Float32Array {
   }
 }
 
-/** The source's values as fp32, rows concatenated and cut to its column range. */
-export function sourceF32(s: WeightSource): Float32Array {
-  if (s.parts.length === 1 && !s.cols) return storedF32(s.parts[0]); // already a fresh array: no second copy
+/** The source's values as fp32, rows concatenated and cut to its column range (a single whole part in `scratch`). */
+export function sourceF32(s: WeightSource, scratch?: ReadScratch): Float32Array {
+  if (s.parts.length === 1 && !s.cols) return storedF32(s.parts[0], scratch); // already an array of its own: no second copy
   const out = new Float32Array(sourceShape(s).reduce((a, b) => a * b, 1));
   let at = 0;
   for (const p of s.parts) {
-    const v = storedF32(p);
+    const v = storedF32(p, scratch);
     if (!s.cols) {
       out.set(v, at);
       at += v.length;
@@ -53,13 +77,13 @@ export function sourceF32(s: WeightSource): Float32Array {
 }
 
 /**
- * The source as quantizeInt8 reads it: a whole bf16 tensor as its stored bits (widened row by row there), anything
+ * The source as a quantizer reads it: a whole bf16 tensor as its stored bits (widened a block at a time there), anything
  * else (fp32, fp16, joined parts, a column range) as sourceF32.
  */
-function sourceRows(s: WeightSource): WeightRows {
+function sourceRows(s: WeightSource, scratch: ReadScratch): WeightRows {
   const [p] = s.parts;
-  if (s.parts.length !== 1 || s.cols || p.dtype !== 'BF16') return sourceF32(s);
-  const aligned = readAligned(p);
+  if (s.parts.length !== 1 || s.cols || p.dtype !== 'BF16') return sourceF32(s, scratch);
+  const aligned = readAligned(p, scratch);
   return { bf16: new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.byteLength / 2) };
 }
 
@@ -73,24 +97,24 @@ function bytesOf(a: Float32Array | Uint16Array): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 }
 
-/** Computes the bytes ORT reads for `ref`. Quantized refs of one source reuse `memo` (q and scale come together). */
-export function computeWeight(ref: WeightRef, stats: ConversionStats, memo: QuantizeMemo): Uint8Array {
+/**
+ * Computes the bytes ORT reads for `ref`, valid until the next call with the same `state` (they may be its scratch
+ * memory). Quantized refs of one source reuse its memo (q and scale come together).
+ */
+export async function computeWeight(ref: WeightRef, state: ConversionState): Promise<Uint8Array> {
   const t = ref.transform;
-  if (t.kind === 'quantize') return quantizeForRef(ref, t.scheme, t.output, memo, () => sourceRows(ref.source));
+  if (t.kind === 'quantize') {
+    if (!state.quantizer) throw new Error(`${ref.key}: quantized weights need a quantizer (WeightStoreOptions.quantizer)`);
+    return quantizeForRef(ref, t.scheme, t.output, state.memo, state.quantizer, () => sourceRows(ref.source, state.scratch));
+  }
   if (ref.type !== 'float32' && ref.type !== 'float16') return storedBytes(ref.source);
-  let v = sourceF32(ref.source);
+  let v = sourceF32(ref.source, state.scratch);
   if (t.transpose) {
     const rows = sourceShape(ref.source)[0];
-    v = transpose2d(v, rows, v.length / rows);
+    v = transpose2d(v, rows, v.length / rows, state.scratch.transposed.float32(v.length));
   }
   if (ref.type === 'float32') return bytesOf(v);
   const h = f32ToF16Clamped(v);
-  stats.fp16Overflows += h.overflows;
+  state.stats.fp16Overflows += h.overflows;
   return bytesOf(h.data);
-}
-
-/** The last quantized source, so a scheme's several outputs (values, scales, …) are computed once. */
-export interface QuantizeMemo {
-  key?: string;
-  outputs?: Record<string, Uint8Array>;
 }

@@ -4,6 +4,7 @@ import type { Graph } from '../../src/graph/onnx-graph.ts';
 import { Layers, type ModelWeights } from '../../src/graph/nn/layers.ts';
 import type { WeightPolicy } from '../../src/graph/nn/weight-policy.ts';
 import type { Device } from '../../src/runtime/device.ts';
+import { INT8_QUANTIZER_MODULE } from '../../src/runtime/int8-quantizer.ts';
 import { compileGraph, openSession, type ort } from '../../src/runtime/session.ts';
 import type { Checkpoint } from '../../src/weights/safetensors.ts';
 import { WeightStore } from '../../src/weights/weight-store.ts';
@@ -27,7 +28,7 @@ export interface Compiled {
 
 /** Materialises `g`'s weights in a weight store (under $KLEIN_CACHE_DIR) and writes the graph beside them. */
 export async function compile(g: Graph, policy: WeightPolicy, component = `test-${g.name}`): Promise<Compiled> {
-  const store = await WeightStore.open({ component, tag: policy.tag, refs: [...g.weights.values()] });
+  const store = await WeightStore.open({ component, tag: policy.tag, refs: [...g.weights.values()], quantizer: INT8_QUANTIZER_MODULE });
   return { store, ...compileGraph(g, store) };
 }
 

@@ -18,7 +18,7 @@ import { buildQwen3Forward } from '../../src/models/qwen3/forward.ts';
 import { Qwen3TextEncoder } from '../../src/models/qwen3/runtime.ts';
 import { Checkpoint, readFloat32, writeSafetensors } from '../../src/weights/safetensors.ts';
 import { convertedRef } from '../../src/weights/weight-ref.ts';
-import { computeWeight } from '../../src/weights/weight-values.ts';
+import { computeWeight, conversionState } from '../../src/weights/weight-values.ts';
 import { writeRandomQwen3Checkpoint } from '../../src/fixtures/qwen3.ts';
 import { GoldenCase, findCases } from '../../src/conform/golden.ts';
 import { relativeError } from '../../src/conform/compare.ts';
@@ -76,7 +76,7 @@ test('GPU graph: every projection is a MatMul by an [in, out] weight in the comp
   }
 });
 
-test('GPU weights: bf16 widened, transposed to [in, out], narrowed to fp16 with values beyond ±65504 clamped and counted', () => {
+test('GPU weights: bf16 widened, transposed to [in, out], narrowed to fp16 with values beyond ±65504 clamped and counted', async () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'klein-qwen3-gpu-w-'));
   const file = path.join(dir, 'w.safetensors');
   // [out 2, in 3] in bf16: 1, 2, 3 / -1.5, 70000 (bf16 → 70144), -1e5 (bf16 → -99840)
@@ -84,12 +84,13 @@ test('GPU weights: bf16 widened, transposed to [in, out], narrowed to fp16 with 
   writeSafetensors(file, { w: { dtype: 'BF16', shape: [2, 3], data: Uint16Array.from([1, 2, 3, -1.5, 70000, -1e5], bf16) } });
   const info = Checkpoint.open(file).info('w');
   const f32 = readFloat32(info);
-  const stats = { fp16Overflows: 0 };
-  const bytes = (type: 'float32' | 'float16') => computeWeight(convertedRef('w.T', { parts: [info] }, type, { transpose: true }), stats, {});
-  const t32 = bytes('float32');
+  const state = conversionState();
+  const stats = state.stats;
+  const bytes = async (type: 'float32' | 'float16') => computeWeight(convertedRef('w.T', { parts: [info] }, type, { transpose: true }), state);
+  const t32 = await bytes('float32');
   assert.deepEqual(Array.from(new Float32Array(t32.buffer, t32.byteOffset, 6)), [f32[0], f32[3], f32[1], f32[4], f32[2], f32[5]]);
   assert.equal(stats.fp16Overflows, 0);
-  const t16 = bytes('float16');
+  const t16 = await bytes('float16');
   assert.deepEqual(Array.from(new Uint16Array(t16.buffer, t16.byteOffset, 6)), [0x3c00, 0xbe00, 0x4000, 0x7bff, 0x4200, 0xfbff]);
   assert.equal(stats.fp16Overflows, 2);
 });
