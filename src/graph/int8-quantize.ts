@@ -10,7 +10,7 @@
 //   rows     = QuantizeLinear(w, fine) transposed: exact to half a fine step, |rows| ≤ 127·254 < 2¹⁵
 import { Graph } from './onnx-graph.ts';
 
-/** Steps of the exact rows per step of q: the most that keeps 127 steps of q within int16. */
+/** Steps of the exact rows per step of q (127 steps of q are 32258 fine steps: within int16). */
 export const FINE_STEPS = 254;
 
 /** The graph: input `w`, outputs `q`, `scale` and, with `rows`, `rows` and `rows.scale` (see the file comment). */

@@ -61,10 +61,10 @@ export interface Int8Quantizer {
 
 /** Checks a quantizer's arguments: the shape, the source's length and the output arrays'. */
 export function checkQuantizeArgs(w: WeightRows, N: number, K: number, o: QuantizeOptions): void {
-  if (!Number.isInteger(N) || !Number.isInteger(K) || N < 1 || K < 1) throw new RangeError(`quantizeInt8: bad shape [${N}, ${K}]`);
+  if (!Number.isInteger(N) || !Number.isInteger(K) || N < 1 || K < 1) throw new RangeError(`int8 quantization: bad shape [${N}, ${K}]`);
   const length = w instanceof Float32Array ? w.length : w.bf16.length;
-  if (length !== N * K) throw new RangeError(`quantizeInt8: ${length} values for a [${N}, ${K}] weight (${N * K} expected)`);
-  if ((o.into && o.into.q.length !== K * N) || (o.rows && o.into?.rows && o.into.rows.length !== K * N)) throw new RangeError(`quantizeInt8: output arrays are not ${K * N} long`);
+  if (length !== N * K) throw new RangeError(`int8 quantization: ${length} values for a [${N}, ${K}] weight (${N * K} expected)`);
+  if ((o.into && o.into.q.length !== K * N) || (o.rows && o.into?.rows && o.into.rows.length !== K * N)) throw new RangeError(`int8 quantization: output arrays are not ${K * N} long`);
 }
 
 /**
@@ -95,7 +95,7 @@ export function widenRows(w: WeightRows, n0: number, n1: number, K: number, out:
   const values = out.subarray(0, length);
   if (maxExponent === 0x7f80) {
     const i = values.findIndex((v) => !Number.isFinite(v));
-    throw new RangeError(`quantizeInt8: output ${n0 + Math.floor(i / K)} has a non-finite weight`);
+    throw new RangeError(`int8 quantization: output ${n0 + Math.floor(i / K)} has a non-finite weight`);
   }
   return values;
 }
@@ -132,7 +132,9 @@ export async function quantizeForRef(ref: WeightRef, scheme: string, output: str
     const rows = scheme === INT8_ROWS_SCHEME;
     memo.key = undefined; // the scratch is about to be overwritten
     const into = memo.scratch && { q: memo.scratch.q.int8(out * inF), rows: rows ? memo.scratch.rows.int16(out * inF) : undefined };
-    const qw = await quantizer.quantize(read(), out, inF, { rows, into });
+    const qw = await quantizer.quantize(read(), out, inF, { rows, into }).catch((e: Error) => {
+      throw new Error(`${ref.source.parts.map((p) => `${p.file} [${p.name}]`).join(' + ')}: ${e.message}`);
+    });
     memo.key = key;
     memo.outputs = { q: bytesOf(qw.q), scale: bytesOf(qw.scale) };
     if (qw.rows) Object.assign(memo.outputs, { rows: bytesOf(qw.rows.values), 'rows.scale': bytesOf(qw.rows.scale) });

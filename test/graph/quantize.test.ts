@@ -195,3 +195,16 @@ test('quantizeInt8 in blocks of rows: a weight of several blocks gives the colum
   assert.deepEqual(all.scale.subarray(from), tail.scale);
   assert.deepEqual(all.rows!.scale.subarray(from), tail.rows!.scale);
 });
+
+test('a checkpoint with a non-finite weight is refused when its store is built, naming the tensor and the output', async () => {
+  const [N, K] = [6, 32];
+  const w = uniform(N * K, 29, 0.1);
+  w[4 * K + 9] = Number.NaN;
+  const file = path.join(dir, 'nan.safetensors');
+  writeSafetensors(file, { 'bad.weight': { dtype: 'F32', shape: [N, K], data: w } });
+  const policy = new Int8Policy(() => true, 'row-outliers');
+  const g = new Graph('qnan');
+  const nn = layersOf(g, Checkpoint.open(file), policy);
+  g.output(nn.linear(g.input('x', 'float32', ['m', K]), 'bad'), 'y', ['m', N]);
+  await assert.rejects(compile(g, policy), (e: Error) => e.message.includes(`${file} [bad.weight]: int8 quantization: output 4 has a non-finite weight`));
+});
