@@ -11,7 +11,7 @@
 import { Graph } from './onnx-graph.ts';
 
 /** Steps of the exact rows per step of q (127 steps of q are 32258 fine steps: within int16). */
-export const FINE_STEPS = 254;
+const FINE_STEPS = 254;
 
 /** The graph: input `w`, outputs `q`, `scale` and, with `rows`, `rows` and `rows.scale` (see the file comment). */
 export function int8QuantizeGraph(o: { rows: boolean }): Graph {

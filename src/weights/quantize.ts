@@ -74,7 +74,8 @@ export function checkQuantizeArgs(w: WeightRows, N: number, K: number, o: Quanti
 export function widenRows(w: WeightRows, n0: number, n1: number, K: number, out: Float32Array): Float32Array {
   const length = (n1 - n0) * K;
   const dst = new Uint32Array(out.buffer, out.byteOffset, length);
-  // the largest exponent field seen: all ones means Inf or NaN somewhere (a compare per value, no branch taken)
+  // the largest exponent field seen: all ones means Inf or NaN somewhere (a compare per value, no branch taken);
+  // checked in the widening loop: bf16ToF32 and then a second pass cost ~25 % more per weight (measured)
   let maxExponent = 0;
   if (w instanceof Float32Array) {
     const src = new Uint32Array(w.buffer, w.byteOffset + n0 * K * 4, length);
